@@ -1,0 +1,64 @@
+"""The ``ssa`` command line. Each subcommand lives beside the code it drives and is imported only when used.
+
+A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("selective_attention.demo", "train vanilla and SSA on the bundled corpus, evaluate, write a report"),
+    "train": ("selective_attention.train.cli", "train or fine-tune a language model (vanilla or SSA)"),
+    "eval": ("selective_attention.evaluate.cli", "perplexity, zero-shot benchmarks and passkey retrieval"),
+    "convert": ("selective_attention.hf.cli", "fit SSA onto a pretrained Hugging Face model"),
+    "experiment": ("selective_attention.experiments.cli", "run one of the paper's experiments"),
+    "viz": ("selective_attention.report.viz_cli", "visualise learned temperatures"),
+    "report": ("selective_attention.report.cli", "build the HTML/Markdown report of run directories"),
+    "bench": ("selective_attention.bench.cli", "speed and memory benchmarks (SSA / vanilla ratios)"),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssa", description="Selective Self-Attention (SSA) tools.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from selective_attention.errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except UserError as e:
+        print(f"ssa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ssa {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback for the user; SSA_DEBUG=1 shows it
+        if os.environ.get("SSA_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"ssa {args.command}: error: {type(e).__name__}: {msg} (SSA_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""One dataclass configures every SSA temperature (see ../shared/SPEC.md section 3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Sharing = Literal["shared", "mlp"]
+Init = Literal["identity", "scratch"]
+
+
+@dataclass
+class SSAConfig:
+    """Which temperatures SSA learns and how.
+
+    tau(x, p) = 1 + c * log p  [position_aware]  + tanh(f(x))  [token_aware],  c = sigmoid(alpha) - c0.
+
+    - ``query`` / ``value`` / ``key``: which of q, v, k get a temperature (separate parameters each).
+    - ``sharing="shared"``: f_h(x) = u_h . gelu(W^h x) on the layer's own per-head projection (pre-RoPE);
+      adds about 2 * d_model + 2 * n_heads parameters per layer (< 0.5 % of a GPT-2).
+      ``sharing="mlp"``: f(x) = W2 gelu(W1 x), an independent MLP with ``mlp_hidden`` units
+      (None: sized so that the whole model grows by ``mlp_growth``).
+    - ``init="identity"``: exactly the vanilla function at initialisation (u = 0, mirrored MLP, c = 0 through
+      the offset c0 = sigmoid(alpha_init)) while every temperature parameter has a non-zero gradient.
+      ``init="scratch"``: a sharper start for training from scratch: c0 = 0 and alpha = ``scratch_alpha``
+      (c = sigmoid(0) = 0.5), token term still starting at 0.
+    """
+
+    query: bool = True
+    value: bool = True
+    key: bool = False
+    token_aware: bool = True
+    position_aware: bool = True
+    sharing: Sharing = "shared"
+    init: Init = "identity"
+    mlp_hidden: int | None = None
+    mlp_growth: float = 0.05
+    identity_alpha: float = -4.0  # c = sigmoid(alpha) - sigmoid(-4): exactly 0, gradient sigmoid'(-4) = 0.018
+    scratch_alpha: float = 0.0
+    temperature_lr: float | None = None  # None: the trainer's own default (10x the base learning rate)
+
+    def __post_init__(self) -> None:
+        if self.sharing not in ("shared", "mlp"):
+            raise ValueError(f"sharing must be 'shared' or 'mlp', got {self.sharing!r}")
+        if self.init not in ("identity", "scratch"):
+            raise ValueError(f"init must be 'identity' or 'scratch', got {self.init!r}")
+        if not (self.query or self.value or self.key):
+            raise ValueError("SSAConfig needs at least one of query, value, key")
+        if not (self.token_aware or self.position_aware):
+            raise ValueError("SSAConfig needs token_aware or position_aware (or both)")
+        if self.mlp_hidden is not None and (self.mlp_hidden < 2 or self.mlp_hidden % 2):
+            raise ValueError(f"mlp_hidden must be an even integer >= 2, got {self.mlp_hidden}")
+        if not (0.0 < self.mlp_growth < 1.0):
+            raise ValueError(f"mlp_growth must be in (0, 1), got {self.mlp_growth}")
+        for name in ("identity_alpha", "scratch_alpha"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The projections that carry a temperature, in a fixed order."""
+        return tuple(t for t in ("query", "key", "value") if getattr(self, t))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SSAConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown SSAConfig fields: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,146 @@
+"""The fused SSA op: temperatures are folded into q / k / v, then one ordinary SDPA call does the rest.
+
+Because each temperature is a per-token scalar,  softmax(s <tau_q q_i, tau_k k_j>) (tau_v v_j)  equals SDPA on
+(tau_q * q, tau_k * k, tau_v * v). No T x T matrix is built unless the caller passes an explicit mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+
+def apply_temperature(x: Tensor, tau: Tensor | None) -> Tensor:
+    """x (B, H, T, D) times tau (broadcastable to (B, H, T)), multiplied in float32, returned in x's dtype."""
+    if tau is None:
+        return x
+    return (x.float() * tau.float().unsqueeze(-1)).to(x.dtype)
+
+
+def _check_tau(name: str, tau: Tensor | None, shape: tuple[int, int, int]) -> None:
+    if tau is None:
+        return
+    if not isinstance(tau, Tensor):
+        raise ValueError(f"{name} must be a tensor or None, got {type(tau).__name__}")
+    try:
+        torch.broadcast_shapes(tuple(tau.shape), shape)
+        ok = tau.dim() <= 3 and torch.broadcast_shapes(tuple(tau.shape), shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {tuple(tau.shape)} does not broadcast to (B, H, T) = {shape}")
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, is_causal: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor (B, H, T, D), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch size or head dim")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if is_causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs Tq <= Tk, got Tq={q.shape[2]} Tk={k.shape[2]}")
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _merge_causal(attn_mask: Tensor, tq: int, tk: int) -> Tensor:
+    """An explicit mask AND the bottom-right-aligned causal mask (query i sits at absolute position tk-tq+i)."""
+    causal = torch.ones(tq, tk, dtype=torch.bool, device=attn_mask.device).tril(tk - tq)
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.masked_fill(~causal, float("-inf"))
+
+
+def selective_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tau_q: Tensor | None = None,
+    tau_v: Tensor | None = None,
+    tau_k: Tensor | None = None,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = True,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Selective self-attention, the SSA counterpart of ``F.scaled_dot_product_attention``.
+
+    q (B, H, Tq, D); k, v (B, Hkv, Tk, D) with H % Hkv == 0 (GQA / MQA); tau_q broadcastable to (B, H, Tq);
+    tau_k, tau_v broadcastable to (B, Hkv, Tk). With ``is_causal`` and Tq < Tk (cached decoding) query i is at
+    absolute position Tk - Tq + i. ``attn_mask`` (bool: True = attend, or additive float) broadcastable to
+    (B, H, Tq, Tk) is combined with the causal mask. Returns (B, H, Tq, D) in q's dtype.
+    """
+    _check_inputs(q, k, v, dropout_p, is_causal)
+    B, H, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    _check_tau("tau_q", tau_q, (B, H, Tq))
+    _check_tau("tau_k", tau_k, (B, Hkv, Tk))
+    _check_tau("tau_v", tau_v, (B, Hkv, Tk))
+    q = apply_temperature(q, tau_q)
+    k = apply_temperature(k, tau_k)
+    v = apply_temperature(v, tau_v)
+    causal_flag = False
+    if is_causal:
+        if attn_mask is not None:
+            attn_mask = _merge_causal(attn_mask, Tq, Tk)
+        elif Tq == Tk:
+            causal_flag = True  # fused kernels mask internally: nothing materialised
+        elif Tq > 1:
+            attn_mask = causal_lower_right(Tq, Tk)  # a lazy bias object, not a dense matrix
+        # Tq == 1 < Tk: the single new query sees every cached key, no mask needed
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal_flag, scale=scale,
+        enable_gqa=H != Hkv,
+    )
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tau_q: Tensor | None = None,
+    tau_v: Tensor | None = None,
+    tau_k: Tensor | None = None,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = True,
+    scale: float | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The naive, materialised form (the public code's): explicit logits, mask, softmax. Testing and benchmarks.
+
+    Temperatures are applied where the formula puts them: tau_q and tau_k scale the logits, tau_v each value.
+    """
+    _check_inputs(q, k, v, 0.0, is_causal)
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    k_full = k.repeat_interleave(rep, dim=1)
+    v_full = v.repeat_interleave(rep, dim=1)
+    s = 1.0 / math.sqrt(D) if scale is None else scale
+    logits = s * (q @ k_full.transpose(-2, -1))  # (B, H, Tq, Tk)
+    if tau_q is not None:
+        logits = logits * tau_q.to(logits.dtype).expand(B, H, Tq).unsqueeze(-1)
+    if tau_k is not None:
+        logits = logits * tau_k.to(logits.dtype).expand(B, Hkv, Tk).repeat_interleave(rep, 1).unsqueeze(-2)
+    if is_causal:
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        logits = logits.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else logits + attn_mask
+    weights = torch.softmax(logits, dim=-1)
+    if tau_v is not None:
+        v_full = v_full * tau_v.to(v.dtype).expand(B, Hkv, Tk).repeat_interleave(rep, 1).unsqueeze(-1)
+    out = weights @ v_full
+    return (out, weights) if return_weights else out

@@ -1,0 +1,139 @@
+"""A standalone SSA layer for people building their own models (nanoGPT-style, read top to bottom)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from selective_attention.config import SSAConfig
+from selective_attention.functional import apply_temperature, selective_attention
+from selective_attention.temperature import SSATemperatures
+
+
+@dataclass
+class KVCache:
+    """Keys (after RoPE) and values of the tokens seen so far, temperatures already applied: tau_k(x_j, p_j)
+    and tau_v(x_j, p_j) depend on token j alone, so they are fixed once the token is cached."""
+
+    k: Tensor | None = None  # (B, Hkv, T_past, D)
+    v: Tensor | None = None  # (B, Hkv, T_past, D)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
+    """Rotary embedding of x (B, H, T, D) at 0-indexed positions (T,) or (B, T)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    pos = positions.to(torch.float32)
+    pos = pos[None] if pos.dim() == 1 else pos  # (B|1, T)
+    freqs = pos[..., None] * inv_freq  # (B|1, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B|1, 1, T, D)
+    cos, sin = emb.cos(), emb.sin()
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+class SelectiveSelfAttention(nn.Module):
+    """Causal multi-head (GQA / MQA) self-attention with SSA temperatures.
+
+    ``forward(x, positions=None, cache=None)``: x (B, T, d_model). ``positions`` are 1-indexed absolute
+    positions (T,) or (B, T), default ``cache.length + 1 ... cache.length + T``; they drive both RoPE and the
+    position term, so decoding token by token with a ``KVCache`` equals the full forward.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
+                 config: SSAConfig | None = None, *, bias: bool = False, rope: bool = False,
+                 rope_base: float = 10000.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.config = config or SSAConfig()
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        if rope and self.head_dim % 2:
+            raise ValueError("RoPE needs an even head dimension")
+        self.rope, self.rope_base, self.dropout = rope, rope_base, dropout
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.temperature = SSATemperatures(d_model, n_heads, n_kv_heads, self.head_dim, self.config)
+
+    def _split(self, t: Tensor, heads: int) -> Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+
+    def _positions(self, x: Tensor, positions: Tensor | None, past: int) -> Tensor:
+        T = x.shape[1]
+        if positions is None:
+            return torch.arange(past + 1, past + T + 1, device=x.device)
+        positions = torch.as_tensor(positions, device=x.device)
+        if positions.shape[-1] != T or positions.dim() not in (1, 2):
+            raise ValueError(f"positions must have shape (T,) or (B, T) with T={T}, got {tuple(positions.shape)}")
+        if bool((positions < 1).any()):
+            raise ValueError("positions are 1-indexed: every position must be >= 1")
+        return positions
+
+    def _taus(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor) -> dict[str, Tensor | None]:
+        inputs = {"query": q, "key": k, "value": v}
+        return {t: self.temperature(t, projection=inputs[t], hidden=x, positions=p)
+                for t in ("query", "key", "value")}
+
+    def temperatures(self, x: Tensor, positions: Tensor | None = None) -> dict[str, Tensor]:
+        """Query and value temperatures (B, H, T) for inspection (value heads repeated for GQA);
+        a target without a temperature reports ones."""
+        B, T, _ = x.shape
+        p = self._positions(x, positions, 0)
+        q = self._split(self.q_proj(x), self.n_heads)
+        k = self._split(self.k_proj(x), self.n_kv_heads)
+        v = self._split(self.v_proj(x), self.n_kv_heads)
+        taus = self._taus(x, q, k, v, p)
+        out = {}
+        for t in ("query", "key", "value"):
+            tau = taus[t]
+            if tau is None:
+                tau = x.new_ones(B, self.n_heads, T, dtype=torch.float32)
+            tau = tau.expand(B, -1, T)
+            if tau.shape[1] != self.n_heads:
+                tau = tau.repeat_interleave(self.n_heads // tau.shape[1], dim=1)
+            out[t] = tau
+        return out
+
+    def forward(self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be (B, T, {self.d_model}), got {tuple(x.shape)}")
+        past = 0 if cache is None else cache.length
+        p = self._positions(x, positions, past)
+        q = self._split(self.q_proj(x), self.n_heads)  # (B, H, T, hs), pre-RoPE
+        k = self._split(self.k_proj(x), self.n_kv_heads)  # (B, Hkv, T, hs)
+        v = self._split(self.v_proj(x), self.n_kv_heads)
+        taus = self._taus(x, q, k, v, p)  # token term sees the projection before RoPE
+        k = apply_temperature(k, taus["key"])
+        v = apply_temperature(v, taus["value"])
+        if self.rope:
+            q = apply_rope(q, p - 1, self.rope_base)
+            k = apply_rope(k, p - 1, self.rope_base)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        y = selective_attention(q, k, v, taus["query"], attn_mask=attn_mask, is_causal=True,
+                                dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hs)
+        B, _, T, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,175 @@
+"""The temperature functions tau(x, p) of SPEC.md section 3, and the optimizer-group helper.
+
+    tau(x, p) = 1 + c * log p + tanh(f(x)),    c = sigmoid(alpha) - sigmoid(alpha_ref)  (one alpha per head)
+
+``alpha_ref`` is ``config.identity_alpha`` under ``init="identity"`` (so c is exactly 0 at init but still has
+gradient sigmoid'(alpha)), and absent (c = sigmoid(alpha)) under ``init="scratch"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selective_attention.config import SSAConfig
+
+
+def default_mlp_hidden(d_model: int, n_heads: int, n_targets: int, growth: float) -> int:
+    """Hidden width of the ``sharing="mlp"`` term so that a transformer block (~12 d^2 parameters) grows by
+    ``growth``: n_targets MLPs of d_model*r + r + r*n_heads parameters each. Rounded to an even number."""
+    r = growth * 12 * d_model * d_model / (n_targets * (d_model + 1 + n_heads))
+    return max(2, 2 * round(r / 2))
+
+
+def log_positions(positions: Tensor) -> Tensor:
+    """log p in float32 for 1-indexed positions p >= 1, shape preserved."""
+    return torch.log(positions.to(torch.float32).clamp_min(1.0))
+
+
+class TemperatureFunction(nn.Module):
+    """tau for one target (query, key or value) over ``n_heads`` heads; returns (B, n_heads, T) in float32."""
+
+    def __init__(self, n_heads: int, head_dim: int, d_model: int, config: SSAConfig,
+                 mlp_hidden: int | None = None) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.d_model = n_heads, head_dim, d_model
+        self.token_aware, self.position_aware = config.token_aware, config.position_aware
+        self.sharing = config.sharing
+        self.alpha_ref = config.identity_alpha if config.init == "identity" else None
+        self.alpha_init = config.identity_alpha if config.init == "identity" else config.scratch_alpha
+        if self.position_aware:
+            self.alpha = nn.Parameter(torch.empty(n_heads))
+        if self.token_aware:
+            if self.sharing == "shared":
+                self.readout = nn.Parameter(torch.zeros(n_heads, head_dim))  # u_h: zero -> tanh(0) = 0
+            else:
+                r = mlp_hidden or config.mlp_hidden
+                if r is None:
+                    r = default_mlp_hidden(d_model, n_heads, len(config.targets), config.mlp_growth)
+                self.fc_in = nn.Linear(d_model, r)
+                self.fc_out = nn.Linear(r, n_heads, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Identity-preserving initialisation (also called again after Hugging Face's own weight init)."""
+        if self.position_aware:
+            self.alpha.fill_(self.alpha_init)
+        if self.token_aware and self.sharing == "shared":
+            self.readout.zero_()
+        elif self.token_aware:
+            # Mirrored halves: hidden units 2i and r/2 + 2i... are copies with opposite read-out weights, so
+            # f(x) = 0 for every x while each weight still has a non-zero gradient (no dead zero-init layer).
+            r = self.fc_in.out_features
+            h = r // 2
+            nn.init.normal_(self.fc_in.weight[:h], std=1.0 / math.sqrt(self.d_model))
+            self.fc_in.weight[h:].copy_(self.fc_in.weight[:h])
+            self.fc_in.bias.zero_()
+            nn.init.normal_(self.fc_out.weight[:, :h], std=1.0 / math.sqrt(r))
+            self.fc_out.weight[:, h:].copy_(-self.fc_out.weight[:, :h])
+
+    def position_coefficient(self) -> Tensor:
+        """c per head, float32, shape (n_heads,)."""
+        c = torch.sigmoid(self.alpha.float())
+        if self.alpha_ref is not None:
+            c = c - torch.sigmoid(torch.tensor(self.alpha_ref, dtype=self.alpha.dtype).float())
+        return c
+
+    def forward(self, *, projection: Tensor | None = None, hidden: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """projection (B, n_heads, T, D) pre-RoPE [shared]; hidden (B, T, d_model) [mlp];
+        positions (T,) or (B, T), 1-indexed absolute [position-aware]. Returns tau (B|1, n_heads, T) float32."""
+        tau: Tensor | None = None
+        if self.position_aware:
+            if positions is None:
+                raise ValueError("a position-aware temperature needs positions")
+            logp = log_positions(positions)
+            logp = logp[None] if logp.dim() == 1 else logp  # (B, T)
+            tau = self.position_coefficient()[None, :, None] * logp[:, None, :]  # (B, H, T)
+        if self.token_aware:
+            if self.sharing == "shared":
+                if projection is None:
+                    raise ValueError("the shared token term needs the per-head projection (B, H, T, D)")
+                if projection.shape[1] != self.n_heads or projection.shape[-1] != self.head_dim:
+                    raise ValueError(f"projection shape {tuple(projection.shape)} does not match "
+                                     f"(B, {self.n_heads}, T, {self.head_dim})")
+                f = torch.einsum("bhtd,hd->bht", F.gelu(projection.float()), self.readout.float())
+            else:
+                if hidden is None:
+                    raise ValueError("the mlp token term needs the hidden state (B, T, d_model)")
+                f = self.fc_out(F.gelu(self.fc_in(hidden))).float().transpose(1, 2)  # (B, H, T)
+            tok = torch.tanh(f)
+            tau = tok if tau is None else tau + tok
+        assert tau is not None
+        return 1.0 + tau
+
+
+class SSATemperatures(nn.Module):
+    """The temperature functions of one attention layer, one per target in ``config.targets``."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, config: SSAConfig,
+                 mlp_hidden: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        heads = {"query": n_heads, "key": n_kv_heads, "value": n_kv_heads}
+        self.fns = nn.ModuleDict({
+            t: TemperatureFunction(heads[t], head_dim, d_model, config, mlp_hidden) for t in config.targets
+        })
+
+    def __contains__(self, target: str) -> bool:
+        return target in self.fns
+
+    def forward(self, target: str, **kwargs: Tensor | None) -> Tensor | None:
+        """tau for ``target`` ("query" / "key" / "value"), or None when that target has no temperature."""
+        fn = self.fns[target] if target in self.fns else None
+        return None if fn is None else fn(**kwargs)
+
+    def reset_parameters(self) -> None:
+        for fn in self.fns.values():
+            fn.reset_parameters()
+
+
+def temperature_modules(model: nn.Module) -> list[TemperatureFunction]:
+    return [m for m in model.modules() if isinstance(m, TemperatureFunction)]
+
+
+def temperature_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of every temperature function in ``model`` (no duplicates)."""
+    seen: set[int] = set()
+    out = []
+    for m in temperature_modules(model):
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def param_groups(model: nn.Module, lr: float, temperature_lr: float | None = None,
+                 weight_decay: float = 0.0, temperatures_only: bool = False) -> list[dict]:
+    """Optimizer parameter groups: base weights (decay on matrices only) and temperature parameters with
+    their own learning rate (default 10x ``lr``) and no weight decay. ``temperatures_only`` freezes the base."""
+    temps = temperature_parameters(model)
+    temp_ids = {id(p) for p in temps}
+    t_lr = 10.0 * lr if temperature_lr is None else temperature_lr
+    groups: list[dict] = []
+    if temps:
+        groups.append({"params": temps, "lr": t_lr, "weight_decay": 0.0, "name": "temperature"})
+    if temperatures_only:
+        if not temps:
+            raise ValueError("temperatures_only: the model has no SSA temperature parameters")
+        for p in model.parameters():
+            if id(p) not in temp_ids:
+                p.requires_grad_(False)
+        return groups
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if id(p) in temp_ids or not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"})
+    groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"})
+    return [g for g in groups if g["params"]]
