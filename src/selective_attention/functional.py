@@ -14,11 +14,18 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 inputs (temperatures are never applied in low precision), float64 stays."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def apply_temperature(x: Tensor, tau: Tensor | None) -> Tensor:
-    """x (B, H, T, D) times tau (broadcastable to (B, H, T)), multiplied in float32, returned in x's dtype."""
+    """x (B, H, T, D) times tau (broadcastable to (B, H, T)), multiplied in float32 (or x's wider dtype),
+    returned in x's dtype."""
     if tau is None:
         return x
-    return (x.float() * tau.float().unsqueeze(-1)).to(x.dtype)
+    dt = compute_dtype(x)
+    return (x.to(dt) * tau.to(dt).unsqueeze(-1)).to(x.dtype)
 
 
 def _check_tau(name: str, tau: Tensor | None, shape: tuple[int, int, int]) -> None:

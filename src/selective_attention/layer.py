@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from selective_attention.config import SSAConfig
-from selective_attention.functional import apply_temperature, selective_attention
+from selective_attention.functional import apply_temperature, compute_dtype, selective_attention
 from selective_attention.temperature import SSATemperatures
 
 
@@ -43,8 +43,8 @@ def apply_rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
     pos = pos[None] if pos.dim() == 1 else pos  # (B|1, T)
     freqs = pos[..., None] * inv_freq  # (B|1, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B|1, 1, T, D)
-    cos, sin = emb.cos(), emb.sin()
-    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+    xf = x.to(compute_dtype(x))
+    return (xf * emb.cos().to(xf.dtype) + rotate_half(xf) * emb.sin().to(xf.dtype)).to(x.dtype)
 
 
 class SelectiveSelfAttention(nn.Module):

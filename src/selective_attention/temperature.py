@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selective_attention.config import SSAConfig
+from selective_attention.functional import compute_dtype
 
 
 def default_mlp_hidden(d_model: int, n_heads: int, n_targets: int, growth: float) -> int:
@@ -24,13 +25,13 @@ def default_mlp_hidden(d_model: int, n_heads: int, n_targets: int, growth: float
     return max(2, 2 * round(r / 2))
 
 
-def log_positions(positions: Tensor) -> Tensor:
-    """log p in float32 for 1-indexed positions p >= 1, shape preserved."""
-    return torch.log(positions.to(torch.float32).clamp_min(1.0))
+def log_positions(positions: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """log p (float32 by default) for 1-indexed positions p >= 1, shape preserved."""
+    return torch.log(positions.to(dtype).clamp_min(1.0))
 
 
 class TemperatureFunction(nn.Module):
-    """tau for one target (query, key or value) over ``n_heads`` heads; returns (B, n_heads, T) in float32."""
+    """tau for one target (query, key or value) over ``n_heads`` heads; returns (B, n_heads, T) in float32 (float64 for float64 inputs)."""
 
     def __init__(self, n_heads: int, head_dim: int, d_model: int, config: SSAConfig,
                  mlp_hidden: int | None = None) -> None:
@@ -72,10 +73,11 @@ class TemperatureFunction(nn.Module):
             self.fc_out.weight[:, h:].copy_(-self.fc_out.weight[:, :h])
 
     def position_coefficient(self) -> Tensor:
-        """c per head, float32, shape (n_heads,)."""
-        c = torch.sigmoid(self.alpha.float())
-        if self.alpha_ref is not None:
-            c = c - torch.sigmoid(torch.tensor(self.alpha_ref, dtype=self.alpha.dtype).float())
+        """c per head, shape (n_heads,), in float32 (float64 if the parameters are float64)."""
+        dt = compute_dtype(self.alpha)
+        c = torch.sigmoid(self.alpha.to(dt))
+        if self.alpha_ref is not None:  # rounded through alpha's dtype like alpha itself: exactly 0 at init
+            c = c - torch.sigmoid(torch.tensor(self.alpha_ref, dtype=self.alpha.dtype, device=c.device).to(dt))
         return c
 
     def forward(self, *, projection: Tensor | None = None, hidden: Tensor | None = None,
@@ -86,7 +88,7 @@ class TemperatureFunction(nn.Module):
         if self.position_aware:
             if positions is None:
                 raise ValueError("a position-aware temperature needs positions")
-            logp = log_positions(positions)
+            logp = log_positions(positions, compute_dtype(self.alpha))
             logp = logp[None] if logp.dim() == 1 else logp  # (B, T)
             tau = self.position_coefficient()[None, :, None] * logp[:, None, :]  # (B, H, T)
         if self.token_aware:
@@ -96,11 +98,13 @@ class TemperatureFunction(nn.Module):
                 if projection.shape[1] != self.n_heads or projection.shape[-1] != self.head_dim:
                     raise ValueError(f"projection shape {tuple(projection.shape)} does not match "
                                      f"(B, {self.n_heads}, T, {self.head_dim})")
-                f = torch.einsum("bhtd,hd->bht", F.gelu(projection.float()), self.readout.float())
+                dt = compute_dtype(projection)
+                f = torch.einsum("bhtd,hd->bht", F.gelu(projection.to(dt)), self.readout.to(dt))
             else:
                 if hidden is None:
                     raise ValueError("the mlp token term needs the hidden state (B, T, d_model)")
-                f = self.fc_out(F.gelu(self.fc_in(hidden))).float().transpose(1, 2)  # (B, H, T)
+                f = self.fc_out(F.gelu(self.fc_in(hidden)))  # (B, T, H)
+                f = f.to(compute_dtype(f)).transpose(1, 2)  # (B, H, T)
             tok = torch.tanh(f)
             tau = tok if tau is None else tau + tok
         assert tau is not None

@@ -1,0 +1,123 @@
+"""The temperature functions: formulas, identity at init, gradients, parameter groups, config validation."""
+
+import math
+
+import pytest
+import torch
+
+from selective_attention import SSAConfig, param_groups, temperature_parameters
+from selective_attention.temperature import SSATemperatures, TemperatureFunction, default_mlp_hidden
+
+
+def _fn(**cfg):
+    return TemperatureFunction(n_heads=3, head_dim=4, d_model=12, config=SSAConfig(**cfg))
+
+
+def test_position_term_formula():
+    fn = _fn(token_aware=False, init="scratch", scratch_alpha=0.3)
+    p = torch.arange(1, 9)
+    tau = fn(positions=p)
+    expected = 1 + torch.sigmoid(torch.tensor(0.3)) * torch.log(p.float())
+    torch.testing.assert_close(tau, expected.expand(1, 3, 8), atol=1e-6, rtol=0)
+
+
+def test_scratch_starts_sharper():
+    fn = _fn(token_aware=False, init="scratch")
+    torch.testing.assert_close(fn.position_coefficient(), torch.full((3,), 0.5))
+
+
+def test_token_term_shared_formula():
+    fn = _fn(position_aware=False)
+    with torch.no_grad():
+        fn.readout.normal_()
+    proj = torch.randn(2, 3, 5, 4)
+    expected = 1 + torch.tanh(torch.einsum("bhtd,hd->bht", torch.nn.functional.gelu(proj), fn.readout))
+    torch.testing.assert_close(fn(projection=proj), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_token_term_ignores_position():
+    # The same hidden state at two positions gets the same token term.
+    fn = _fn(sharing="mlp", position_aware=False)
+    x = torch.randn(1, 1, 12).expand(1, 4, 12)
+    with torch.no_grad():
+        fn.fc_out.weight.normal_()
+    tau = fn(hidden=x)
+    assert torch.allclose(tau, tau[..., :1].expand_as(tau))
+    assert not torch.allclose(tau, torch.ones_like(tau))
+
+
+@pytest.mark.parametrize("sharing", ["shared", "mlp"])
+def test_identity_at_init_with_nonzero_gradients(sharing):
+    fn = _fn(sharing=sharing)
+    proj = torch.randn(2, 3, 6, 4)
+    x = torch.randn(2, 6, 12)
+    p = torch.arange(1, 7)
+    tau = fn(projection=proj, hidden=x, positions=p)
+    torch.testing.assert_close(tau, torch.ones_like(tau), atol=1e-6, rtol=0)
+    (tau * torch.randn_like(tau)).sum().backward()
+    params = list(fn.named_parameters())
+    assert params
+    for name, prm in params:
+        assert prm.grad is not None and prm.grad.abs().sum() > 0, name
+
+
+def test_identity_position_term_exactly_zero():
+    fn = _fn(token_aware=False)
+    assert torch.equal(fn.position_coefficient(), torch.zeros(3))
+    assert torch.equal(fn(positions=torch.arange(1, 40000, 1000)), torch.ones(1, 3, 40))
+
+
+def test_mlp_sized_for_growth():
+    r = default_mlp_hidden(768, 12, 2, 0.05)
+    added = 2 * (768 * r + r + r * 12)
+    assert r % 2 == 0 and abs(added / (12 * 768 * 768) - 0.05) < 0.002
+
+
+def test_separate_parameters_per_target():
+    temps = SSATemperatures(12, 3, 1, 4, SSAConfig(key=True))
+    assert set(temps.fns) == {"query", "key", "value"}
+    assert temps.fns["query"].readout.shape == (3, 4) and temps.fns["value"].readout.shape == (1, 4)
+    ids = [id(p) for fn in temps.fns.values() for p in fn.parameters()]
+    assert len(ids) == len(set(ids))
+    assert temps("key", projection=torch.randn(1, 1, 2, 4), positions=torch.arange(1, 3)).shape == (1, 1, 2)
+
+
+def test_missing_inputs_raise():
+    with pytest.raises(ValueError, match="positions"):
+        _fn(token_aware=False)()
+    with pytest.raises(ValueError, match="projection"):
+        _fn(position_aware=False)()
+    with pytest.raises(ValueError, match="does not match"):
+        _fn(position_aware=False)(projection=torch.randn(1, 2, 3, 4))
+
+
+def test_param_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(12, 12), SSATemperatures(12, 3, 3, 4, SSAConfig()))
+    groups = param_groups(model, lr=1e-3, temperature_lr=1e-2, weight_decay=0.1)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["temperature"]["lr"] == 1e-2 and by_name["temperature"]["weight_decay"] == 0.0
+    assert {id(p) for p in by_name["temperature"]["params"]} == {id(p) for p in temperature_parameters(model)}
+    assert by_name["decay"]["weight_decay"] == 0.1 and by_name["decay"]["lr"] == 1e-3
+    n = sum(len(g["params"]) for g in groups)
+    assert n == len(list(model.parameters()))
+    only = param_groups(model, lr=1e-3, temperatures_only=True)
+    assert len(only) == 1 and not model[0].weight.requires_grad
+    torch.optim.AdamW(groups)  # accepted as-is
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"sharing": "lora"}, "sharing"), ({"init": "zeros"}, "init"),
+     ({"query": False, "value": False}, "at least one"), ({"token_aware": False, "position_aware": False}, "token_aware"),
+     ({"mlp_hidden": 3}, "even"), ({"mlp_growth": 2.0}, "mlp_growth"), ({"identity_alpha": math.inf}, "finite")],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SSAConfig(**kwargs)
+
+
+def test_config_round_trip():
+    cfg = SSAConfig(key=True, sharing="mlp", mlp_hidden=8)
+    assert SSAConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        SSAConfig.from_dict({"bogus": 1})
