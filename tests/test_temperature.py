@@ -108,7 +108,8 @@ def test_param_groups():
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"sharing": "lora"}, "sharing"), ({"init": "zeros"}, "init"),
-     ({"query": False, "value": False}, "at least one"), ({"token_aware": False, "position_aware": False}, "token_aware"),
+     ({"query": False, "value": False}, "at least one"),
+     ({"token_aware": False, "position_aware": False}, "token_aware"),
      ({"mlp_hidden": 3}, "even"), ({"mlp_growth": 2.0}, "mlp_growth"), ({"identity_alpha": math.inf}, "finite")],
 )
 def test_config_validation(kwargs, match):

@@ -31,7 +31,9 @@ def log_positions(positions: Tensor, dtype: torch.dtype = torch.float32) -> Tens
 
 
 class TemperatureFunction(nn.Module):
-    """tau for one target (query, key or value) over ``n_heads`` heads; returns (B, n_heads, T) in float32 (float64 for float64 inputs)."""
+    """tau for one target (query, key or value) over ``n_heads`` heads.
+
+    Returns (B, n_heads, T) in float32 (float64 for float64 inputs)."""
 
     def __init__(self, n_heads: int, head_dim: int, d_model: int, config: SSAConfig,
                  mlp_hidden: int | None = None) -> None:
