@@ -1,0 +1,163 @@
+"""The report on synthetic run directories that follow the trainer's contract (metrics.jsonl + run.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from selective_attention.cli import main
+from selective_attention.errors import UserError
+from selective_attention.report.analysis import _probabilities, capture_attention, row_statistics
+from selective_attention.report.builder import build_report, load_run, mean_curve, summarise, tokens_to_reach
+
+
+def write_run(d: Path, attention: str, seed: int, ppls: list[float], tokens_per_s: float = 1000.0,
+              sharing: str = "shared", every: int = 1000) -> Path:
+    d.mkdir(parents=True)
+    lines = []
+    for i, p in enumerate(ppls):
+        t = (i + 1) * every
+        lines.append({"step": i + 1, "tokens": t, "lr": 1e-3, "train_loss": math.log(p) + 0.05,
+                      "tokens_per_s": tokens_per_s, "elapsed_s": t / tokens_per_s})
+        lines.append({"step": i + 1, "tokens": t, "val_loss": math.log(p), "val_ppl": p})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    new = 0 if attention == "vanilla" else 4
+    params = {"base": 1000, "new": new, "total": 1000 + new, "percent": new / 10}
+    info = {"attention": attention, "size": "tiny", "seed": seed, "config": {"attention": attention, "sharing": sharing,
+            "seed": seed}, "parameters": params, "tokens_per_s": tokens_per_s, "final_val_loss": math.log(ppls[-1]),
+            "final_val_ppl": ppls[-1], "tokens": len(ppls) * every}
+    (d / "run.json").write_text(json.dumps(info))
+    return d
+
+
+def png_ok(path: Path) -> bool:
+    data = path.read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
+        return False
+    w, h = struct.unpack(">II", data[16:24])
+    return w > 50 and h > 50 and data.rstrip().endswith(b"IEND\xaeB`\x82")
+
+
+def test_tokens_to_reach_interpolates_and_reports_not_reached():
+    t = [1.0, 2.0, 3.0, 4.0]
+    p = [100.0, 50.0, 30.0, 20.0]
+    import numpy as np
+
+    assert tokens_to_reach(np.array(t), np.array(p), 40.0) == pytest.approx(2.5)
+    assert tokens_to_reach(np.array(t), np.array(p), 20.0) == pytest.approx(4.0)
+    assert tokens_to_reach(np.array(t), np.array(p), 200.0) == pytest.approx(1.0)
+    assert tokens_to_reach(np.array(t), np.array(p), 19.9) is None
+
+
+def test_mean_curve_interpolates_on_common_range():
+    import numpy as np
+
+    a = (np.array([1.0, 2.0, 3.0]), np.array([10.0, 8.0, 6.0]))
+    b = (np.array([1.0, 3.0]), np.array([12.0, 8.0]))
+    t, p = mean_curve([a, b])
+    assert t.tolist() == [1.0, 2.0, 3.0]
+    assert p.tolist() == pytest.approx([11.0, 9.0, 7.0])
+
+
+def test_summary_speedup_mean_std(tmp_path):
+    runs = [
+        write_run(tmp_path / "v0", "vanilla", 0, [100, 60, 40, 30]),
+        write_run(tmp_path / "v1", "vanilla", 1, [100, 60, 40, 32]),
+        write_run(tmp_path / "s0", "ssa", 0, [90, 45, 30, 25]),
+        write_run(tmp_path / "s1", "ssa", 1, [90, 45, 32, 27]),
+        write_run(tmp_path / "m0", "ssa", 0, [120, 100, 80, 70], sharing="mlp"),
+    ]
+    from selective_attention.report.builder import group_runs
+
+    s = summarise(group_runs([load_run(r) for r in runs]))
+    assert s["baseline"] == "vanilla"
+    assert set(s["methods"]) == {"vanilla", "ssa", "ssa-mlp"}
+    assert s["target_val_ppl"] == pytest.approx(31.0)
+    assert s["baseline_tokens_to_target"] == pytest.approx(4000.0)
+    ssa = s["methods"]["ssa"]
+    assert ssa["final_val_ppl"] == pytest.approx(26.0)
+    assert ssa["final_val_ppl_std"] == pytest.approx(math.sqrt(2.0))  # sample std of 25, 27
+    # ssa mean curve: 90, 45, 31, 26 -> reaches 31 exactly at 3000 tokens
+    assert ssa["tokens_to_target"] == pytest.approx(3000.0)
+    assert ssa["speedup"] == pytest.approx(4000.0 / 3000.0)
+    assert s["methods"]["ssa-mlp"]["tokens_to_target"] is None
+    assert s["methods"]["ssa-mlp"]["speedup"] is None
+
+
+def test_build_report_writes_html_md_json_and_valid_pngs(tmp_path):
+    dirs = [write_run(tmp_path / "runs" / f"{a}{i}", a, i, [80 - 10 * k - (5 if a == "ssa" else 0) for k in range(5)])
+            for a in ("vanilla", "ssa") for i in range(2)]
+    out = tmp_path / "rep"
+    summary = build_report(dirs, out, title="test report")
+    for name in ("report.html", "report.md", "report.json"):
+        assert (out / name).is_file()
+    html = (out / "report.html").read_text()
+    # vanilla reaches its final 40 at 5000 tokens; ssa (45 -> 35 between 4000 and 5000) at 4500: 1.11x
+    assert "not reached" not in html and "1.11x" in html
+    assert "ssa" in json.loads((out / "report.json").read_text())["methods"]
+    import re
+
+    srcs = re.findall(r'<img src="([^"]+)"', html)
+    assert "figures/val_ppl.png" in srcs and "figures/parameters.png" in srcs
+    for src in srcs:
+        assert not src.startswith("/") and png_ok(out / src), src
+    # no final/ model: the report says so instead of failing
+    assert any("no final/" in n for n in summary["notes"])
+    assert summary["methods"]["ssa"]["speedup"] > 1.0
+
+
+def test_report_cli_and_errors(tmp_path, capsys):
+    d0 = write_run(tmp_path / "a", "vanilla", 0, [50, 40, 30])
+    d1 = write_run(tmp_path / "b", "ssa", 0, [50, 45, 40])
+    assert main(["report", str(d0), str(d1), "--out", str(tmp_path / "r"), "--no-probe"]) == 0
+    out = capsys.readouterr().out
+    assert "not reached" in out and "vanilla" in out
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError):
+        load_run(tmp_path / "empty")
+    bad = write_run(tmp_path / "bad", "ssa", 0, [5.0, 4.0])
+    (bad / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(UserError, match="line 2"):
+        load_run(bad)
+    (bad / "metrics.jsonl").write_text('{"step": 1, "tokens": 5, "val_ppl": 3.0}\n{"step": 2, "tok')  # in progress
+    assert len(load_run(bad).metrics) == 1
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_capture_attention_rebuilds_sdpa_probabilities(gqa):
+    torch.manual_seed(0)
+    B, H, T, D = 2, 4, 7, 8
+    q = torch.randn(B, H, T, D)
+    k = torch.randn(B, 2 if gqa else H, T, D)
+    v = torch.randn_like(k)
+    rows: list[torch.Tensor] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    with capture_attention(rows):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    assert torch.nn.functional.scaled_dot_product_attention is real and len(rows) == 1
+    w = rows[0]
+    vv = v.repeat_interleave(H // v.shape[1], dim=1)
+    torch.testing.assert_close(w @ vv, out, atol=1e-5, rtol=1e-5)
+    assert torch.triu(w[0, 0], diagonal=1).abs().max() == 0
+    # a float mask is added to the logits
+    mask = torch.zeros(T, T)
+    mask[:, 0] = -1e9
+    w2 = _probabilities(q, k, mask, True, None)
+    assert w2[..., 1:, 0].abs().max() < 1e-6
+
+
+def test_row_statistics_uniform_and_onehot():
+    T = 6
+    uniform = torch.tril(torch.ones(T, T))
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    st = row_statistics(uniform[None, None])
+    assert st["entropy"].tolist() == pytest.approx([math.log(p) for p in range(1, T + 1)], abs=1e-5)
+    assert st["max_weight"].tolist() == pytest.approx([1 / p for p in range(1, T + 1)], abs=1e-6)
+    onehot = torch.eye(T)
+    assert row_statistics(onehot[None])["entropy"].abs().max() < 1e-5
