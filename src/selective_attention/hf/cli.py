@@ -1,0 +1,72 @@
+"""``ssa convert --model PATH_OR_GGUF --out DIR [--sharing shared|mlp] [--report]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from selective_attention.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face model directory or .gguf file (offline)")
+    p.add_argument("--out", required=True, help="output directory (safetensors + config.json with 'ssa')")
+    p.add_argument("--sharing", choices=["shared", "mlp"], default="shared",
+                   help="token term: read-out on the layer's own projection (shared) or an independent MLP")
+    p.add_argument("--no-value", action="store_true", help="no value temperature (query only)")
+    p.add_argument("--key", action="store_true", help="add a key temperature (ablation)")
+    p.add_argument("--no-token", action="store_true", help="position term only")
+    p.add_argument("--no-position", action="store_true", help="token term only")
+    p.add_argument("--report", action="store_true", help="print base / new parameter counts")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+
+
+def format_report(rep: dict, name: str = "") -> str:
+    head = f"{name}: " if name else ""
+    return (f"{head}base {rep['base']:,} parameters, SSA adds {rep['new']:,} "
+            f"({rep['percent']:.3f} %), total {rep['total']:,}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from selective_attention.config import SSAConfig
+    from selective_attention.hf import convert, load_pretrained, parameter_report
+    from selective_attention.hf.convert import is_converted
+    from selective_attention.utils.io import atomic_write_json
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise UserError(f"--out {out} exists and is not empty (use --force to overwrite)")
+    try:
+        cfg = SSAConfig(query=True, value=not args.no_value, key=args.key, token_aware=not args.no_token,
+                        position_aware=not args.no_position, sharing=args.sharing)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model, tok = load_pretrained(args.model)
+    if is_converted(model):
+        raise UserError(f"{args.model} is already SSA-converted")
+    try:
+        convert(model, cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    rep = parameter_report(model)
+    # Write beside the target, then swap in: a crash never leaves a half-written model directory.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "ssa_parameters.json", rep)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else os.unlink(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if args.report:
+        print(format_report(rep, type(model).__name__))
+    print(f"wrote {out}")
+    return 0
