@@ -1,0 +1,224 @@
+"""Save/load, parameter budget, training modes, the CLI and lm-eval on converted tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from selective_attention import SSAConfig, param_groups
+from selective_attention.cli import main as ssa_main
+from selective_attention.hf import convert, from_pretrained, load_pretrained, parameter_report
+from selective_attention.temperature import temperature_parameters
+from test_hf_convert import FAMILIES, ids, randomise_temperatures, tiny
+
+EOT = "<|endoftext|>"
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 257-token byte-level tokenizer (no merges) built locally: nothing is downloaded."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab[EOT] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT)
+
+
+def tiny_llama_257() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      bos_token_id=256, eos_token_id=256, pad_token_id=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("sharing", ["shared", "mlp"])
+def test_save_load_restores_the_converted_model_exactly(tmp_path: Path, kind: str, sharing: str) -> None:
+    model = convert(tiny(kind), SSAConfig(sharing=sharing))  # mlp width sized from the model (mlp_growth)
+    randomise_temperatures(model)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["ssa"]["sharing"] == sharing and cfg["ssa"]["mlp_hidden"] == model.config.ssa["mlp_hidden"]
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))  # nothing to unpickle
+    loaded = from_pretrained(tmp_path)
+    assert type(loaded) is type(model) and loaded.config._attn_implementation == "ssa"
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    eager = from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.config._attn_implementation == "ssa_eager"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(x).logits, model(x).logits, atol=1e-5, rtol=0)
+
+
+def test_from_pretrained_loads_a_plain_model_and_rejects_a_bad_dir(tmp_path: Path) -> None:
+    from selective_attention.errors import UserError
+
+    model = tiny("gpt2")
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert not hasattr(loaded.config, "ssa") and not temperature_parameters(loaded)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="config.json"):
+        from_pretrained(tmp_path / "nothing-here")
+
+
+# ----------------------------------------------------------------------------------------- parameter budget
+
+
+def _smollm2_135m_config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m", "smollm2-135m"])
+def test_parameter_budget_on_real_shapes(name: str) -> None:
+    make = {"gpt2-124m": lambda: GPT2LMHeadModel(GPT2Config()),
+            "smollm2-135m": lambda: LlamaForCausalLM(_smollm2_135m_config())}[name]
+    expected_base = {"gpt2-124m": 124_439_808, "smollm2-135m": 134_515_008}[name]
+    reports = {}
+    for sharing in ("shared", "mlp"):
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            model = make()
+        convert(model, SSAConfig(sharing=sharing))
+        reports[sharing] = parameter_report(model)
+    shared, mlp = reports["shared"], reports["mlp"]
+    assert shared["base"] == mlp["base"] == expected_base
+    assert shared["total"] == shared["base"] + shared["new"]
+    assert 0 < shared["percent"] < 0.5
+    assert 4.5 < mlp["percent"] < 5.5
+
+
+# ------------------------------------------------------------------------------------------- training modes
+
+
+def test_full_fine_tune_with_a_separate_temperature_learning_rate() -> None:
+    model = convert(tiny("llama")).train()
+    groups = param_groups(model, lr=1e-3, temperature_lr=5e-2)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["temperature"]["lr"] == 5e-2 and by_name["decay"]["lr"] == 1e-3
+    temp_ids = {id(p) for p in temperature_parameters(model)}
+    assert {id(p) for p in by_name["temperature"]["params"]} == temp_ids
+    opt = torch.optim.AdamW(groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = ids(B=2, T=12)
+    loss0 = model(x, labels=x).loss
+    loss0.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), f"{n} did not move"
+
+
+def test_temperatures_only_keeps_the_base_frozen() -> None:
+    model = convert(tiny("gpt2"), SSAConfig(sharing="mlp", mlp_hidden=8)).train()
+    groups = param_groups(model, lr=1e-3, temperature_lr=1e-2, temperatures_only=True)
+    assert [g["name"] for g in groups] == ["temperature"]
+    opt = torch.optim.AdamW(groups)
+    temp_ids = {id(p) for p in temperature_parameters(model)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = ids(B=2, T=12)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x, labels=x).loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        if id(p) in temp_ids:
+            assert p.requires_grad and not torch.equal(p, before[n]), f"{n} did not move"
+        else:
+            assert not p.requires_grad and p.grad is None and torch.equal(p, before[n]), f"{n} moved"
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_convert_writes_a_loadable_model_and_reports(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "plain"
+    tiny_llama_257().save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    out = tmp_path / "ssa"
+    rc = ssa_main(["convert", "--model", str(src), "--out", str(out), "--sharing", "mlp", "--report"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "ssa_parameters.json").read_text())
+    assert f"{rep['new']:,}" in printed and 4.0 < rep["percent"] < 6.0
+    model, tok = load_pretrained(out)
+    assert model.config.ssa["sharing"] == "mlp" and tok is not None
+    x = ids(B=1, T=6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, tiny_llama_257()(x).logits, atol=1e-5, rtol=0)
+    assert AutoTokenizer.from_pretrained(out).eos_token == EOT
+    # bad input: one line, exit code 2, no traceback
+    assert ssa_main(["convert", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert ssa_main(["convert", "--model", str(src), "--out", str(out)]) == 2  # out not empty
+    assert ssa_main(["convert", "--model", str(out), "--out", str(tmp_path / "y")]) == 2  # already converted
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no such model" in err and "not empty" in err
+
+
+# -------------------------------------------------------------------------------------------------- lm-eval
+
+
+TASK_YAML = """task: ssa_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_hflm_runs_a_converted_model(tmp_path: Path) -> None:
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    rows = [{"question": f"Q{i}: is {i} even?", "choices": [" yes", " no"], "answer": i % 2} for i in range(4)]
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "ssa_tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
+    tok = byte_tokenizer()
+    model = convert(tiny_llama_257())
+    randomise_temperatures(model)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2)
+    res = lm_eval.simple_evaluate(model=lm, tasks=["ssa_tiny_mc"], log_samples=True,
+                                  task_manager=lm_eval.tasks.TaskManager(include_path=str(tmp_path)))
+    acc = res["results"]["ssa_tiny_mc"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    # lm-eval scored with the converted model: its log-likelihoods equal ours, computed directly
+    samples = res["samples"]["ssa_tiny_mc"]
+    assert len(samples) == 4
+    for s in samples:
+        for (context, continuation), resp in zip(s["arguments"], s["resps"]):
+            ctx, cont = tok(context).input_ids, tok(continuation).input_ids
+            full = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = model(full[:, :-1]).logits.log_softmax(-1)[0, len(ctx) - 1:]
+            ours = logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+            assert abs(ours - resp[0][0]) < 1e-4
