@@ -1,0 +1,138 @@
+"""Tokenise a corpus once into memory-mapped token arrays, with a manifest, and reuse them on later runs.
+
+Layout under the cache directory (``$SSA_CACHE`` or ``~/.cache/selective_attention``)::
+
+    tokens/<corpus>-<key>/tokenizer/          the trained BPE (bpe tokenizers only)
+    tokens/<corpus>-<key>/<split>.bin         documents packed as  doc_1 <eot> doc_2 <eot> ...  (uint16 / uint32)
+    tokens/<corpus>-<key>/<split>.json        the manifest: source hash, tokenizer fingerprint, split, counts
+
+``key`` hashes the corpus content, the tokenizer choice and the split seed, so a changed corpus or tokenizer
+never reuses stale tokens. Files are written atomically (a concurrent or interrupted run sees all or nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import PreTrainedTokenizerFast
+
+from selective_attention.data import corpora
+from selective_attention.data.tokenizers import KINDS, build_tokenizer, fingerprint
+from selective_attention.errors import UserError
+from selective_attention.utils.io import atomic_write, atomic_write_json
+
+FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SSA_CACHE") or Path.home() / ".cache" / "selective_attention")
+
+
+@dataclass
+class TokenizedCorpus:
+    """A corpus tokenised into one memory-mapped array per split."""
+
+    root: Path
+    tokenizer: PreTrainedTokenizerFast
+    manifests: dict[str, dict] = field(default_factory=dict)
+
+    def tokens(self, split: str) -> np.memmap:
+        m = self.manifests[split]
+        return np.memmap(self.root / f"{split}.bin", dtype=np.dtype(m["dtype"]), mode="r", shape=(m["tokens"],))
+
+    @property
+    def eot_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+
+def _slug(name: str) -> str:
+    base = Path(name).name if ("/" in name or "\\" in name) else name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base)[:40] or "corpus"
+
+
+def _load_cached_bpe(folder: Path) -> PreTrainedTokenizerFast | None:
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    from selective_attention.data.tokenizers import EOT
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token=EOT, eos_token=EOT,
+                                  unk_token=EOT, pad_token=EOT)
+    tok.model_max_length = 1_000_000_000
+    return tok
+
+
+def _write_split(path: Path, tokenizer: PreTrainedTokenizerFast, docs: list[str], dtype: np.dtype) -> int:
+    eot = tokenizer.eos_token_id
+    chunks = []
+    for i in range(0, len(docs), 512):  # batches keep the memory of the Python lists bounded
+        for ids in tokenizer(docs[i: i + 512], add_special_tokens=False)["input_ids"]:
+            chunks.append(np.asarray(ids + [eot], dtype=dtype))
+    arr = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    atomic_write(path, lambda tmp: arr.tofile(tmp))
+    return int(arr.size)
+
+
+def prepare(source: str | Path = "wiki", tokenizer: str = "bpe", vocab_size: int = 8192,
+            model_path: str | Path | None = None, seed: int = 0, cache_dir: str | Path | None = None,
+            splits: tuple[str, ...] = corpora.SPLITS) -> TokenizedCorpus:
+    """Tokenise ``splits`` of ``source`` (or reuse earlier arrays) and return them with the tokenizer."""
+    if tokenizer not in KINDS:
+        raise UserError(f"unknown tokenizer {tokenizer!r}: use one of {', '.join(KINDS)}")
+    src = corpora.resolve_source(source)
+    tok_spec = {"kind": tokenizer}
+    if tokenizer == "bpe":
+        tok_spec["vocab_size"] = int(vocab_size)
+    if tokenizer == "pretrained":
+        tok_spec["model_path"] = str(Path(model_path).expanduser().resolve()) if model_path else None
+    key = hashlib.sha256(json.dumps([FORMAT, src.hash, tok_spec, seed], sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir or default_cache_dir()).expanduser() / "tokens" / f"{_slug(src.name)}-{key}"
+
+    docs: dict[str, list[str]] | None = None
+
+    def documents() -> dict[str, list[str]]:
+        nonlocal docs
+        if docs is None:
+            docs = corpora.split_documents(corpora._all_documents(src), seed)
+        return docs
+
+    tok: PreTrainedTokenizerFast | None = None
+    if tokenizer == "bpe":
+        tok = _load_cached_bpe(root / "tokenizer")
+        if tok is None:
+            tok = build_tokenizer("bpe", documents()["train"], vocab_size=vocab_size)
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write(root / "tokenizer" / "tokenizer.json", lambda tmp: tok.backend_tokenizer.save(tmp))
+    else:
+        tok = build_tokenizer(tokenizer, vocab_size=vocab_size, model_path=model_path)
+    fp = fingerprint(tok)
+    dtype = np.dtype(np.uint16 if len(tok) <= 2**16 else np.uint32)
+
+    out = TokenizedCorpus(root=root, tokenizer=tok)
+    for split in splits:
+        want = {"format": FORMAT, "source": src.name, "source_hash": src.hash, "split": split, "seed": seed,
+                "tokenizer": {**tok_spec, "fingerprint": fp, "vocab": len(tok)}, "dtype": dtype.name}
+        mpath, bpath = root / f"{split}.json", root / f"{split}.bin"
+        manifest = None
+        if mpath.is_file() and bpath.is_file():
+            try:
+                m = json.loads(mpath.read_text())
+            except json.JSONDecodeError:
+                m = {}
+            if ({k: m.get(k) for k in want} == want
+                    and bpath.stat().st_size == m.get("tokens", -1) * dtype.itemsize):
+                manifest = m
+        if manifest is None:
+            d = documents()[split]
+            n = _write_split(bpath, tok, d, dtype)
+            manifest = {**want, "documents": len(d), "tokens": n}
+            atomic_write_json(mpath, manifest)
+        if manifest["tokens"] < 2:
+            raise UserError(f"the {split} split of {src.name} has fewer than 2 tokens")
+        out.manifests[split] = manifest
+    return out
