@@ -80,6 +80,19 @@ def from_pretrained(path: str | os.PathLike, *, attn_implementation: str | None 
     return model
 
 
+def _drop_dequantised_gguf_quantizer(model: nn.Module) -> None:
+    """A GGUF loaded as plain float tensors (no packed GGUF modules) is an ordinary model: forget the GGUF
+    quantizer so that it saves to safetensors and trains like one (transformers refuses to save it otherwise)."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is None or type(q).__name__ != "GgufHfQuantizer" or getattr(q, "packed_modules", None):
+        return
+    if any(not p.is_floating_point() for p in model.parameters()):
+        return
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_pretrained(path_or_gguf: str | os.PathLike, **kwargs: Any) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a Hugging Face dir (SSA-converted or plain) or a .gguf file, offline, float32
     for GGUF (dequantised). The tokenizer is None when the directory has none."""
@@ -93,6 +106,7 @@ def load_pretrained(path_or_gguf: str | os.PathLike, **kwargs: Any) -> tuple[nn.
             raise UserError(f"expected a model directory or a .gguf file, got {p}")
         kwargs.setdefault("dtype", torch.float32)
         model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs)
+        _drop_dequantised_gguf_quantizer(model)
         tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         return model, tok
     model = from_pretrained(p, **kwargs)
