@@ -174,7 +174,15 @@ def run(args) -> int:
             raise UserError(f"the {args.split} split of {args.data!r} is empty")
         if limit is not None:
             documents = documents[:limit]
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, tok = load_model(args.model, device, args.dtype)
+    if lengths:
+        from selective_attention.evaluate.passkey import check_lengths
+
+        check_lengths(tok, lengths)
     progress = not args.no_progress
 
     result: dict = {"model": str(args.model), "tasks": tasks, "limit": limit}

@@ -42,11 +42,13 @@ def _n_tokens(tokenizer, text: str) -> int:
 
 
 def make_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt:
-    """A prompt of at most ``length`` tokens (unless zero filler already exceeds it), the key at ``depth``."""
+    """A prompt of at most ``length`` tokens with the key at ``depth``."""
     if not 0.0 <= depth <= 1.0:
         raise UserError(f"passkey depth must be in [0, 1], got {depth}")
     needle = NEEDLE.format(key=key)
     fixed = _n_tokens(tokenizer, INTRO + needle + QUESTION)
+    if length < fixed:
+        raise UserError(f"passkey length {length} is too short: the prompt without filler takes {fixed} tokens")
     per_filler = _n_tokens(tokenizer, FILLER * 8) / 8  # BPE merges across repeats: measure on a run of them
     n_filler = max(0, int((length - fixed) / per_filler))
 
@@ -61,6 +63,12 @@ def make_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt
     prefix = INTRO + FILLER * before
     return PasskeyPrompt(text=text, key=key, n_tokens=_n_tokens(tokenizer, text),
                          key_token=_n_tokens(tokenizer, prefix), depth=depth, n_before=before, n_filler=n_filler)
+
+
+def check_lengths(tokenizer, lengths: Sequence[int]) -> None:
+    """UserError unless every length fits the prompt's fixed part (checked before any model time is spent)."""
+    for length in lengths:
+        make_prompt(tokenizer, int(length), 0.5, "12345")
 
 
 def extract_answer(generated: str) -> str | None:
