@@ -1,0 +1,124 @@
+"""``ssa train``: train a vanilla or SSA language model from scratch, or fine-tune a pretrained one.
+
+Settings come from TrainConfig's defaults, then ``--config FILE.yaml`` (keys = TrainConfig fields), then the
+options given on the command line. ``--nproc N`` re-launches the same run under ``torchrun`` with N processes
+(DDP; ``--fsdp`` shards instead); ``torchrun ... -m selective_attention train ...`` works as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from selective_attention.errors import UserError
+
+# option -> (TrainConfig field, type, help); every default is None so that we can tell what was given
+OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--data", "data", str, "corpus: wiki (default), sotu, a .txt/.jsonl file, a folder, or hf:NAME[:CONFIG]"),
+    ("--attention", "attention", str, "vanilla (default) or ssa"),
+    ("--size", "size", str, "model size: tiny (default), small, gpt2-124m, pythia-160m"),
+    ("--max-tokens", "max_tokens", int, "training tokens (default 1,000,000)"),
+    ("--seed", "seed", int, "seed of the initialisation and the data order (default 0)"),
+    ("--out", "out", str, "run directory (metrics.jsonl, checkpoints/, final/, run.json)"),
+    ("--init-from", "init_from", str, "fine-tune a pretrained model: a Hugging Face folder or a .gguf file"),
+    ("--nproc", "nproc", int, "processes (torchrun; gloo on CPU, NCCL on GPU); default 1"),
+    ("--seq-len", "seq_len", int, "tokens per sequence (default 256)"),
+    ("--batch-size", "batch_size", int, "sequences per micro-batch per process (default 8)"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
+    ("--lr", "lr", float, "peak learning rate (default 1e-3)"),
+    ("--temperature-lr", "temperature_lr", float, "learning rate of the SSA temperature parameters (default 10x lr)"),
+    ("--min-lr-ratio", "min_lr_ratio", float, "final learning rate / peak (cosine; default 0.1)"),
+    ("--warmup", "warmup", int, "warmup optimizer steps (default 5%% of the steps)"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay of the matrices (default 0.1)"),
+    ("--clip", "clip", float, "gradient-norm clipping (default 1.0)"),
+    ("--eval-every", "eval_every", int, "optimizer steps between validations (default 100; 0: at the end)"),
+    ("--eval-tokens", "eval_tokens", int, "validation tokens per evaluation (default 65536)"),
+    ("--checkpoint-every", "checkpoint_every", int, "optimizer steps between checkpoints (default: eval-every)"),
+    ("--log-every", "log_every", int, "optimizer steps between metric lines (default 10)"),
+    ("--sharing", "sharing", str, "SSA token term: shared (default; < 0.5%% parameters) or mlp"),
+    ("--ssa-init", "ssa_init", str, "identity or scratch (default: scratch from scratch, identity with --init-from)"),
+    ("--mlp-hidden", "mlp_hidden", int, "hidden width of the mlp token term (default: ~5%% model growth)"),
+    ("--tokenizer", "tokenizer", str, "bpe (trained on the train split; default), gpt2, or pretrained"),
+    ("--vocab-size", "vocab_size", int, "BPE vocabulary (default 8192)"),
+    ("--split-seed", "split_seed", int, "seed of the train/val/test document split (default 0)"),
+    ("--cache-dir", "cache_dir", str, "token cache (default $SSA_CACHE or ~/.cache/selective_attention)"),
+    ("--precision", "precision", str, "auto (bf16 autocast on CUDA; default), fp32 or bf16"),
+    ("--device", "device", str, "auto (default), cpu or cuda"),
+    ("--stop-at-step", "stop_at_step", int, "checkpoint and stop after this step (resume by running again)"),
+]
+SWITCHES: list[tuple[str, str, str]] = [
+    ("query", "query", "query temperature (default on)"),
+    ("value", "value", "value temperature (default on)"),
+    ("key", "key", "key temperature (ablation; default off)"),
+    ("token", "token_aware", "token-aware term tanh(f(x)) (default on)"),
+    ("position", "position_aware", "position-aware term c log p (default on)"),
+    ("fsdp", "fsdp", "shard with FSDP instead of DDP (with --nproc > 1)"),
+    ("progress", "progress", "progress bar (default on)"),
+    ("overwrite", "overwrite", "replace an earlier run in --out (default: resume it, or refuse if it differs)"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    def error(message: str) -> None:  # one line, no usage block (argparse's own error prints two)
+        print(f"ssa train: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of training settings (TrainConfig keys)")
+    for flag, dest, typ, help_text in OPTIONS:
+        parser.add_argument(flag, dest=dest, type=typ, default=None, help=help_text)
+    for name, dest, help_text in SWITCHES:
+        parser.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                            help=help_text)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of training settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def config_from_args(args: argparse.Namespace):
+    from selective_attention.train.trainer import TrainConfig
+
+    settings: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for _, dest, _, _ in OPTIONS:
+        if getattr(args, dest, None) is not None:
+            settings[dest] = getattr(args, dest)
+    for _, dest, _ in SWITCHES:
+        if getattr(args, dest, None) is not None:
+            settings[dest] = getattr(args, dest)
+    try:
+        cfg = TrainConfig.from_dict(settings)
+    except TypeError as e:
+        raise UserError(f"invalid training settings: {e}") from None
+    cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from selective_attention.train.trainer import train
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    if "stopped_at_step" in result:
+        print(f"stopped after step {result['stopped_at_step']} of {result['total_steps']}: run the same command "
+              "again to resume", file=sys.stderr)
+        return 0
+    if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("SSA_LAUNCHED"):
+        print(f"{cfg.out}: {result['attention']} {result['size']}, {result['tokens']:,} tokens, "
+              f"val loss {result['final_val_loss']:.4f} (ppl {result['final_val_ppl']:.2f}), "
+              f"{result['tokens_per_s']:,.0f} tokens/s; model in {Path(cfg.out) / 'final'}")
+    return 0

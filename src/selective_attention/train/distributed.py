@@ -1,0 +1,157 @@
+"""Scale-out helpers: process groups (gloo on CPU, NCCL on GPU), DDP / FSDP wrapping, full state dicts for
+checkpoints, and ``ssa train --nproc N`` which re-launches itself under ``torchrun``.
+
+A single process (no ``WORLD_SIZE`` in the environment) runs with no process group at all, so every helper
+here is also a no-op path for the laptop case.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from selective_attention.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    fsdp: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str = "auto", fsdp: bool = False) -> DistInfo:
+    """Join the process group that ``torchrun`` set up through the environment (if any) and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available")
+    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, fsdp=fsdp and world > 1)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def main_first(fn: Callable[[], T], info: DistInfo) -> T:
+    """Run ``fn`` on rank 0 first (it fills caches), then on the others; a UserError on rank 0 is raised on
+    every rank (no rank is left waiting at a barrier)."""
+    if not info.distributed:
+        return fn()
+    err: list[Any] = [None]
+    result = None
+    if info.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            err[0] = str(e)
+    dist.broadcast_object_list(err, src=0)
+    if err[0] is not None:
+        raise UserError(err[0])
+    if not info.is_main:
+        result = fn()
+    return result  # type: ignore[return-value]
+
+
+def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP (or FSDP2 ``fully_shard`` per transformer block, then the root) across the process group."""
+    if not info.distributed:
+        return model
+    if info.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        block_names = set(getattr(model, "_no_split_modules", None) or [])
+        for m in model.modules():
+            if type(m).__name__ in block_names:
+                fully_shard(m, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) \
+        else model
+
+
+def no_sync(model: nn.Module, info: DistInfo, sync: bool):
+    """Context for one micro-batch: skip the gradient all-reduce unless ``sync`` (the last micro-batch)."""
+    if not info.distributed or sync:
+        if info.fsdp:
+            model.set_requires_gradient_sync(True)
+        return nullcontext()
+    if info.fsdp:
+        model.set_requires_gradient_sync(False)
+        return nullcontext()
+    return model.no_sync()
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts (collective under FSDP; CPU copies)."""
+    if info.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo) -> None:
+    if info.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def launch(nproc: int, config_file: str) -> int:
+    """Re-run ``ssa train --config FILE`` under ``torchrun --standalone --nproc-per-node N``; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "selective_attention", "train", "--config", config_file]
+    env = dict(os.environ)
+    env["SSA_LAUNCHED"] = "1"  # the parent prints the summary, not rank 0 as well
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)

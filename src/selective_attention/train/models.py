@@ -1,0 +1,96 @@
+"""Named model sizes, built as ``transformers`` configs, and the SSA conversion of a freshly built model.
+
+| size         | family   | d_model | layers | heads | ffn  | params (vocab 8192)  |
+|--------------|----------|---------|--------|-------|------|----------------------|
+| tiny         | Llama    | 128     | 2      | 4     | 384  | ~1.5M (tests, CPU)   |
+| small        | Llama    | 384     | 6      | 6     | 1024 | ~13.8M (CPU runs)    |
+| gpt2-124m    | GPT-2    | 768     | 12     | 12    | 3072 | 124M at vocab 50257  |
+| pythia-160m  | GPT-NeoX | 768     | 12     | 12    | 3072 | 162M at vocab 50304  |
+
+Input and output embeddings are tied (as in GPT-2 and nanoGPT), except for the Pythia shape (untied, as in
+Pythia). The vocabulary is the tokenizer's, rounded up to a multiple of 64 (faster matmuls; the extra rows are
+never targets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PretrainedConfig
+
+from selective_attention.config import SSAConfig
+from selective_attention.errors import UserError
+
+
+def _llama(d: int, layers: int, heads: int, ffn: int) -> Callable[[int, int], PretrainedConfig]:
+    def build(vocab: int, seq_len: int) -> PretrainedConfig:
+        return LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq_len,
+                           tie_word_embeddings=True, rms_norm_eps=1e-5, initializer_range=0.02)
+    return build
+
+
+def _gpt2(vocab: int, seq_len: int) -> PretrainedConfig:
+    return GPT2Config(vocab_size=vocab, n_positions=max(seq_len, 1024), n_embd=768, n_layer=12, n_head=12,
+                      tie_word_embeddings=True)
+
+
+def _pythia(vocab: int, seq_len: int) -> PretrainedConfig:
+    return GPTNeoXConfig(vocab_size=vocab, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, max_position_embeddings=max(seq_len, 2048),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                         use_parallel_residual=True, tie_word_embeddings=False)
+
+
+SIZES: dict[str, Callable[[int, int], PretrainedConfig]] = {
+    "tiny": _llama(128, 2, 4, 384),
+    "small": _llama(384, 6, 6, 1024),
+    "gpt2-124m": _gpt2,
+    "pythia-160m": _pythia,
+}
+
+
+def model_config(size: str, vocab_size: int, seq_len: int) -> PretrainedConfig:
+    if size not in SIZES:
+        raise UserError(f"unknown model size {size!r}: use one of {', '.join(SIZES)}")
+    vocab = -(-vocab_size // 64) * 64
+    return SIZES[size](vocab, seq_len)
+
+
+def build_model(size: str, vocab_size: int, seq_len: int, attention: str = "vanilla",
+                ssa: SSAConfig | None = None, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised causal LM of a named size (float32), SSA-converted when ``attention == "ssa"``."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model_config(size, vocab_size, seq_len)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return with_attention(model, attention, ssa)
+
+
+def with_attention(model: torch.nn.Module, attention: str, ssa: SSAConfig | None = None) -> torch.nn.Module:
+    """Convert ``model`` to SSA in place (``attention == "ssa"``) unless it already is; vanilla leaves it alone."""
+    if attention == "vanilla":
+        return model
+    if attention != "ssa":
+        raise UserError(f"unknown attention {attention!r}: use vanilla or ssa")
+    if getattr(model.config, "ssa", None):
+        return model  # an SSA checkpoint (fine-tuning it further)
+    from selective_attention import hf
+
+    return hf.convert(model, ssa or SSAConfig())
+
+
+def parameter_counts(model: torch.nn.Module) -> dict:
+    """{"base", "new", "total", "percent"}: SSA's share of the parameters (0 new for a vanilla model)."""
+    try:
+        from selective_attention import hf
+
+        return dict(hf.parameter_report(model))
+    except (ImportError, AttributeError):
+        from selective_attention.temperature import temperature_parameters
+
+        total = sum(p.numel() for p in model.parameters())
+        new = sum(p.numel() for p in temperature_parameters(model))
+        return {"base": total - new, "new": new, "total": total, "percent": 100.0 * new / max(total - new, 1)}

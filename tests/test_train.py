@@ -1,0 +1,330 @@
+"""Training: schedule, data order, gradient accumulation, exact resume, divergence, the CLI and its bad inputs,
+and a tiny vanilla-vs-SSA run end to end (issue 4, points 3-5 and 7)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selective_attention.cli import main
+from selective_attention.errors import UserError
+from selective_attention.train import trainer
+from selective_attention.train.models import build_model, model_config, parameter_counts
+from selective_attention.train.trainer import TrainConfig, WindowSampler, lr_factor, train
+
+WORDS = "the cat dog sat on mat ran far away home red blue big small tree house river stone light dark".split()
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread is 5-20x faster than two fighting for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    rng = random.Random(0)
+    docs = [" ".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "."
+                     for _ in range(rng.randint(2, 6))) for _ in range(120)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+@pytest.fixture
+def cfg(corpus, tmp_path) -> TrainConfig:
+    """A few hundred tokens on the tiny model: 4 optimizer steps of 4 x 32 tokens."""
+    return TrainConfig(data=str(corpus), size="tiny", vocab_size=300, seq_len=32, batch_size=4, max_tokens=512,
+                       eval_every=2, eval_tokens=128, log_every=1, out=str(tmp_path / "run"), progress=False,
+                       cache_dir=str(tmp_path.parent / "ssa-cache"), warmup=1)
+
+
+def weights(run: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run) / "final" / "model.safetensors"))
+
+
+def metrics(run: str | Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- pieces
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:10], f[1:10]))  # warmup rises
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # cosine falls
+    assert f[-1] == pytest.approx(0.1, abs=1e-3) and min(f) >= 0.1
+
+
+def test_window_sampler_covers_each_window_once_per_epoch():
+    tokens = np.arange(1000, dtype=np.uint16)
+    s = WindowSampler(tokens, seq_len=10, seed=3)
+    n = s.n_windows
+    epoch0 = s.windows(range(0, n))
+    assert epoch0.shape == (n, 11)
+    assert torch.equal(epoch0[:, 1:], epoch0[:, :-1] + 1)  # contiguous windows
+    assert len({int(r[0]) for r in epoch0}) == n  # no window twice in an epoch
+    assert torch.equal(WindowSampler(tokens, 10, 3).windows(range(5, 9)), epoch0[5:9])  # pure function of index
+    assert not torch.equal(s.windows(range(n, 2 * n))[:, 0].sort().values, epoch0[:, 0].sort().values) or \
+        not torch.equal(s.windows(range(n, 2 * n)), epoch0)  # reshuffled next epoch
+    assert not torch.equal(WindowSampler(tokens, 10, 4).windows(range(0, n)), epoch0)
+    with pytest.raises(UserError):
+        WindowSampler(np.arange(5), seq_len=10, seed=0)
+
+
+def test_model_sizes():
+    counts = {s: parameter_counts(build_model(s, 8192, 256))["total"] for s in ("tiny", "small")}
+    assert 1e6 <= counts["tiny"] <= 3e6 and 10e6 <= counts["small"] <= 20e6
+    gpt2, pythia = model_config("gpt2-124m", 50257, 1024), model_config("pythia-160m", 50257, 2048)
+    assert (gpt2.n_embd, gpt2.n_layer, gpt2.n_head, gpt2.vocab_size) == (768, 12, 12, 50304)
+    assert (pythia.hidden_size, pythia.num_hidden_layers, pythia.rope_parameters["partial_rotary_factor"]) == \
+        (768, 12, 0.25)
+    with pytest.raises(UserError):
+        model_config("huge", 100, 10)
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m.yaml", "pythia-160m.yaml"])
+def test_gpu_recipes_are_valid_configs(name):
+    from selective_attention.train.cli import load_yaml
+
+    cfg = TrainConfig.from_dict(load_yaml(str(CONFIGS / name)))
+    cfg.validate()
+    assert cfg.size == name.removesuffix(".yaml")
+
+
+# ---- the loop
+
+
+def test_train_writes_the_run_directory(cfg):
+    result = train(cfg)
+    out = Path(cfg.out)
+    assert json.loads((out / "run.json").read_text()) == json.loads(json.dumps(result))
+    for key in ("attention", "size", "seed", "config", "parameters", "tokens_per_s", "final_val_loss",
+                "final_val_ppl", "tokens"):
+        assert key in result
+    assert result["tokens"] == 4 * 128 and result["parameters"]["new"] == 0
+    assert result["final_val_ppl"] == pytest.approx(math.exp(result["final_val_loss"]))
+    lines = metrics(out)
+    train_lines = [m for m in lines if "train_loss" in m]
+    val_lines = [m for m in lines if "val_loss" in m]
+    assert [m["step"] for m in train_lines] == [1, 2, 3, 4] and [m["step"] for m in val_lines] == [2, 4]
+    assert set(train_lines[0]) == {"step", "tokens", "lr", "train_loss", "tokens_per_s", "elapsed_s"}
+    assert set(val_lines[0]) == {"step", "tokens", "val_loss", "val_ppl"}
+    assert val_lines[-1]["val_loss"] == result["final_val_loss"]
+    assert train_lines[-1]["train_loss"] < train_lines[0]["train_loss"]  # it learns
+    # the final model reloads and reproduces the logged validation loss
+    from transformers import AutoTokenizer
+
+    import selective_attention as sa
+
+    model = sa.from_pretrained(out / "final").eval()
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    from selective_attention.data.tokens import prepare
+
+    val = prepare(cfg.data, "bpe", 300, cache_dir=cfg.cache_dir).tokens("val")
+    w = torch.from_numpy(np.asarray(val[: 4 * 32 + 1], dtype=np.int64))
+    x = torch.stack([w[i * 32: i * 32 + 33] for i in range(4)])
+    with torch.no_grad():
+        loss = trainer.lm_loss(model(input_ids=x[:, :-1]).logits, x[:, 1:])
+    assert float(loss) == pytest.approx(result["final_val_loss"], abs=1e-4)
+    assert len(tok) == 300
+    # running the same command again does nothing and returns the same result
+    assert train(cfg) == result
+
+
+def test_gradient_accumulation_matches_the_full_batch(cfg, tmp_path):
+    """4 x 1, 2 x 2 and 1 x 4 (micro-batch x accumulation) see the same 4 sequences per optimizer step."""
+    runs = []
+    for b, a in ((4, 1), (2, 2), (1, 4)):
+        c = TrainConfig(**{**cfg.to_dict(), "batch_size": b, "grad_accum": a, "out": str(tmp_path / f"r{b}x{a}"),
+                           "eval_every": 0})
+        steps = []
+        orig = torch.optim.AdamW.step
+
+        def counting_step(self, *args, _steps=steps, _orig=orig, **kw):
+            _steps.append(1)
+            return _orig(self, *args, **kw)
+
+        torch.optim.AdamW.step = counting_step
+        try:
+            train(c)
+        finally:
+            torch.optim.AdamW.step = orig
+        assert len(steps) == 4  # one optimizer step per accumulated batch
+        runs.append(weights(c.out))
+    for other in runs[1:]:
+        for k in runs[0]:
+            torch.testing.assert_close(other[k], runs[0][k], atol=2e-5, rtol=1e-4)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(cfg, tmp_path):
+    cfg.attention = "ssa"  # temperature parameter group and its state too
+    cfg.max_tokens = 5 * 128
+    full = TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "full")})
+    train(full)
+    stopped = train(TrainConfig(**{**cfg.to_dict(), "stop_at_step": 3}))
+    assert stopped == {"stopped_at_step": 3, "total_steps": 5}
+    assert (Path(cfg.out) / "checkpoints" / "latest").read_text().strip() == "step-00000003.pt"
+    assert not (Path(cfg.out) / "run.json").exists()
+    train(cfg)  # same settings: resumes from step 3
+    a, b = weights(full.out), weights(cfg.out)
+    assert a.keys() == b.keys() and any("temperature" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = [{k: v for k, v in m.items() if k not in ("tokens_per_s", "elapsed_s")} for m in metrics(full.out)]
+    assert [{k: v for k, v in m.items() if k not in ("tokens_per_s", "elapsed_s")} for m in metrics(cfg.out)] == strip
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cfg, monkeypatch):
+    cfg.checkpoint_every = 1
+    calls = []
+    real = trainer.lm_loss
+
+    def loss(logits, targets):
+        calls.append(1)
+        out = real(logits, targets)
+        return out * float("nan") if len(calls) >= 3 else out
+
+    monkeypatch.setattr(trainer, "lm_loss", loss)
+    with pytest.raises(UserError, match=r"diverged.*nan at step 3.*step-00000002\.pt"):
+        train(cfg)
+    ck = Path(cfg.out) / "checkpoints"
+    assert sorted(p.name for p in ck.glob("*.pt")) == ["step-00000001.pt", "step-00000002.pt"]
+    state = torch.load(ck / "step-00000002.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (Path(cfg.out) / "run.json").exists() and not (Path(cfg.out) / "final").exists()
+
+
+# ---- the CLI
+
+
+def cli_args(cfg: TrainConfig, *extra: str) -> list[str]:
+    return ["train", "--data", cfg.data, "--size", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-size",
+            "4", "--max-tokens", "256", "--eval-every", "0", "--eval-tokens", "64", "--cache-dir", cfg.cache_dir,
+            "--out", cfg.out, "--no-progress", *extra]
+
+
+def test_cli_vanilla_vs_ssa_and_fine_tune(cfg, tmp_path, capsys):
+    runs = {}
+    for att in ("vanilla", "ssa"):
+        cfg.out = str(tmp_path / att)
+        assert main(cli_args(cfg, "--attention", att, "--seed", "1")) == 0
+        runs[att] = json.loads((tmp_path / att / "run.json").read_text())
+    assert runs["vanilla"]["parameters"]["new"] == 0
+    ssa = runs["ssa"]
+    assert 0 < ssa["parameters"]["new"] and ssa["parameters"]["percent"] < 1.0
+    assert ssa["config"]["ssa"]["init"] == "scratch" and ssa["config"]["seed"] == 1
+    assert "tokens/s" in capsys.readouterr().out
+    # fine-tune the vanilla model with SSA added (identity init: same function as the checkpoint at step 0)
+    cfg.out = str(tmp_path / "ft")
+    assert main(cli_args(cfg, "--attention", "ssa", "--init-from", str(tmp_path / "vanilla" / "final"),
+                         "--lr", "1e-4", "--temperature-lr", "1e-2")) == 0
+    ft = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert ft["config"]["ssa"]["init"] == "identity" and ft["parameters"]["new"] > 0
+    assert ft["config"]["tokenizer_kind"] == "pretrained"
+
+
+def test_cli_yaml_config_and_override(cfg, tmp_path):
+    (tmp_path / "c.yaml").write_text(f"data: {cfg.data}\nsize: tiny\nvocab_size: 300\nseq_len: 32\nbatch_size: 2\n"
+                                     f"max_tokens: 128\neval_every: 0\neval_tokens: 64\ncache_dir: {cfg.cache_dir}\n"
+                                     "lr: 0.002\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--lr", "0.003", "--out", cfg.out,
+                 "--no-progress"]) == 0
+    run = json.loads((Path(cfg.out) / "run.json").read_text())
+    assert run["config"]["lr"] == 0.003 and run["config"]["batch_size"] == 2 and run["tokens"] == 128
+
+
+BAD = {
+    "missing corpus": ["--data", "{tmp}/nope.txt"],
+    "empty corpus": ["--data", "{tmp}/empty.txt"],
+    "unknown corpus": ["--data", "wikipedia-xx"],
+    "unknown size": ["--size", "huge"],
+    "bad attention": ["--attention", "sparse"],
+    "not a number": ["--max-tokens", "lots"],
+    "negative lr": ["--lr", "-1"],
+    "vocab too large": ["--vocab-size", "60000"],
+    "missing init": ["--init-from", "{tmp}/no-model"],
+    "broken init": ["--init-from", "{tmp}/broken"],
+    "bad yaml key": ["--config", "{tmp}/bad.yaml"],
+    "foreign out": ["--out", "{tmp}/foreign"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_bad_input_is_one_line_and_writes_nothing(cfg, tmp_path, capsys, case):
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    (tmp_path / "bad.yaml").write_text("learning_rate: 3\n")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    cfg.out = str(tmp_path / "out")
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in BAD[case]]
+    args = cli_args(cfg)
+    if "--out" in extra:
+        i = args.index("--out")
+        args = args[:i] + args[i + 2:]
+    try:
+        code = main(args + extra)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("ssa train: error:") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine" and \
+        [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
+
+
+def test_cli_unknown_option_exits_2_without_traceback(cfg, capsys):
+    with pytest.raises(SystemExit) as e:  # reported by the top-level parser (usage line + error line)
+        main(cli_args(cfg, "--frobnicate", "3"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --frobnicate 3" in err and "Traceback" not in err
+    assert not Path(cfg.out).exists()
+
+
+def test_cli_refuses_a_different_run_in_the_same_out(cfg, capsys):
+    assert main(cli_args(cfg)) == 0
+    before = (Path(cfg.out) / "run.json").read_text()
+    assert main(cli_args(cfg, "--lr", "0.01")) == 2
+    assert "other settings (lr)" in capsys.readouterr().err
+    assert (Path(cfg.out) / "run.json").read_text() == before
+    assert main(cli_args(cfg, "--lr", "0.01", "--overwrite")) == 0
+    assert json.loads((Path(cfg.out) / "run.json").read_text())["config"]["lr"] == 0.01
+
+
+# ---- two processes
+
+
+def two_process_cfg(cfg: TrainConfig, **kw) -> TrainConfig:
+    return TrainConfig(**{**cfg.to_dict(), "eval_every": 0, **kw})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_match_one(cfg, tmp_path, fsdp):
+    """2 processes x 2 sequences (gloo, CPU) == 1 process x 4 sequences: the same global batch, the same data."""
+    att = "ssa" if fsdp else "vanilla"
+    one = train(two_process_cfg(cfg, out=str(tmp_path / "one"), attention=att))
+    two = train(two_process_cfg(cfg, out=str(tmp_path / "two"), attention=att, batch_size=2, nproc=2, fsdp=fsdp))
+    assert two["config"]["world_size"] == 2 and two["tokens"] == one["tokens"]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3)
+    assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-4)
