@@ -123,6 +123,17 @@ class _CaptureInputs:
             st.record.append({})  # one entry per forward of this layer
 
 
+class _Release:
+    """Forward hook on the attention module: drop the captured tensors (no activations kept past the layer)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+
+    def __call__(self, module: nn.Module, args: tuple, out: Any) -> None:
+        st = _state(self.attn)
+        st.hidden = st.positions = st.tau_q = None
+
+
 def _heads_view(t: Tensor, heads: int, head_dim: int) -> Tensor:
     """(B, T, heads * D) -> (B, heads, T, D), a view."""
     B, T = t.shape[:2]
@@ -297,6 +308,7 @@ def convert(model: PreTrainedModel, config: SSAConfig | None = None, *, backend:
         st = SSAState(s)
         s.attn._ssa_state = st
         st.handles.append(s.attn.register_forward_pre_hook(_CaptureInputs(s.attn), with_kwargs=True))
+        st.handles.append(s.attn.register_forward_hook(_Release(s.attn)))
         if s.fused is not None:
             st.handles.append(s.fused.register_forward_hook(_FusedHook(s.attn, s.split, s.join)))
         else:
