@@ -356,6 +356,9 @@ def test_cli_bad_input(tiny, cache, tmp_path: Path, capsys) -> None:
     for limit in ("0", "-3", "abc", "1.5"):
         assert "--limit" in _bad(["--model", str(mdir), "--tasks", "piqa", "--limit", limit], out, capsys)
     assert "corpus" in _bad(["--model", str(mdir), "--data", "no_such_corpus"], out, capsys)
+    _bad(["--model", str(mdir), "--data", str(tmp_path / "missing.txt")], out, capsys)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    _bad(["--model", str(mdir), "--data", str(tmp_path / "empty.txt")], out, capsys)
     assert "too short" in _bad(["--model", str(mdir), "--tasks", "piqa,passkey", "--passkey-lengths", "20"], out,
                                capsys)
     assert "depths" in _bad(["--model", str(mdir), "--tasks", "passkey", "--passkey-depths", "0,2"], out, capsys)
