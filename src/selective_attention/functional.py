@@ -19,13 +19,62 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _scale(x: Tensor, tau: Tensor) -> Tensor:
+    dt = compute_dtype(x)
+    return (x.to(dt) * tau.to(dt).unsqueeze(-1)).to(x.dtype)
+
+
+class _ScaleByTemperature(torch.autograd.Function):
+    """x * tau with a backward that keeps only x and tau (no float32 copy of a bf16 x is saved)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tau: Tensor) -> Tensor:
+        ctx.save_for_backward(x, tau)
+        return _scale(x, tau)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, tau = ctx.saved_tensors
+        dt = compute_dtype(x)
+        gx = _scale(grad, tau) if ctx.needs_input_grad[0] else None
+        gtau = None
+        if ctx.needs_input_grad[1]:
+            gtau = (grad.to(dt) * x.to(dt)).sum(-1).sum_to_size(tau.shape).to(tau.dtype)
+        return gx, gtau
+
+
 def apply_temperature(x: Tensor, tau: Tensor | None) -> Tensor:
     """x (B, H, T, D) times tau (broadcastable to (B, H, T)), multiplied in float32 (or x's wider dtype),
     returned in x's dtype."""
     if tau is None:
         return x
-    dt = compute_dtype(x)
-    return (x.to(dt) * tau.to(dt).unsqueeze(-1)).to(x.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or tau.requires_grad):
+        return _ScaleByTemperature.apply(x, tau)
+    return _scale(x, tau)
+
+
+def _recompute_scaled_inputs(scaled: list[tuple[Tensor, Tensor, Tensor]]):
+    """Saved-tensor hooks that make the attention kernel save (x, tau) instead of its scaled copy x * tau, and
+    recompute the product in backward: SSA then keeps no more activations than plain SDPA (x and tau are
+    saved by the scaling anyway); the price is one elementwise product per input in backward."""
+
+    # Identify the scaled copies by address only: holding them here (the hooks outlive forward) would keep
+    # them alive until backward, the very cost this avoids.
+    keys = [((s.data_ptr(), s.shape, s.dtype), x, tau) for s, x, tau in scaled]
+    scaled.clear()
+
+    def pack(t: Tensor):
+        for key, x, tau in keys:
+            if (t.data_ptr(), t.shape, t.dtype) == key:
+                return ("ssa-scaled", x, tau)
+        return t
+
+    def unpack(p):
+        if isinstance(p, tuple) and p[0] == "ssa-scaled":
+            return _scale(p[1], p[2])
+        return p
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _check_tau(name: str, tau: Tensor | None, shape: tuple[int, int, int]) -> None:
@@ -93,9 +142,12 @@ def selective_attention(
     _check_tau("tau_q", tau_q, (B, H, Tq))
     _check_tau("tau_k", tau_k, (B, Hkv, Tk))
     _check_tau("tau_v", tau_v, (B, Hkv, Tk))
-    q = apply_temperature(q, tau_q)
-    k = apply_temperature(k, tau_k)
-    v = apply_temperature(v, tau_v)
+    scaled: list[tuple[Tensor, Tensor, Tensor]] = []
+    for name, x, tau in (("q", q, tau_q), ("k", k, tau_k), ("v", v, tau_v)):
+        if tau is not None:
+            s = apply_temperature(x, tau)
+            scaled.append((s, x, tau))
+            q, k, v = (s if name == "q" else q, s if name == "k" else k, s if name == "v" else v)
     causal_flag = False
     if is_causal:
         if attn_mask is not None:
@@ -105,10 +157,11 @@ def selective_attention(
         elif Tq > 1:
             attn_mask = causal_lower_right(Tq, Tk)  # a lazy bias object, not a dense matrix
         # Tq == 1 < Tk: the single new query sees every cached key, no mask needed
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal_flag, scale=scale,
-        enable_gqa=H != Hkv,
-    )
+    with _recompute_scaled_inputs(scaled if torch.is_grad_enabled() else []):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal_flag, scale=scale,
+            enable_gqa=H != Hkv,
+        )
 
 
 def reference_attention(

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from selective_attention.config import SSAConfig
 from selective_attention.functional import compute_dtype
@@ -28,6 +29,20 @@ def default_mlp_hidden(d_model: int, n_heads: int, n_targets: int, growth: float
 def log_positions(positions: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """log p (float32 by default) for 1-indexed positions p >= 1, shape preserved."""
     return torch.log(positions.to(dtype).clamp_min(1.0))
+
+
+def _shared_token_logit(projection: Tensor, readout: Tensor) -> Tensor:
+    """f_h(x) = u_h . gelu(W^h x): (B, H, T, D), (H, D) -> (B, H, T)."""
+    dt = compute_dtype(projection)
+    return torch.einsum("bhtd,hd->bht", F.gelu(projection.to(dt)), readout.to(dt))
+
+
+def _recomputed(fn, *args: Tensor) -> Tensor:
+    """Run ``fn`` without keeping its (B, H, T, D)-sized intermediates for backward: they are recomputed there.
+    The token term then saves nothing beyond what the attention already keeps (its inputs)."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class TemperatureFunction(nn.Module):
@@ -82,6 +97,10 @@ class TemperatureFunction(nn.Module):
             c = c - torch.sigmoid(torch.tensor(self.alpha_ref, dtype=self.alpha.dtype, device=c.device).to(dt))
         return c
 
+    def _mlp_token_logit(self, hidden: Tensor) -> Tensor:
+        f = self.fc_out(F.gelu(self.fc_in(hidden)))  # (B, T, H)
+        return f.to(compute_dtype(f)).transpose(1, 2)  # (B, H, T)
+
     def forward(self, *, projection: Tensor | None = None, hidden: Tensor | None = None,
                 positions: Tensor | None = None) -> Tensor:
         """projection (B, n_heads, T, D) pre-RoPE [shared]; hidden (B, T, d_model) [mlp];
@@ -100,13 +119,11 @@ class TemperatureFunction(nn.Module):
                 if projection.shape[1] != self.n_heads or projection.shape[-1] != self.head_dim:
                     raise ValueError(f"projection shape {tuple(projection.shape)} does not match "
                                      f"(B, {self.n_heads}, T, {self.head_dim})")
-                dt = compute_dtype(projection)
-                f = torch.einsum("bhtd,hd->bht", F.gelu(projection.to(dt)), self.readout.to(dt))
+                f = _recomputed(_shared_token_logit, projection, self.readout)
             else:
                 if hidden is None:
                     raise ValueError("the mlp token term needs the hidden state (B, T, d_model)")
-                f = self.fc_out(F.gelu(self.fc_in(hidden)))  # (B, T, H)
-                f = f.to(compute_dtype(f)).transpose(1, 2)  # (B, H, T)
+                f = _recomputed(self._mlp_token_logit, hidden)  # (B, H, T)
             tok = torch.tanh(f)
             tau = tok if tau is None else tau + tok
         assert tau is not None
