@@ -1,0 +1,74 @@
+"""``ssa bench attention`` (the fused op vs SDPA vs naive) and ``ssa bench train`` (training steps)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from selective_attention.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    a = sub.add_parser("attention", help="fused SSA op vs SDPA vs naive materialised attention")
+    a.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    a.add_argument("--batch", type=int, default=2)
+    a.add_argument("--heads", type=int, default=12)
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    a.add_argument("--repeats", type=int, default=3)
+    a.add_argument("--warmup", type=int, default=1)
+    a.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a.add_argument("--naive-max-len", type=int, default=4096, help="skip the naive form above this length")
+    a.add_argument("--out", default="runs/bench/attention.json")
+    try:  # the training benchmark lives in its own module
+        train = importlib.import_module("selective_attention.bench.train_bench")
+    except ModuleNotFoundError:
+        return
+    train.add_arguments(sub.add_parser("train", help="training step time and memory, SSA / vanilla"))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench == "train":
+        return importlib.import_module("selective_attention.bench.train_bench").run(args)
+    return run_attention(args)
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from selective_attention.bench.attention import AttentionBenchConfig, run_attention_bench
+    from selective_attention.utils.io import atomic_write_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"--device {device}: not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
+    for name in ("batch", "heads", "head_dim", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.seq_lens) < 1 or args.warmup < 0:
+        raise UserError("--seq-lens must be >= 1 and --warmup >= 0")
+    cfg = AttentionBenchConfig(seq_lens=args.seq_lens, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                               dtypes=args.dtypes, repeats=args.repeats, warmup=args.warmup, device=device,
+                               naive_max_len=args.naive_max_len)
+    console = Console(stderr=True)
+    with console.status("benchmarking") as status:
+        result = run_attention_bench(cfg, progress=lambda s: status.update(f"benchmarking {s}"))
+    atomic_write_json(args.out, result)
+    table = Table(title=f"fwd+bwd, B={cfg.batch} H={cfg.heads} D={cfg.head_dim}, {device}, "
+                        f"{result['threads']} threads; ratios to SDPA (medians of {cfg.repeats})")
+    for col in ("dtype", "T", "SDPA ms", "SSA x", "naive x", "SDPA MB", "SSA mem x", "naive mem x"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        if "skipped" in r:
+            table.add_row(r["dtype"], "-", r["skipped"], *[""] * 5)
+            continue
+        ratios = [f"{r[k]:.2f}" if k in r else "-" for k in
+                  ("ssa_time_ratio", "naive_time_ratio", "ssa_memory_ratio", "naive_memory_ratio")]
+        table.add_row(r["dtype"], str(r["T"]), f"{r['sdpa_ms']:.1f}", *ratios[:2], f"{r['sdpa_peak_mb']:.0f}",
+                      *ratios[2:])
+    Console().print(table)
+    print(f"wrote {args.out}")
+    return 0
