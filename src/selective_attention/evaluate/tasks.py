@@ -24,7 +24,7 @@ from pathlib import Path
 from selective_attention.errors import UserError
 from selective_attention.utils.io import atomic_write, atomic_write_text
 
-FORMAT_VERSION = 1  # bump when the converted files change, so old caches are not reused
+FORMAT_VERSION = 2  # bump when the converted files change, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ def _task_yaml(task: str, data_file: Path) -> dict:
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data_file)}},
         "test_split": "test",
+        "num_fewshot": 0,
         "metadata": {"version": FORMAT_VERSION},
     }
     # plain feature names: lm-eval then returns the field itself (an int stays an int), no templating
@@ -179,7 +180,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     """Zero-shot accuracy with lm-eval: {task: {"acc", "acc_stderr", ["acc_norm"], ["perplexity"], "n"}}."""
     import logging
 
-    import lm_eval
+    from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -192,10 +193,12 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     if tokenizer.pad_token_id is None:  # lm-eval pads batches
         tokenizer.pad_token = tokenizer.eos_token
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[lm_eval_name(t) for t in tasks],
-        task_manager=TaskManager(include_path=str(include), include_defaults=False),
+    # lm_eval.evaluator.evaluate is simple_evaluate's core without its environment report (git, pip, collect_env:
+    # several seconds per call); the task YAMLs pin num_fewshot to 0
+    loaded = TaskManager(include_path=str(include), include_defaults=False).load([lm_eval_name(t) for t in tasks])
+    out = evaluate(
+        lm=lm,
+        task_dict=loaded,
         limit=limit,
         bootstrap_iters=0,  # stderr of a mean is computed below in closed form; bootstrapping is slow
         log_samples=False,
