@@ -122,3 +122,10 @@ def test_config_round_trip():
     assert SSAConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
         SSAConfig.from_dict({"bogus": 1})
+
+
+def test_mlp_identity_exact_for_large_hidden_states():
+    # Pretrained LLM hidden states reach magnitudes of tens: the mirrored halves must still cancel exactly.
+    fn = TemperatureFunction(9, 64, 576, SSAConfig(sharing="mlp", position_aware=False))
+    x = torch.randn(2, 50, 576) * 30
+    assert torch.equal(fn(hidden=x), torch.ones(2, 9, 50))

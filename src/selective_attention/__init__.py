@@ -21,11 +21,13 @@ __all__ = [
     "convert",
     "from_pretrained",
     "parameter_report",
+    "load_pretrained",
+    "model_temperatures",
 ]
 
 
 def __getattr__(name: str):  # the Hugging Face adapter imports transformers: load it only when asked
-    if name in ("convert", "from_pretrained", "parameter_report"):
+    if name in ("convert", "from_pretrained", "parameter_report", "load_pretrained", "model_temperatures"):
         from selective_attention import hf
 
         return getattr(hf, name)

@@ -98,7 +98,12 @@ class TemperatureFunction(nn.Module):
         return c
 
     def _mlp_token_logit(self, hidden: Tensor) -> Tensor:
-        f = self.fc_out(F.gelu(self.fc_in(hidden)))  # (B, T, H)
+        # The two halves go through identical, separate matmuls: at the mirrored init they are then exact
+        # negatives of each other and f is exactly 0 (one matmul over all r units may round them differently).
+        h = self.fc_in.out_features // 2
+        w1, b1, w2 = self.fc_in.weight, self.fc_in.bias, self.fc_out.weight
+        f = (F.linear(F.gelu(F.linear(hidden, w1[:h], b1[:h])), w2[:, :h])
+             + F.linear(F.gelu(F.linear(hidden, w1[h:], b1[h:])), w2[:, h:]))  # (B, T, H)
         return f.to(compute_dtype(f)).transpose(1, 2)  # (B, H, T)
 
     def forward(self, *, projection: Tensor | None = None, hidden: Tensor | None = None,
