@@ -1,0 +1,82 @@
+"""``ssa experiment NAME --out DIR [--seeds N] [--seed S] [--set KEY=VALUE ...]`` and ``run_experiment`` for Python.
+
+An experiment module (registered in ``EXPERIMENTS``) defines:
+    Config          a dataclass of its settings (defaults = the CPU-sized run)
+    DEFAULT_SEEDS   how many seeds by default
+    run(out, config, seeds, progress=True) -> dict   writes results.json, PNGs, summary.md; returns the results
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from selective_attention.errors import UserError
+
+# name -> (module, one-line help). Other parts (e.g. lm, ablations) register here.
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "markov": ("selective_attention.experiments.markov",
+               "Figure 3: Markov chain on 8 tokens, vanilla vs query temperature (CE, l1, spikiness, ||W||)"),
+    "denoise": ("selective_attention.experiments.denoise",
+                "value temperature on a denoising task vs naive averaging and the Bayes-optimal estimator"),
+    "dilution": ("selective_attention.experiments.dilution",
+                 "attention entropy / spikiness / max weight vs query position, small LMs, within and beyond T"),
+    "passkey": ("selective_attention.experiments.passkey",
+                "tiny models trained on passkey sequences at length L, tested at L, 2L, 4L and several depths"),
+    "norm": ("selective_attention.experiments.norm",
+             "Lemma 1 in numbers: the smallest ||W_q W_k^T|| for targets of growing sparsity, vanilla vs SSA"),
+}
+
+
+def load(name: str) -> ModuleType:
+    if name not in EXPERIMENTS:
+        raise UserError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name][0])
+
+
+def run_experiment(name: str, out: str | Path, seeds: int | list[int] | None = None, seed: int = 0,
+                   progress: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Run experiment ``name`` into ``out``; ``seeds`` is a count (seeds seed..seed+N-1) or an explicit list;
+    ``overrides`` replace fields of the experiment's Config. Returns the results.json content."""
+    mod = load(name)
+    try:
+        config = dataclasses.replace(mod.Config(), **overrides)
+    except TypeError as e:
+        raise UserError(f"{name}: {e}") from None
+    if seeds is None:
+        seeds = mod.DEFAULT_SEEDS
+    seed_list = list(range(seed, seed + seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise UserError("--seeds must be at least 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return mod.run(out, config, seed_list, progress=progress)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=list(EXPERIMENTS), metavar="NAME",
+                        help="; ".join(f"{k}: {v[1]}" for k, v in EXPERIMENTS.items()))
+    parser.add_argument("--out", required=True, help="output directory (results.json, *.png, summary.md)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the experiment's)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (seeds are SEED .. SEED+N-1)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the experiment's Config (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from selective_attention.experiments.common import parse_overrides
+
+    mod = load(args.name)
+    overrides = parse_overrides(args.set, mod.Config)
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    results = run_experiment(args.name, args.out, seeds=args.seeds, seed=args.seed,
+                             progress=not args.no_progress, **overrides)
+    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
+    print(f"wrote {Path(args.out) / 'results.json'} ({len(results['seeds'])} seeds)")
+    return 0

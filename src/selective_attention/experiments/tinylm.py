@@ -1,0 +1,106 @@
+"""A tiny decoder-only LM built from the library's ``SelectiveSelfAttention`` for the dilution / passkey experiments.
+
+``vanilla`` is the same model with every temperature parameter frozen at the identity initialisation
+(u = 0 and c = 0 exactly, so tau = 1 for every token): one code path, and the only difference is SSA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selective_attention.config import SSAConfig
+from selective_attention.functional import reference_attention
+from selective_attention.layer import SelectiveSelfAttention, apply_rope
+from selective_attention.temperature import param_groups, temperature_parameters
+
+
+def ssa_config(method: str, token_aware: bool = True) -> SSAConfig:
+    """vanilla: identity-initialised temperatures (frozen by ``TinyLM``); ssa: query temperature with the
+    position term (and the token term if ``token_aware``), trained from scratch (c starts at sigmoid(0) = 0.5)."""
+    if method == "vanilla":
+        return SSAConfig(query=True, value=False, init="identity")
+    if method == "ssa":
+        return SSAConfig(query=True, value=False, token_aware=token_aware, position_aware=True, init="scratch")
+    raise ValueError(f"unknown method {method!r}")
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_heads: int, config: SSAConfig, rope: bool) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = SelectiveSelfAttention(d, n_heads, config=config, rope=rope)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int, d: int, n_layers: int, n_heads: int, method: str, rope: bool = True,
+                 token_aware: bool = True) -> None:
+        super().__init__()
+        self.method = method
+        config = ssa_config(method, token_aware)
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, n_heads, config, rope) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(d))
+        if method == "vanilla":
+            for p in temperature_parameters(self):
+                p.requires_grad_(False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.embed(idx)  # (B, T, d)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))  # (B, T, vocab)
+
+    def optimizer(self, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        groups = param_groups(self, lr, temperature_lr=lr * 10, weight_decay=weight_decay)
+        return torch.optim.AdamW([g for g in groups if any(p.requires_grad for p in g["params"])], lr=lr)
+
+    @torch.no_grad()
+    def attention_maps(self, idx: Tensor) -> list[Tensor]:
+        """Attention weights per layer, each (B, H, T, T), recomputed from the layer's own projections and
+        temperatures with the materialised ``reference_attention`` (tests check it matches the fused forward)."""
+        maps = []
+        x = self.embed(idx)
+        for block in self.blocks:
+            maps.append(layer_weights(block.attn, block.ln1(x)))
+            x = block(x)
+        return maps
+
+
+def layer_weights(attn: SelectiveSelfAttention, x: Tensor) -> Tensor:
+    """(B, H, T, T) attention weights of ``attn`` on x (B, T, d), positions 1..T, no cache."""
+    B, T, _ = x.shape
+    p = torch.arange(1, T + 1)
+    q = attn._split(attn.q_proj(x), attn.n_heads)  # (B, H, T, hs) pre-RoPE
+    k = attn._split(attn.k_proj(x), attn.n_kv_heads)
+    v = attn._split(attn.v_proj(x), attn.n_kv_heads)
+    tau_q = attn.temperature("query", projection=q, hidden=x, positions=p)
+    tau_k = attn.temperature("key", projection=k, hidden=x, positions=p)
+    if attn.rope:
+        q, k = apply_rope(q, p - 1, attn.rope_base), apply_rope(k, p - 1, attn.rope_base)
+    _, w = reference_attention(q, k, v, tau_q=tau_q, tau_k=tau_k, is_causal=True, return_weights=True)
+    return w
+
+
+def row_statistics(w: Tensor) -> dict[str, Tensor]:
+    """Per query position (T,): entropy, spikiness 1 / (p * sum_j s_j^2) over the p visible keys, max weight;
+    averaged over batch and heads. ``w`` (B, H, T, T) causal."""
+    T = w.shape[-1]
+    p = torch.arange(1, T + 1, dtype=w.dtype)
+    ent = -(w * torch.log(w.clamp_min(1e-30))).sum(-1)  # (B, H, T)
+    spk = 1.0 / (p * (w ** 2).sum(-1))
+    return {"entropy": ent.mean((0, 1)), "spikiness": spk.mean((0, 1)), "max_weight": w.amax(-1).mean((0, 1))}
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -1,0 +1,236 @@
+"""The mechanism experiments: each claim is checked from the numbers the experiment itself produces."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from selective_attention.cli import main as ssa_main  # noqa: E402
+from selective_attention.errors import UserError  # noqa: E402
+from selective_attention.experiments import (  # noqa: E402
+    EXPERIMENTS,
+    common,
+    denoise,
+    markov,
+    passkey,
+    run_experiment,
+    tinylm,
+)
+
+
+def check_files(out, results: dict, pngs: list[str]) -> None:
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["experiment"] == results["experiment"]
+    assert set(on_disk) >= {"experiment", "config", "seeds", "methods"}
+    for method, vals in on_disk["methods"].items():
+        for metric in [k for k in vals if not k.endswith("_std")]:
+            assert metric + "_std" in vals, (method, metric)
+    assert (out / "summary.md").read_text().startswith("# ")
+    for png in pngs:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- common
+
+
+def test_aggregate_mean_std_and_overrides():
+    per_seed = [{"a": {"x": 1.0}}, {"a": {"x": 3.0}}]
+    assert common.aggregate(per_seed) == {"a": {"x": 2.0, "x_std": 1.0}}
+    kw = common.parse_overrides(["steps=7", "lr=0.5", "out_degrees=1,2,3", "sharing=shared"], markov.Config)
+    assert kw == {"steps": 7, "lr": 0.5, "out_degrees": (1, 2, 3), "sharing": "shared"}
+    with pytest.raises(UserError):
+        common.parse_overrides(["nope=1"], markov.Config)
+    with pytest.raises(UserError):
+        common.parse_overrides(["steps=abc"], markov.Config)
+    assert set(EXPERIMENTS) >= {"markov", "denoise", "dilution", "passkey", "norm"}
+
+
+# ---------------------------------------------------------------- markov
+
+
+def test_markov_graph_rows_and_identity_init():
+    cfg = markov.Config()
+    P = markov.make_graph(cfg)
+    assert torch.allclose(P.sum(1), torch.ones(cfg.vocab, dtype=P.dtype))
+    assert [int((r > 0).sum()) for r in P] == list(cfg.out_degrees)
+    assert float(P.diagonal().abs().sum()) == 0.0
+    torch.manual_seed(0)
+    van = markov.MarkovAttention(cfg, ssa=False)
+    torch.manual_seed(0)
+    ssa = markov.MarkovAttention(cfg, ssa=True)
+    (Pv, _), (Ps, ts) = van(), ssa()
+    assert torch.allclose(Pv.sum(1), torch.ones(cfg.vocab), atol=1e-5)
+    assert torch.allclose(Pv, Ps, atol=1e-6) and torch.equal(ts, torch.ones(cfg.vocab))  # identity at init
+    # the attention row is softmax(E W_q (E W_k)^T / sqrt(d)), computed here independently
+    logits = (van.E @ van.W_q) @ (van.E @ van.W_k).T / math.sqrt(cfg.d)
+    assert torch.allclose(Pv, torch.softmax(logits, -1), atol=1e-5)
+
+
+def test_markov_claims_from_its_numbers(tmp_path):
+    res = run_experiment("markov", tmp_path, seeds=[0], progress=False, steps=400)
+    check_files(tmp_path, res, ["graph.png", "transitions.png", "temperature_vs_degree.png", "norm_histogram.png"])
+    m = res["methods"]
+    assert m["ssa"]["cross_entropy"] < m["vanilla"]["cross_entropy"]
+    assert m["ssa"]["l1_error"] < m["vanilla"]["l1_error"]
+    assert m["ssa"]["spikiness"] < m["vanilla"]["spikiness"]
+    assert m["ssa"]["w_norm"] < m["vanilla"]["w_norm"]
+    ex = res["extra"]
+    taus = [ex["tau_by_degree"][k] for k in sorted(ex["tau_by_degree"], key=int)]
+    assert taus == sorted(taus, reverse=True) and ex["tau_degree_correlation"] < 0  # fewer neighbours: larger tau
+    assert ex["tau_gap_equal_degree"] < ex["tau_gap_different_degree"]
+    assert all(res["claims"].values())
+
+
+def test_markov_repeatable(tmp_path):
+    a = run_experiment("markov", tmp_path / "a", seeds=[3], progress=False, steps=40)
+    on_disk = json.loads((tmp_path / "a" / "results.json").read_text())
+    cfg = markov.Config(steps=40)
+    P = markov.make_graph(cfg)
+    with common.single_thread():  # the same seed again, recomputed from scratch: the same numbers
+        again = markov.evaluate(markov.train_one(cfg, P, True, 3)[0], P)
+        other = markov.evaluate(markov.train_one(cfg, P, True, 4)[0], P)["metrics"]
+    assert on_disk["per_seed"][0]["ssa"] == again["metrics"] and a["extra"]["tau_per_seed"][0] == again["tau"]
+    assert other["w_norm"] != a["methods"]["ssa"]["w_norm"]  # another seed: another init
+
+
+# ---------------------------------------------------------------- denoise
+
+
+def test_denoise_bayes_estimator_matches_its_closed_form_risk():
+    cfg = denoise.Config()
+    g = torch.Generator().manual_seed(0)
+    tokens, types, mu = denoise.sample(cfg, 20000, g)
+    est = denoise.bayes_estimate(cfg, tokens, types)
+    prec = torch.tensor([1 / s ** 2 for s in cfg.noise_sigmas] + [0.0])[types]
+    analytic = float((1 / (1 / cfg.prior_sigma ** 2 + prec.sum(1))).mean())
+    assert abs(denoise.mse(est, mu) - analytic) / analytic < 0.03
+    # any other weighting is worse: e.g. ignoring the prior (no shrinkage) or averaging everything
+    no_shrink = (prec[..., None] * tokens[..., :cfg.d]).sum(1) / prec.sum(1).clamp_min(1e-9)[:, None]
+    assert denoise.mse(est, mu) < denoise.mse(no_shrink, mu)
+
+
+def test_denoise_claims_from_its_numbers(tmp_path):
+    res = run_experiment("denoise", tmp_path, seeds=[0], progress=False, steps=300, eval_samples=2048)
+    check_files(tmp_path, res, ["denoise.png"])
+    m = {k: v["mse"] for k, v in res["methods"].items()}
+    assert m["bayes_optimal"] <= m["value_selective"] < m["vanilla"] < m["naive_average"]
+    tau = res["extra"]["tau_v_by_type"]
+    assert tau["pure noise"] < min(v for k, v in tau.items() if k != "pure noise")  # noise suppressed
+
+
+# ---------------------------------------------------------------- norm
+
+
+def test_norm_claims_from_its_numbers(tmp_path):
+    res = run_experiment("norm", tmp_path, seeds=[0], progress=False, max_weights=(0.5, 0.9), steps=300)
+    check_files(tmp_path, res, ["norm.png"])
+    mv, ms = res["methods"]["vanilla"], res["methods"]["ssa"]
+    assert max(mv["max_kl"], ms["max_kl"]) <= 2 * res["config"]["tol"]  # both realise the targets
+    assert ms["w_norm@0.5"] < mv["w_norm@0.5"] and ms["w_norm@0.9"] < mv["w_norm@0.9"]
+    assert mv["w_norm@0.5"] < mv["w_norm@0.9"]
+    assert ms["tau_general@0.9"] < ms["tau_specific@0.9"]  # the general token is flattened by its temperature
+
+
+# ---------------------------------------------------------------- tiny LMs (passkey, dilution)
+
+
+def test_passkey_batch_format():
+    cfg = passkey.Config(decoy_rate=0.0)
+    g = torch.Generator().manual_seed(0)
+    idx, value = passkey.make_batch(cfg, 50, 40, g, depth=0.5)
+    KEY, QUERY = cfg.n_filler + cfg.n_values, cfg.n_filler + cfg.n_values + 1
+    assert idx.shape == (50, 40) and bool((idx[:, -1] == QUERY).all())
+    pos = (idx == KEY).float().argmax(1)
+    assert bool((idx[torch.arange(50), pos + 1] == value).all()) and bool((pos == round(0.5 * 37)).all())
+    assert bool(((value >= cfg.n_filler) & (value < KEY)).all())
+
+
+@pytest.mark.parametrize("method", ["vanilla", "ssa"])
+def test_tinylm_attention_maps_match_the_fused_forward(method):
+    torch.manual_seed(0)
+    model = tinylm.TinyLM(50, 32, 2, 4, method, rope=True)
+    for p in tinylm.temperature_parameters(model):  # non-trivial temperatures for ssa
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 24, 32)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        w = tinylm.layer_weights(attn, x)  # (B, H, T, T)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 4, 24), atol=1e-5)
+    assert float(w.detach().triu(1).abs().max()) == 0.0  # causal
+    v = attn._split(attn.v_proj(x), attn.n_kv_heads)
+    y = (w @ v).transpose(1, 2).reshape(2, 24, 32)
+    assert torch.allclose(attn.o_proj(y), attn(x), atol=1e-5)
+    stats = tinylm.row_statistics(w)
+    assert float(stats["spikiness"][0]) == pytest.approx(1.0)  # one visible key: "uniform"
+    assert bool((stats["spikiness"] <= 1 + 1e-5).all()) and bool((stats["max_weight"] <= 1).all())
+
+
+def test_vanilla_tinylm_keeps_tau_one():
+    torch.manual_seed(0)
+    model = tinylm.TinyLM(50, 32, 1, 2, "vanilla")
+    assert not any(p.requires_grad for p in tinylm.temperature_parameters(model))
+    taus = model.blocks[0].attn.temperatures(torch.randn(1, 10, 32))
+    assert torch.equal(taus["query"], torch.ones_like(taus["query"]))
+    ssa = tinylm.TinyLM(50, 32, 1, 2, "ssa")
+    assert all(p.requires_grad for p in tinylm.temperature_parameters(ssa))
+
+
+def test_dilution_and_passkey_run_small(tmp_path):
+    res = run_experiment("dilution", tmp_path / "d", seeds=[0], progress=False, steps=10, seq_len=16, d=32,
+                         n_heads=2, eval_sequences=2, max_bytes=50_000)
+    check_files(tmp_path / "d", res, ["dilution.png"])
+    curves = res["extra"]["curves"]["vanilla"]
+    assert len(curves["entropy"]) == 64 and curves["entropy"][0] == pytest.approx(0.0, abs=1e-6)
+    for method in ("vanilla", "ssa"):
+        vals = res["methods"][method]
+        assert vals["entropy_beyond"] > vals["entropy_within"]  # more keys visible -> higher entropy
+        assert 0 < vals["spikiness_beyond"] <= 1 and 0 < vals["max_weight_beyond"] < vals["max_weight_within"]
+    res = run_experiment("passkey", tmp_path / "p", seeds=[0], progress=False, steps=5, n_trials=4,
+                         depths=(0.2, 0.8), length_multipliers=(1, 2))
+    check_files(tmp_path / "p", res, ["passkey_heatmap.png"])
+    assert set(res["methods"]["ssa"]) >= {"acc@1L_d0.2", "acc@2L_d0.8", "acc@1L", "acc@2L", "accuracy"}
+    assert all(0.0 <= v <= 1.0 for k, v in res["methods"]["ssa"].items() if not k.endswith("_std"))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_runs_and_rejects_bad_settings(tmp_path, capsys):
+    out = tmp_path / "n"
+    rc = ssa_main(["experiment", "norm", "--out", str(out), "--seeds", "1", "--set", "max_weights=0.5,0.8",
+                   "--set", "steps=30", "--no-progress"])
+    assert rc == 0 and json.loads((out / "results.json").read_text())["config"]["max_weights"] == [0.5, 0.8]
+    capsys.readouterr()
+    assert ssa_main(["experiment", "norm", "--out", str(out), "--set", "bogus=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ssa experiment: error: unknown setting") and len(err.splitlines()) == 1
+    assert ssa_main(["experiment", "markov", "--out", str(out), "--seeds", "0"]) == 2
+
+
+# ---------------------------------------------------------------- default-size claims (slow)
+
+
+@pytest.mark.slow
+def test_markov_default_size_all_claims(tmp_path):
+    res = run_experiment("markov", tmp_path, progress=False)
+    assert all(res["claims"].values()), res["claims"]
+
+
+@pytest.mark.slow
+def test_denoise_default_size_ordering(tmp_path):
+    res = run_experiment("denoise", tmp_path, progress=False)
+    assert all(res["claims"].values()), res["claims"]
+
+
+@pytest.mark.slow
+def test_norm_default_size(tmp_path):
+    res = run_experiment("norm", tmp_path, progress=False)
+    assert all(res["claims"].values()), res["claims"]
