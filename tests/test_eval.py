@@ -308,18 +308,22 @@ def test_cli_end_to_end_on_an_ssa_model(tiny, cache, tmp_path: Path, capsys) -> 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"{DOCS[i % 5]} Line {i}." for i in range(100)))
     out = tmp_path / "res" / "eval.json"
-    rc = ssa_main(["eval", "--model", str(mdir), "--data", str(corpus), "--split", "test", "--tasks", "ppl,piqa",
-                   "passkey", "--limit", "2", "--seq-len", "32", "--passkey-lengths", "200", "--passkey-depths",
-                   "0,1", "--passkey-trials", "1", "--no-progress", "--out", str(out)])
+    rc = ssa_main(["eval", "--model", str(mdir), "--data", str(corpus), "--split", "test",
+                   "--tasks", "ppl,piqa", "winogrande", "passkey", "--limit", "2", "--seq-len", "32",
+                   "--passkey-lengths", "200", "--passkey-depths", "0,1", "--passkey-trials", "1",
+                   "--no-progress", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["attention"] == "ssa" and res["ssa"]["query"]
+    assert 0 < res["parameters"]["new"] < 0.05 * res["parameters"]["base"]
     from selective_attention.data.corpora import load_documents
 
     docs = load_documents(str(corpus), "test")[:2]
     expect = perplexity(load(mdir), tok, docs, seq_len=32)
     assert res["perplexity"]["loss"] == pytest.approx(expect["loss"], rel=1e-5)
     assert res["perplexity"]["documents"] == 2 and res["zero_shot"]["piqa"]["n"] == 2
+    zs = res["zero_shot"]
+    assert res["zero_shot_mean_acc"] == pytest.approx((zs["piqa"]["acc"] + zs["winogrande"]["acc"]) / 2)
     assert [c["depth"] for c in res["passkey"]["table"]] == [0.0, 1.0]
     png = out.with_name("eval_passkey.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.with_suffix(".md").is_file()

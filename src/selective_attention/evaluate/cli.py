@@ -190,6 +190,9 @@ def run(args) -> int:
     result["attention"] = "ssa" if ssa else "vanilla"
     if ssa:
         result["ssa"] = ssa
+    from selective_attention.hf import parameter_report
+
+    result["parameters"] = parameter_report(model)
     if "perplexity" in tasks:
         from selective_attention.evaluate.perplexity import perplexity
 
@@ -201,6 +204,7 @@ def run(args) -> int:
         from selective_attention.evaluate.tasks import zero_shot
 
         result["zero_shot"] = zero_shot(model, tok, zs, limit=limit, batch_size=args.batch_size)
+        result["zero_shot_mean_acc"] = sum(r["acc"] for r in result["zero_shot"].values()) / len(zs)
     png = None
     if "passkey" in tasks:
         from selective_attention.evaluate.passkey import passkey
@@ -251,6 +255,8 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
             rows.append((task, "acc_norm", f"{r['acc_norm']:.4f}"))
         if "perplexity" in r:
             rows.append((task, "perplexity", f"{r['perplexity']:.3f}"))
+    if len(result.get("zero_shot", {})) > 1:
+        rows.append(("zero-shot mean", "acc", f"{result['zero_shot_mean_acc']:.4f}"))
     if "passkey" in result:
         rows.append(("passkey", "accuracy", f"{result['passkey']['accuracy']:.3f}"))
     return rows
