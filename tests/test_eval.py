@@ -307,6 +307,7 @@ def test_cli_end_to_end_on_an_ssa_model(tiny, cache, tmp_path: Path, capsys) -> 
     tok.save_pretrained(mdir)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"{DOCS[i % 5]} Line {i}." for i in range(100)))
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"split_seed": 3}}))  # as if mdir were RUN/final
     out = tmp_path / "res" / "eval.json"
     rc = ssa_main(["eval", "--model", str(mdir), "--data", str(corpus), "--split", "test",
                    "--tasks", "ppl,piqa", "winogrande", "passkey", "--limit", "2", "--seq-len", "32",
@@ -318,7 +319,8 @@ def test_cli_end_to_end_on_an_ssa_model(tiny, cache, tmp_path: Path, capsys) -> 
     assert 0 < res["parameters"]["new"] < 0.05 * res["parameters"]["base"]
     from selective_attention.data.corpora import load_documents
 
-    docs = load_documents(str(corpus), "test")[:2]
+    docs = load_documents(str(corpus), "test", seed=3)[:2]
+    assert docs != load_documents(str(corpus), "test", seed=0)[:2] and res["perplexity"]["split_seed"] == 3
     expect = perplexity(load(mdir), tok, docs, seq_len=32)
     assert res["perplexity"]["loss"] == pytest.approx(expect["loss"], rel=1e-5)
     assert res["perplexity"]["documents"] == 2 and res["zero_shot"]["piqa"]["n"] == 2

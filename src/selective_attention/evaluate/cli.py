@@ -9,6 +9,7 @@ run, so a failure never touches an existing output file.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -38,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passkey-lengths", default="256,512,1024", help="context lengths in tokens (comma separated)")
     p.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1", help="key depths in [0, 1] (comma separated)")
     p.add_argument("--passkey-trials", type=int, default=5, help="trials per length x depth cell")
-    p.add_argument("--seed", type=int, default=0, help="corpus split seed and passkey keys")
+    p.add_argument("--seed", type=int, default=0, help="seed of the passkey keys")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="corpus split seed; default: the training run's (DIR/../run.json), else 0")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -148,6 +151,17 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def split_seed(args) -> int:
+    """The split seed the model was trained with, so that its test documents were never trained on."""
+    if args.split_seed is not None:
+        return args.split_seed
+    run_json = Path(args.model).parent / "run.json"  # a model in RUN/final
+    try:
+        return int(json.loads(run_json.read_text())["config"]["split_seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 # ---------------------------------------------------------------------------------------- run
 
 
@@ -169,7 +183,7 @@ def run(args) -> int:
     if "perplexity" in tasks:  # the corpus before the model: the cheaper check first
         from selective_attention.data.corpora import load_documents
 
-        documents = load_documents(args.data, args.split, seed=args.seed)
+        documents = load_documents(args.data, args.split, seed=split_seed(args))
         if not documents:
             raise UserError(f"the {args.split} split of {args.data!r} is empty")
         if limit is not None:
@@ -196,7 +210,7 @@ def run(args) -> int:
     if "perplexity" in tasks:
         from selective_attention.evaluate.perplexity import perplexity
 
-        result["perplexity"] = {"data": str(args.data), "split": args.split,
+        result["perplexity"] = {"data": str(args.data), "split": args.split, "split_seed": split_seed(args),
                                 **perplexity(model, tok, documents, seq_len=args.seq_len, batch_size=args.batch_size,
                                              stride=args.stride, progress=progress)}
     zs = [t for t in tasks if t in ZERO_SHOT]
