@@ -228,6 +228,12 @@ def test_cli_vanilla_vs_ssa_and_fine_tune(cfg, tmp_path, capsys):
     assert 0 < ssa["parameters"]["new"] and ssa["parameters"]["percent"] < 1.0
     assert ssa["config"]["ssa"]["init"] == "scratch" and ssa["config"]["seed"] == 1
     assert "tokens/s" in capsys.readouterr().out
+    # ... and evaluated: test-split perplexity of both through `ssa eval`
+    for att in ("vanilla", "ssa"):
+        assert main(["eval", "--model", str(tmp_path / att / "final"), "--data", cfg.data, "--tasks", "perplexity",
+                     "--seq-len", "32", "--out", str(tmp_path / f"{att}-eval.json"), "--no-progress"]) == 0
+        ev = json.loads((tmp_path / f"{att}-eval.json").read_text())
+        assert ev["attention"] == att and 1.0 < ev["perplexity"]["token_ppl"] < 300  # vocab 300: below uniform
     # fine-tune the vanilla model with SSA added (identity init: same function as the checkpoint at step 0)
     cfg.out = str(tmp_path / "ft")
     assert main(cli_args(cfg, "--attention", "ssa", "--init-from", str(tmp_path / "vanilla" / "final"),

@@ -290,7 +290,10 @@ def _load_init(path: str):
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"--init-from {path}: cannot load the model ({type(e).__name__}: {msg})") from None
-    return model.float()
+    for p in model.parameters():  # float32 master weights (a de-quantised GGUF model refuses .float())
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -374,7 +377,10 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _launch(cfg: TrainConfig) -> dict:
-    _plan_out_dir(cfg)  # bad --out before spawning anything
+    _plan_out_dir(cfg)  # bad --out or corpus before spawning anything
+    from selective_attention.data.corpora import resolve_source
+
+    resolve_source(cfg.data)
     import yaml
 
     with tempfile.TemporaryDirectory(prefix="ssa-train-") as tmp:
@@ -398,7 +404,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo, out: Path, ckpt_path: Path | None
     ssa = cfg.ssa_config() if cfg.attention == "ssa" else None
     if cfg.init_from:
         torch.manual_seed(cfg.seed)
-        model = with_attention(_load_init(cfg.init_from), cfg.attention, ssa)
+        model = _load_init(cfg.init_from)
+        if cfg.attention == "vanilla" and getattr(model.config, "ssa", None):
+            raise UserError(f"--init-from {cfg.init_from} is an SSA model: fine-tune it with --attention ssa")
+        model = with_attention(model, cfg.attention, ssa)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise UserError(f"--init-from {cfg.init_from}: its tokenizer has more tokens than the model embeds")
     else:
