@@ -234,3 +234,21 @@ def test_denoise_default_size_ordering(tmp_path):
 def test_norm_default_size(tmp_path):
     res = run_experiment("norm", tmp_path, progress=False)
     assert all(res["claims"].values()), res["claims"]
+
+
+@pytest.mark.slow
+def test_dilution_default_size_ssa_attention_less_diluted(tmp_path):
+    res = run_experiment("dilution", tmp_path, progress=False)
+    c = res["claims"]
+    assert c["vanilla_entropy_grows_beyond_T"] and c["ssa_spikier_beyond_T"] and c["ssa_lower_entropy_beyond_T"]
+    assert c["ssa_higher_max_weight_beyond_T"]
+    # measured honestly: the sharper rows did NOT give a lower next-byte loss beyond T at this size (summary.md)
+
+
+@pytest.mark.slow
+def test_passkey_default_size_honest_outcome(tmp_path):
+    res = run_experiment("passkey", tmp_path, progress=False)
+    mv = res["methods"]["vanilla"]
+    assert mv["acc@1L"] > 0.8 and res["claims"]["vanilla_degrades_with_length"]  # trained, then diluted
+    # the paper's "SSA improves retrieval" did not reproduce reliably here (see summary.md): no assertion on it
+    assert set(res["claims"]) == {"ssa_better_overall", "ssa_better_at_longest", "vanilla_degrades_with_length"}

@@ -304,7 +304,8 @@ expected cross-entropy + the same L2 penalty {cfg['weight_decay']}/2 ||theta||^2
 parameters too: {cfg['decay_temperature']}), full batch, Adam,
 {cfg['steps']} steps (objective change over the last 100 steps <= {ex['max_objective_change_last_100_steps']:.2g}).
 SSA = the library's query temperature (token-aware, sharing={cfg['sharing']}, tau = 1 + tanh(f) in (0, 2)).
-Seeds {results['seeds']} (embeddings and W init per seed; the same for both methods).
+Seeds {results['seeds']} (embeddings and W init per seed; the same for both methods). The embeddings are
+orthonormal, so a seed only rotates the problem: every seed converges to the same optimum (std ~ 0).
 
 {common.markdown_table(m, ["cross_entropy", "excess_cross_entropy", "l1_error", "spikiness", "w_norm",
                            "effective_norm"])}

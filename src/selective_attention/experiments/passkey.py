@@ -43,7 +43,7 @@ class Config:
     n_heads: int = 2
     rope: bool = True
     ssa_token_term: bool = False  # SSA = position term only by default (see the module docstring)
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3
     n_trials: int = 100
