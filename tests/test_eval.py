@@ -222,6 +222,22 @@ def test_zero_shot_accuracy_matches_hand_scoring(tiny, cache) -> None:
     assert res["winogrande"]["acc"] == pytest.approx(sum(hits) / n, abs=1e-9)
 
 
+def test_zero_shot_on_models_with_a_short_context(tiny, cache) -> None:
+    """A PIQA answer is longer than 16 tokens: a rotary model runs past its trained length (lm-eval gets 2048),
+    a model with learned positions cannot, and says so in one line."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    _, tok, _ = tiny
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16))
+    r = zero_shot(llama, tok, ["piqa"], limit=2)
+    assert r["piqa"]["n"] == 2 and r["piqa"]["max_length"] == 2048
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4, n_positions=16))
+    with pytest.raises(UserError, match="does not fit the model's context of 16"):
+        zero_shot(gpt2, tok, ["piqa"], limit=2)
+
+
 def test_zero_shot_bad_input(tiny, cache) -> None:
     model, tok, _ = tiny
     with pytest.raises(UserError, match="unknown zero-shot task"):

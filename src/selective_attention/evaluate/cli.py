@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: model context, max 1024)")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: chunked windows)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest input for the zero-shot tasks (default: the model's context; >= 2048 for RoPE)")
     p.add_argument("--passkey-lengths", default="256,512,1024", help="context lengths in tokens (comma separated)")
     p.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1", help="key depths in [0, 1] (comma separated)")
     p.add_argument("--passkey-trials", type=int, default=5, help="trials per length x depth cell")
@@ -174,6 +176,8 @@ def run(args) -> int:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.seq_len is not None and args.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {args.seq_len}")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length must be at least 2, got {args.max_length}")
     if args.stride is not None and args.stride < 1:
         raise UserError(f"--stride must be positive, got {args.stride}")
     lengths, depths = parse_passkey(args) if "passkey" in tasks else ([], [])
@@ -217,7 +221,8 @@ def run(args) -> int:
     if zs:
         from selective_attention.evaluate.tasks import zero_shot
 
-        result["zero_shot"] = zero_shot(model, tok, zs, limit=limit, batch_size=args.batch_size)
+        result["zero_shot"] = zero_shot(model, tok, zs, limit=limit, batch_size=args.batch_size,
+                                        max_length=args.max_length)
         result["zero_shot_mean_acc"] = sum(r["acc"] for r in result["zero_shot"].values()) / len(zs)
     png = None
     if "passkey" in tasks:

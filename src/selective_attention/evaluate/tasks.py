@@ -175,8 +175,25 @@ def prepare_tasks(tasks: list[str], root: Path | None = None) -> Path:
 # ---------------------------------------------------------------------------------------- evaluation
 
 
+def lm_max_length(model, requested: int | None = None) -> int:
+    """Longest sequence lm-eval may feed the model (it left-truncates contexts to this).
+
+    A model's trained context can be shorter than one benchmark answer (a PIQA solution, say), which lm-eval
+    cannot score at all; rotary models run past their trained length, so they get at least 2048 tokens.
+    Models with learned absolute positions keep their limit.
+    """
+    if requested is not None:
+        return int(requested)
+    cfg = model.config
+    ctx = next((n for n in (getattr(cfg, a, None) for a in ("max_position_embeddings", "n_positions", "n_ctx"))
+                if isinstance(n, int) and n > 0), 2048)
+    rotary = any(getattr(cfg, a, None) is not None for a in ("rope_parameters", "rope_theta", "rotary_pct",
+                                                              "rotary_dim", "rope_scaling"))
+    return max(ctx, 2048) if rotary else ctx
+
+
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
-              root: Path | None = None) -> dict:
+              root: Path | None = None, max_length: int | None = None) -> dict:
     """Zero-shot accuracy with lm-eval: {task: {"acc", "acc_stderr", ["acc_norm"], ["perplexity"], "n"}}."""
     import logging
 
@@ -192,18 +209,24 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
         logging.getLogger(name).setLevel(logging.ERROR)
     if tokenizer.pad_token_id is None:  # lm-eval pads batches
         tokenizer.pad_token = tokenizer.eos_token
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    max_length = lm_max_length(model, max_length)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     # lm_eval.evaluator.evaluate is simple_evaluate's core without its environment report (git, pip, collect_env:
     # several seconds per call); the task YAMLs pin num_fewshot to 0
     loaded = TaskManager(include_path=str(include), include_defaults=False).load([lm_eval_name(t) for t in tasks])
-    out = evaluate(
-        lm=lm,
-        task_dict=loaded,
-        limit=limit,
-        bootstrap_iters=0,  # stderr of a mean is computed below in closed form; bootstrapping is slow
-        log_samples=False,
-        verbosity="ERROR",
-    )
+    try:
+        out = evaluate(
+            lm=lm,
+            task_dict=loaded,
+            limit=limit,
+            bootstrap_iters=0,  # stderr of a mean is computed below in closed form; bootstrapping is slow
+            log_samples=False,
+            verbosity="ERROR",
+        )
+    except AssertionError as e:  # lm-eval asserts that each answer fits the context
+        raise UserError(f"a benchmark answer does not fit the model's context of {max_length} tokens "
+                        f"(lm-eval: {e or 'assertion failed'}); pass a larger max_length if the model can run longer"
+                        ) from e
     results = {}
     for task in tasks:
         r = out["results"][lm_eval_name(task)]
@@ -213,5 +236,6 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
         acc = row["acc"]
         row["acc_stderr"] = (acc * (1 - acc) / (n - 1)) ** 0.5 if n > 1 else float("nan")
         row["n"] = n
+        row["max_length"] = max_length
         results[task] = row
     return results
