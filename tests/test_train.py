@@ -262,6 +262,7 @@ BAD = {
     "not a number": ["--max-tokens", "lots"],
     "negative lr": ["--lr", "-1"],
     "vocab too large": ["--vocab-size", "60000"],
+    "vocab too large, 2 processes": ["--vocab-size", "60000", "--nproc", "2"],  # caught before torchrun starts
     "missing init": ["--init-from", "{tmp}/no-model"],
     "broken init": ["--init-from", "{tmp}/broken"],
     "broken gguf": ["--init-from", "{tmp}/broken.gguf"],

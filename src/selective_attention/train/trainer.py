@@ -377,10 +377,9 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _launch(cfg: TrainConfig) -> dict:
-    _plan_out_dir(cfg)  # bad --out or corpus before spawning anything
-    from selective_attention.data.corpora import resolve_source
-
-    resolve_source(cfg.data)
+    _plan_out_dir(cfg)  # a bad --out, corpus or vocabulary fails here, in one line, before spawning anything
+    prepare(cfg.data, cfg.tokenizer_kind, cfg.vocab_size, cfg.init_from, cfg.split_seed, cfg.cache_dir,
+            splits=("train", "val"))  # also fills the token cache once for all processes
     import yaml
 
     with tempfile.TemporaryDirectory(prefix="ssa-train-") as tmp:
