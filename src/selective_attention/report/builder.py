@@ -516,3 +516,28 @@ def _html(summary: dict[str, Any], figures: dict[str, str], temp_frags: list[tup
         parts += ["<h2>Notes</h2>"] + [f'<p class="note">{e(n)}</p>' for n in summary["notes"]]
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def is_png(path: str | os.PathLike) -> bool:
+    """A complete PNG file: signature, IHDR first, IEND last, non-trivial size."""
+    import struct
+
+    p = Path(path)
+    if not p.is_file():
+        return False
+    data = p.read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
+        return False
+    w, h = struct.unpack(">II", data[16:24])
+    return w > 0 and h > 0 and data.endswith(b"IEND\xaeB`\x82")
+
+
+def broken_images(report_html: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(every <img> src of the report, the ones that are not relative paths to valid PNG files)."""
+    import re
+
+    report_html = Path(report_html)
+    srcs = re.findall(r'<img[^>]*\bsrc="([^"]+)"', report_html.read_text(encoding="utf-8"))
+    bad = [s for s in srcs if s.startswith(("/", "http:", "https:", "file:", "data:"))
+           or not is_png(report_html.parent / s)]
+    return srcs, bad

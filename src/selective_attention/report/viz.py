@@ -102,9 +102,9 @@ def write_temperature_png(path: str | Path, tokens: list[str], values: list[floa
     fs = 10
     char_w, line_h = 0.6 * fs / 72 / 0.96, 0.32  # inches: a monospace glyph is ~0.6 em wide
     fig_w = max(4.0, width_chars * char_w + 0.6)
-    fig_h = n_lines * line_h + 1.1
+    fig_h = n_lines * line_h + 1.4
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=110)
-    ax = fig.add_axes((0.02, 0.7 / fig_h, 0.96, 1 - 1.0 / fig_h))
+    ax = fig.add_axes((0.02, 1.0 / fig_h, 0.96, 1 - 1.3 / fig_h))
     ax.set_xlim(0, width_chars)
     ax.set_ylim(n_lines, 0)
     ax.axis("off")
@@ -118,8 +118,9 @@ def write_temperature_png(path: str | Path, tokens: list[str], values: list[floa
             col += len(part)
     if title:
         ax.set_title(title, fontsize=10, loc="left")
-    cax = fig.add_axes((0.3, 0.25 / fig_h, 0.4, 0.18 / fig_h))
-    sm = plt.cm.ScalarMappable(cmap=CMAP, norm=matplotlib.colors.Normalize(lo, hi))
+    cax = fig.add_axes((0.3, 0.5 / fig_h, 0.4, 0.18 / fig_h))
+    shown = matplotlib.colors.ListedColormap([colormaps[CMAP](0.08 + 0.8 * i / 255) for i in range(256)])
+    sm = plt.cm.ScalarMappable(cmap=shown, norm=matplotlib.colors.Normalize(lo, hi))
     cb = fig.colorbar(sm, cax=cax, orientation="horizontal")
     cb.ax.tick_params(labelsize=7)
     cb.set_label("tau (darker = sparser attention)", fontsize=7)
