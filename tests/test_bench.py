@@ -47,3 +47,16 @@ def test_bench_bad_argument(capsys):
     rc = main(["bench", "attention", "--repeats", "0", "--out", "/nonexistent/x.json"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--repeats must be >= 1" in err
+
+
+def test_bench_train_cli(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    rc = main(["bench", "train", "--sizes", "tiny", "--seq-len", "16", "--batch-size", "2", "--rounds", "1",
+               "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["size"] == "tiny" and row["tokens_per_s"]["ssa"] > 0 and row["tokens_per_s"]["vanilla"] > 0
+    assert row["parameters"]["ssa"]["new"] > 0 and row["parameters"]["vanilla"]["new"] == 0
+    peak = row["peak_mb"]
+    assert peak["ssa"] > 0 and row["ssa_over_vanilla_memory"] == peak["ssa"] / peak["vanilla"]
+    assert "tiny" in capsys.readouterr().out

@@ -22,7 +22,7 @@ from selective_attention.train.trainer import lm_loss
 
 
 def measure(size: str = "small", vocab: int = 8192, seq_len: int = 256, batch_size: int = 8, rounds: int = 5,
-            steps: int = 3, device: str = "cpu", seed: int = 0) -> dict:
+            steps: int = 3, device: str = "cpu", seed: int = 0, memory: bool = False) -> dict:
     dev = torch.device(device)
     models, opts = {}, {}
     for att in ("vanilla", "ssa"):
@@ -53,9 +53,16 @@ def measure(size: str = "small", vocab: int = 8192, seq_len: int = 256, batch_si
                 torch.cuda.synchronize()
             rates[att].append(steps * batch_size * seq_len / (time.perf_counter() - t))
     med = {att: statistics.median(r) for att, r in rates.items()}
-    return {"size": size, "seq_len": seq_len, "batch_size": batch_size, "device": str(dev),
-            "threads": torch.get_num_threads(), "parameters": {a: parameter_counts(m) for a, m in models.items()},
-            "tokens_per_s": med, "all_rounds": rates, "ssa_over_vanilla": med["ssa"] / med["vanilla"]}
+    out = {"size": size, "seq_len": seq_len, "batch_size": batch_size, "device": str(dev),
+           "threads": torch.get_num_threads(), "parameters": {a: parameter_counts(m) for a, m in models.items()},
+           "tokens_per_s": med, "all_rounds": rates, "ssa_over_vanilla": med["ssa"] / med["vanilla"]}
+    if memory:  # one more step each, under the peak-memory tracker (it slows the step: never timed)
+        from selective_attention.bench.memory import peak_memory_bytes
+
+        peak = {att: peak_memory_bytes(lambda att=att: step(att), dev) / 2**20 for att in models}
+        out["peak_mb"] = peak
+        out["ssa_over_vanilla_memory"] = peak["ssa"] / peak["vanilla"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
