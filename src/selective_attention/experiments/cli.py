@@ -29,6 +29,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                 "tiny models trained on passkey sequences at length L, tested at L, 2L, 4L and several depths"),
     "norm": ("selective_attention.experiments.norm",
              "Lemma 1 in numbers: the smallest ||W_q W_k^T|| for targets of growing sparsity, vanilla vs SSA"),
+    "ablations": ("selective_attention.experiments.ablations", "temperatures on Q/K/V, token vs position, other rules"),
+    "lm": ("selective_attention.experiments.lm", "LM pre-training from scratch and SmolLM2-135M fine-tuning"),
 }
 
 
