@@ -5,8 +5,8 @@
 2. evaluates both on the same validation documents (``selective_attention.evaluate.perplexity``);
 3. writes DIR/results.json, DIR/report.html (+ report.md, report.json, figures/*.png) and prints a table.
 
-Budgets (2 CPU cores): the default trains 2 x 1.2M tokens of the ``tiny`` size (about 5-10 minutes all told),
-``--quick`` 2 x 150k tokens (about 1-2 minutes). One seed is one sample: differences smaller than the
+Budgets (2 CPU cores): the default trains 2 x 600k tokens of the ``tiny`` size (about 5-10 minutes all told),
+``--quick`` 2 x 100k tokens (about 1-2 minutes). One seed is one sample: differences smaller than the
 seed-to-seed spread (run ``ssa experiment lm`` for several seeds) are not evidence either way.
 """
 
@@ -26,7 +26,7 @@ from selective_attention.errors import UserError
 class DemoConfig:
     data: str = "wiki"
     size: str = "tiny"
-    max_tokens: int = 1_200_000
+    max_tokens: int = 600_000
     seq_len: int = 128
     batch_size: int = 16
     lr: float = 2e-3
@@ -37,11 +37,11 @@ class DemoConfig:
     seed: int = 0
 
 
-QUICK = {"max_tokens": 150_000, "eval_every": 10, "eval_tokens": 8_192, "final_eval_tokens": 32_768}
+QUICK = {"max_tokens": 100_000, "eval_every": 10, "eval_tokens": 8_192, "final_eval_tokens": 32_768}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a ~1-2 minute run (150k tokens per model)")
+    p.add_argument("--quick", action="store_true", help="a ~2 minute run (100k tokens per model)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of both runs (default 0)")
     p.add_argument("--data", default="wiki", help="corpus: wiki (default), sotu, a .txt/.jsonl file or a folder")
