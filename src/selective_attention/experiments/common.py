@@ -12,7 +12,7 @@ import dataclasses
 import io
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,15 @@ def write_results(out: str | Path, results: dict[str, Any]) -> Path:
 
 def write_summary(out: str | Path, text: str) -> Path:
     return atomic_write_text(Path(out) / "summary.md", text.rstrip() + "\n")
+
+
+def finish(out: str | Path, results: dict[str, Any], figures: Callable[[Path, dict[str, Any]], None],
+           summary: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """The common end of every experiment: results.json, its figures, summary.md; returns ``results``."""
+    write_results(out, results)
+    figures(Path(out), results)
+    write_summary(out, summary(results))
+    return results
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

@@ -150,10 +150,7 @@ def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict
         "vanilla_below_naive": m["vanilla"]["mse"] < m["naive_average"]["mse"],
         "bayes_is_floor": all(m["bayes_optimal"]["mse"] <= m[k]["mse"] for k in METHODS),
     }
-    common.write_results(out, results)
-    figures(out, results)
-    common.write_summary(out, summary(results))
-    return results
+    return common.finish(out, results, figures, summary)
 
 
 def figures(out: Path, results: dict[str, Any]) -> None:

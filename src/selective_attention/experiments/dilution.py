@@ -130,10 +130,7 @@ def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict
         "ssa_lower_loss_beyond_T": ms["loss_beyond"] < mv["loss_beyond"],
         "vanilla_entropy_grows_beyond_T": mv["entropy_beyond"] > mv["entropy_within"],
     }
-    common.write_results(out, results)
-    figures(out, results)
-    common.write_summary(out, summary(results))
-    return results
+    return common.finish(out, results, figures, summary)
 
 
 def figures(out: Path, results: dict[str, Any]) -> None:

@@ -204,10 +204,7 @@ def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict
     }
     results = common.results_dict("markov", cfg, seeds, per_seed, extra)
     results["claims"] = claims(results)
-    common.write_results(out, results)
-    figures(out, results)
-    common.write_summary(out, summary(results))
-    return results
+    return common.finish(out, results, figures, summary)
 
 
 def claims(results: dict[str, Any]) -> dict[str, bool]:

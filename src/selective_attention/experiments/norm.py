@@ -140,10 +140,7 @@ def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict
                                                 for x, y in zip(cfg.max_weights, cfg.max_weights[1:])),
         "gap_grows_with_sparsity": ratios[-1] > ratios[0],
     }
-    common.write_results(out, results)
-    figures(out, results)
-    common.write_summary(out, summary(results))
-    return results
+    return common.finish(out, results, figures, summary)
 
 
 def figures(out: Path, results: dict[str, Any]) -> None:

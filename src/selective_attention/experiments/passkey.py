@@ -129,10 +129,7 @@ def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict
         "ssa_better_at_longest": all(d > 0 for d in paired(f"acc@{longest}L")),
         "vanilla_degrades_with_length": mv[f"acc@{longest}L"] < mv["acc@1L"],
     }
-    common.write_results(out, results)
-    figures(out, results)
-    common.write_summary(out, summary(results))
-    return results
+    return common.finish(out, results, figures, summary)
 
 
 def figures(out: Path, results: dict[str, Any]) -> None:
