@@ -99,8 +99,9 @@ def test_every_temperature_parameter_gets_a_gradient(kind: str, cfg: str) -> Non
     loss.backward()
     params = temperature_parameters(model)
     n_layers = 2
-    per_fn = 4 if cfg == "mlp" else 2  # alpha + readout | alpha + fc_in.weight, fc_in.bias, fc_out.weight
-    assert len(params) == n_layers * len(CONFIGS[cfg].targets) * per_fn
+    token = 3 if cfg == "mlp" else 1  # readout | fc_in.weight, fc_in.bias, fc_out.weight
+    alphas = sum(t != "value" for t in CONFIGS[cfg].targets)  # the value takes no c log p term by default
+    assert len(params) == n_layers * (len(CONFIGS[cfg].targets) * token + alphas)
     for p in params:
         assert p.grad is not None and p.grad.abs().sum() > 0
 

@@ -38,7 +38,10 @@ def test_identity_at_init_and_gradients(sharing, key):
     torch.testing.assert_close(out, _vanilla(layer, x), atol=1e-5, rtol=1e-5)
     out.pow(2).sum().backward()
     temps = dict(layer.temperature.named_parameters())
-    assert len(temps) == (3 if key else 2) * (2 if sharing == "shared" else 4)
+    token_params = 1 if sharing == "shared" else 3  # readout | fc_in.weight, fc_in.bias, fc_out.weight
+    n_targets = 3 if key else 2
+    n_position = n_targets - 1  # alpha on query (and key); the value takes no c log p term by default
+    assert len(temps) == n_targets * token_params + n_position
     for name, p in temps.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -64,7 +67,7 @@ def test_cache_decoding_equals_full_forward(sharing, n_kv):
 
 def test_position_term_uses_absolute_positions():
     # A token decoded after 99 cached tokens must see log(100), not log(1) (the public code's bug).
-    layer = SelectiveSelfAttention(16, 2, config=SSAConfig(token_aware=False, init="scratch"))
+    layer = SelectiveSelfAttention(16, 2, config=SSAConfig(token_aware=False, value=False, init="scratch"))
     x = torch.randn(1, 100, 16)
     taus = layer.temperatures(x)["query"]
     torch.testing.assert_close(taus[0, :, -1], torch.full((2,), 1 + 0.5 * torch.log(torch.tensor(100.0)).item()))

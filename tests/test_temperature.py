@@ -14,7 +14,7 @@ def _fn(**cfg):
 
 
 def test_position_term_formula():
-    fn = _fn(token_aware=False, init="scratch", scratch_alpha=0.3)
+    fn = _fn(token_aware=False, value=False, init="scratch", scratch_alpha=0.3)
     p = torch.arange(1, 9)
     tau = fn(positions=p)
     expected = 1 + torch.sigmoid(torch.tensor(0.3)) * torch.log(p.float())
@@ -22,7 +22,7 @@ def test_position_term_formula():
 
 
 def test_scratch_starts_sharper():
-    fn = _fn(token_aware=False, init="scratch")
+    fn = _fn(token_aware=False, value=False, init="scratch")
     torch.testing.assert_close(fn.position_coefficient(), torch.full((3,), 0.5))
 
 
@@ -62,7 +62,7 @@ def test_identity_at_init_with_nonzero_gradients(sharing):
 
 
 def test_identity_position_term_exactly_zero():
-    fn = _fn(token_aware=False)
+    fn = _fn(token_aware=False, value=False)
     assert torch.equal(fn.position_coefficient(), torch.zeros(3))
     assert torch.equal(fn(positions=torch.arange(1, 40000, 1000)), torch.ones(1, 3, 40))
 
@@ -82,9 +82,27 @@ def test_separate_parameters_per_target():
     assert temps("key", projection=torch.randn(1, 1, 2, 4), positions=torch.arange(1, 3)).shape == (1, 1, 2)
 
 
+def test_value_temperature_takes_the_position_term_only_on_request():
+    # Default: tau_v = 1 + tanh(f(x)) (no log p growth of later tokens' values); opt in with value_position_aware.
+    proj, p = torch.randn(2, 1, 5, 4), torch.arange(1, 6)
+    default = SSATemperatures(12, 3, 1, 4, SSAConfig(init="scratch"))
+    assert not hasattr(default.fns["value"], "alpha") and hasattr(default.fns["query"], "alpha")
+    torch.testing.assert_close(default("value", projection=proj, positions=p), torch.ones(2, 1, 5))
+    opted = SSATemperatures(12, 3, 1, 4, SSAConfig(init="scratch", value_position_aware=True))
+    expected = (1 + 0.5 * torch.log(p.float())).expand(2, 1, 5)
+    torch.testing.assert_close(opted("value", projection=proj, positions=p), expected, atol=1e-6, rtol=0)
+    assert SSAConfig(token_aware=False, value_position_aware=True).targets == ("query", "value")
+
+
+def test_param_groups_default_temperature_lr_is_the_base_rate():
+    model = SSATemperatures(12, 3, 3, 4, SSAConfig())
+    (group,) = param_groups(model, lr=3e-4)
+    assert group["name"] == "temperature" and group["lr"] == 3e-4
+
+
 def test_missing_inputs_raise():
     with pytest.raises(ValueError, match="positions"):
-        _fn(token_aware=False)()
+        _fn(token_aware=False, value=False)()
     with pytest.raises(ValueError, match="projection"):
         _fn(position_aware=False)()
     with pytest.raises(ValueError, match="does not match"):
@@ -110,6 +128,7 @@ def test_param_groups():
     [({"sharing": "lora"}, "sharing"), ({"init": "zeros"}, "init"),
      ({"query": False, "value": False}, "at least one"),
      ({"token_aware": False, "position_aware": False}, "token_aware"),
+     ({"token_aware": False}, "value temperature has no term"),
      ({"mlp_hidden": 3}, "even"), ({"mlp_growth": 2.0}, "mlp_growth"), ({"identity_alpha": math.inf}, "finite")],
 )
 def test_config_validation(kwargs, match):

@@ -69,6 +69,13 @@ def test_lr_schedule():
     assert f[-1] == pytest.approx(0.1, abs=1e-3) and min(f) >= 0.1
 
 
+def test_temperature_lr_defaults():
+    # from scratch: the base rate; fine-tuning: the official 1e-2; an explicit value always wins
+    assert TrainConfig(lr=3e-4).effective_temperature_lr() == 3e-4
+    assert TrainConfig(lr=1e-5, init_from="model.gguf").effective_temperature_lr() == 1e-2
+    assert TrainConfig(lr=1e-5, init_from="m", temperature_lr=5e-3).effective_temperature_lr() == 5e-3
+
+
 def test_window_sampler_covers_each_window_once_per_epoch():
     tokens = np.arange(1000, dtype=np.uint16)
     s = WindowSampler(tokens, seq_len=10, seed=3)

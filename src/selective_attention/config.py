@@ -33,13 +33,14 @@ class SSAConfig:
     key: bool = False
     token_aware: bool = True
     position_aware: bool = True
+    value_position_aware: bool = False
     sharing: Sharing = "shared"
     init: Init = "identity"
     mlp_hidden: int | None = None
     mlp_growth: float = 0.05
     identity_alpha: float = -4.0  # c = sigmoid(alpha) - sigmoid(-4): exactly 0, gradient sigmoid'(-4) = 0.018
     scratch_alpha: float = 0.0
-    temperature_lr: float | None = None  # None: the trainer's own default (10x the base learning rate)
+    temperature_lr: float | None = None  # None: the trainer's default (the base rate; 1e-2 when fine-tuning)
 
     def __post_init__(self) -> None:
         if self.sharing not in ("shared", "mlp"):
@@ -50,6 +51,9 @@ class SSAConfig:
             raise ValueError("SSAConfig needs at least one of query, value, key")
         if not (self.token_aware or self.position_aware):
             raise ValueError("SSAConfig needs token_aware or position_aware (or both)")
+        if self.value and not (self.token_aware or (self.position_aware and self.value_position_aware)):
+            raise ValueError("the value temperature has no term: it takes the position term only with "
+                             "value_position_aware=True, so it needs token_aware or that")
         if self.mlp_hidden is not None and (self.mlp_hidden < 2 or self.mlp_hidden % 2):
             raise ValueError(f"mlp_hidden must be an even integer >= 2, got {self.mlp_hidden}")
         if not (0.0 < self.mlp_growth < 1.0):

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", action="store_true", help="add a key temperature (ablation)")
     p.add_argument("--no-token", action="store_true", help="position term only")
     p.add_argument("--no-position", action="store_true", help="token term only")
+    p.add_argument("--value-position", action="store_true",
+                   help="the c log p term on the value temperature too (default: query/key only)")
     p.add_argument("--report", action="store_true", help="print base / new parameter counts")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
 
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} exists and is not empty (use --force to overwrite)")
     try:
         cfg = SSAConfig(query=True, value=not args.no_value, key=args.key, token_aware=not args.no_token,
-                        position_aware=not args.no_position, sharing=args.sharing)
+                        position_aware=not args.no_position, value_position_aware=args.value_position,
+                        sharing=args.sharing)
     except ValueError as e:
         raise UserError(str(e)) from None
     model, tok = load_pretrained(args.model)
