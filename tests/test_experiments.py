@@ -42,7 +42,8 @@ def check_files(out, results: dict, pngs: list[str]) -> None:
 
 def test_aggregate_mean_std_and_overrides():
     per_seed = [{"a": {"x": 1.0}}, {"a": {"x": 3.0}}]
-    assert common.aggregate(per_seed) == {"a": {"x": 2.0, "x_std": 1.0}}
+    assert common.aggregate(per_seed)["a"] == pytest.approx({"x": 2.0, "x_std": 2.0**0.5})  # sample std
+    assert common.mean_std([4.0]) == (4.0, 0.0)
     kw = common.parse_overrides(["steps=7", "lr=0.5", "out_degrees=1,2,3", "sharing=shared"], markov.Config)
     assert kw == {"steps": 7, "lr": 0.5, "out_degrees": (1, 2, 3), "sharing": "shared"}
     with pytest.raises(UserError):
@@ -50,6 +51,16 @@ def test_aggregate_mean_std_and_overrides():
     with pytest.raises(UserError):
         common.parse_overrides(["steps=abc"], markov.Config)
     assert set(EXPERIMENTS) >= {"markov", "denoise", "dilution", "passkey", "norm"}
+
+
+def test_markdown_table_marks_metrics_a_method_did_not_measure():
+    # the lm experiment mixes pre-training rows (no zero-shot) with fine-tuning rows (zero-shot accuracies)
+    table = common.markdown_table({"pre": {"ppl": 10.0, "ppl_std": 1.0}, "ft": {"ppl": 5.0, "acc": 0.5}},
+                                  ["ppl", "acc"], digits=2)
+    lines = table.splitlines()
+    assert lines[0] == "| method | ppl | acc |"
+    assert lines[2].startswith("| pre | 10") and lines[2].endswith("| - |")
+    assert "0.5" in lines[3] and "-" not in lines[3].split("|")[3]
 
 
 # ---------------------------------------------------------------- markov

@@ -44,12 +44,14 @@ def single_thread() -> Iterator[None]:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and population std (0 for a single seed)."""
+    """Mean and sample std over seeds (ddof=1, as the training report uses; 0 for a single seed)."""
     vals = [float(v) for v in values]
     if not vals:
         return math.nan, math.nan
     m = sum(vals) / len(vals)
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+    if len(vals) == 1:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
 def aggregate(per_seed: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -117,11 +119,12 @@ def fmt(x: float, digits: int = 4) -> str:
 
 
 def markdown_table(methods: dict[str, dict[str, float]], metrics: Iterable[str], digits: int = 4) -> str:
-    """| method | metric (mean ± std) | ... |"""
+    """| method | metric (mean ± std) | ... |; a metric a method did not measure shows as "-"."""
     metrics = list(metrics)
     lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for method, vals in methods.items():
-        cells = [f"{fmt(vals[m], digits)} ± {fmt(vals.get(m + '_std', 0.0), 2)}" for m in metrics]
+        cells = [f"{fmt(vals[m], digits)} ± {fmt(vals.get(m + '_std', 0.0), 2)}" if m in vals else "-"
+                 for m in metrics]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
