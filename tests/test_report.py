@@ -162,3 +162,9 @@ def test_row_statistics_uniform_and_onehot():
     assert st["max_weight"].tolist() == pytest.approx([1 / p for p in range(1, T + 1)], abs=1e-6)
     onehot = torch.eye(T)
     assert row_statistics(onehot[None])["entropy"].abs().max() < 1e-5
+
+
+def test_token_axis_labels_are_short():
+    from selective_attention.report.builder import _short_count
+
+    assert [_short_count(x) for x in (0, 300, 50_000, 125_000, 1.5e6, 2e9)] == ["0", "300", "50k", "125k", "1.5M", "2B"]
