@@ -51,7 +51,7 @@ class SSAConfig:
             raise ValueError("SSAConfig needs at least one of query, value, key")
         if not (self.token_aware or self.position_aware):
             raise ValueError("SSAConfig needs token_aware or position_aware (or both)")
-        if self.value and not (self.token_aware or (self.position_aware and self.value_position_aware)):
+        if self.value and not (self.token_aware or self.has_position_term("value")):
             raise ValueError("the value temperature has no term: it takes the position term only with "
                              "value_position_aware=True, so it needs token_aware or that")
         if self.mlp_hidden is not None and (self.mlp_hidden < 2 or self.mlp_hidden % 2):
@@ -66,6 +66,11 @@ class SSAConfig:
     def targets(self) -> tuple[str, ...]:
         """The projections that carry a temperature, in a fixed order."""
         return tuple(t for t in ("query", "key", "value") if getattr(self, t))
+
+    def has_position_term(self, target: str) -> bool:
+        """Whether ``target``'s temperature carries c log p: the value's only with ``value_position_aware``
+        (dilution is a property of a query's row; on the value it would just grow later tokens' values)."""
+        return self.position_aware and (target != "value" or self.value_position_aware)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

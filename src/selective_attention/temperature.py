@@ -55,8 +55,7 @@ class TemperatureFunction(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.d_model = n_heads, head_dim, d_model
         self.token_aware = config.token_aware
-        # The value temperature takes the log p term only on request: see SSAConfig.value_position_aware.
-        self.position_aware = config.position_aware and (target != "value" or config.value_position_aware)
+        self.position_aware = config.has_position_term(target)
         self.sharing = config.sharing
         self.alpha_ref = config.identity_alpha if config.init == "identity" else None
         self.alpha_init = config.identity_alpha if config.init == "identity" else config.scratch_alpha
