@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 
 from selective_attention.cli import main
 from selective_attention.errors import UserError
-from selective_attention.train import trainer
+from selective_attention.train import TrainConfig, train
+from selective_attention.train import loss as train_loss
+from selective_attention.train.data import WindowSampler
 from selective_attention.train.models import build_model, model_config, parameter_counts
-from selective_attention.train.trainer import TrainConfig, WindowSampler, lr_factor, train
+from selective_attention.train.optim import lr_factor
 
 WORDS = "the cat dog sat on mat ran far away home red blue big small tree house river stone light dark".split()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -145,7 +147,7 @@ def test_train_writes_the_run_directory(cfg):
     w = torch.from_numpy(np.asarray(val[: 4 * 32 + 1], dtype=np.int64))
     x = torch.stack([w[i * 32: i * 32 + 33] for i in range(4)])
     with torch.no_grad():
-        loss = trainer.lm_loss(model(input_ids=x[:, :-1]).logits, x[:, 1:])
+        loss = train_loss.lm_loss(model(input_ids=x[:, :-1]).logits, x[:, 1:])
     assert float(loss) == pytest.approx(result["final_val_loss"], abs=1e-4)
     assert len(tok) == 300
     # running the same command again does nothing and returns the same result
@@ -198,14 +200,14 @@ def test_interrupted_and_resumed_equals_uninterrupted(cfg, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cfg, monkeypatch):
     cfg.checkpoint_every = 1
     calls = []
-    real = trainer.lm_loss
+    real = train_loss.lm_loss
 
     def loss(logits, targets):
         calls.append(1)
         out = real(logits, targets)
         return out * float("nan") if len(calls) >= 3 else out
 
-    monkeypatch.setattr(trainer, "lm_loss", loss)
+    monkeypatch.setattr(train_loss, "lm_loss", loss)
     with pytest.raises(UserError, match=r"diverged.*nan at step 3.*step-00000002\.pt"):
         train(cfg)
     ck = Path(cfg.out) / "checkpoints"
