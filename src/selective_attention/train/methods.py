@@ -98,7 +98,7 @@ class FrequencyTemperature(nn.Module):
     def __init__(self, n_heads: int, table: Tensor) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.register_buffer("table", table.float())  # (vocab,)
+        self.register_buffer("table", table.float().clone())  # (vocab,); a copy per layer (saved apart)
         self.input_ids: Tensor | None = None
 
     def forward(self, *, projection=None, hidden=None, positions=None) -> Tensor:
@@ -340,7 +340,7 @@ def _rule(name: str) -> Callable[[nn.Module, MethodContext], Applied]:
                 table = frequency_table(ctx.train_tokens, ctx.vocab or model.get_input_embeddings().num_embeddings,
                                         ctx.options["lo"], ctx.options["hi"])
             else:  # loading a saved model: the saved table replaces this placeholder
-                table = torch.ones(model.get_input_embeddings().num_embeddings)
+                table = torch.ones(ctx.vocab or model.get_input_embeddings().num_embeddings)
         new = install_rule(model, name, ctx.seq_len, table, ctx.options)
         params = [p for m in new for p in m.parameters()]
         return Applied(params, params)
@@ -380,7 +380,7 @@ def apply_method(model: nn.Module, name: str, *, ssa: SSAConfig | None = None, s
     method.check_options(options or {})
     applied = method.apply(model, MethodContext(ssa or SSAConfig(), seq_len, opts, train_tokens, vocab))
     if name not in ("vanilla", "ssa", "ssa-pos"):
-        setattr(model.config, METHOD_ATTR, {"name": name, "options": opts, "seq_len": seq_len})
+        setattr(model.config, METHOD_ATTR, {"name": name, "options": opts, "seq_len": seq_len, "vocab": vocab})
     return applied
 
 
@@ -424,7 +424,7 @@ def load_model(path: str | Path, **kwargs: Any) -> nn.Module:
     if hasattr(model.config, "ssa"):
         del model.config.ssa  # the carrier's record: apply_method converts afresh
     before = set(model.state_dict())
-    apply_method(model, rec["name"], seq_len=rec["seq_len"], options=rec["options"])
+    apply_method(model, rec["name"], seq_len=rec["seq_len"], options=rec["options"], vocab=rec.get("vocab"))
     new_keys = set(model.state_dict()) - before
     files = sorted(path.glob("model*.safetensors"))
     saved: dict[str, Tensor] = {}
