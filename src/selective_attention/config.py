@@ -119,7 +119,7 @@ def add_ssa_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
         elif name in _CHOICES:
             parser.add_argument(f"--{flag}", choices=_CHOICES[name], **kw)
         else:
-            parser.add_argument(f"--{flag}", type=int, **kw)
+            parser.add_argument(f"--{flag}", type=int, metavar="N", **kw)
 
 
 def ssa_args_given(args: argparse.Namespace, prefix: str = "ssa_") -> dict[str, Any]:
