@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import torch
 
-from selective_attention.bench.memory import peak_memory_bytes
 from selective_attention.cli import main
+from selective_attention.utils.memory import peak_memory_bytes
 
 
 def test_peak_memory_counts_live_storages():
@@ -38,8 +39,8 @@ def test_bench_attention_cli(tmp_path, capsys):
     for r in rows:
         for m in ("sdpa", "ssa", "naive"):
             assert r[f"{m}_ms"] > 0 and r[f"{m}_peak_mb"] > 0
-        assert r["ssa_time_ratio"] == r["ssa_ms"] / r["sdpa_ms"]
         assert r["naive_peak_mb"] > r["sdpa_peak_mb"]  # the naive form keeps T x T matrices
+        assert r["naive_peak_mb"] > r["ssa_peak_mb"]  # ... and the fused SSA op does not
     assert "SSA x" in capsys.readouterr().out
 
 
@@ -49,14 +50,46 @@ def test_bench_bad_argument(capsys):
     assert rc == 2 and err.count("\n") == 1 and "--repeats must be >= 1" in err
 
 
-def test_bench_train_cli(tmp_path, capsys):
+def _bench_train(tmp_path, *extra: str) -> dict:
     out = tmp_path / "train.json"
     rc = main(["bench", "train", "--sizes", "tiny", "--seq-len", "16", "--batch-size", "2", "--rounds", "1",
-               "--device", "cpu", "--out", str(out)])
+               "--device", "cpu", "--out", str(out), *extra])
     assert rc == 0
-    row = json.loads(out.read_text())["rows"][0]
-    assert row["size"] == "tiny" and row["tokens_per_s"]["ssa"] > 0 and row["tokens_per_s"]["vanilla"] > 0
-    assert row["parameters"]["ssa"]["new"] > 0 and row["parameters"]["vanilla"]["new"] == 0
-    peak = row["peak_mb"]
-    assert peak["ssa"] > 0 and row["ssa_over_vanilla_memory"] == peak["ssa"] / peak["vanilla"]
+    return json.loads(out.read_text())
+
+
+def _check_mode(d: dict) -> None:
+    assert d["tokens_per_s"]["ssa"] > 0 and d["tokens_per_s"]["vanilla"] > 0
+    assert len(d["all_rounds"]["ssa"]) == 1
+    # SSA's step keeps its temperature parameters, gradients, AdamW moments and tau tensors: more memory
+    assert d["peak_mb"]["ssa"] > d["peak_mb"]["vanilla"] > 0
+
+
+def test_bench_train_cli(tmp_path, capsys):
+    result = _bench_train(tmp_path)
+    row = result["rows"][0]
+    assert row["size"] == "tiny" and result["compile"] is False and "compiled" not in row
+    p = row["parameters"]
+    assert p["vanilla"]["new"] == 0 and p["ssa"]["new"] > 0
+    assert p["ssa"]["total"] - p["vanilla"]["total"] == p["ssa"]["new"]  # same base model, SSA on top
+    _check_mode(row["eager"])
+    assert row["tokens_per_s"] == row["eager"]["tokens_per_s"]  # the earlier layout's keys still there
     assert "tiny" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_train_compile(tmp_path, capsys):
+    row = _bench_train(tmp_path, "--compile")["rows"][0]
+    for mode in ("eager", "compiled"):
+        _check_mode(row[mode])
+    assert "compiled" in capsys.readouterr().out
+
+
+def test_bench_train_bad_device(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    rc = main(["bench", "train", "--device", "cuda", "--out", "/nonexistent/x.json"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "no CUDA device" in err

@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 
 from selective_attention.cli import main
 from selective_attention.errors import UserError
-from selective_attention.train import trainer
+from selective_attention.train import TrainConfig, train
+from selective_attention.train import loss as train_loss
+from selective_attention.train.data import WindowSampler
 from selective_attention.train.models import build_model, model_config, parameter_counts
-from selective_attention.train.trainer import TrainConfig, WindowSampler, lr_factor, train
+from selective_attention.train.optim import lr_factor
 
 WORDS = "the cat dog sat on mat ran far away home red blue big small tree house river stone light dark".split()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -145,7 +147,7 @@ def test_train_writes_the_run_directory(cfg):
     w = torch.from_numpy(np.asarray(val[: 4 * 32 + 1], dtype=np.int64))
     x = torch.stack([w[i * 32: i * 32 + 33] for i in range(4)])
     with torch.no_grad():
-        loss = trainer.lm_loss(model(input_ids=x[:, :-1]).logits, x[:, 1:])
+        loss = train_loss.lm_loss(model(input_ids=x[:, :-1]).logits, x[:, 1:])
     assert float(loss) == pytest.approx(result["final_val_loss"], abs=1e-4)
     assert len(tok) == 300
     # running the same command again does nothing and returns the same result
@@ -198,14 +200,14 @@ def test_interrupted_and_resumed_equals_uninterrupted(cfg, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cfg, monkeypatch):
     cfg.checkpoint_every = 1
     calls = []
-    real = trainer.lm_loss
+    real = train_loss.lm_loss
 
     def loss(logits, targets):
         calls.append(1)
         out = real(logits, targets)
         return out * float("nan") if len(calls) >= 3 else out
 
-    monkeypatch.setattr(trainer, "lm_loss", loss)
+    monkeypatch.setattr(train_loss, "lm_loss", loss)
     with pytest.raises(UserError, match=r"diverged.*nan at step 3.*step-00000002\.pt"):
         train(cfg)
     ck = Path(cfg.out) / "checkpoints"
@@ -364,3 +366,124 @@ def test_fine_tune_a_gguf_model_with_ssa(cfg, tmp_path):
 
     model = sa.from_pretrained(tmp_path / "ft" / "final")
     assert model.config.ssa["query"] and sum(p.numel() for p in model.parameters()) == run["parameters"]["total"]
+
+
+# ---- config layouts, shared SSA flags, devices, compile
+
+
+def test_ssa_config_drops_the_retired_temperature_lr():
+    from selective_attention.config import SSAConfig
+
+    old = {**SSAConfig(sharing="mlp").to_dict(), "temperature_lr": 0.01}  # as older config.json files hold it
+    assert "temperature_lr" not in SSAConfig().to_dict()
+    assert SSAConfig.from_dict(old) == SSAConfig(sharing="mlp")
+    with pytest.raises(ValueError, match="unknown"):
+        SSAConfig.from_dict({"temprature_lr": 0.01})
+
+
+def test_train_config_nested_and_flat_ssa_keys():
+    from selective_attention.config import SSAConfig
+
+    nested = TrainConfig.from_dict({"attention": "ssa", "ssa": {"sharing": "mlp", "value": False}})
+    flat = TrainConfig.from_dict({"attention": "ssa", "sharing": "mlp", "value": False, "ssa_init": None})
+    assert nested.ssa == flat.ssa == SSAConfig(sharing="mlp", value=False, init="scratch")  # init follows init_from
+    assert TrainConfig.from_dict({"ssa_init": "identity"}).ssa_config().init == "identity"
+    assert TrainConfig().ssa_config() == SSAConfig(init="scratch")
+    assert TrainConfig(init_from="m").ssa_config() == SSAConfig(init="identity")
+    assert TrainConfig(init_from="m", ssa={"sharing": "mlp"}).ssa.init == "identity"
+    cfg = TrainConfig.from_dict(nested.to_dict())  # round trip
+    assert cfg == nested and cfg.to_dict()["ssa"]["sharing"] == "mlp"
+    with pytest.raises(UserError, match="ssa: "):
+        TrainConfig.from_dict({"ssa": {"sharing": "cube"}})
+    with pytest.raises(UserError, match="unknown training option"):
+        TrainConfig.from_dict({"ssa_sharing": "mlp"})
+
+
+def test_cli_ssa_flags_override_the_yaml(tmp_path):
+    import argparse
+
+    from selective_attention.config import SSAConfig, add_ssa_arguments, ssa_config_from_args
+    from selective_attention.train.cli import add_arguments, config_from_args
+
+    (tmp_path / "c.yaml").write_text("attention: ssa\nssa:\n  sharing: mlp\n  key: true\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--config", str(tmp_path / "c.yaml"), "--no-value", "--ssa-init",
+                                         "identity"]))
+    assert cfg.ssa == SSAConfig(sharing="mlp", key=True, value=False, init="identity")
+    (tmp_path / "old.yaml").write_text("attention: ssa\nsharing: mlp\nquery: true\n")  # the older flat layout
+    cfg = config_from_args(p.parse_args(["--config", str(tmp_path / "old.yaml"), "--mlp-hidden", "8"]))
+    assert cfg.ssa == SSAConfig(sharing="mlp", mlp_hidden=8, init="scratch")
+    # ssa convert builds its flags from the same helper
+    q = argparse.ArgumentParser()
+    add_ssa_arguments(q)
+    assert ssa_config_from_args(q.parse_args(["--no-value", "--key", "--no-token"])) == \
+        SSAConfig(value=False, key=True, token_aware=False)
+    assert ssa_config_from_args(q.parse_args([])) == SSAConfig()
+    with pytest.raises(ValueError, match="at least one"):
+        ssa_config_from_args(q.parse_args(["--no-query", "--no-value"]))
+
+
+def test_an_older_run_directory_is_still_recognised(cfg):
+    """A run.json written before the nested ssa field (flat SSA keys, temperature_lr in ssa) counts as done."""
+    cfg.attention = "ssa"
+    train(cfg)
+    run_json = Path(cfg.out) / "run.json"
+    old = json.loads(run_json.read_text())
+    c = old["config"]
+    for k in ("compile", "method_options"):
+        del c[k]
+    c.update({"sharing": "shared", "query": True, "value": True, "key": False, "token_aware": True,
+              "position_aware": True, "value_position_aware": False, "ssa_init": None, "mlp_hidden": None})
+    c["ssa"]["temperature_lr"] = None
+    run_json.write_text(json.dumps(old))
+    assert train(cfg) == old  # done: same settings
+    cfg.ssa = {"sharing": "mlp"}
+    with pytest.raises(UserError, match=r"other settings \(ssa\)"):
+        train(cfg)
+
+
+def test_choose_device():
+    from selective_attention.utils.device import choose_device
+
+    assert choose_device("cpu") == torch.device("cpu")
+    assert choose_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="use auto, cpu or cuda"):
+        choose_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            choose_device("cuda")
+
+
+def test_fit_without_a_run_directory():
+    """fit trains any model on any batch source; its steps are the same as train_step's."""
+    from selective_attention.train.loop import fit
+    from selective_attention.train.optim import OptimConfig
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 64, (40, 17), generator=g)
+    runs = []
+    for _ in range(2):
+        model = build_model("tiny", 64, 16, "ssa", None, seed=0)
+        res = fit(model, lambda i: data[2 * (i % 2): 2 * (i % 2) + 2], 6, OptimConfig(lr=3e-3, warmup=1),
+                  device="cpu", grad_accum=2, evaluate=lambda m: float(m(input_ids=data[:4, :-1]).logits.mean()),
+                  eval_every=3)
+        runs.append((res, model))
+    res = runs[0][0]
+    assert res.steps == 6 and res.tokens == 6 * 2 * 2 * 16 and [s for s, _ in res.evals] == [3, 6]
+    assert res.losses[-1] < res.losses[0] - 0.1  # the same 4 sequences again and again: memorised
+    assert res.losses == runs[1][0].losses  # deterministic
+    for a, b in zip(runs[0][1].parameters(), runs[1][1].parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager(cfg, tmp_path):
+    """--compile (torch.compile, no fullgraph) on the tiny SSA model: finite loss, close to the eager run."""
+    cfg.attention = "ssa"
+    eager = train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "eager")}))
+    comp = train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "compiled"), "compile": True}))
+    assert comp["config"]["compile"] is True and math.isfinite(comp["final_val_loss"])
+    assert comp["final_val_loss"] == pytest.approx(eager["final_val_loss"], abs=1e-3)
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    assert a.keys() == b.keys()  # the compiled wrapper's _orig_mod. prefix never reaches the saved model

@@ -1,13 +1,16 @@
-"""One dataclass configures every SSA temperature (see ../shared/SPEC.md section 3)."""
+"""One dataclass configures every SSA temperature (docs/method.md), and the command-line flags built from it."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Sharing = Literal["shared", "mlp"]
+# Fields that older saved configs carry but that were never read: dropped on load.
+RETIRED_FIELDS = frozenset({"temperature_lr"})
 Init = Literal["identity", "scratch"]
 
 
@@ -40,7 +43,6 @@ class SSAConfig:
     mlp_growth: float = 0.05
     identity_alpha: float = -4.0  # c = sigmoid(alpha) - sigmoid(-4): exactly 0, gradient sigmoid'(-4) = 0.018
     scratch_alpha: float = 0.0
-    temperature_lr: float | None = None  # None: the trainer's default (the base rate; 1e-2 when fine-tuning)
 
     def __post_init__(self) -> None:
         if self.sharing not in ("shared", "mlp"):
@@ -77,8 +79,59 @@ class SSAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SSAConfig:
+        d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown SSAConfig fields: {sorted(unknown)}")
         return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command-line flags (``ssa train`` and ``ssa convert`` share them)
+
+# field -> (flag, help); booleans become --flag / --no-flag, the rest take a value. Fields not listed here
+# (mlp_growth, identity_alpha, scratch_alpha) are not exposed on the command line.
+SSA_FLAGS: dict[str, tuple[str, str]] = {
+    "query": ("query", "query temperature (default on)"),
+    "value": ("value", "value temperature (default on)"),
+    "key": ("key", "key temperature (ablation; default off)"),
+    "token_aware": ("token", "token-aware term tanh(f(x)) (default on)"),
+    "position_aware": ("position", "position-aware term c log p (default on)"),
+    "value_position_aware": ("value-position", "the c log p term on the value temperature too (default off)"),
+    "sharing": ("sharing", "token term: shared (read-out on the layer's own projection; default) or mlp"),
+    "init": ("ssa-init", "identity (the vanilla function at step 0) or scratch (c = 0.5)"),
+    "mlp_hidden": ("mlp-hidden", "hidden width of the mlp token term (default: ~5%% model growth)"),
+}
+_CHOICES = {"sharing": ("shared", "mlp"), "init": ("identity", "scratch")}
+
+
+def add_ssa_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, prefix: str = "ssa_",
+                      help_overrides: dict[str, str] | None = None) -> None:
+    """Add one flag per SSAConfig field in ``SSA_FLAGS`` (dest ``prefix + field``, default None = not given),
+    so that ``ssa_config_from_args`` can tell a given flag from a default."""
+    help_overrides = help_overrides or {}
+    types = {f.name: f.type for f in dataclasses.fields(SSAConfig)}
+    for name, (flag, help_text) in SSA_FLAGS.items():
+        kw: dict[str, Any] = {"dest": prefix + name, "default": None, "help": help_overrides.get(name, help_text)}
+        if types[name] in ("bool", bool):
+            parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **kw)
+        elif name in _CHOICES:
+            parser.add_argument(f"--{flag}", choices=_CHOICES[name], **kw)
+        else:
+            parser.add_argument(f"--{flag}", type=int, metavar="N", **kw)
+
+
+def ssa_args_given(args: argparse.Namespace, prefix: str = "ssa_") -> dict[str, Any]:
+    """The SSAConfig fields given on the command line, {field: value}."""
+    return {name: getattr(args, prefix + name) for name in SSA_FLAGS if getattr(args, prefix + name, None) is not None}
+
+
+def ssa_config_from_args(args: argparse.Namespace, *, prefix: str = "ssa_", base: SSAConfig | None = None,
+                         **overrides: Any) -> SSAConfig:
+    """SSAConfig from ``base`` (default: SSAConfig()), then ``overrides``, then the flags that were given.
+    An invalid combination raises ValueError (CLIs turn it into a UserError)."""
+    d = (base or SSAConfig()).to_dict()
+    d.update(overrides)
+    d.update(ssa_args_given(args, prefix))
+    return SSAConfig.from_dict(d)

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from selective_attention.bench.memory import peak_memory_bytes
 from selective_attention.functional import reference_attention, selective_attention
+from selective_attention.utils.memory import peak_memory_bytes
 
 METHODS = ("sdpa", "ssa", "naive")
 

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     a.add_argument("--repeats", type=int, default=3)
     a.add_argument("--warmup", type=int, default=1)
-    a.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu or cuda")
     a.add_argument("--naive-max-len", type=int, default=4096, help="skip the naive form above this length")
     a.add_argument("--out", default="runs/bench/attention.json")
     try:  # the training benchmark lives in its own module
@@ -35,16 +35,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
     from rich.table import Table
 
     from selective_attention.bench.attention import AttentionBenchConfig, run_attention_bench
+    from selective_attention.utils.device import choose_device
     from selective_attention.utils.io import atomic_write_json
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"--device {device}: not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
+    device = str(choose_device(args.device))
     for name in ("batch", "heads", "head_dim", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")

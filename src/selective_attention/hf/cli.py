@@ -1,4 +1,4 @@
-"""``ssa convert --model PATH_OR_GGUF --out DIR [--sharing shared|mlp] [--report]``."""
+"""``ssa convert --model PATH_OR_GGUF --out DIR [SSA flags: --sharing shared|mlp, --no-value, ...] [--report]``."""
 
 from __future__ import annotations
 
@@ -8,20 +8,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from selective_attention.config import add_ssa_arguments, ssa_config_from_args
 from selective_attention.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model directory or .gguf file (offline)")
     p.add_argument("--out", required=True, help="output directory (safetensors + config.json with 'ssa')")
-    p.add_argument("--sharing", choices=["shared", "mlp"], default="shared",
-                   help="token term: read-out on the layer's own projection (shared) or an independent MLP")
-    p.add_argument("--no-value", action="store_true", help="no value temperature (query only)")
-    p.add_argument("--key", action="store_true", help="add a key temperature (ablation)")
-    p.add_argument("--no-token", action="store_true", help="position term only")
-    p.add_argument("--no-position", action="store_true", help="token term only")
-    p.add_argument("--value-position", action="store_true",
-                   help="the c log p term on the value temperature too (default: query/key only)")
+    add_ssa_arguments(p)
     p.add_argument("--report", action="store_true", help="print base / new parameter counts")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
 
@@ -33,7 +27,6 @@ def format_report(rep: dict, name: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selective_attention.config import SSAConfig
     from selective_attention.hf import convert, load_pretrained, parameter_report
     from selective_attention.hf.convert import is_converted
     from selective_attention.utils.io import atomic_write_json
@@ -42,9 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise UserError(f"--out {out} exists and is not empty (use --force to overwrite)")
     try:
-        cfg = SSAConfig(query=True, value=not args.no_value, key=args.key, token_aware=not args.no_token,
-                        position_aware=not args.no_position, value_position_aware=args.value_position,
-                        sharing=args.sharing)
+        cfg = ssa_config_from_args(args)
     except ValueError as e:
         raise UserError(str(e)) from None
     model, tok = load_pretrained(args.model)

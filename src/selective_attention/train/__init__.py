@@ -1,0 +1,13 @@
+"""Training: ``train(TrainConfig(...))`` for ``ssa train`` runs, and the pieces experiments reuse.
+
+    config   TrainConfig (+ validation, older layouts)      data     WindowSampler
+    optim    OptimConfig, build_optimizer, lr_factor          loss     lm_loss, evaluate_loss
+    loop     train_step, fit (no run directory)               methods  attention methods by name
+    rundir   run directory, checkpoints, RNG state            models   named sizes, loading
+    trainer  train = setup / run_steps / finish               launch   torchrun
+"""
+
+from selective_attention.train.config import TrainConfig
+from selective_attention.train.trainer import train
+
+__all__ = ["TrainConfig", "train"]

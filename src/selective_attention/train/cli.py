@@ -1,8 +1,9 @@
 """``ssa train``: train a vanilla or SSA language model from scratch, or fine-tune a pretrained one.
 
-Settings come from TrainConfig's defaults, then ``--config FILE.yaml`` (keys = TrainConfig fields), then the
-options given on the command line. ``--nproc N`` re-launches the same run under ``torchrun`` with N processes
-(DDP; ``--fsdp`` shards instead); ``torchrun ... -m selective_attention train ...`` works as well.
+Settings come from TrainConfig's defaults, then ``--config FILE.yaml`` (keys = TrainConfig fields; SSA settings
+nested under ``ssa:``), then the options given on the command line (the SSA flags come from SSAConfig's fields:
+selective_attention.config.add_ssa_arguments). ``--nproc N`` re-launches the same run under ``torchrun`` with N
+processes (DDP; ``--fsdp`` shards instead); ``torchrun ... -m selective_attention train ...`` works as well.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from selective_attention.config import add_ssa_arguments, ssa_args_given
 from selective_attention.errors import UserError
 
 # option -> (TrainConfig field, type, help); every default is None so that we can tell what was given
 OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--data", "data", str, "corpus: wiki (default), sotu, a .txt/.jsonl file, a folder, or hf:NAME[:CONFIG]"),
-    ("--attention", "attention", str, "vanilla (default) or ssa"),
+    ("--attention", "attention", str, "attention method: vanilla (default), ssa, ssa-pos, const, yarn, ssmax, freq, "
+     "llama4, gated"),
     ("--size", "size", str, "model size: tiny (default), small, gpt2-124m, pythia-160m"),
     ("--max-tokens", "max_tokens", int, "training tokens (default 1,000,000)"),
     ("--seed", "seed", int, "seed of the initialisation and the data order (default 0)"),
@@ -39,9 +42,6 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--eval-tokens", "eval_tokens", int, "validation tokens per evaluation (default 65536)"),
     ("--checkpoint-every", "checkpoint_every", int, "optimizer steps between checkpoints (default: eval-every)"),
     ("--log-every", "log_every", int, "optimizer steps between metric lines (default 10)"),
-    ("--sharing", "sharing", str, "SSA token term: shared (default; < 0.5%% parameters) or mlp"),
-    ("--ssa-init", "ssa_init", str, "identity or scratch (default: scratch from scratch, identity with --init-from)"),
-    ("--mlp-hidden", "mlp_hidden", int, "hidden width of the mlp token term (default: ~5%% model growth)"),
     ("--tokenizer", "tokenizer", str, "bpe (trained on the train split; default), gpt2, or pretrained"),
     ("--vocab-size", "vocab_size", int, "BPE vocabulary (default 8192)"),
     ("--split-seed", "split_seed", int, "seed of the train/val/test document split (default 0)"),
@@ -51,12 +51,7 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--stop-at-step", "stop_at_step", int, "checkpoint and stop after this step (resume by running again)"),
 ]
 SWITCHES: list[tuple[str, str, str]] = [
-    ("query", "query", "query temperature (default on)"),
-    ("value", "value", "value temperature (default on)"),
-    ("key", "key", "key temperature (ablation; default off)"),
-    ("token", "token_aware", "token-aware term tanh(f(x)) (default on)"),
-    ("position", "position_aware", "position-aware term c log p (default on)"),
-    ("value-position", "value_position_aware", "the c log p term on the value temperature too (default off)"),
+    ("compile", "compile", "torch.compile the model for the training steps (default off)"),
     ("fsdp", "fsdp", "shard with FSDP instead of DDP (with --nproc > 1)"),
     ("progress", "progress", "progress bar (default on)"),
     ("overwrite", "overwrite", "replace an earlier run in --out (default: resume it, or refuse if it differs)"),
@@ -75,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, dest, help_text in SWITCHES:
         parser.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=None,
                             help=help_text)
+    parser.add_argument("--method-option", dest="method_options", action="append", metavar="KEY=VALUE",
+                        default=None, help="an option of the attention method (repeatable), e.g. beta=0.2")
+    add_ssa_arguments(parser.add_argument_group("SSA temperatures (methods ssa, ssa-pos)"), help_overrides={
+        "init": "identity or scratch (default: scratch from scratch, identity with --init-from)"})
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -92,8 +91,20 @@ def load_yaml(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _method_options(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--method-option expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
 def config_from_args(args: argparse.Namespace):
-    from selective_attention.train.trainer import TrainConfig
+    from selective_attention.train.config import LEGACY_SSA_KEYS, TrainConfig
 
     settings: dict[str, Any] = load_yaml(args.config) if args.config else {}
     for _, dest, _, _ in OPTIONS:
@@ -102,16 +113,22 @@ def config_from_args(args: argparse.Namespace):
     for _, dest, _ in SWITCHES:
         if getattr(args, dest, None) is not None:
             settings[dest] = getattr(args, dest)
-    try:
-        cfg = TrainConfig.from_dict(settings)
-    except TypeError as e:
-        raise UserError(f"invalid training settings: {e}") from None
+    if args.method_options:
+        settings["method_options"] = {**(settings.get("method_options") or {}), **_method_options(args.method_options)}
+    flags = ssa_args_given(args)
+    if flags:  # flags override the file's ssa: {...} (or its older flat keys), field by field
+        ssa = settings.get("ssa") or {}
+        if not isinstance(ssa, dict):
+            raise UserError(f"--config: ssa must be a mapping of SSA settings, got {ssa!r}")
+        legacy = {LEGACY_SSA_KEYS[k]: settings.pop(k) for k in list(settings) if k in LEGACY_SSA_KEYS}
+        settings["ssa"] = {**ssa, **{k: v for k, v in legacy.items() if v is not None}, **flags}
+    cfg = TrainConfig.from_dict(settings)
     cfg.validate()
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
-    from selective_attention.train.trainer import train
+    from selective_attention.train import train
 
     cfg = config_from_args(args)
     result = train(cfg)

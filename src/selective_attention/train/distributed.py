@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from selective_attention.errors import UserError
+from selective_attention.utils.device import choose_device
 
 T = TypeVar("T")
 
@@ -45,10 +46,8 @@ def init(device: str = "auto", fsdp: bool = False) -> DistInfo:
     """Join the process group that ``torchrun`` set up through the environment (if any) and pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available")
-    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    use_cuda = choose_device(device).type == "cuda"
+    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")  # one GPU per process: the local rank's
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -15,6 +15,7 @@ never targets).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PretrainedConfig
@@ -94,3 +95,27 @@ def parameter_counts(model: torch.nn.Module) -> dict:
         total = sum(p.numel() for p in model.parameters())
         new = sum(p.numel() for p in temperature_parameters(model))
         return {"base": total - new, "new": new, "total": total, "percent": 100.0 * new / max(total - new, 1)}
+
+
+def load_init(path: str) -> torch.nn.Module:
+    """The model of a Hugging Face folder (plain, SSA, or another method's: train.methods.load_model) or a .gguf
+    file, with float32 master weights; UserError when it cannot be loaded."""
+    from selective_attention.train.methods import load_model
+
+    try:
+        p = Path(path).expanduser()
+        if p.is_dir():
+            model = load_model(p)
+        else:
+            from selective_attention import hf
+
+            model, _ = hf.load_pretrained(path)
+    except UserError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"--init-from {path}: cannot load the model ({type(e).__name__}: {msg})") from None
+    for p in model.parameters():  # float32 master weights (a de-quantised GGUF model refuses .float())
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model

@@ -1,0 +1,226 @@
+"""The attention methods registry (train/methods.py): each rule's tau at known positions, identity starts,
+gradients into the new parameters, parameter counts, optimizer groups, and save / reload."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selective_attention.config import SSAConfig
+from selective_attention.errors import UserError
+from selective_attention.train import TrainConfig, train
+from selective_attention.train.methods import (
+    METHODS,
+    FrequencyTemperature,
+    HeadGate,
+    Llama4Temperature,
+    ScalableSoftmaxTemperature,
+    YarnTemperature,
+    apply_method,
+    frequency_table,
+    get_method,
+    load_model,
+    parameter_counts,
+)
+from selective_attention.train.models import build_model
+from selective_attention.train.optim import OptimConfig, build_optimizer
+
+VOCAB, T = 300, 24  # tiny Llama: 2 layers, d_model 128, 4 heads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(method: str = "vanilla", **kw):
+    model = build_model("tiny", VOCAB, T, "vanilla", None, seed=0)
+    applied = apply_method(model, method, seq_len=T, **kw)
+    return model, applied
+
+
+def ids(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the rules' tau at known positions
+
+
+POS = torch.tensor([[1, 2, 3, 4, 7, 8, 12, 100]])  # 1-indexed
+
+
+def test_yarn_tau():
+    tau = YarnTemperature(3, coefficient=0.1)(positions=POS)
+    assert tau.shape == (1, 3, 8)
+    expected = torch.tensor([1.0, 1.0693147, 1.1098612, 1.1386294, 1.1945910, 1.2079442, 1.2484907, 1.4605170])
+    torch.testing.assert_close(tau[0, 2], expected, atol=1e-6, rtol=0)
+
+
+def test_llama4_tau():
+    tau = Llama4Temperature(2, beta=0.1, floor_scale=4)(positions=POS)
+    # floor(p / 4) = 0 0 0 1 1 2 3 25  ->  1 + 0.1 ln(1 + that)
+    expected = torch.tensor([1.0, 1.0, 1.0, 1.0693147, 1.0693147, 1.1098612, 1.1386294, 1.3258097])
+    torch.testing.assert_close(tau[0, 1], expected, atol=1e-6, rtol=0)
+    assert Llama4Temperature(1, floor_scale=8192)(positions=POS).eq(1.0).all()  # Llama 4's own scale: off here
+    assert get_method("llama4").options_for(256)["floor_scale"] == 16  # the default scales with seq_len
+    assert get_method("llama4").options_for(256, {"floor_scale": 8192})["floor_scale"] == 8192
+
+
+def test_ssmax_tau():
+    fn = ScalableSoftmaxTemperature(2, seq_len=64)
+    assert torch.equal(fn.s.detach(), torch.full((2,), 1 / math.log(64)))
+    tau = fn(positions=POS)
+    torch.testing.assert_close(tau[0, 0], torch.log(POS[0].float()) / math.log(64), atol=1e-6, rtol=0)
+    assert tau[0, 0, 0] == 0  # p = 1: one visible key
+
+
+def test_freq_tau_and_table():
+    tokens = np.array([0] * 60 + [1] * 30 + [2] * 9 + [3])  # token 4 never occurs
+    table = frequency_table(tokens, vocab=5, lo=0.25, hi=4.0)
+    assert table.shape == (5,)
+    assert table[0] < table[1] < table[2] < table[3] <= table[4] <= 4.0  # rarer -> sharper
+    assert table.min() >= 0.25
+    fn = FrequencyTemperature(2, table)
+    fn.input_ids = torch.tensor([[4, 0, 2]])
+    assert torch.equal(fn(positions=torch.arange(1, 4))[0, 1], table[[4, 0, 2]])
+
+
+# ---- methods on a model
+
+
+def test_identity_rules_reproduce_vanilla_exactly():
+    """const (tau = 1 at init) and llama4 with a floor_scale beyond the sequence leave the function unchanged."""
+    x = ids()
+    with torch.no_grad():
+        ref = tiny()[0](input_ids=x).logits
+        for method, opts in (("const", {}), ("llama4", {"floor_scale": 10_000}), ("gated", {})):
+            out = tiny(method, options=opts)[0](input_ids=x).logits
+            assert torch.equal(out, ref), method
+        # ... and a rule that is not the identity changes it
+        assert not torch.allclose(tiny("yarn")[0](input_ids=x).logits, ref, atol=1e-4)
+
+
+def test_gated_init_is_identity_and_gradient_reaches_the_gates():
+    model, applied = tiny("gated")
+    gates = [m for m in model.modules() if isinstance(m, HeadGate)]
+    assert len(gates) == 2 and all(torch.equal(g.proj.weight, torch.zeros(4, 128)) for g in gates)
+    x = ids()
+    model(input_ids=x).logits.float().logsumexp(-1).mean().backward()
+    for g in gates:
+        assert g.proj.weight.grad is not None and g.proj.weight.grad.abs().sum() > 0
+    # the gate multiplies each head's output: a closed gate on layer 0 changes the logits
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        gates[0].proj.weight.fill_(-100.0)
+        assert not torch.allclose(model(input_ids=x).logits, ref, atol=1e-3)
+    assert [k for k in model.state_dict() if "attn_gate" in k] == \
+        ["model.layers.0.self_attn.attn_gate.proj.weight", "model.layers.1.self_attn.attn_gate.proj.weight"]
+
+
+def test_gated_refuses_a_model_without_o_proj():
+    model = build_model("gpt2-124m", 64, 16, "vanilla", None, seed=0)
+    with pytest.raises(UserError, match="o_proj"):
+        apply_method(model, "gated", seq_len=16)
+
+
+@pytest.mark.parametrize("method,new", [("vanilla", 0), ("ssa-pos", 2 * 4), ("const", 2 * 4), ("yarn", 0),
+                                        ("ssmax", 2 * 4), ("llama4", 0), ("gated", 2 * 128 * 4)])
+def test_parameter_counts(method, new):
+    model, applied = tiny(method)
+    counts = parameter_counts(model, applied)
+    vanilla_total = sum(p.numel() for p in tiny()[0].parameters())
+    assert counts["new"] == new and counts["total"] == vanilla_total + new and counts["base"] == vanilla_total
+
+
+def test_ssa_pos_is_position_only_on_the_query():
+    model, applied = tiny("ssa-pos", ssa=SSAConfig(init="scratch"))
+    assert model.config.ssa["token_aware"] is False and model.config.ssa["value"] is False
+    assert all(p.shape == (4,) for p in applied.new_parameters)  # alpha per head
+
+
+def test_optimizer_groups_per_method():
+    opt = OptimConfig(lr=1e-3, temperature_lr=5e-2, weight_decay=0.1)
+    model, applied = tiny("const")
+    groups = {g["name"]: g for g in build_optimizer(model, opt, "cpu", applied.temperature_parameters).param_groups}
+    temp = groups["temperature"]
+    assert temp["lr"] == 5e-2 and temp["weight_decay"] == 0.0
+    assert {id(p) for p in temp["params"]} == {id(p) for p in applied.new_parameters}
+    model, applied = tiny("gated")  # the gates are ordinary weights: base lr, decayed
+    groups = {g["name"]: g for g in build_optimizer(model, opt, "cpu", applied.temperature_parameters).param_groups}
+    assert "temperature" not in groups
+    assert {id(p) for p in applied.new_parameters} <= {id(p) for p in groups["decay"]["params"]}
+
+
+def test_unknown_method_and_option():
+    with pytest.raises(UserError, match="unknown attention method"):
+        get_method("sparse")
+    with pytest.raises(UserError, match="unknown option"):
+        TrainConfig(attention="llama4", method_options={"alpha": 1}).validate()
+    with pytest.raises(UserError, match="must be a number"):
+        TrainConfig(attention="yarn", method_options={"coefficient": "big"}).validate()
+    TrainConfig(attention="llama4", method_options={"beta": 0.2, "floor_scale": 8}).validate()
+    assert set(METHODS) == {"vanilla", "ssa", "ssa-pos", "const", "yarn", "ssmax", "freq", "llama4", "gated"}
+
+
+@pytest.mark.parametrize("method", ["gated", "ssmax", "freq", "llama4"])
+def test_saved_model_reloads_through_load_model(method, tmp_path):
+    train_tokens = np.random.default_rng(0).integers(0, VOCAB, 5000)
+    model, applied = tiny(method, options={"floor_scale": 3} if method == "llama4" else None,
+                          train_tokens=train_tokens, vocab=VOCAB)
+    with torch.no_grad():  # move the new parameters away from their init
+        for p in applied.new_parameters:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+    model.eval()
+    x = ids()
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    model.save_pretrained(tmp_path / "m")
+    saved_cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved_cfg["ssa_method"]["name"] == method
+    again = load_model(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=x).logits, ref)
+
+
+# ---- through train()
+
+
+WORDS = "the cat dog sat on mat ran far away home red blue big small tree house river stone light dark".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    rng = random.Random(0)
+    docs = [" ".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "."
+                     for _ in range(rng.randint(2, 6))) for _ in range(120)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("method", ["gated", "llama4"])
+def test_train_with_a_method_and_reload(method, corpus, tmp_path):
+    cfg = TrainConfig(data=str(corpus), size="tiny", vocab_size=300, seq_len=32, batch_size=4, max_tokens=256,
+                      eval_every=0, eval_tokens=128, out=str(tmp_path / method), progress=False,
+                      cache_dir=str(tmp_path.parent / "ssa-cache"), warmup=1, attention=method)
+    run = train(cfg)
+    assert math.isfinite(run["final_val_loss"])
+    assert run["parameters"]["new"] == {"gated": 2 * 128 * 4, "llama4": 0}[method]
+    assert run["config"]["method"]["name"] == method and run["config"]["ssa"] is None
+    if method == "llama4":
+        assert run["config"]["method"]["options"]["floor_scale"] == 2  # seq_len 32 // 16
+    from selective_attention.data.tokens import prepare
+    from selective_attention.train.loss import evaluate_loss
+
+    model = load_model(tmp_path / method / "final")
+    val = prepare(cfg.data, "bpe", 300, cache_dir=cfg.cache_dir).tokens("val")
+    assert evaluate_loss(model, val, 32, 4, 128) == pytest.approx(run["final_val_loss"], abs=1e-5)
