@@ -35,7 +35,7 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
 def row_statistics(w: Tensor) -> dict[str, Tensor]:
     """Per query position, averaged over every leading axis (batch, heads): ``entropy`` (nats) of each attention
     row, ``max_weight``, and ``spikiness`` 1 / (p * sum_j w_j^2) over the p keys a causal row sees (1 for a
-    uniform row, p for a one-hot one). w (..., Tq, Tk) -> {name: (Tq,)}; causal rows are bottom-right aligned
+    uniform row, 1/p for a one-hot one). w (..., Tq, Tk) -> {name: (Tq,)}; causal rows are bottom-right aligned
     (query i sees Tk - Tq + i + 1 keys). Half precision is measured in float32, other dtypes as given."""
     if w.dtype.is_floating_point and w.element_size() < 4:
         w = w.float()
@@ -44,7 +44,8 @@ def row_statistics(w: Tensor) -> dict[str, Tensor]:
     dims = tuple(range(w.dim() - 2))
     ent = -(w * w.clamp_min(1e-30).log()).sum(-1)  # (..., Tq)
     spk = 1.0 / (p * (w ** 2).sum(-1))
-    return {"entropy": ent.mean(dims), "spikiness": spk.mean(dims), "max_weight": w.amax(-1).mean(dims)}
+    stats = {"entropy": ent, "spikiness": spk, "max_weight": w.amax(-1)}
+    return {k: v.mean(dims) if dims else v for k, v in stats.items()}  # mean(()) would reduce every axis
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
