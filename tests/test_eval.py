@@ -192,9 +192,9 @@ def test_zero_shot_every_task_limit_2(tiny, cache) -> None:
     assert set(res) == set(TASKS)
     for task, r in res.items():
         assert r["n"] == 2
-        assert 0.0 <= r["acc"] <= 1.0 and r["acc"] * 2 == round(r["acc"] * 2)
+        assert r["acc"] in (0.0, 0.5, 1.0)  # 2 examples
         if task not in ("winogrande", "lambada"):
-            assert 0.0 <= r["acc_norm"] <= 1.0
+            assert r["acc_norm"] in (0.0, 0.5, 1.0)
     assert res["lambada"]["perplexity"] > 1.0
     assert (cache / "lm_eval_tasks").is_dir()
 
