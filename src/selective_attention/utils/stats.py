@@ -74,3 +74,22 @@ def methods_table(methods: dict[str, dict[str, float]], metrics: Iterable[str], 
                         for m in metrics]
             for method, vals in methods.items()]
     return markdown_table(["method", *metrics], rows)
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """The two-sided ``level`` quantile of Student's t with ``df`` degrees of freedom (4.303 for df 2)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, df))
+
+
+def paired(diffs: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean of per-seed (paired) differences, its Student-t interval and the claim it allows: "wins" when the
+    whole interval is below zero (lower is better), "loses" when above, else "tie"; no interval for one pair."""
+    n = len(diffs)
+    mean, std = mean_std(diffs)
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n, "verdict": "one seed: no interval"}
+    half = t_quantile(n - 1, level) * std / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    return {"mean": mean, "low": lo, "high": hi, "n": n, "verdict": "wins" if hi < 0 else "loses" if lo > 0 else "tie"}
