@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from selective_attention.demo import DemoConfig, run_demo, verdict
+from selective_attention.demo import run_demo, verdict
 from selective_attention.report.builder import broken_images, is_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,43 +26,50 @@ def check_report_images(report: Path) -> list[str]:
 
 
 @pytest.fixture
-def small_corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("SSA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def long_corpus(tmp_path, monkeypatch) -> Path:
+    """Documents of a few thousand characters (the demo evaluates windows inside one document)."""
+    monkeypatch.setenv("SSA_CACHE_DIR", str(tmp_path / "cache"))
     from selective_attention.data.corpora import load_documents
 
-    docs = load_documents("wiki", "train")[:120]
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    docs = load_documents("wiki", "train")[:240]
+    path = tmp_path / "speeches.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(docs[i: i + 12])}) + "\n" for i in range(0, 240, 12)))
     return path
 
 
-def test_demo_small_run_writes_results_and_a_complete_report(small_corpus, tmp_path):
-    cfg = DemoConfig(data=str(small_corpus), max_tokens=2048, seq_len=32, batch_size=8, eval_every=4,
-                     eval_tokens=256, final_eval_tokens=512, vocab_size=320)
+def test_demo_small_run_writes_results_a_verdict_and_a_complete_report(long_corpus, tmp_path):
     out = tmp_path / "demo"
-    res = run_demo(cfg, out, progress=False)
+    res = run_demo(out, seeds=2, progress=False, corpora=(str(long_corpus),), length_corpus=str(long_corpus),
+                   size="tiny", vocab_size=320, seq_len=32, batch_size=4, max_tokens=1024, eval_every=4,
+                   eval_tokens=512, length_windows=2)
     saved = json.loads((out / "results.json").read_text())
-    assert saved["methods"].keys() == {"vanilla", "ssa"}
+    assert saved["seeds"] == [0, 1] and list(saved["methods"]) == ["vanilla", "ssa"]
     v, s = saved["methods"]["vanilla"], saved["methods"]["ssa"]
-    for d in (v, s):
-        assert d["val_ppl"] > 1 and d["tokens_per_s"] > 0 and d["tokens"] >= 2048
-    # same base size; SSA adds a few parameters (the shared read-outs and per-head alphas)
     assert v["new_parameters"] == 0 and 0 < s["new_parameters"] < 0.01 * s["parameters"]
     assert s["parameters"] - s["new_parameters"] == v["parameters"]
-    assert saved["verdict"] == res["verdict"] == verdict(saved["methods"])
+    assert set(s["ppl_by_length"]) == {"32", "64", "128"}
+    assert saved["verdict"] == res["verdict"] == verdict(saved)
+    assert "over 2 seeds" in saved["verdict"] and "at 128 tokens" in saved["verdict"]
     srcs = check_report_images(out / "report.html")
-    assert {"figures/val_ppl.png", "figures/dilution.png", "figures/temperatures_ssa.png"} <= set(srcs)
-    assert "not reached" in (out / "report.md").read_text() or s["speedup"] is not None
+    assert {"lm-speeches.png", "figures/val_ppl.png", "figures/dilution.png"} <= set(srcs)
+    assert saved["verdict"] in (out / "report.md").read_text()
 
 
-def test_verdict_wording():
-    m = {"vanilla": {"val_ppl": 100.0}, "ssa": {"val_ppl": 99.8}}
-    assert verdict(m).startswith("tie")
-    m["ssa"]["val_ppl"] = 90.0
-    assert "SSA better" in verdict(m)
-    m["ssa"]["val_ppl"] = 110.0
-    assert "SSA worse" in verdict(m)
+def _results(ssa_diffs: list[float], long_diffs: list[float]) -> dict:
+    from selective_attention.utils.stats import paired
+
+    return {"methods": {"vanilla": {"val_ppl": 100.0, "seeds": [0, 1]},
+                        "ssa": {"val_ppl": 99.0, "seeds": [0, 1], "paired_percent": paired(ssa_diffs),
+                                "paired_percent_by_length": {"512": paired(ssa_diffs), "2048": paired(long_diffs)}}}}
+
+
+def test_verdict_claims_only_what_the_interval_allows():
+    assert "a tie" in verdict(_results([-1.0, -3.0], [-1.0, -3.0]))  # t(1) = 12.7: a wide interval
+    won = verdict(_results([-2.0, -2.02], [1.0, 1.01]))
+    assert ": SSA better;" in won and won.endswith("SSA worse") and "at 2048 tokens" in won
+    one = {"methods": {"vanilla": {"val_ppl": 100.0, "seeds": [0]},
+                       "ssa": {"val_ppl": 90.0, "seeds": [0], "paired_percent": {"mean": -10.0, "low": None}}}}
+    assert verdict(one).endswith("one seed: not evidence either way")
 
 
 def test_demo_rejects_a_budget_below_one_batch(tmp_path):
@@ -75,9 +83,9 @@ def test_demo_quick_cli_and_screenshot(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "selective_attention", "demo", "--quick", "--out", str(out),
                         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "vanilla" in r.stdout and "ssa" in r.stdout
+    assert "vanilla" in r.stdout and "ssa" in r.stdout and "one seed" in r.stdout
     check_report_images(out / "report.html")
     if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
         pytest.skip("no chromium for the screenshot")

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("selective_attention.demo", "train vanilla and SSA on the bundled corpus, evaluate, write a report"),
+    "demo": ("selective_attention.demo", "vanilla vs SSA at the LM study's design (2 seeds), evaluate, report"),
     "train": ("selective_attention.train.cli", "train or fine-tune a language model (vanilla or SSA)"),
     "eval": ("selective_attention.evaluate.cli", "perplexity, zero-shot benchmarks and passkey retrieval"),
     "convert": ("selective_attention.hf.cli", "fit SSA onto a pretrained Hugging Face model"),

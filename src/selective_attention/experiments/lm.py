@@ -76,8 +76,13 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "default": {},
     # the study: every baseline, several CPU-hours, meant to be run over several sittings
     "full": {"max_tokens": 4_000_000, "methods": METHODS, "length_windows": 32},
+    # `ssa demo`: the study's design (body-heavy model, 512 tokens, long documents) at <= 10 minutes on 2 cores
+    "demo": {"corpora": ("sotu",), "max_tokens": 400_000, "eval_every": 20, "eval_tokens": 32_768,
+             "checkpoint_every": 50, "length_windows": 8, "entropy_windows": 1},
+    "demo-quick": {"corpora": ("sotu",), "max_tokens": 81_920, "eval_every": 5, "eval_tokens": 16_384,
+                   "checkpoint_every": 50, "length_windows": 4, "entropy_windows": 1},
 }
-BUDGET_SEEDS = {"quick": 2, "default": 3, "full": 3}
+BUDGET_SEEDS = {"quick": 2, "default": 3, "full": 3, "demo": 2, "demo-quick": 1}
 
 
 @dataclass(frozen=True)
