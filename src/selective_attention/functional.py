@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils.checkpoint import checkpoint
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -59,6 +60,9 @@ def apply_temperature(x: Tensor, tau: Tensor | None) -> Tensor:
     if tau is None:
         return x
     if torch.is_grad_enabled() and (x.requires_grad or tau.requires_grad):
+        if torch.compiler.is_compiling():
+            # a checkpointed region: the partitioner recomputes the product in backward instead of saving it
+            return checkpoint(_scale, x, tau, use_reentrant=False)
         return _ScaleByTemperature.apply(x, tau)
     return _scale(x, tau)
 

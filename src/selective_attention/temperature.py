@@ -54,7 +54,7 @@ def _recomputed(fn, *args: Tensor) -> Tensor:
     """Run ``fn`` without keeping its (B, H, T, D)-sized intermediates for backward: they are recomputed there.
     The token term then saves nothing beyond what the attention already keeps (its inputs). Under torch.compile
     the partitioner makes that choice itself (and activation checkpointing would not trace into one graph)."""
-    if torch.is_grad_enabled() and any(a.requires_grad for a in args) and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
