@@ -118,6 +118,9 @@ def check_run(args: argparse.Namespace) -> None:
     ok = val is not None and math.isfinite(val) and all(math.isfinite(x) for x in losses)
     report(ok, f"{name} loss finite", f"final val loss {val}, {len(losses)} train-loss lines, last "
            f"{losses[-1] if losses else None}, {result.get('tokens_per_s', 0):,.0f} tokens/s")
+    if not (run / "final" / "config.json").is_file():
+        report(False, f"{name} temperatures", "no final model (final/config.json)")
+        return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = from_pretrained(run / "final").to(device).eval()
     temps = [m for m in model.modules() if isinstance(m, SSATemperatures)]
