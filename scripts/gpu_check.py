@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--heads", type=int, default=4)
     m.add_argument("--batch", type=int, default=4)
     m.add_argument("--seq-len", type=int, default=512)
-    m.add_argument("--max-ratio", type=float, default=1.10)
+    m.add_argument("--max-ratio", type=float, default=1.15)
     m.set_defaults(fn=check_memory)
     q = sub.add_parser("ratios")
     q.add_argument("file")
