@@ -193,8 +193,8 @@ def selective_attention(
         )
 
     if torch.compiler.is_compiling() or not (scaled and torch.is_grad_enabled()):
-        # Under torch.compile the partitioner decides what backward keeps (it recomputes the cheap scaling
-        # itself); saved-tensor hooks cannot be traced.
+        # Saved-tensor hooks cannot be traced: under torch.compile apply_temperature made the scaling a
+        # checkpointed region instead, which the partitioner recomputes in backward.
         return attend()
     with _recompute_scaled_inputs(scaled):
         return attend()

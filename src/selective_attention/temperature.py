@@ -52,8 +52,8 @@ def _shared_token_logit(projection: Tensor, readout: Tensor) -> Tensor:
 
 def _recomputed(fn, *args: Tensor) -> Tensor:
     """Run ``fn`` without keeping its (B, H, T, D)-sized intermediates for backward: they are recomputed there.
-    The token term then saves nothing beyond what the attention already keeps (its inputs). Under torch.compile
-    the partitioner makes that choice itself (and activation checkpointing would not trace into one graph)."""
+    The token term then saves nothing beyond what the attention already keeps (its inputs). torch.compile traces
+    the checkpoint into the graph (fullgraph) and its partitioner recomputes the region likewise."""
     if torch.is_grad_enabled() and any(a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
