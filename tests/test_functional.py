@@ -158,3 +158,25 @@ def test_bad_temperature_shapes_raise(name, shape):
     q, k, v, _ = _qkv()
     with pytest.raises(ValueError, match=name):
         selective_attention(q, k, v, **{name: torch.ones(shape, dtype=D64)})
+
+
+@pytest.mark.parametrize("changed", ["k", "v", "tau_v"])
+def test_inplace_change_between_forward_and_backward_raises(changed):
+    # k / v slices of a preallocated cache (no grad) written after the forward: backward must refuse, as
+    # autograd does for plain SDPA, instead of recomputing the scaled copy from the new values (dq was wrong).
+    q, _, _, g = _qkv(Tq=4, Tk=6)
+    cache = torch.randn(2, 2, 4, 10, 8, generator=g, dtype=D64)
+    k, v = cache[0, :, :, :6], cache[1, :, :, :6]
+    tau_q, tau_v, tau_k = _taus(2, 4, 4, 4, 6, g)
+    q.requires_grad_()
+    out = selective_attention(q, k, v, tau_q, tau_v, tau_k)
+    {"k": k, "v": v, "tau_v": tau_v}[changed].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_compute_dtype_of_non_float_storage_is_float32():
+    assert fn.compute_dtype(torch.zeros(2, dtype=torch.float8_e4m3fn)) == torch.float32
+    assert fn.compute_dtype(torch.zeros(2, dtype=torch.int8)) == torch.float32
+    assert fn.compute_dtype(torch.zeros(2, dtype=torch.bfloat16)) == torch.float32
+    assert fn.compute_dtype(torch.zeros(2, dtype=D64)) == D64

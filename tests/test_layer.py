@@ -115,3 +115,30 @@ def test_errors():
         layer(torch.randn(2, 5, 32), positions=torch.arange(1, 4))
     with pytest.raises(ValueError, match="1-indexed"):
         layer(torch.randn(2, 5, 32), positions=torch.arange(0, 5))
+
+
+@pytest.mark.parametrize("sharing", ["shared", "mlp"])
+def test_bf16_autocast_temperatures_are_float32(sharing):
+    # Forward and temperatures() under CPU bf16 autocast: every tau is the float32 computation on the
+    # (autocast, bf16) projections, not a bf16 tensor (the value's used to be, in steps of 2^-7 around 1).
+    torch.manual_seed(4)
+    layer = SelectiveSelfAttention(32, 4, 2, SSAConfig(sharing=sharing, init="scratch", key=True), rope=True)
+    _randomise(layer)
+    x = torch.randn(2, 6, 32)
+    seen: dict[str, torch.Tensor] = {}
+    hook = layer.temperature.register_forward_hook(lambda m, args, out: seen.update({args[0]: out}) and None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    hook.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inspected = layer.temperatures(x)
+        projections = {"query": layer._split(layer.q_proj(x), 4), "key": layer._split(layer.k_proj(x), 2),
+                       "value": layer._split(layer.v_proj(x), 2)}
+    assert out.dtype == torch.bfloat16 and projections["value"].dtype == torch.bfloat16
+    p = torch.arange(1, 7)
+    for target, proj in projections.items():
+        ref = layer.temperature(target, projection=proj.float(), hidden=x, positions=p)
+        assert seen[target].dtype == torch.float32 and inspected[target].dtype == torch.float32, target
+        assert torch.equal(seen[target], ref), target
+        heads = ref.expand(2, -1, 6).repeat_interleave(4 // ref.shape[1], dim=1)
+        assert torch.equal(inspected[target], heads), target

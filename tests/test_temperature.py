@@ -26,13 +26,39 @@ def test_scratch_starts_sharper():
     torch.testing.assert_close(fn.position_coefficient(), torch.full((3,), 0.5))
 
 
-def test_token_term_shared_formula():
+def test_token_term_shared_known_values():
+    # Head h reads only coordinate 0 of its projection, which is 1 there: f_h = u_h0 * gelu(1) = u_h0 * Phi(1).
     fn = _fn(position_aware=False)
+    u = torch.tensor([0.5, -1.0, 2.0])
+    with torch.no_grad():
+        fn.readout.zero_()
+        fn.readout[:, 0] = u
+    proj = torch.zeros(2, 3, 5, 4)
+    proj[..., 0] = 1.0
+    proj[..., 1] = 3.0  # read with weight 0: must not matter
+    phi_1 = 0.8413447460685429  # standard normal CDF at 1 = gelu(1)
+    expected = (1 + torch.tanh(u * phi_1))[None, :, None].expand(2, 3, 5)
+    torch.testing.assert_close(fn(projection=proj), expected, atol=1e-6, rtol=0)
+
+
+def test_token_term_shared_per_head_and_gradient():
+    # Against an independent per-head loop in float64; at u = 0 (identity init) tanh' = 1, so
+    # dL/du_h = sum_{b,t} gelu(P_bht) * dL/dtau_bht.
+    fn = _fn(position_aware=False).double()
+    proj = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    grad_tau = torch.randn(2, 3, 5, dtype=torch.float64)
+    (fn(projection=proj) * grad_tau).sum().backward()
+    for h in range(3):
+        expected = (torch.nn.functional.gelu(proj[:, h]) * grad_tau[:, h, :, None]).sum((0, 1))  # (D,)
+        torch.testing.assert_close(fn.readout.grad[h], expected, atol=1e-12, rtol=1e-12)
     with torch.no_grad():
         fn.readout.normal_()
-    proj = torch.randn(2, 3, 5, 4)
-    expected = 1 + torch.tanh(torch.einsum("bhtd,hd->bht", torch.nn.functional.gelu(proj), fn.readout))
-    torch.testing.assert_close(fn(projection=proj), expected, atol=1e-6, rtol=1e-6)
+    tau = fn(projection=proj)
+    for b in range(2):
+        for h in range(3):
+            for t in range(5):
+                f = sum(torch.nn.functional.gelu(proj[b, h, t, d]) * fn.readout[h, d] for d in range(4))
+                torch.testing.assert_close(tau[b, h, t], 1 + torch.tanh(f), atol=1e-12, rtol=0)
 
 
 def test_token_term_ignores_position():
@@ -53,7 +79,7 @@ def test_identity_at_init_with_nonzero_gradients(sharing):
     x = torch.randn(2, 6, 12)
     p = torch.arange(1, 7)
     tau = fn(projection=proj, hidden=x, positions=p)
-    torch.testing.assert_close(tau, torch.ones_like(tau), atol=1e-6, rtol=0)
+    assert torch.equal(tau, torch.ones(2, 3, 6))
     (tau * torch.randn_like(tau)).sum().backward()
     params = list(fn.named_parameters())
     assert params
@@ -148,3 +174,53 @@ def test_mlp_identity_exact_for_large_hidden_states():
     fn = TemperatureFunction(9, 64, 576, SSAConfig(sharing="mlp", position_aware=False))
     x = torch.randn(2, 50, 576) * 30
     assert torch.equal(fn(hidden=x), torch.ones(2, 9, 50))
+
+
+def _random_temperatures(sharing: str, seed: int = 0) -> SSATemperatures:
+    temps = SSATemperatures(12, 3, 1, 4, SSAConfig(sharing=sharing, init="scratch"), mlp_hidden=8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in temps.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return temps
+
+
+@pytest.mark.parametrize("sharing", ["shared", "mlp"])
+@pytest.mark.parametrize("target,heads", [("query", 3), ("value", 1)])
+def test_bf16_autocast_computes_temperatures_in_float32(sharing, target, heads):
+    # Under autocast the projection arrives in bf16; tau must still be the float32 computation on it (autocast
+    # used to run the einsum / linear in bf16, leaving the value's tau a bf16 tensor with steps of 2^-7).
+    temps = _random_temperatures(sharing)
+    g = torch.Generator().manual_seed(1)
+    proj = torch.randn(2, heads, 5, 4, generator=g).bfloat16()
+    hidden = torch.randn(2, 5, 12, generator=g)
+    p = torch.arange(1, 6)
+    inputs = [proj.float().requires_grad_(), hidden.clone().requires_grad_()]
+    ref = temps(target, projection=inputs[0], hidden=inputs[1], positions=p)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), [*inputs, *temps.parameters()], allow_unused=True)
+    inputs = [proj.float().requires_grad_(), hidden.clone().requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tau = temps(target, projection=inputs[0].bfloat16(), hidden=inputs[1], positions=p)
+    grads = torch.autograd.grad(tau.pow(2).sum(), [*inputs, *temps.parameters()], allow_unused=True)
+    assert tau.dtype == torch.float32
+    assert torch.equal(tau, ref)
+    if sharing == "shared":  # the projection's gradient passes its bf16 cast
+        assert torch.equal(grads[0], ref_grads[0].bfloat16().float())
+    for a, b in zip(grads[1:], ref_grads[1:]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_temperature_parameters_never_take_a_non_float_dtype():
+    # A converted model's base weights may be integer / quantised / float8: the temperatures stay floating.
+    temps = SSATemperatures(12, 3, 1, 4, SSAConfig(sharing="mlp"), mlp_hidden=8)
+    x = torch.randn(2, 5, 12)
+    for dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn):
+        temps.to(device="cpu", dtype=dtype)
+        temps.type(dtype)
+        assert {p.dtype for p in temps.parameters()} == {torch.float32}, dtype
+    assert torch.equal(temps("query", hidden=x, positions=torch.arange(1, 6)), torch.ones(2, 3, 5))
+    model = torch.nn.Sequential(torch.nn.Linear(12, 12), temps).to(torch.bfloat16)  # floating casts still apply
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert temps("value", hidden=x.bfloat16()).dtype == torch.float32

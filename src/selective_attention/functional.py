@@ -6,17 +6,28 @@ Because each temperature is a per-token scalar,  softmax(s <tau_q q_i, tau_k k_j
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils.checkpoint import checkpoint
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """float32 for bf16/fp16/fp32 inputs (temperatures are never applied in low precision), float64 stays."""
-    return torch.promote_types(x.dtype, torch.float32)
+    """float32 for bf16/fp16/fp32 inputs (temperatures are never applied in low precision), float64 stays;
+    float32 for anything else (float8, integer or quantised storage)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device``'s type: temperatures are computed in float32 (or float64) under any autocast
+    (autocast would run their einsum / linear in bf16 and round tau to steps of 2^-7 around 1)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _scale(x: Tensor, tau: Tensor) -> Tensor:
@@ -49,6 +60,9 @@ def apply_temperature(x: Tensor, tau: Tensor | None) -> Tensor:
     if tau is None:
         return x
     if torch.is_grad_enabled() and (x.requires_grad or tau.requires_grad):
+        if torch.compiler.is_compiling():
+            # a checkpointed region: the partitioner recomputes the product in backward instead of saving it
+            return checkpoint(_scale, x, tau, use_reentrant=False)
         return _ScaleByTemperature.apply(x, tau)
     return _scale(x, tau)
 
@@ -56,7 +70,11 @@ def apply_temperature(x: Tensor, tau: Tensor | None) -> Tensor:
 def _recompute_scaled_inputs(scaled: list[tuple[Tensor, Tensor, Tensor]]):
     """Saved-tensor hooks that make the attention kernel save (x, tau) instead of its scaled copy x * tau, and
     recompute the product in backward: SSA then keeps no more activations than plain SDPA (x and tau are
-    saved by the scaling anyway); the price is one elementwise product per input in backward."""
+    saved by the scaling anyway); the price is one elementwise product per input in backward.
+
+    Holding x and tau directly would bypass autograd's check that saved tensors are not modified in place
+    before backward (a KV cache slice written after the forward would silently corrupt dq): their version
+    counters are recorded here and compared in backward, raising the same RuntimeError autograd raises."""
 
     # Identify the scaled copies by address only: holding them here (the hooks outlive forward) would keep
     # them alive until backward, the very cost this avoids.
@@ -66,12 +84,20 @@ def _recompute_scaled_inputs(scaled: list[tuple[Tensor, Tensor, Tensor]]):
     def pack(t: Tensor):
         for key, x, tau in keys:
             if (t.data_ptr(), t.shape, t.dtype) == key:
-                return ("ssa-scaled", x, tau)
+                return ("ssa-scaled", x, x._version, tau, tau._version)
         return t
 
     def unpack(p):
         if isinstance(p, tuple) and p[0] == "ssa-scaled":
-            return _scale(p[1], p[2])
+            _, x, x_version, tau, tau_version = p
+            for name, t, version in (("input", x, x_version), ("temperature", tau, tau_version)):
+                if t._version != version:
+                    raise RuntimeError(
+                        f"one of the variables needed for gradient computation has been modified by an inplace "
+                        f"operation: the SSA attention {name} of shape {tuple(t.shape)} is at version "
+                        f"{t._version}; expected version {version} instead (it was changed in place between "
+                        f"forward and backward, e.g. a KV cache written after the forward)")
+            return _scale(x, tau)
         return p
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
@@ -154,14 +180,24 @@ def selective_attention(
             attn_mask = _merge_causal(attn_mask, Tq, Tk)
         elif Tq == Tk:
             causal_flag = True  # fused kernels mask internally: nothing materialised
+        elif Tq > 1 and torch.compiler.is_compiling():
+            # the lazy CausalBias subclass below cannot be built inside a graph: a (Tq, Tk) bool mask instead
+            attn_mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         elif Tq > 1:
             attn_mask = causal_lower_right(Tq, Tk)  # a lazy bias object, not a dense matrix
         # Tq == 1 < Tk: the single new query sees every cached key, no mask needed
-    with _recompute_scaled_inputs(scaled if torch.is_grad_enabled() else []):
+    def attend() -> Tensor:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal_flag, scale=scale,
             enable_gqa=H != Hkv,
         )
+
+    if torch.compiler.is_compiling() or not (scaled and torch.is_grad_enabled()):
+        # Saved-tensor hooks cannot be traced: under torch.compile apply_temperature made the scaling a
+        # checkpointed region instead, which the partitioner recomputes in backward.
+        return attend()
+    with _recompute_scaled_inputs(scaled):
+        return attend()
 
 
 def reference_attention(

@@ -126,14 +126,17 @@ class SelectiveSelfAttention(nn.Module):
         k = self._split(self.k_proj(x), self.n_kv_heads)  # (B, Hkv, T, hs)
         v = self._split(self.v_proj(x), self.n_kv_heads)
         taus = self._taus(x, q, k, v, p)  # token term sees the projection before RoPE
-        k = apply_temperature(k, taus["key"])
-        v = apply_temperature(v, taus["value"])
-        if self.rope:
+        tau_k, tau_v = taus["key"], taus["value"]
+        if cache is not None:  # the cache keeps scaled keys / values: tau_j is fixed once token j is cached
+            k, v = apply_temperature(k, tau_k), apply_temperature(v, tau_v)
+            tau_k = tau_v = None
+        # else the fused op scales them: its backward recomputes the scaled copies instead of keeping them
+        if self.rope:  # a per-token scalar commutes with the rotation: tau_k may act before or after it
             q = apply_rope(q, p - 1, self.rope_base)
             k = apply_rope(k, p - 1, self.rope_base)
         if cache is not None:
             k, v = cache.append(k, v)
-        y = selective_attention(q, k, v, taus["query"], attn_mask=attn_mask, is_causal=True,
+        y = selective_attention(q, k, v, taus["query"], tau_v, tau_k, attn_mask=attn_mask, is_causal=True,
                                 dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hs)
         B, _, T, _ = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

