@@ -80,3 +80,17 @@ def test_temperatures_train_next_to_the_adapters_and_round_trip(tmp_path: Path, 
     assert len(temperature_parameters(again)) == len(temperature_parameters(merged))
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, out, atol=1e-5, rtol=0)
+
+
+def test_modules_to_save_copies_are_counted_and_trained_once(tiny) -> None:
+    from selective_attention.hf import parameter_report
+    from selective_attention.hf.lora import lora_config_for
+
+    model = convert(tiny("llama"), SSAConfig())
+    before = parameter_report(model)["new"]
+    n_temps = len(temperature_parameters(model))
+    pm = peft.get_peft_model(model, lora_config_for(model, target_modules=["q_proj", "v_proj"], r=4))
+    temps = temperature_parameters(pm)
+    # PEFT keeps a frozen original beside the trained copy: only the trained copy is a temperature parameter
+    assert len(temps) == n_temps and all(p.requires_grad for p in temps)
+    assert parameter_report(pm)["new"] == before

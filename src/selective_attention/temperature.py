@@ -206,7 +206,10 @@ class SSATemperatures(_FloatParameters):
 
 
 def temperature_modules(model: nn.Module) -> list[TemperatureFunction]:
-    return [m for m in model.modules() if isinstance(m, TemperatureFunction)]
+    """The temperature functions that run: a PEFT ``modules_to_save`` wrapper keeps a frozen ``original_module``
+    copy beside the trained one, which must be neither trained nor counted."""
+    return [m for name, m in model.named_modules()
+            if isinstance(m, TemperatureFunction) and "original_module" not in name.split(".")]
 
 
 def temperature_parameters(model: nn.Module) -> list[nn.Parameter]:
