@@ -174,8 +174,63 @@ def test_prepare_rebuilds_a_truncated_array(tmp_path):
     assert tc2.tokens("train").tolist() == want
 
 
-def test_default_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("SSA_CACHE", str(tmp_path / "x"))
-    assert tokens.default_cache_dir() == tmp_path / "x"
-    monkeypatch.delenv("SSA_CACHE")
-    assert tokens.default_cache_dir().name == "selective_attention"
+def test_prepare_uses_ssa_cache_dir(monkeypatch, tmp_path):
+    write_corpus(tmp_path / "a.txt", 40)
+    monkeypatch.delenv("SSA_CACHE", raising=False)
+    monkeypatch.setenv("SSA_CACHE_DIR", str(tmp_path / "x"))
+    assert tokens.prepare(tmp_path / "a.txt", "gpt2").root.parent == tmp_path / "x" / "tokens"
+
+
+def test_prepare_rebuilds_a_garbled_array_of_the_right_size(tmp_path, capsys):
+    write_corpus(tmp_path / "a.txt", 40)
+    tc = tokens.prepare(tmp_path / "a.txt", "gpt2", cache_dir=tmp_path / "c")
+    want = tc.tokens("train").tolist()
+    raw = bytearray((tc.root / "train.bin").read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 8] = b"\xff" * 8  # same size, other tokens
+    (tc.root / "train.bin").write_bytes(bytes(raw))
+    capsys.readouterr()
+    tc2 = tokens.prepare(tmp_path / "a.txt", "gpt2", cache_dir=tmp_path / "c")
+    assert tc2.tokens("train").tolist() == want
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: token cache") and "train.bin is corrupt (its sha256" in err[0]
+
+
+def test_prepare_rebuilds_a_garbled_tokenizer(tmp_path, capsys):
+    write_corpus(tmp_path / "a.txt", 60)
+    tc = tokens.prepare(tmp_path / "a.txt", "bpe", vocab_size=300, cache_dir=tmp_path / "c")
+    want = {s: tc.tokens(s).tolist() for s in corpora.SPLITS}
+    path = tc.root / "tokenizer" / "tokenizer.json"
+    text = path.read_text()
+    # valid JSON, a different vocabulary: loads fine, would tokenise differently
+    i = text.index('"vocab"')
+    j = text.index('":', i + 12)
+    path.write_text(text[:j - 1] + "Q" + text[j:])
+    capsys.readouterr()
+    tc2 = tokens.prepare(tmp_path / "a.txt", "bpe", vocab_size=300, cache_dir=tmp_path / "c")
+    assert fingerprint(tc2.tokenizer) == fingerprint(tc.tokenizer)
+    assert {s: tc2.tokens(s).tolist() for s in corpora.SPLITS} == want
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "tokenizer.json is corrupt (its sha256" in err[0] and "rebuilding" in err[0]
+    path.write_text("{not json")  # unreadable: same path back
+    tc3 = tokens.prepare(tmp_path / "a.txt", "bpe", vocab_size=300, cache_dir=tmp_path / "c")
+    assert fingerprint(tc3.tokenizer) == fingerprint(tc.tokenizer)
+    assert "tokenizer.json is corrupt" in capsys.readouterr().err
+
+
+def test_cache_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    write_corpus(tmp_path / "a.txt", 40)
+    old = os.umask(0o022)
+    try:
+        tc = tokens.prepare(tmp_path / "a.txt", "bpe", vocab_size=280, cache_dir=tmp_path / "c")
+        os.umask(0o027)
+        from selective_attention.utils.io import atomic_write_text
+
+        other = atomic_write_text(tmp_path / "o.txt", "x")
+    finally:
+        os.umask(old)
+    files = [tc.root / "train.bin", tc.root / "train.json", tc.root / "tokenizer" / "tokenizer.json"]
+    assert [oct(stat.S_IMODE(f.stat().st_mode)) for f in files] == [oct(0o644)] * 3  # mkstemp alone gives 0o600
+    assert stat.S_IMODE(other.stat().st_mode) == 0o640

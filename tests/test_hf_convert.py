@@ -8,61 +8,10 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    DynamicCache,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 from selective_attention import SSAConfig
 from selective_attention.hf import convert, model_temperatures
-from selective_attention.temperature import TemperatureFunction, temperature_parameters
-
-FAMILIES = ["gpt2", "neox", "llama"]
-VOCAB = 97
-
-
-def tiny(kind: str, seed: int = 0) -> nn.Module:
-    """A 2-layer random model of one family (Llama with GQA: 4 query heads, 2 key/value heads)."""
-    torch.manual_seed(seed)
-    if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                         bos_token_id=0, eos_token_id=0)
-        model = GPT2LMHeadModel(cfg)
-    elif kind == "neox":
-        cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25,
-                            bos_token_id=0, eos_token_id=0)
-        model = GPTNeoXForCausalLM(cfg)
-    elif kind == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
-        model = LlamaForCausalLM(cfg)
-    else:
-        raise ValueError(kind)
-    model.generation_config.pad_token_id = 0
-    return model.eval()
-
-
-@torch.no_grad()
-def randomise_temperatures(model: nn.Module, seed: int = 1, scale: float = 0.5) -> None:
-    """Non-trivial temperatures: random read-outs / MLP weights and position coefficients."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, TemperatureFunction):
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
-def ids(B: int = 2, T: int = 9, seed: int = 3) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (B, T), generator=g)
-
+from selective_attention.temperature import temperature_parameters
 
 CONFIGS = {
     "shared": SSAConfig(),
@@ -71,10 +20,9 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("cfg", ["shared", "mlp"])
-def test_identity_at_init(kind: str, cfg: str) -> None:
-    model = tiny(kind)
+def test_identity_at_init(family: str, cfg: str, tiny, ids, randomise_temperatures) -> None:
+    model = tiny(family)
     x = ids()
     with torch.no_grad():
         ref = model(x).logits
@@ -83,17 +31,16 @@ def test_identity_at_init(kind: str, cfg: str) -> None:
     assert model.config.ssa["sharing"] == CONFIGS[cfg].sharing
     with torch.no_grad():
         out = model(x).logits
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert torch.equal(out, ref)  # bit-exact: every temperature is exactly 1 and the fused join is a copy
     # the temperatures really are in the graph: randomising them changes the output
     randomise_temperatures(model)
     with torch.no_grad():
         assert (model(x).logits - ref).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("cfg", ["shared", "mlp", "qkv"])
-def test_every_temperature_parameter_gets_a_gradient(kind: str, cfg: str) -> None:
-    model = convert(tiny(kind), CONFIGS[cfg]).train()
+def test_every_temperature_parameter_gets_a_gradient(family: str, cfg: str, tiny, ids) -> None:
+    model = convert(tiny(family), CONFIGS[cfg]).train()
     x = ids()
     loss = model(x, labels=x).loss
     loss.backward()
@@ -106,24 +53,18 @@ def test_every_temperature_parameter_gets_a_gradient(kind: str, cfg: str) -> Non
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
-def test_cached_decoding_equals_full_forward(kind: str) -> None:
-    model = convert(tiny(kind), CONFIGS["qkv" if kind != "llama" else "shared"])
+def test_cached_decoding_equals_full_forward(family: str, tiny, ids, randomise_temperatures,
+                                            check_cached_decoding) -> None:
+    model = convert(tiny(family), CONFIGS["qkv" if family != "llama" else "shared"])
     randomise_temperatures(model)
     x = ids(B=2, T=12)
     with torch.no_grad():
         full = model(x).logits  # (B, T, V)
-        cache = DynamicCache(config=model.config)
-        step = model(x[:, :5], past_key_values=cache, use_cache=True).logits
-        torch.testing.assert_close(step, full[:, :5], atol=1e-4, rtol=0)
-        for t in range(5, 12):  # one token at a time: the position term must use absolute positions
-            step = model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits
-            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
+    check_cached_decoding(model, x, full)  # one token at a time: the position term must use absolute positions
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
-def test_generate_scores_match_full_forward(kind: str) -> None:
-    model = convert(tiny(kind), SSAConfig(sharing="mlp", mlp_hidden=8))
+def test_generate_scores_match_full_forward(family: str, tiny, ids, randomise_temperatures) -> None:
+    model = convert(tiny(family), SSAConfig(sharing="mlp", mlp_hidden=8))
     randomise_temperatures(model)
     x = ids(B=1, T=6)
     with torch.no_grad():
@@ -136,9 +77,8 @@ def test_generate_scores_match_full_forward(kind: str) -> None:
         torch.testing.assert_close(step_logits[0], full[0, 5 + i], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
-def test_left_padded_batch_generates_like_each_alone(kind: str) -> None:
-    model = convert(tiny(kind))
+def test_left_padded_batch_generates_like_each_alone(family: str, tiny, ids, randomise_temperatures) -> None:
+    model = convert(tiny(family))
     randomise_temperatures(model, scale=1.0)
     prompts = [ids(1, 4, seed=5)[0], ids(1, 9, seed=6)[0]]
     T = max(len(p) for p in prompts)
@@ -157,11 +97,10 @@ def test_left_padded_batch_generates_like_each_alone(kind: str) -> None:
                 torch.testing.assert_close(a[i], b[0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
-def test_eager_and_sdpa_backends_agree(kind: str) -> None:
-    base = tiny(kind)
-    sdpa = convert(copy.deepcopy(base), CONFIGS["qkv" if kind != "llama" else "shared"], backend="sdpa")
-    eager = convert(copy.deepcopy(base), CONFIGS["qkv" if kind != "llama" else "shared"], backend="eager")
+def test_eager_and_sdpa_backends_agree(family: str, tiny, ids, randomise_temperatures) -> None:
+    base = tiny(family)
+    sdpa = convert(copy.deepcopy(base), CONFIGS["qkv" if family != "llama" else "shared"], backend="sdpa")
+    eager = convert(copy.deepcopy(base), CONFIGS["qkv" if family != "llama" else "shared"], backend="eager")
     assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("ssa", "ssa_eager")
     randomise_temperatures(sdpa)
     randomise_temperatures(eager)
@@ -178,17 +117,17 @@ def test_eager_and_sdpa_backends_agree(kind: str) -> None:
         assert convert(plain_eager).config._attn_implementation == "ssa_eager"
 
 
-def test_deepcopy_of_a_converted_model_is_independent() -> None:
+def test_deepcopy_of_a_converted_model_is_independent(tiny, ids, randomise_temperatures) -> None:
     model = convert(tiny("llama"))
     clone = copy.deepcopy(model)
     randomise_temperatures(clone)
     x = ids()
     with torch.no_grad():
-        torch.testing.assert_close(model(x).logits, tiny("llama")(x).logits, atol=1e-5, rtol=0)
+        assert torch.equal(model(x).logits, tiny("llama")(x).logits)
         assert (clone(x).logits - model(x).logits).abs().max() > 1e-3
 
 
-def test_model_temperatures_shapes_and_padding() -> None:
+def test_model_temperatures_shapes_and_padding(tiny, ids, randomise_temperatures) -> None:
     model = convert(tiny("llama"))  # GQA: value heads are repeated to the 4 query heads
     randomise_temperatures(model)
     x = ids(B=2, T=7)
@@ -212,7 +151,7 @@ class MyOwnNet(nn.Module):
         self.lin = nn.Linear(4, 4)
 
 
-def test_unsupported_model_raises_naming_its_class() -> None:
+def test_unsupported_model_raises_naming_its_class(tiny) -> None:
     with pytest.raises(ValueError, match="MyOwnNet"):
         convert(MyOwnNet())
     model = convert(tiny("gpt2"))

@@ -6,12 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from transformers import DynamicCache
 
 from selective_attention import SSAConfig
 from selective_attention.hf import convert
-from selective_attention.hf.convert import find_sites
-from test_hf_convert import ids, randomise_temperatures
+from selective_attention.hf.adapters import find_sites
 
 COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -31,7 +29,8 @@ def build(family: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("family", list(KWARGS))
-def test_generic_family_identity_and_cached_decoding(family: str) -> None:
+def test_generic_family_identity_and_cached_decoding(family: str, ids, randomise_temperatures,
+                                                     check_cached_decoding) -> None:
     model = build(family)
     x = ids(B=2, T=9)
     with torch.no_grad():
@@ -39,21 +38,26 @@ def test_generic_family_identity_and_cached_decoding(family: str) -> None:
     convert(model)
     assert len(find_sites(build(family))) == 2
     with torch.no_grad():
-        torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=0)
+        assert torch.equal(model(x).logits, ref)
     randomise_temperatures(model)
     with torch.no_grad():
         full = model(x).logits
         assert (full - ref).abs().max() > 1e-3
-        cache = DynamicCache(config=model.config)
-        model(x[:, :5], past_key_values=cache, use_cache=True)
-        for t in range(5, 9):
-            step = model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits
-            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
+    check_cached_decoding(model, x, full)
 
 
-def test_key_temperature_refused_where_keys_are_normalised() -> None:
-    with pytest.raises(ValueError, match="key temperature"):
-        convert(build("Qwen3"), SSAConfig(key=True))
+def test_key_temperature_acts_after_the_key_norm(ids, randomise_temperatures, check_cached_decoding) -> None:
+    """Qwen3 normalises keys (k_norm): the key temperature multiplies the norm's output, so it is not erased."""
+    base = build("Qwen3")
+    x = ids(B=2, T=9)
+    with torch.no_grad():
+        ref = base(x).logits
+    model = convert(build("Qwen3"), SSAConfig(query=False, value=False, key=True))
+    randomise_temperatures(model)
+    with torch.no_grad():
+        full = model(x).logits
+        assert (full - ref).abs().max() > 1e-2
+    check_cached_decoding(model, x, full)
 
 
 def test_unsupported_transformers_family_is_named() -> None:

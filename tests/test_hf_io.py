@@ -7,51 +7,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 from selective_attention import SSAConfig, param_groups
 from selective_attention.cli import main as ssa_main
 from selective_attention.hf import convert, from_pretrained, load_pretrained, parameter_report
 from selective_attention.temperature import temperature_parameters
-from test_hf_convert import FAMILIES, ids, randomise_temperatures, tiny
 
 EOT = "<|endoftext|>"
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A 257-token byte-level tokenizer (no merges) built locally: nothing is downloaded."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab[EOT] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT)
-
-
-def tiny_llama_257() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      bos_token_id=256, eos_token_id=256, pad_token_id=256)
-    return LlamaForCausalLM(cfg).eval()
 
 
 # ---------------------------------------------------------------------------------------------- save / load
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("sharing", ["shared", "mlp"])
-def test_save_load_restores_the_converted_model_exactly(tmp_path: Path, kind: str, sharing: str) -> None:
-    model = convert(tiny(kind), SSAConfig(sharing=sharing))  # mlp width sized from the model (mlp_growth)
+def test_save_load_restores_the_converted_model_exactly(tmp_path: Path, family: str, sharing: str, tiny, ids,
+                                                        randomise_temperatures) -> None:
+    model = convert(tiny(family), SSAConfig(sharing=sharing))  # mlp width sized from the model (mlp_growth)
     randomise_temperatures(model)
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -71,7 +49,7 @@ def test_save_load_restores_the_converted_model_exactly(tmp_path: Path, kind: st
         torch.testing.assert_close(eager(x).logits, model(x).logits, atol=1e-5, rtol=0)
 
 
-def test_from_pretrained_loads_a_plain_model_and_rejects_a_bad_dir(tmp_path: Path) -> None:
+def test_from_pretrained_loads_a_plain_model_and_rejects_a_bad_dir(tmp_path: Path, tiny, ids) -> None:
     from selective_attention.errors import UserError
 
     model = tiny("gpt2")
@@ -114,7 +92,7 @@ def test_parameter_budget_on_real_shapes(name: str) -> None:
 # ------------------------------------------------------------------------------------------- training modes
 
 
-def test_full_fine_tune_with_a_separate_temperature_learning_rate() -> None:
+def test_full_fine_tune_with_a_separate_temperature_learning_rate(tiny, ids) -> None:
     model = convert(tiny("llama")).train()
     groups = param_groups(model, lr=1e-3, temperature_lr=5e-2)
     by_name = {g["name"]: g for g in groups}
@@ -131,7 +109,7 @@ def test_full_fine_tune_with_a_separate_temperature_learning_rate() -> None:
         assert not torch.equal(p, before[n]), f"{n} did not move"
 
 
-def test_temperatures_only_keeps_the_base_frozen() -> None:
+def test_temperatures_only_keeps_the_base_frozen(tiny, ids) -> None:
     model = convert(tiny("gpt2"), SSAConfig(sharing="mlp", mlp_hidden=8)).train()
     groups = param_groups(model, lr=1e-3, temperature_lr=1e-2, temperatures_only=True)
     assert [g["name"] for g in groups] == ["temperature"]
@@ -153,10 +131,11 @@ def test_temperatures_only_keeps_the_base_frozen() -> None:
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
-def test_cli_convert_writes_a_loadable_model_and_reports(tmp_path: Path, capsys) -> None:
+def test_cli_convert_writes_a_loadable_model_and_reports(tmp_path: Path, capsys, ids, byte_tokenizer,
+                                                         tiny_llama_257) -> None:
     src = tmp_path / "plain"
     tiny_llama_257().save_pretrained(src)
-    byte_tokenizer().save_pretrained(src)
+    byte_tokenizer.save_pretrained(src)
     out = tmp_path / "ssa"
     rc = ssa_main(["convert", "--model", str(src), "--out", str(out), "--sharing", "mlp", "--report"])
     assert rc == 0

@@ -7,11 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
+import selective_attention
 from selective_attention.cli import main
 from selective_attention.errors import UserError
-from selective_attention.report.analysis import _probabilities, capture_attention, row_statistics
 from selective_attention.report.builder import (
     broken_images,
     build_report,
@@ -130,41 +129,110 @@ def test_report_cli_and_errors(tmp_path, capsys):
     assert len(load_run(bad).metrics) == 1
 
 
-@pytest.mark.parametrize("gqa", [False, True])
-def test_capture_attention_rebuilds_sdpa_probabilities(gqa):
-    torch.manual_seed(0)
-    B, H, T, D = 2, 4, 7, 8
-    q = torch.randn(B, H, T, D)
-    k = torch.randn(B, 2 if gqa else H, T, D)
-    v = torch.randn_like(k)
-    rows: list[torch.Tensor] = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    with capture_attention(rows):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    assert torch.nn.functional.scaled_dot_product_attention is real and len(rows) == 1
-    w = rows[0]
-    vv = v.repeat_interleave(H // v.shape[1], dim=1)
-    torch.testing.assert_close(w @ vv, out, atol=1e-5, rtol=1e-5)
-    assert torch.triu(w[0, 0], diagonal=1).abs().max() == 0
-    # a float mask is added to the logits
-    mask = torch.zeros(T, T)
-    mask[:, 0] = -1e9
-    w2 = _probabilities(q, k, mask, True, None)
-    assert w2[..., 1:, 0].abs().max() < 1e-6
-
-
-def test_row_statistics_uniform_and_onehot():
-    T = 6
-    uniform = torch.tril(torch.ones(T, T))
-    uniform = uniform / uniform.sum(-1, keepdim=True)
-    st = row_statistics(uniform[None, None])
-    assert st["entropy"].tolist() == pytest.approx([math.log(p) for p in range(1, T + 1)], abs=1e-5)
-    assert st["max_weight"].tolist() == pytest.approx([1 / p for p in range(1, T + 1)], abs=1e-6)
-    onehot = torch.eye(T)
-    assert row_statistics(onehot[None])["entropy"].abs().max() < 1e-5
-
-
 def test_token_axis_labels_are_short():
     from selective_attention.report.builder import _short_count
 
     assert [_short_count(x) for x in (0, 300, 50_000, 125_000, 1.5e6, 2e9)] == ["0", "300", "50k", "125k", "1.5M", "2B"]
+
+
+# ------------------------------------------------------------------------------------------------ reads JSON only
+
+ALLOWED = {"numpy", "matplotlib"}
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            raise AssertionError(f"{path.name}: relative import")
+    return out
+
+
+def test_report_imports_only_utils_errors_stdlib_numpy_matplotlib():
+    import sys
+
+    files = sorted((Path(selective_attention.__file__).parent / "report").glob("*.py"))
+    assert {f.name for f in files} >= {"builder.py", "cli.py", "viz.py"}
+    for f in files:
+        for m in _imports(f):
+            top = m.split(".")[0]
+            if top == "selective_attention":
+                assert m.split(".")[1] in ("utils", "errors", "report"), f"report/{f.name} imports {m}"
+            else:
+                assert top in sys.stdlib_module_names or top in ALLOWED or top == "__future__", \
+                    f"report/{f.name} imports {m}"
+
+
+def probe_json(run: Path, tokens: list[str], tau: list[float], T: int = 8, entropy_scale: float = 1.0) -> dict:
+    probe = {"format": 1, "settings": {}, "tokens": tokens, "n_layers": 2,
+             "temperatures": {"query": {"mean": tau, "per_layer": [tau, tau]},
+                              "value": {"mean": [1.0] * len(tau), "per_layer": [[1.0] * len(tau)] * 2}},
+             "dilution": {"position": list(range(1, T + 1)),
+                          "entropy": [entropy_scale * math.log(p) for p in range(1, T + 1)],
+                          "max_weight": [1 / p for p in range(1, T + 1)],
+                          "uniform_entropy": [math.log(p) for p in range(1, T + 1)]},
+             "notes": []}
+    (run / "probe.json").write_text(json.dumps(probe))
+    return probe
+
+
+def test_report_renders_probes_from_probe_json_without_model_code(tmp_path):
+    """probe.json -> dilution figure and temperature pictures; the report process never imports model code
+    (transformers, hf, data, evaluate, ...)."""
+    import subprocess
+    import sys
+
+    v = write_run(tmp_path / "v", "vanilla", 0, [50, 40, 30])
+    s = write_run(tmp_path / "s", "ssa", 0, [50, 35, 25])
+    probe_json(v, [], [], entropy_scale=1.0)
+    pv = json.loads((v / "probe.json").read_text())
+    pv["temperatures"], pv["tokens"] = None, None
+    (v / "probe.json").write_text(json.dumps(pv))
+    ps = probe_json(s, ["The", " cat", " sat"], [0.9, 1.7, 1.2], entropy_scale=0.5)
+    (s / "probe.json").write_text(json.dumps({**ps, "notes": ["dilution probe failed (X: y)."]}))
+    out = tmp_path / "rep"
+    code = ("import sys, json; from selective_attention.report.builder import build_report; "
+            f"s = build_report([{str(v)!r}, {str(s)!r}], {str(out)!r}, title='t'); "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'transformers' or m.split('.')[:2] in "
+            "[['selective_attention', x] for x in ('hf', 'data', 'evaluate', 'train', 'experiments')]]; "
+            "assert not bad, bad; "
+            "print(json.dumps(s['figures']))")
+    src = str(Path(selective_attention.__file__).parents[1])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src},
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(r.stdout)
+    assert figures["dilution"] == "figures/dilution.png"
+    assert figures["temperatures_ssa"] == "figures/temperatures_ssa.png"
+    assert "temperatures_vanilla" not in figures
+    html = (out / "report.html").read_text()
+    assert [t for t in ("tau=0.9000", "tau=1.7000", "tau=1.2000") if t in html] == ["tau=0.9000", "tau=1.7000",
+                                                                                    "tau=1.2000"]
+    assert "ssa: dilution probe failed (X: y)." in html
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["dilution"]["ssa"]["entropy"] == ps["dilution"]["entropy"]
+    assert rep["temperatures"]["ssa"] == {"tokens": ["The", " cat", " sat"], "values": [0.9, 1.7, 1.2],
+                                          "target": "query", "layer": "mean"}
+    assert broken_images(out / "report.html")[1] == []
+
+
+def test_report_notes_runs_without_a_probe(tmp_path):
+    a = write_run(tmp_path / "a", "vanilla", 0, [50, 40, 30])
+    b = write_run(tmp_path / "b", "ssa", 0, [50, 45, 40])
+    (b / "final").mkdir()
+    s = build_report([a, b], tmp_path / "r")
+    assert s["notes"] == ["vanilla: no final/ model directory, so no dilution or temperature figure.",
+                          "ssa: its final/ model has not been probed (no probe.json; `ssa report` probes it), "
+                          "so no dilution or temperature figure."]
+    assert "dilution" not in s["figures"]
+    probe_json(b, ["x"], [1.0])
+    assert "dilution" not in build_report([a, b], tmp_path / "r2", probe=False)["figures"]
+    (b / "probe.json").write_text("{broken")
+    with pytest.raises(UserError, match="probe.json: invalid JSON"):
+        build_report([a, b], tmp_path / "r3")

@@ -73,3 +73,30 @@ def test_viz_errors(tiny_dirs, tmp_path):
     assert main(["viz", "temperatures", "--model", van, "--out", str(tmp_path / "x.png")]) == 2
     assert main(["viz", "temperatures", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_viz_renders_a_probe_json_without_the_model(tiny_dirs, tmp_path, capsys):
+    """`ssa viz --probe` draws the probe's numbers: the same titles as `--model` on the same text."""
+    import json
+    import shutil
+
+    from selective_attention.evaluate.probe import probe_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dirs["ssa"], run / "final")
+    probe = probe_run(run, text=TEXT)
+    a, b = tmp_path / "a.html", tmp_path / "b.html"
+    assert main(["viz", "temperatures", "--probe", str(run), "--out", str(a), "--layer", "1"]) == 0
+    assert main(["viz", "temperatures", "--model", str(run / "final"), "--text", TEXT, "--out", str(b),
+                 "--layer", "1"]) == 0
+    titles = [float(x) for x in re.findall(r'title="tau=([0-9.]+)"', a.read_text())]
+    assert titles == pytest.approx(probe["temperatures"]["query"]["per_layer"][1], abs=1e-4)
+    assert re.findall(r'title="[^"]+"', a.read_text()) == re.findall(r'title="[^"]+"', b.read_text())
+    capsys.readouterr()
+    assert main(["viz", "temperatures", "--probe", str(run / "probe.json"), "--text", "x",
+                 "--out", str(tmp_path / "c.html")]) == 2
+    assert "--text and --text-file need --model" in capsys.readouterr().err
+    (run / "probe.json").write_text(json.dumps({**probe, "temperatures": None}))
+    assert main(["viz", "temperatures", "--probe", str(run), "--out", str(tmp_path / "c.html")]) == 2
+    assert main(["viz", "temperatures", "--probe", str(tmp_path / "nope"), "--out", str(tmp_path / "c.html")]) == 2
+    assert not (tmp_path / "c.html").exists()

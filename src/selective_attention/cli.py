@@ -18,8 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("selective_attention.evaluate.cli", "perplexity, zero-shot benchmarks and passkey retrieval"),
     "convert": ("selective_attention.hf.cli", "fit SSA onto a pretrained Hugging Face model"),
     "experiment": ("selective_attention.experiments.cli", "run one of the paper's experiments"),
-    "viz": ("selective_attention.report.viz_cli", "visualise learned temperatures"),
-    "report": ("selective_attention.report.cli", "build the HTML/Markdown report of run directories"),
+    "viz": ("selective_attention.evaluate.viz_cli", "visualise learned temperatures"),
+    "report": ("selective_attention.evaluate.report_cli", "build the HTML/Markdown report of run directories"),
     "bench": ("selective_attention.bench.cli", "speed and memory benchmarks (SSA / vanilla ratios)"),
 }
 

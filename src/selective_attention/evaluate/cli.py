@@ -136,9 +136,46 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float
         raise UserError(f"cannot load model from {p}: {msg}") from e
     if tok is None:
         raise UserError(f"model directory has no tokenizer: {p}")
+    bad = nonfinite_weights(model)
+    if bad:
+        raise UserError(f"cannot evaluate {p}: {len(bad)} weight tensor(s) hold NaN or inf ({_names(bad)}); "
+                        "the weights file is corrupt")
     model.to(device=torch.device(device), dtype=getattr(torch, dtype))
     model.eval()
     return model, tok
+
+
+def nonfinite_weights(model) -> list[str]:
+    """Names of the parameters and buffers that hold a NaN or an infinity."""
+    import torch
+
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [n for n, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _names(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_finite(result: dict, model) -> None:
+    """A measured metric that is NaN or infinite is an error naming it and its likely cause, never a result."""
+    metrics = {f"perplexity {k}": v for k, v in result.get("perplexity", {}).items()
+               if k in ("loss", "token_ppl", "word_ppl")}
+    for task, r in result.get("zero_shot", {}).items():
+        metrics.update({f"{task} {k}": r[k] for k in ("acc", "acc_norm", "perplexity") if k in r})
+    if "passkey" in result:
+        metrics["passkey accuracy"] = result["passkey"]["accuracy"]
+    bad = [f"{k} = {v}" for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return
+    weights = nonfinite_weights(model)
+    if weights:
+        cause = f"the weights hold NaN or inf ({_names(weights)})"
+    else:
+        name, p = max(model.named_parameters(), key=lambda kv: float(kv[1].detach().abs().max()))
+        cause = (f"the model's outputs overflow in {result.get('dtype', 'its dtype')} (largest weight "
+                 f"|{float(p.detach().abs().max()):.3g}| in {name}); are the weights corrupt?")
+    raise UserError(f"non-finite result ({_names(bad, 4)}): {cause}")
 
 
 def resolve_device(name: str) -> str:
@@ -203,7 +240,7 @@ def run(args) -> int:
         check_lengths(tok, lengths)
     progress = not args.no_progress
 
-    result: dict = {"model": str(args.model), "tasks": tasks, "limit": limit}
+    result: dict = {"model": str(args.model), "tasks": tasks, "limit": limit, "dtype": args.dtype}
     ssa = getattr(model.config, "ssa", None)
     result["attention"] = "ssa" if ssa else "vanilla"
     if ssa:
@@ -232,6 +269,7 @@ def run(args) -> int:
                                     progress=progress)
         png = out.with_name(out.stem + "_passkey.png")
         result["passkey"]["heatmap"] = png.name
+    check_finite(result, model)
     result["elapsed_s"] = time.time() - t0
 
     from selective_attention.evaluate.passkey import heatmap

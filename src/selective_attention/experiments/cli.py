@@ -3,6 +3,8 @@
 An experiment module (registered in ``EXPERIMENTS``) defines:
     Config          a dataclass of its settings (defaults = the CPU-sized run)
     DEFAULT_SEEDS   how many seeds by default
+    BUDGETS         (optional) named presets of Config overrides for ``--budget``, and BUDGET_SEEDS their seeds;
+                    a Config with a ``budget`` field records the preset it ran under
     run(out, config, seeds, progress=True) -> dict   writes results.json, PNGs, summary.md; returns the results
 """
 
@@ -30,7 +32,10 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "norm": ("selective_attention.experiments.norm",
              "Lemma 1 in numbers: the smallest ||W_q W_k^T|| for targets of growing sparsity, vanilla vs SSA"),
     "ablations": ("selective_attention.experiments.ablations", "temperatures on Q/K/V, token vs position, other rules"),
-    "lm": ("selective_attention.experiments.lm", "LM pre-training from scratch and SmolLM2-135M fine-tuning"),
+    "lm": ("selective_attention.experiments.lm",
+           "LM study: vanilla vs SSA vs baselines from scratch, paired over seeds, perplexity by length (--budget)"),
+    "finetune": ("selective_attention.experiments.finetune",
+                 "SmolLM2-135M fine-tuned: vanilla vs convert + fine-tune vs temperatures only (--budget)"),
 }
 
 
@@ -40,17 +45,30 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(EXPERIMENTS[name][0])
 
 
+def budget_overrides(mod: ModuleType, budget: str | None) -> dict[str, Any]:
+    """The Config overrides of a named budget (``--budget``); {} for None."""
+    if budget is None:
+        return {}
+    budgets = getattr(mod, "BUDGETS", None)
+    if not budgets:
+        raise UserError(f"{mod.__name__.rsplit('.', 1)[-1]} has no budgets: drop --budget")
+    if budget not in budgets:
+        raise UserError(f"unknown budget {budget!r}; choose from {', '.join(budgets)}")
+    return {**budgets[budget], "budget": budget}
+
+
 def run_experiment(name: str, out: str | Path, seeds: int | list[int] | None = None, seed: int = 0,
-                   progress: bool = True, **overrides: Any) -> dict[str, Any]:
+                   progress: bool = True, budget: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Run experiment ``name`` into ``out``; ``seeds`` is a count (seeds seed..seed+N-1) or an explicit list;
-    ``overrides`` replace fields of the experiment's Config. Returns the results.json content."""
+    ``budget`` picks a preset of the experiment's Config and ``overrides`` replace fields on top of it.
+    Returns the results.json content."""
     mod = load(name)
     try:
-        config = dataclasses.replace(mod.Config(), **overrides)
+        config = dataclasses.replace(mod.Config(), **{**budget_overrides(mod, budget), **overrides})
     except TypeError as e:
         raise UserError(f"{name}: {e}") from None
     if seeds is None:
-        seeds = mod.DEFAULT_SEEDS
+        seeds = getattr(mod, "BUDGET_SEEDS", {}).get(budget, mod.DEFAULT_SEEDS)
     seed_list = list(range(seed, seed + seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise UserError("--seeds must be at least 1")
@@ -64,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="; ".join(f"{k}: {v[1]}" for k, v in EXPERIMENTS.items()))
     parser.add_argument("--out", required=True, help="output directory (results.json, *.png, summary.md)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the experiment's)")
+    parser.add_argument("--budget", default=None, metavar="NAME",
+                        help="a preset of the experiment's settings (lm: quick | default | full); --set applies on top")
     parser.add_argument("--seed", type=int, default=0, help="first seed (seeds are SEED .. SEED+N-1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the experiment's Config (repeatable)")
@@ -78,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise UserError("--seeds must be at least 1")
     results = run_experiment(args.name, args.out, seeds=args.seeds, seed=args.seed,
-                             progress=not args.no_progress, **overrides)
+                             progress=not args.no_progress, budget=args.budget, **overrides)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     print(f"wrote {Path(args.out) / 'results.json'} ({len(results['seeds'])} seeds)")
     return 0

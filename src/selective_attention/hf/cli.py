@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from selective_attention.config import add_ssa_arguments, ssa_config_from_args
@@ -17,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (safetensors + config.json with 'ssa')")
     add_ssa_arguments(p)
     p.add_argument("--report", action="store_true", help="print base / new parameter counts")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace an --out directory that an earlier 'ssa convert' wrote (nothing else is removed)")
 
 
 def format_report(rep: dict, name: str = "") -> str:
@@ -27,13 +25,12 @@ def format_report(rep: dict, name: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selective_attention.hf import convert, load_pretrained, parameter_report
-    from selective_attention.hf.convert import is_converted
+    from selective_attention.hf import convert, is_converted, load_pretrained, parameter_report
+    from selective_attention.hf.save import check_output, write_model_dir
     from selective_attention.utils.io import atomic_write_json
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise UserError(f"--out {out} exists and is not empty (use --force to overwrite)")
+    check_output(out, args.force)  # before the (slow) load: refuse early
     try:
         cfg = ssa_config_from_args(args)
     except ValueError as e:
@@ -46,20 +43,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     rep = parameter_report(model)
-    # Write beside the target, then swap in: a crash never leaves a half-written model directory.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tok is not None:
             tok.save_pretrained(tmp)
         atomic_write_json(tmp / "ssa_parameters.json", rep)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else os.unlink(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_model_dir(out, write, force=args.force)
     if args.report:
         print(format_report(rep, type(model).__name__))
     print(f"wrote {out}")

@@ -1,4 +1,4 @@
-"""Save / load, parameter counts and temperature read-out for converted Hugging Face models."""
+"""Load SSA-converted (or plain) Hugging Face models: a directory or a .gguf file, offline."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from selective_attention.config import SSAConfig
 from selective_attention.errors import UserError
-from selective_attention.hf.convert import TEMPERATURE_ATTR, _state, convert, is_converted
-from selective_attention.temperature import temperature_parameters
+from selective_attention.hf.attention import register
+from selective_attention.hf.convert import convert
+from selective_attention.hf.state import TEMPERATURE_ATTR
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -62,6 +63,7 @@ def from_pretrained(path: str | os.PathLike, *, attn_implementation: str | None 
     backend = {"ssa": "sdpa", "ssa_eager": "eager"}.get(backend, backend)
     if backend not in ("sdpa", "eager"):
         raise ValueError(f"a converted model runs with attn_implementation 'sdpa' or 'eager', got {backend!r}")
+    register()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the stock class reports the SSA tensors as unexpected keys: expected
     try:
@@ -93,70 +95,57 @@ def _drop_dequantised_gguf_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
-def load_pretrained(path_or_gguf: str | os.PathLike, **kwargs: Any) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a Hugging Face dir (SSA-converted or plain) or a .gguf file, offline, float32
-    for GGUF (dequantised). The tokenizer is None when the directory has none."""
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters and buffers to ``dtype`` in place (master weights), integer / quantised ones kept; works
+    where ``model.to(dtype)`` is refused (a model that still carries a quantizer)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)
+
+
+def _load(p: Path, dtype: torch.dtype | None, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = Path(path_or_gguf)
-    if not p.exists():
-        raise UserError(f"no such model file or directory: {p}")
     if p.is_file():
         if p.suffix != ".gguf":
             raise UserError(f"expected a model directory or a .gguf file, got {p}")
-        kwargs.setdefault("dtype", torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                     dtype=dtype or torch.float32, **kwargs)
         _drop_dequantised_gguf_quantizer(model)
         tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-        return model, tok
-    model = from_pretrained(p, **kwargs)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(p))
-    except (OSError, ValueError):
-        tok = None
+    else:
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = from_pretrained(p, **kwargs)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p))
+        except (OSError, ValueError):
+            tok = None
+    if dtype is not None:
+        _cast_floating(model, dtype)
     return model, tok
 
 
-def parameter_report(model: nn.Module) -> dict[str, Any]:
-    """{"base", "new", "total", "percent"}: parameters of the original model, added by SSA, and new / base in %."""
-    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    new = sum(p.numel() for p in temperature_parameters(model))
-    base = total - new
-    return {"base": base, "new": new, "total": total, "percent": 100.0 * new / base if base else 0.0}
+def load_pretrained(path_or_gguf: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    **kwargs: Any) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a Hugging Face dir (SSA-converted or plain) or a .gguf file, offline. The tokenizer
+    is None when the directory has none.
 
-
-@torch.no_grad()
-def model_temperatures(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None
-                       ) -> dict[str, Tensor]:
-    """Per-layer query and value temperatures {"query": (L, B, H, T), "value": (L, B, H, T)} in float32 for one
-    forward pass (value heads repeated for GQA; a target without a temperature reports ones). Positions follow
-    the attention mask (left padding), as in ``generate``."""
-    if not is_converted(model):
-        raise ValueError(f"{type(model).__name__} is not SSA-converted")
-    attns = [m for m in model.modules() if hasattr(m, "_ssa_state")]
-    position_ids = None
-    if attention_mask is not None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    for a in attns:
-        _state(a).record = []
+    ``dtype``: the floating dtype of every floating parameter (``torch.float32`` for float32 master weights);
+    default: the checkpoint's own for a directory, float32 for GGUF (dequantised). Any failure to load raises
+    ``UserError`` with a one-line message."""
+    p = Path(path_or_gguf).expanduser()
+    if not p.exists():
+        raise UserError(f"no such model file or directory: {p}")
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        records = [_state(a).record for a in attns]
-    finally:
-        for a in attns:
-            _state(a).record = None
-    B, T = input_ids.shape
-    out: dict[str, Tensor] = {}
-    for target in ("query", "value"):
-        layers = []
-        for a, rec in zip(attns, records):
-            H = _state(a).n_heads
-            tau = rec[-1].get(target) if rec else None
-            if tau is None:
-                tau = torch.ones(B, H, T)
-            tau = tau.float().cpu().expand(B, -1, T)
-            if tau.shape[1] != H:
-                tau = tau.repeat_interleave(H // tau.shape[1], dim=1)
-            layers.append(tau)
-        out[target] = torch.stack(layers)  # (L, B, H, T)
-    return out
+        return _load(p, dtype, dict(kwargs))
+    except UserError:
+        raise
+    except Exception as e:  # a broken config / weights / tokenizer: one line, never a traceback at the CLI
+        raise UserError(f"cannot load model {p}: {_one_line(e)}") from e

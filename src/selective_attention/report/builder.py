@@ -1,6 +1,8 @@
 """The report of a set of training runs: HTML (relative PNG paths), Markdown and JSON.
 
-Input: run directories in the trainer's layout (``metrics.jsonl``, ``run.json``, optionally ``final/``).
+Input: run directories in the trainer's layout (``metrics.jsonl``, ``run.json``), optionally with the
+``probe.json`` that ``selective_attention.evaluate.probe.probe_run`` writes from the run's ``final/`` model.
+This package only reads JSON: it never loads a model or a corpus.
 Runs are grouped into methods (vanilla, ssa, ssa-mlp, ... or explicit labels), seeds are averaged.
 
 - validation perplexity vs tokens, per method (mean over seeds, each seed faint);
@@ -8,15 +10,14 @@ Runs are grouped into methods (vanilla, ssa, ssa-mlp, ... or explicit labels), s
   divided by the tokens another method needs to reach that same perplexity (first crossing, linearly
   interpolated between evaluations on the mean curve); "not reached" when it never gets there;
 - a mean +- std table over seeds; parameter overhead;
-- from the trained models (``final/``), when present: a Figure-1-style per-token temperature picture and the
-  dilution plot (attention entropy and max weight vs query position).
+- from ``probe.json``, when present: a Figure-1-style per-token temperature picture and the dilution plot
+  (attention entropy and max weight vs query position).
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,9 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from selective_attention.errors import UserError  # noqa: E402
+from selective_attention.utils import stats  # noqa: E402
 from selective_attention.utils.io import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-
-SAMPLE_TEXT = ("The committee met in the old library on Tuesday. After a long debate about the budget, "
-               "the chair proposed a compromise: the museum would stay open, but the new wing would wait "
-               "until next year. Everyone agreed, and the meeting ended early.")
+from selective_attention.utils.stats import is_finite, mean_std  # noqa: E402
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
@@ -52,7 +51,7 @@ class Run:
 
     def val_curve(self) -> tuple[np.ndarray, np.ndarray]:
         pts = sorted((float(m["tokens"]), float(m["val_ppl"])) for m in self.metrics
-                     if "val_ppl" in m and m.get("tokens") is not None and _finite(m["val_ppl"]))
+                     if "val_ppl" in m and m.get("tokens") is not None and is_finite(m["val_ppl"]))
         if not pts:
             return np.zeros(0), np.zeros(0)
         t, p = zip(*pts)
@@ -60,18 +59,11 @@ class Run:
 
     def train_curve(self) -> tuple[np.ndarray, np.ndarray]:
         pts = [(float(m["tokens"]), float(m["train_loss"])) for m in self.metrics
-               if "train_loss" in m and m.get("tokens") is not None and _finite(m["train_loss"])]
+               if "train_loss" in m and m.get("tokens") is not None and is_finite(m["train_loss"])]
         if not pts:
             return np.zeros(0), np.zeros(0)
         t, p = zip(*sorted(pts))
         return np.asarray(t), np.asarray(p)
-
-
-def _finite(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
 
 
 def method_label(info: dict[str, Any]) -> str:
@@ -146,11 +138,10 @@ def tokens_to_reach(tokens: np.ndarray, ppl: np.ndarray, target: float) -> float
     return None
 
 
-def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
-    xs = [float(x) for x in xs if _finite(x)]
-    if not xs:
-        return None, None
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+def _mean_std(xs: list[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample std of the finite values; (None, None) when there is none."""
+    xs = [x for x in xs if is_finite(x)]
+    return mean_std(xs) if xs else (None, None)
 
 
 def summarise(groups: dict[str, list[Run]], baseline: str | None = None) -> dict[str, Any]:
@@ -168,7 +159,7 @@ def summarise(groups: dict[str, list[Run]], baseline: str | None = None) -> dict
         for key in ("final_val_ppl", "final_val_loss", "tokens_per_s", "tokens"):
             vals = [r.info.get(key) for r in rs]
             if key.startswith("final_val"):  # fall back on the last validation line of metrics.jsonl
-                vals = [v if _finite(v) else _last_metric(r, key[len("final_"):]) for v, r in zip(vals, rs)]
+                vals = [v if is_finite(v) else _last_metric(r, key[len("final_"):]) for v, r in zip(vals, rs)]
             d[key], d[key + "_std"] = _mean_std(vals)
         params = next((r.info["parameters"] for r in rs if isinstance(r.info.get("parameters"), dict)), None)
         d["parameters"] = params
@@ -188,7 +179,7 @@ def summarise(groups: dict[str, list[Run]], baseline: str | None = None) -> dict
 
 def _last_metric(run: Run, key: str) -> float | None:
     for m in reversed(run.metrics):
-        if key in m and _finite(m[key]):
+        if key in m and is_finite(m[key]):
             return float(m[key])
     return None
 
@@ -277,6 +268,9 @@ def plot_parameters(methods: dict[str, Any], path: Path) -> Path | None:
 
 # ----------------------------------------------------------------------------------------------- probes
 
+PROBE_FILE = "probe.json"  # written by selective_attention.evaluate.probe.probe_run
+
+
 @dataclass
 class Probes:
     dilution: dict[str, dict[str, list[float]]] = field(default_factory=dict)
@@ -284,75 +278,41 @@ class Probes:
     notes: list[str] = field(default_factory=list)
 
 
-def probe_models(groups: dict[str, list[Run]], sample_text: str | None = None, n_seqs: int = 4,
-                 seq_len: int = 128) -> Probes:
-    """Load each method's first ``final/`` model; measure dilution on validation text and temperatures on the
-    sample text. Anything that cannot be measured becomes a note in the report instead of an error."""
-    import torch
+def read_probe(run: Run) -> dict[str, Any] | None:
+    path = run.path / PROBE_FILE
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg}); delete it and run `ssa report` to probe again") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return obj
 
+
+def collect_probes(groups: dict[str, list[Run]]) -> Probes:
+    """Each method's first ``probe.json``: dilution curves and the query temperatures (mean over layers) of
+    the sample text. Runs without one become notes (``ssa report`` probes them first)."""
     out = Probes()
     for m, rs in groups.items():
-        run = next((r for r in rs if (r.path / "final").is_dir()), None)
-        if run is None:
-            out.notes.append(f"{m}: no final/ model directory, so no dilution or temperature figure.")
-            continue
-        try:
-            from transformers import AutoTokenizer
-
-            from selective_attention.hf import from_pretrained
-
-            model = from_pretrained(str(run.path / "final"))
-            model.eval()
-            tok = AutoTokenizer.from_pretrained(str(run.path / "final"))
-        except Exception as e:  # the report still has the curves and tables
-            out.notes.append(f"{m}: could not load {run.path / 'final'} ({type(e).__name__}: {e}).")
-            continue
-        cfg = run.info.get("config", {})
-        T = min(seq_len, int(cfg.get("seq_len") or seq_len))
-        ids = _validation_batch(tok, cfg.get("data") or "wiki", n_seqs, T, sample_text)
-        try:
-            with torch.no_grad():
-                curve = _dilution(model, ids)
-            if curve is None:
-                out.notes.append(f"{m}: its attention does not go through SDPA, no dilution curve.")
+        found = next(((r, p) for r in rs if (p := read_probe(r)) is not None), None)
+        if found is None:
+            if any((r.path / "final").is_dir() for r in rs):
+                out.notes.append(f"{m}: its final/ model has not been probed (no {PROBE_FILE}; `ssa report` "
+                                 "probes it), so no dilution or temperature figure.")
             else:
-                out.dilution[m] = curve
-        except Exception as e:
-            out.notes.append(f"{m}: dilution probe failed ({type(e).__name__}: {e}).")
-        if run.info.get("attention", cfg.get("attention")) != "vanilla":
-            try:
-                from selective_attention.report.analysis import token_temperatures
-
-                out.temperatures[m] = token_temperatures(model, tok, sample_text or SAMPLE_TEXT, "query", "mean")
-            except Exception as e:
-                out.notes.append(f"{m}: no temperature picture ({type(e).__name__}: {e}).")
+                out.notes.append(f"{m}: no final/ model directory, so no dilution or temperature figure.")
+            continue
+        _, probe = found
+        out.notes += [f"{m}: {n}" for n in probe.get("notes", [])]
+        if probe.get("dilution"):
+            out.dilution[m] = probe["dilution"]
+        temps = probe.get("temperatures")
+        if temps and probe.get("tokens"):
+            out.temperatures[m] = {"tokens": probe["tokens"], "values": temps["query"]["mean"], "target": "query",
+                                   "layer": "mean"}
     return out
-
-
-def _dilution(model, ids):
-    from selective_attention.report.analysis import dilution_curves
-
-    return dilution_curves(model, ids)
-
-
-def _validation_batch(tok, data: str, n_seqs: int, T: int, fallback: str | None):
-    """(n, T) token ids from the validation split of the run's corpus (the sample text repeated if absent)."""
-    import torch
-
-    text = ""
-    try:
-        from selective_attention.data.corpora import load_documents
-
-        docs = load_documents(data, split="val", seed=0)
-        text = "\n\n".join(docs[:400])
-    except Exception:
-        text = ""
-    if not text:
-        text = ((fallback or SAMPLE_TEXT) + " ") * 200
-    ids = tok(text[: 20 * n_seqs * T], add_special_tokens=False)["input_ids"]
-    while len(ids) < n_seqs * T:
-        ids = ids + ids
-    return torch.tensor(ids[: n_seqs * T]).view(n_seqs, T)
 
 
 # ----------------------------------------------------------------------------------------------- writers
@@ -395,10 +355,9 @@ HEADER = ["method", "seeds", "val ppl (mean ± std)", "val loss", "tokens/s", "t
           "speed-up", "parameters", "new", "overhead"]
 
 
-def markdown_table(summary: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(summary)]
-    return "\n".join(lines)
+def summary_table(summary: dict[str, Any]) -> str:
+    """The results table of ``summarise``'s output, as Markdown."""
+    return stats.markdown_table(HEADER, table_rows(summary))
 
 
 CSS = """
@@ -416,8 +375,12 @@ code { background: #f4f4f4; padding: 1px 4px; }
 
 def build_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, *, title: str = "SSA vs vanilla",
                  labels: list[str] | None = None, baseline: str | None = None, probe: bool = True,
-                 sample_text: str | None = None, extra_html: str = "", extra_md: str = "") -> dict[str, Any]:
-    """Write OUT/report.html, OUT/report.md, OUT/report.json and OUT/figures/*.png; return the JSON summary."""
+                 extra_html: str = "", extra_md: str = "") -> dict[str, Any]:
+    """Write OUT/report.html, OUT/report.md, OUT/report.json and OUT/figures/*.png; return the JSON summary.
+
+    Reads only the run directories' JSON. The temperature and dilution figures come from each run's
+    ``probe.json``: call ``selective_attention.evaluate.probe.probe_runs(run_dirs)`` first to have them;
+    ``probe=False`` leaves them out even when present."""
     from selective_attention.report.viz import FRAGMENT_CSS, temperature_html_fragment, write_temperature_png
 
     if not run_dirs:
@@ -436,7 +399,7 @@ def build_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, *, t
     figures["val_ppl"] = "figures/val_ppl.png"
     if plot_parameters(summary["methods"], figdir / "parameters.png"):
         figures["parameters"] = "figures/parameters.png"
-    probes = probe_models(groups, sample_text) if probe else Probes(notes=["model probes skipped"])
+    probes = collect_probes(groups) if probe else Probes(notes=["model probes skipped"])
     notes += probes.notes
     if probes.dilution:
         plot_dilution(probes.dilution, figdir / "dilution.png")
@@ -481,7 +444,7 @@ def _speedup_sentences(summary: dict[str, Any]) -> list[str]:
 
 
 def _markdown(summary: dict[str, Any], figures: dict[str, str], extra: str) -> str:
-    parts = [f"# {summary['title']}", "", markdown_table(summary), ""]
+    parts = [f"# {summary['title']}", "", summary_table(summary), ""]
     parts += [f"- {s}" for s in _speedup_sentences(summary)] + [""]
     captions = {"val_ppl": "Validation perplexity and training loss vs tokens",
                 "dilution": "Attention dilution: row entropy and max weight vs query position",

@@ -1,4 +1,9 @@
-"""``ssa report RUN_DIR...``: the HTML / Markdown / JSON report of training runs (see builder.py)."""
+"""``ssa report RUN_DIR...``: the HTML / Markdown / JSON report of training runs (see builder.py).
+
+This module renders from the runs' JSON only. The ``ssa report`` command itself is
+``selective_attention.evaluate.report_cli``: it first probes the runs' ``final/`` models into ``probe.json``
+(unless ``--no-probe``), then calls ``render`` here.
+"""
 
 from __future__ import annotations
 
@@ -21,19 +26,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip loading the final models (no temperature or dilution figure)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from selective_attention.report.builder import build_report, markdown_table
-
-    for d in args.runs:
+def check_runs(runs: list[str]) -> None:
+    for d in runs:
         if not Path(d).is_dir():
             raise UserError(f"not a directory: {d}")
+
+
+def render(args: argparse.Namespace) -> int:
+    """Build the report from the run directories' JSON (probe.json included) and print its table."""
+    from selective_attention.report.builder import build_report, summary_table
+
+    check_runs(args.runs)
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     out = Path(args.out) if args.out else Path(os.path.commonpath([os.path.abspath(d) for d in args.runs])) / "report"
     if len(args.runs) == 1 and not args.out:
         out = Path(args.runs[0]) / "report"
     summary = build_report(args.runs, out, title=args.title, labels=labels, baseline=args.baseline,
-                           probe=not args.no_probe, sample_text=args.text)
-    print(markdown_table(summary))
+                           probe=not args.no_probe)
+    print(summary_table(summary))
     for n in summary["notes"]:
         print(f"note: {n}")
     print(f"report: {out / 'report.html'}")

@@ -127,3 +127,38 @@ def write_temperature_png(path: str | Path, tokens: list[str], values: list[floa
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return Path(path)
+
+
+def select_temperatures(probe: dict, target: str = "query", layer: int | str = "mean") -> list[float]:
+    """One row of a probe's temperatures (``selective_attention.evaluate.probe`` JSON): ``target`` in
+    {"query", "value"}, ``layer`` "mean" (over layers) or an index (negative counts from the end)."""
+    from selective_attention.errors import UserError
+
+    temps = probe.get("temperatures")
+    if not temps or not probe.get("tokens"):
+        raise UserError("the probe holds no temperatures (a vanilla model has none)")
+    if target not in temps:
+        raise UserError(f"target must be one of {', '.join(temps)}, got {target!r}")
+    if layer == "mean":
+        return list(temps[target]["mean"])
+    per_layer = temps[target]["per_layer"]
+    L = len(per_layer)
+    if not -L <= int(layer) < L:
+        raise UserError(f"layer {layer} out of range: the model has {L} layers")
+    return list(per_layer[int(layer)])
+
+
+def render_temperatures(probe: dict, out: str | Path, target: str = "query", layer: int | str = "mean",
+                        source: str = "") -> str:
+    """Write the probe's tokens coloured by one temperature row to ``out`` (.html or .png); return a one-line
+    summary of what was written."""
+    out = Path(out)
+    values = select_temperatures(probe, target, layer)
+    tokens = probe["tokens"]
+    where = "mean over layers" if layer == "mean" else f"layer {layer}"
+    title = f"{target} inverse temperature per token ({where}, mean over heads): {source}"
+    if out.suffix.lower() == ".html":
+        write_temperature_html(out, tokens, values, title, caption=f"{len(tokens)} tokens, {probe['n_layers']} layers")
+    else:
+        write_temperature_png(out, tokens, values, title=title)
+    return f"{len(values)} tokens, tau_{target} from {min(values):.4f} to {max(values):.4f} ({where}); wrote {out}"

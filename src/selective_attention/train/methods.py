@@ -315,9 +315,10 @@ def _vanilla(model: nn.Module, ctx: MethodContext) -> Applied:
 
 
 def _ssa(model: nn.Module, ctx: MethodContext) -> Applied:
-    from selective_attention.train.models import with_attention
+    from selective_attention import hf
 
-    with_attention(model, "ssa", ctx.ssa)
+    if not getattr(model.config, "ssa", None):  # an SSA checkpoint is fine-tuned as it is
+        hf.convert(model, ctx.ssa or SSAConfig())
     temps = temperature_parameters(model)
     return Applied(temps, temps)
 

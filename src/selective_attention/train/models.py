@@ -4,6 +4,10 @@
 |--------------|----------|---------|--------|-------|------|----------------------|
 | tiny         | Llama    | 128     | 2      | 4     | 384  | ~1.5M (tests, CPU)   |
 | small        | Llama    | 384     | 6      | 6     | 1024 | ~13.8M (CPU runs)    |
+| study        | Llama    | 192     | 4      | 6     | 512  | 2.16M at vocab 2048: |
+|              |          |         |        |       |      | 1.77M body, 0.39M    |
+|              |          |         |        |       |      | embedding (the LM    |
+|              |          |         |        |       |      | study, seq 512)      |
 | gpt2-124m    | GPT-2    | 768     | 12     | 12    | 3072 | 124M at vocab 50257  |
 | pythia-160m  | GPT-NeoX | 768     | 12     | 12    | 3072 | 162M at vocab 50304  |
 
@@ -47,6 +51,7 @@ def _pythia(vocab: int, seq_len: int) -> PretrainedConfig:
 SIZES: dict[str, Callable[[int, int], PretrainedConfig]] = {
     "tiny": _llama(128, 2, 4, 384),
     "small": _llama(384, 6, 6, 1024),
+    "study": _llama(192, 4, 6, 512),
     "gpt2-124m": _gpt2,
     "pythia-160m": _pythia,
 }

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from selective_attention.hf.convert import Site
+from selective_attention.hf.site import Site
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
-    return [m for m in model.modules() if isinstance(m, GPT2Attention) and not m.is_cross_attention]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GPT2Attention) and not m.is_cross_attention]
 
 
 def matches(model: nn.Module) -> bool:
@@ -20,7 +20,7 @@ def matches(model: nn.Module) -> bool:
 
 def sites(model: nn.Module) -> list[Site]:
     out = []
-    for attn in _attention_modules(model):
+    for name, attn in _attention_modules(model):
         C, H, D = attn.embed_dim, attn.num_heads, attn.head_dim
 
         def split(t: Tensor, C: int = C, H: int = H, D: int = D) -> tuple[Tensor, Tensor, Tensor]:
@@ -31,5 +31,5 @@ def sites(model: nn.Module) -> list[Site]:
         def join(t: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=2)  # (B, T, 3C)
 
-        out.append(Site(attn, H, H, D, C, fused=attn.c_attn, split=split, join=join))
+        out.append(Site(attn, H, H, D, C, fused="c_attn", split=split, join=join, name=name))
     return out

@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from selective_attention.hf.convert import Site
+from selective_attention.hf.adapters.common import linear_dims
+from selective_attention.hf.site import Site
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention
 
-    return [m for m in model.modules() if isinstance(m, GPTNeoXAttention)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GPTNeoXAttention)]
 
 
 def matches(model: nn.Module) -> bool:
@@ -21,10 +22,10 @@ def matches(model: nn.Module) -> bool:
 
 def sites(model: nn.Module) -> list[Site]:
     out = []
-    for attn in _attention_modules(model):
+    for name, attn in _attention_modules(model):
         D = attn.head_size
-        C = attn.query_key_value.in_features
-        H = attn.query_key_value.out_features // (3 * D)
+        C, n_out = linear_dims(attn.query_key_value)
+        H = n_out // (3 * D)
 
         def split(t: Tensor, H: int = H, D: int = D) -> tuple[Tensor, Tensor, Tensor]:
             B, T = t.shape[:2]
@@ -34,5 +35,5 @@ def sites(model: nn.Module) -> list[Site]:
         def join(t: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return torch.cat([q, k, v], dim=-1).reshape(t.shape)
 
-        out.append(Site(attn, H, H, D, C, fused=attn.query_key_value, split=split, join=join))
+        out.append(Site(attn, H, H, D, C, fused="query_key_value", split=split, join=join, name=name))
     return out

@@ -1,18 +1,19 @@
 """Any other family whose attention calls the ``transformers`` AttentionInterface (``_supports_attention_backend``)
-and projects with separate ``q_proj`` / ``k_proj`` / ``v_proj`` or a fused ``qkv_proj`` laid out [q | k | v]
-(Phi-3 style)."""
+and projects with separate ``q_proj`` / ``k_proj`` / ``v_proj`` (KV-sharing layers with ``q_proj`` only included)
+or a fused ``qkv_proj`` laid out [q | k | v] (Phi-3 style)."""
 
 from __future__ import annotations
 
+import sys
+
+import torch
 from torch import Tensor, nn
 
-from selective_attention.hf.convert import Site
-from selective_attention.hf.llama import has_separate_projections, separate_site
+from selective_attention.hf.adapters.common import has_separate_projections, is_kv_shared, linear_dims, separate_site
+from selective_attention.hf.site import Site
 
 
 def _uses_interface(m: nn.Module) -> bool:
-    import sys
-
     return hasattr(sys.modules[type(m).__module__], "ALL_ATTENTION_FUNCTIONS")
 
 
@@ -20,13 +21,13 @@ def _is_self_attention(m: nn.Module) -> bool:
     return getattr(m, "is_causal", True) and not getattr(m, "is_cross_attention", False)
 
 
-def _fused_site(attn: nn.Module) -> Site:
+def _fused_site(attn: nn.Module, name: str) -> Site:
     cfg = attn.config
     D = int(getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     H = cfg.num_attention_heads
     Hkv = getattr(cfg, "num_key_value_heads", None) or H
-    proj: nn.Linear = attn.qkv_proj
-    if proj.out_features != (H + 2 * Hkv) * D:
+    d_in, d_out = linear_dims(attn.qkv_proj)
+    if d_out != (H + 2 * Hkv) * D:
         raise ValueError(f"{type(attn).__name__}: qkv_proj does not split into [q | k | v] heads")
 
     def split(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -35,20 +36,18 @@ def _fused_site(attn: nn.Module) -> Site:
         return q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
 
     def join(t: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        import torch
-
         return torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
 
-    return Site(attn, H, Hkv, D, proj.in_features, fused=proj, split=split, join=join)
+    return Site(attn, H, Hkv, D, d_in, fused="qkv_proj", split=split, join=join, name=name)
 
 
-def _candidates(model: nn.Module) -> list[nn.Module]:
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     out = []
-    for m in model.modules():
+    for n, m in model.named_modules():
         if not (_uses_interface(m) and _is_self_attention(m) and type(m).__name__.endswith("Attention")):
             continue
-        if has_separate_projections(m) or isinstance(getattr(m, "qkv_proj", None), nn.Linear):
-            out.append(m)
+        if has_separate_projections(m) or is_kv_shared(m) or linear_dims(getattr(m, "qkv_proj", None)):
+            out.append((n, m))
     return out
 
 
@@ -57,4 +56,4 @@ def matches(model: nn.Module) -> bool:
 
 
 def sites(model: nn.Module) -> list[Site]:
-    return [separate_site(m) if has_separate_projections(m) else _fused_site(m) for m in _candidates(model)]
+    return [separate_site(m, n) if hasattr(m, "q_proj") else _fused_site(m, n) for n, m in _candidates(model)]

@@ -1,0 +1,130 @@
+"""The house rule, read from the code: which package may import which, and no import cycle.
+
+    core (config, functional, temperature, layer) imports nothing above it; hf -> core; data, train -> hf, core;
+    evaluate -> hf, data, core (and report's renderers: `ssa report` / `ssa viz` probe a model, then render);
+    experiments -> train, evaluate (and below); bench -> train (and below);
+    report reads results JSON only (utils, errors); utils is a leaf; cli.py / demo.py are the face.
+
+Every import counts, also those inside functions (a lazy import is still a dependency).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "selective_attention"
+PKG = "selective_attention"
+CORE = {"config", "functional", "temperature", "layer"}
+LEAVES = {"errors", "utils"}
+ALLOWED: dict[str, set[str]] = {
+    "core": CORE | LEAVES,
+    "utils": {"errors", "utils"},
+    "errors": set(),
+    "hf": {"hf"} | CORE | LEAVES,
+    "data": {"data", "hf"} | CORE | LEAVES,
+    "train": {"train", "data", "hf"} | CORE | LEAVES,
+    "evaluate": {"evaluate", "data", "hf", "report"} | CORE | LEAVES,  # probe, then report's renderers
+    "bench": {"bench", "train", "data", "hf"} | CORE | LEAVES,
+    "experiments": {"experiments", "train", "evaluate", "data", "hf"} | CORE | LEAVES,
+    "report": {"report"} | LEAVES,
+}
+FACE = {"cli", "demo", "__main__", "__init__"}  # may import anything
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    parts = [PKG, *rel.parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every selective_attention module ``path`` imports (absolute or relative), anywhere in the file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == PKG)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.split(".")[0] != PKG:
+                continue
+            for a in node.names:  # `from pkg.sub import module` imports a module, not just a name
+                sub = f"{mod}.{a.name}"
+                found.add(sub if _exists(sub) else mod)
+    return found
+
+
+def _exists(module: str) -> bool:
+    rel = Path(*module.split(".")[1:])
+    return (SRC / rel).with_suffix(".py").is_file() or (SRC / rel / "__init__.py").is_file()
+
+
+def _area(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "__init__"
+    return parts[1]
+
+
+def _layer(area: str) -> str:
+    return "core" if area in CORE else area
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): {m for m in _imports(p) if _exists(m)} for p in SRC.rglob("*.py")}
+
+
+def test_every_import_follows_the_layering_rule():
+    bad = []
+    for module, deps in _graph().items():
+        area = _area(module)
+        if area in FACE:
+            continue
+        allowed = ALLOWED[_layer(area)]
+        for dep in deps:
+            dep_area = _area(dep)
+            if dep_area == "__init__" or dep_area not in allowed:
+                bad.append(f"{module} -> {dep}")
+    assert not bad, "imports that break the layering rule:\n" + "\n".join(sorted(bad))
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    cycles: list[str] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if dep == node or (node.startswith(dep + ".") and dep in graph):
+                continue  # a package's own submodule importing the package's name: resolved by Python
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+@pytest.mark.parametrize("area", sorted(ALLOWED))
+def test_rule_table_names_real_packages(area):
+    """The table above must not silently pass because a package was renamed."""
+    assert area in CORE | {"core"} or (SRC / area).is_dir() or (SRC / f"{area}.py").is_file()

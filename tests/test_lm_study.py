@@ -1,0 +1,152 @@
+"""``ssa experiment lm``: the study's statistics, the by-length evaluation, and a resumable toy study end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from selective_attention.errors import UserError
+from selective_attention.evaluate.by_length import length_windows, perplexity_by_length
+from selective_attention.experiments import lm
+from selective_attention.experiments.cli import run_experiment
+from selective_attention.utils.stats import paired
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def test_paired_interval_uses_student_t():
+    # mean -2, sample std 1, n = 3: half-width t(0.975, 2) / sqrt(3) = 4.3027 / 1.7321 = 2.4841
+    p = paired([-1.0, -2.0, -3.0])
+    assert p["mean"] == pytest.approx(-2.0)
+    assert p["low"] == pytest.approx(-4.4841, abs=1e-4) and p["high"] == pytest.approx(0.4841, abs=1e-4)
+    assert p["verdict"] == "tie"  # the interval reaches above zero: no claim
+    assert paired([-3.0, -3.1, -2.9])["verdict"] == "wins"
+    assert paired([0.5, 0.7, 0.6])["verdict"] == "loses"
+    one = paired([-5.0])
+    assert one["low"] is None and one["verdict"].startswith("one seed")
+
+
+def test_tokens_to_reach_interpolates_in_log_ppl():
+    tokens, ppl = [100.0, 200.0, 300.0], [400.0, 100.0, 50.0]
+    assert lm.tokens_to_reach(tokens, ppl, 200.0) == pytest.approx(150.0)  # log 200 is halfway from 400 to 100
+    assert lm.tokens_to_reach(tokens, ppl, 100.0) == pytest.approx(200.0)
+    assert lm.tokens_to_reach(tokens, ppl, 10.0) is None
+    assert lm.tokens_to_reach(tokens, ppl, 1000.0) == 100.0  # already below at the first validation
+    assert lm.ppl_at_tokens(tokens, ppl, 150.0) == pytest.approx(200.0)
+    assert lm.ppl_at_tokens(tokens, ppl, 10_000.0) == 50.0
+
+
+def test_plan_is_seed_major_and_pairs_every_corpus():
+    cfg = lm.Config(corpora=("wiki", "sotu"), methods=("vanilla", "ssa", "gated"), other_methods=("vanilla", "ssa"))
+    runs = lm.plan(lm.Path("/x"), cfg, [0, 1])
+    assert [(r.corpus, r.method, r.seed) for r in runs[:5]] == [
+        ("wiki", "vanilla", 0), ("wiki", "ssa", 0), ("wiki", "gated", 0), ("sotu", "vanilla", 0), ("sotu", "ssa", 0)]
+    assert len(runs) == 10 and str(runs[-1].path) == "/x/runs/sotu/ssa-seed1"
+
+
+def test_budgets_and_bad_settings(tmp_path):
+    with pytest.raises(UserError, match="unknown budget"):
+        run_experiment("lm", tmp_path, budget="huge")
+    with pytest.raises(UserError, match="has no budgets"):
+        run_experiment("markov", tmp_path, budget="quick")
+    with pytest.raises(UserError, match="unknown method"):
+        run_experiment("lm", tmp_path, methods=("vanilla", "nope"))
+    with pytest.raises(UserError, match="keep vanilla"):
+        run_experiment("lm", tmp_path, methods=("ssa",))
+
+
+# ----------------------------------------------------------------------------------------------- by length
+
+
+def test_length_windows_stay_inside_one_document_round_robin():
+    docs = [list(range(0, 10)), list(range(100, 125)), list(range(200, 203))]
+    wins = length_windows(docs, 4, max_windows=10)
+    # doc 0 gives spans at 0 and 4; doc 1 at 0, 4, ..., 20 (six); doc 2 is too short. Round robin: d0, d1, d0, d1, d1...
+    assert wins[0] == [0, 1, 2, 3, 4] and wins[1] == [100, 101, 102, 103, 104] and wins[2] == [4, 5, 6, 7, 8]
+    assert len(wins) == 2 + 6 and all(w[-1] - w[0] == 4 for w in wins)
+    assert len(length_windows(docs, 4, max_windows=3)) == 3
+
+
+def test_perplexity_by_length_matches_a_hand_computation():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11))  # logits (B, T, V)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids):
+            return self.m(input_ids)
+
+    docs = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]
+    res = perplexity_by_length(Wrapped(), docs, [4], max_windows=8, buckets=2)["4"]
+    wins = torch.tensor(length_windows(docs, 4, 8))
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(wins[:, :-1]).transpose(1, 2), wins[:, 1:], reduction="none")
+    assert res["windows"] == len(wins) == 4
+    assert res["loss"] == pytest.approx(float(nll.mean()), abs=1e-6)
+    assert res["ppl"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-6)
+    assert res["loss_by_position"] == pytest.approx([float(nll[:, :2].mean()), float(nll[:, 2:].mean())], abs=1e-6)
+    with pytest.raises(UserError, match="longer than 64"):
+        perplexity_by_length(Wrapped(), docs, [64])
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def corpora(tmp_path, monkeypatch):
+    """A small short-document corpus and a long-document one (for the by-length evaluation)."""
+    monkeypatch.setenv("SSA_CACHE_DIR", str(tmp_path / "cache"))
+    from selective_attention.data.corpora import load_documents
+
+    docs = load_documents("wiki", "train")[:120]
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    long_dir = tmp_path / "long.jsonl"
+    joined = [" ".join(docs[i: i + 30]) for i in range(0, 120, 6)]  # 20 documents of ~30 paragraphs each
+    long_dir.write_text("".join(json.dumps(d) + "\n" for d in joined))
+    return short, long_dir
+
+
+def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
+    short, long = corpora
+    out = tmp_path / "study"
+    settings = dict(budget="quick", corpora=(str(short),), length_corpus=str(long), seq_len=32, max_tokens=2048,
+                    eval_every=4, eval_tokens=1024, checkpoint_every=4, vocab_size=300, length_windows=2,
+                    methods=("vanilla", "ssa", "gated"))
+    res = run_experiment("lm", out, seeds=2, progress=False, **settings)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] and saved["pending"] == [] and res["methods"] == saved["methods"]
+    methods = saved["methods"]
+    assert list(methods) == ["vanilla", "ssa", "gated"]
+    for d in methods.values():
+        assert d["seeds"] == [0, 1]
+        assert set(d["ppl_by_length"]) == {"32", "64", "128"}
+        per_seed = d["val_ppl_per_seed"]
+        assert d["val_ppl"] == pytest.approx(sum(per_seed) / 2)
+        assert d["val_ppl_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / math.sqrt(2))
+    assert methods["vanilla"]["new_parameters"] == 0 < methods["ssa"]["new_parameters"] < methods["gated"][
+        "new_parameters"]
+    # the paired difference is computed seed by seed against vanilla's run of the same seed
+    runs = {(r["method"], r["seed"]): r for r in saved["runs"]}
+    diffs = [100 * (runs["ssa", s]["val_ppl"] - runs["vanilla", s]["val_ppl"]) / runs["vanilla", s]["val_ppl"]
+             for s in (0, 1)]
+    assert methods["ssa"]["paired_percent"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert (out / "summary.md").read_text().count("| ssa |") == 1
+    assert (out / "lm-short.png").is_file() and (out / "lm-short-paired.png").is_file()
+
+    # rerunning skips every finished run (nothing retrained: run.json untouched) and rebuilds the same tables
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/run.json")}
+    (out / "runs").joinpath(*next(iter(stamps)).relative_to(out / "runs").parts[:-1], lm.EVAL_FILE).unlink()
+    again = run_experiment("lm", out, seeds=2, progress=False, **settings)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["methods"] == saved["methods"]
+
+    # a third seed is pending until it has run: the tables say so instead of silently shrinking
+    partial = lm.collect(out, lm.Config(**{**settings, "corpora": (str(short),)}), [0, 1, 2])
+    assert not partial["complete"] and len(partial["pending"]) == 3

