@@ -25,6 +25,7 @@ from selective_attention.experiments import (  # noqa: E402
 )
 from selective_attention.train import loop  # noqa: E402
 from selective_attention.train.loss import lm_loss  # noqa: E402
+from selective_attention.utils.stats import row_statistics  # noqa: E402
 
 
 def check_files(out, results: dict, pngs: list[str]) -> None:
@@ -228,7 +229,7 @@ def test_tinylm_attention_maps_match_the_fused_forward(method):
     v = attn._split(attn.v_proj(x), attn.n_kv_heads)
     y = (w @ v).transpose(1, 2).reshape(2, 24, 32)
     assert torch.allclose(attn.o_proj(y), attn(x), atol=1e-5)
-    stats = tinylm.row_statistics(w)
+    stats = row_statistics(w)
     assert float(stats["spikiness"][0]) == pytest.approx(1.0)  # one visible key: "uniform"
     assert bool((stats["spikiness"] <= 1 + 1e-5).all()) and bool((stats["max_weight"] <= 1).all())
 

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from selective_attention.experiments import common
-from selective_attention.experiments.tinylm import TinyLM, optim_config, row_statistics
+from selective_attention.experiments.tinylm import TinyLM, optim_config
 from selective_attention.train.loop import fit
 from selective_attention.train.loss import lm_loss
 from selective_attention.utils.device import choose_device
+from selective_attention.utils.stats import row_statistics
 
 DEFAULT_SEEDS = 2
 METHODS = ("vanilla", "ssa")

@@ -94,12 +94,3 @@ def layer_weights(attn: SelectiveSelfAttention, x: Tensor) -> Tensor:
     _, w = reference_attention(q, k, v, tau_q=tau_q, tau_k=tau_k, is_causal=True, return_weights=True)
     return w
 
-
-def row_statistics(w: Tensor) -> dict[str, Tensor]:
-    """Per query position (T,): entropy, spikiness 1 / (p * sum_j s_j^2) over the p visible keys, max weight;
-    averaged over batch and heads. ``w`` (B, H, T, T) causal."""
-    T = w.shape[-1]
-    p = torch.arange(1, T + 1, dtype=w.dtype)
-    ent = -(w * torch.log(w.clamp_min(1e-30))).sum(-1)  # (B, H, T)
-    spk = 1.0 / (p * (w ** 2).sum(-1))
-    return {"entropy": ent.mean((0, 1)), "spikiness": spk.mean((0, 1)), "max_weight": w.amax(-1).mean((0, 1))}
