@@ -1,8 +1,10 @@
-"""The ablation harness: alternative temperature rules give the values they promise, and a tiny run writes the
-experiments' results.json."""
+"""The ablation harness: every row is the same model but for its temperature, sees the same data, trains with the
+project's one loop (train.loop.fit), and a tiny run writes the experiment's results.json. The rules' own values
+are tested in test_methods.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,56 +12,103 @@ import numpy as np
 import pytest
 import torch
 
+from selective_attention.errors import UserError
 from selective_attention.experiments import ablations as A
+from selective_attention.train import loop
+from selective_attention.train.methods import ScalableSoftmaxTemperature
+
+VOCAB, T = 64, 16
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, 4000).astype(np.uint16)  # a synthetic "corpus"
 
 
-def test_rules_values_and_shapes():
-    pos = torch.arange(1, 9)
-    y = A.YarnTemperature(3)(positions=pos)
-    assert y.shape == (1, 3, 8)
-    torch.testing.assert_close(y[0, 1], 1 + 0.1 * torch.log(pos.float()))
-    s = A.ScalableSoftmaxTemperature(2, seq_len=128)
-    t = s(positions=pos)
-    torch.testing.assert_close(t[0, 0], torch.log(pos.float()) / math.log(128))
-    c = A.ConstantTemperature(4)
-    assert c(positions=pos).shape == (1, 4, 8) and torch.all(c(positions=pos) == 1)
-    table = A.frequency_table(np.array([0, 0, 0, 0, 1, 1, 2]), vocab=4)
-    assert table.shape == (4,) and table[0] < table[1] < table[2] <= table[3]
-    f = A.FrequencyTemperature(2, table)
-    f.input_ids = torch.tensor([[0, 2, 3]])
-    torch.testing.assert_close(f()[0, 1], table[torch.tensor([0, 2, 3])])
-
-
-@pytest.mark.parametrize("rule", A.RULES)
-def test_rule_installs_in_a_model_and_learns(rule):
-    torch.manual_seed(0)
-    table = torch.linspace(0.5, 2.0, 64)
-    model, temps = A.build(rule, "tiny", 64, 16, seed=0, freq_table=table)
-    vanilla, _ = A.build("vanilla", "tiny", 64, 16, seed=0, freq_table=None)
-    x = torch.randint(0, 64, (2, 16))
-    if rule == "const":  # tau = 1 at init is vanilla (tested below): move it
+def test_rows_share_the_base_weights_and_differ_in_the_attention():
+    """One harness: the same seed gives every row vanilla's weights; only what the method adds is new."""
+    vanilla, applied = A.build("vanilla", "tiny", VOCAB, T, seed=0)
+    assert applied.new_parameters == []
+    ref = dict(vanilla.named_parameters())
+    x = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        ref_logits = vanilla(input_ids=x).logits
+    same_function = set()
+    for method in A.ALL_METHODS[1:]:
+        model, applied = A.build(method, "tiny", VOCAB, T, seed=0, train_tokens=TOKENS)
+        new = {id(p) for p in applied.new_parameters}
+        base = {n: p for n, p in model.named_parameters() if id(p) not in new}
+        assert set(base) == set(ref), method
+        assert all(torch.equal(p, ref[n]) for n, p in base.items()), method
         with torch.no_grad():
-            temps[0].fill_(2.0)
-    out = model(input_ids=x).logits
-    assert not torch.allclose(out, vanilla(input_ids=x).logits, atol=1e-4)  # the rule changes the function
-    if rule in ("const", "ssmax"):
-        assert temps and all(p.requires_grad for p in temps)
-        out.float().pow(2).mean().backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in temps)
-    else:
-        assert temps == []  # fixed rules have no parameters
+            if torch.equal(model(input_ids=x).logits, ref_logits):
+                same_function.add(method)
+    # at init only the rows without a position term are vanilla's function: the token term starts at
+    # tanh(0) = 0 and const at tau = 1; c log p (c = 0.5) and the fixed rules change it from the first step
+    assert same_function == {"ssa-v", "ssa-token", "const"}
+    with pytest.raises(UserError, match="unknown method"):
+        A.build("ssa-x", "tiny", VOCAB, T, seed=0)
 
 
-def test_constant_one_equals_vanilla():
-    """A constant tau = 1 on q is vanilla attention: checks that the swapped module is what runs."""
-    model, _ = A.build("const", "tiny", 64, 16, seed=0, freq_table=None)
-    vanilla, _ = A.build("vanilla", "tiny", 64, 16, seed=0, freq_table=None)
-    x = torch.randint(0, 64, (2, 16))
-    torch.testing.assert_close(model(input_ids=x).logits, vanilla(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+def test_row_configurations():
+    """Each SSA row puts its temperatures (and terms) where its name says; the rules are train.methods' modules."""
+    def ssa(method):
+        model, _ = A.build(method, "tiny", VOCAB, T, seed=0)
+        return model.config.ssa
+
+    def targets(method):
+        return {k for k in ("query", "key", "value") if ssa(method)[k]}
+
+    assert targets("ssa-q") == {"query"} and targets("ssa-k") == {"key"} and targets("ssa-v") == {"value"}
+    assert targets("ssa-qv") == {"query", "value"} and targets("ssa-qkv") == {"query", "key", "value"}
+    assert ssa("ssa-qv-vpos")["value_position_aware"] and not ssa("ssa-qv")["value_position_aware"]
+    assert not ssa("ssa-token")["position_aware"] and not ssa("ssa-pos")["token_aware"]
+    assert all(ssa(m)["init"] == "scratch" for m in A.SSA_ROWS)
+    model, applied = A.build("ssmax", "tiny", VOCAB, T, seed=0)
+    rules = [m for m in model.modules() if isinstance(m, ScalableSoftmaxTemperature)]
+    assert len(rules) == 2 and list(map(id, applied.temperature_parameters)) == [id(r.s) for r in rules]
+    assert model.config.ssa_method["name"] == "ssmax"
+
+
+def test_every_row_trains_with_the_shared_loop_on_the_same_windows(monkeypatch):
+    calls: list[tuple[str, int, float, torch.Tensor]] = []
+    real = loop.train_step
+
+    def counting(model, optimizer, batch, *, step, lr_scale=1.0, **kw):
+        seen = []
+
+        def recording(m):
+            seen.append(batch(m))
+            return seen[-1]
+        out = real(model, optimizer, recording, step=step, lr_scale=lr_scale, **kw)
+        calls.append((method, step, lr_scale, seen[0]))
+        return out
+
+    monkeypatch.setattr(loop, "train_step", counting)
+    cfg = A.Config(size="tiny", steps=3, seq_len=T, batch_size=2, eval_tokens=64, warmup=2, device="cpu")
+    results = {}
+    for method in ("vanilla", "ssa-qv", "freq"):
+        results[method] = A.train_one(method, cfg, 0, TOKENS, TOKENS[:500], VOCAB)
+    assert [(m, s) for m, s, _, _ in calls] == [(m, s) for m in results for s in range(3)]
+    # the harness's schedule: warmup 1/2, 2/2, then the cosine reaches 0.1 at the last step
+    assert [lr for m, _, lr, _ in calls if m == "vanilla"] == pytest.approx([0.5, 0.55, 0.1])
+    for s in range(3):  # every method sees the same windows
+        w = [b for _, step, _, b in calls if step == s]
+        assert w[0].shape == (2, T + 1) and torch.equal(w[0], w[1]) and torch.equal(w[0], w[2])
+    assert not torch.equal(calls[0][3], calls[1][3])  # ... and new ones at every step
+    assert results["vanilla"]["new_parameters"] == 0 < results["ssa-qv"]["new_parameters"]
+    assert results["freq"]["new_parameters"] == 0  # a fixed rule
+    assert results["vanilla"]["val_loss"] != results["ssa-qv"]["val_loss"]
+
+
+def test_a_row_repeats_exactly_and_depends_on_the_seed():
+    cfg = A.Config(size="tiny", steps=2, seq_len=T, batch_size=2, eval_tokens=64, device="cpu")
+    a = A.train_one("ssa-qv", cfg, 1, TOKENS, TOKENS[:500], VOCAB)
+    b = A.train_one("ssa-qv", cfg, 1, TOKENS, TOKENS[:500], VOCAB)
+    c = A.train_one("ssa-qv", cfg, 2, TOKENS, TOKENS[:500], VOCAB)
+    assert a["val_loss"] == b["val_loss"] != c["val_loss"]
+    with pytest.raises(UserError, match="shorter than one window"):
+        A.train_one("vanilla", dataclasses.replace(cfg, seq_len=64), 0, TOKENS, TOKENS[:50], VOCAB)
 
 
 def test_tiny_run_writes_results(tmp_path, monkeypatch):
-    monkeypatch.setenv("SSA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SSA_CACHE_DIR", str(tmp_path / "cache"))
     from selective_attention.data.corpora import load_documents
     from selective_attention.experiments.cli import run_experiment
 

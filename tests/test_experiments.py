@@ -17,11 +17,15 @@ from selective_attention.experiments import (  # noqa: E402
     EXPERIMENTS,
     common,
     denoise,
+    dilution,
     markov,
-    passkey,
+    passkey_synthetic,
     run_experiment,
     tinylm,
 )
+from selective_attention.train import loop  # noqa: E402
+from selective_attention.train.loss import lm_loss  # noqa: E402
+from selective_attention.utils.stats import row_statistics  # noqa: E402
 
 
 def check_files(out, results: dict, pngs: list[str]) -> None:
@@ -153,14 +157,60 @@ def test_norm_claims_from_its_numbers(tmp_path):
 
 
 def test_passkey_batch_format():
-    cfg = passkey.Config(decoy_rate=0.0)
+    cfg = passkey_synthetic.Config(decoy_rate=0.0)
     g = torch.Generator().manual_seed(0)
-    idx, value = passkey.make_batch(cfg, 50, 40, g, depth=0.5)
+    idx, value = passkey_synthetic.make_batch(cfg, 50, 40, g, depth=0.5)
     KEY, QUERY = cfg.n_filler + cfg.n_values, cfg.n_filler + cfg.n_values + 1
     assert idx.shape == (50, 40) and bool((idx[:, -1] == QUERY).all())
     pos = (idx == KEY).float().argmax(1)
     assert bool((idx[torch.arange(50), pos + 1] == value).all()) and bool((pos == round(0.5 * 37)).all())
     assert bool(((value >= cfg.n_filler) & (value < KEY)).all())
+
+
+def test_passkey_training_loss_is_the_query_position_only():
+    """The (inputs, targets) pair fit trains on: the LM loss with -100 targets is the passkey's cross-entropy."""
+    cfg = passkey_synthetic.Config(batch_size=8)
+    idx, targets = passkey_synthetic.training_pair(cfg, torch.Generator().manual_seed(0))
+    again, value = passkey_synthetic.make_batch(cfg, 8, cfg.train_length, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, again) and torch.equal(targets[:, -1], value)
+    assert bool((targets[:, :-1] == -100).all())
+    logits = torch.randn(8, cfg.train_length, passkey_synthetic.vocab_size(cfg), requires_grad=True)
+    loss = lm_loss(logits, targets)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[:, -1], value))
+    loss.backward()
+    assert float(logits.grad[:, :-1].abs().max()) == 0.0  # no gradient from the filler positions
+
+
+def count_steps(monkeypatch) -> list[int]:
+    """Make train.loop.train_step record the step of each call (and still do it)."""
+    steps, real = [], loop.train_step
+
+    def counting(*args, step, **kwargs):
+        steps.append(step)
+        return real(*args, step=step, **kwargs)
+    monkeypatch.setattr(loop, "train_step", counting)
+    return steps
+
+
+def test_tinylm_experiments_train_with_the_shared_loop(monkeypatch):
+    steps = count_steps(monkeypatch)
+    data = torch.randint(0, 256, (5000,))
+    cfg = dilution.Config(steps=3, seq_len=16, d=16, n_heads=2, batch_size=2)
+    vanilla = dilution.train_one(cfg, "vanilla", 0, data)
+    ssa = dilution.train_one(cfg, "ssa", 0, data)
+    assert steps == [0, 1, 2] * 2
+    # the frozen temperatures of vanilla stay at tau = 1 through fit's optimizer; SSA's move
+    inits = []
+    for method in ("vanilla", "ssa"):
+        common.seed_everything(0)
+        inits.append(tinylm.temperature_parameters(tinylm.TinyLM(256, 16, 2, 2, method)))
+    trained = [tinylm.temperature_parameters(m) for m in (vanilla, ssa)]
+    assert len(trained[0]) == len(inits[0]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(trained[0], inits[0]))
+    assert any(not torch.equal(a, b) for a, b in zip(trained[1], inits[1]))
+    steps.clear()
+    passkey_synthetic.train_one(passkey_synthetic.Config(steps=2, batch_size=4, d=16), "ssa", 0)
+    assert steps == [0, 1]
 
 
 @pytest.mark.parametrize("method", ["vanilla", "ssa"])
@@ -179,7 +229,7 @@ def test_tinylm_attention_maps_match_the_fused_forward(method):
     v = attn._split(attn.v_proj(x), attn.n_kv_heads)
     y = (w @ v).transpose(1, 2).reshape(2, 24, 32)
     assert torch.allclose(attn.o_proj(y), attn(x), atol=1e-5)
-    stats = tinylm.row_statistics(w)
+    stats = row_statistics(w)
     assert float(stats["spikiness"][0]) == pytest.approx(1.0)  # one visible key: "uniform"
     assert bool((stats["spikiness"] <= 1 + 1e-5).all()) and bool((stats["max_weight"] <= 1).all())
 
@@ -208,7 +258,10 @@ def test_dilution_and_passkey_run_small(tmp_path):
                          depths=(0.2, 0.8), length_multipliers=(1, 2))
     check_files(tmp_path / "p", res, ["passkey_heatmap.png"])
     assert set(res["methods"]["ssa"]) >= {"acc@1L_d0.2", "acc@2L_d0.8", "acc@1L", "acc@2L", "accuracy"}
-    assert all(0.0 <= v <= 1.0 for k, v in res["methods"]["ssa"].items() if not k.endswith("_std"))
+    cfg = passkey_synthetic.Config(steps=5, n_trials=4, depths=(0.2, 0.8), length_multipliers=(1, 2))
+    with common.single_thread():  # the same seed again, from scratch: the table results.json reports
+        again = passkey_synthetic.accuracy_table(cfg, passkey_synthetic.train_one(cfg, "ssa", 0).eval(), 0)
+    assert {k: v for k, v in res["per_seed"][0]["ssa"].items() if k != "accuracy"} == again
 
 
 # ---------------------------------------------------------------- CLI

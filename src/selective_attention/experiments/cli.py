@@ -27,7 +27,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                 "value temperature on a denoising task vs naive averaging and the Bayes-optimal estimator"),
     "dilution": ("selective_attention.experiments.dilution",
                  "attention entropy / spikiness / max weight vs query position, small LMs, within and beyond T"),
-    "passkey": ("selective_attention.experiments.passkey",
+    "passkey": ("selective_attention.experiments.passkey_synthetic",
                 "tiny models trained on passkey sequences at length L, tested at L, 2L, 4L and several depths"),
     "norm": ("selective_attention.experiments.norm",
              "Lemma 1 in numbers: the smallest ||W_q W_k^T|| for targets of growing sparsity, vanilla vs SSA"),

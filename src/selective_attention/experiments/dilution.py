@@ -4,13 +4,14 @@ Small byte-level LMs (vanilla vs SSA with the position term, ``tinylm.TinyLM``, 
 default corpus at length T, then run on held-out sequences of length ``eval_multiplier * T``. For every query
 position p we average, over layers, heads and sequences: the row entropy, the spikiness 1 / (p sum_j s_j^2)
 (1 = uniform over the p visible keys, lower = spikier) and the max weight. Within = positions 1..T,
-beyond = T+1..eval_multiplier*T. Also the next-byte loss within / beyond T.
+beyond = T+1..eval_multiplier*T. Also the next-byte loss within / beyond T. Training: ``train.loop.fit``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,11 @@ from typing import Any
 import torch
 
 from selective_attention.experiments import common
-from selective_attention.experiments.tinylm import TinyLM, lm_loss, row_statistics
+from selective_attention.experiments.tinylm import TinyLM, optim_config
+from selective_attention.train.loop import fit
+from selective_attention.train.loss import lm_loss
+from selective_attention.utils.device import choose_device
+from selective_attention.utils.stats import row_statistics
 
 DEFAULT_SEEDS = 2
 METHODS = ("vanilla", "ssa")
@@ -39,6 +44,7 @@ class Config:
     eval_sequences: int = 8
     ssa_token_term: bool = True
     max_bytes: int = 2_000_000
+    device: str = "cpu"  # auto / cpu / cuda; models this small run fastest on one CPU thread
 
 
 def load_bytes(cfg: Config, split: str) -> torch.Tensor:
@@ -65,26 +71,24 @@ def load_bytes(cfg: Config, split: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 
-def batch(data: torch.Tensor, n: int, length: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def windows(data: torch.Tensor, n: int, length: int, g: torch.Generator) -> torch.Tensor:
+    """(n, length + 1) random windows of ``data``."""
     start = torch.randint(0, len(data) - length - 1, (n,), generator=g)
-    idx = torch.stack([data[s: s + length + 1] for s in start.tolist()])
-    return idx[:, :-1], idx[:, 1:]
+    return torch.stack([data[s: s + length + 1] for s in start.tolist()])
+
+
+def schedule(cfg: Config) -> Callable[[int], float]:
+    """lr multiplier at step s: linear warmup over steps // 10 times a cosine from 1 to 0 over the run (this
+    experiment's own, kept so its numbers reproduce)."""
+    warm = max(1, cfg.steps // 10)
+    return lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
 
 
 def train_one(cfg: Config, method: str, seed: int, data: torch.Tensor) -> TinyLM:
     g = common.seed_everything(seed)
     model = TinyLM(256, cfg.d, cfg.n_layers, cfg.n_heads, method, rope=True, token_aware=cfg.ssa_token_term)
-    opt = model.optimizer(cfg.lr)
-    warm = max(1, cfg.steps // 10)  # linear warm-up, then cosine decay
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    for _ in range(cfg.steps):
-        x, y = batch(data, cfg.batch_size, cfg.seq_len, g)
-        loss = lm_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    fit(model, lambda i: windows(data, cfg.batch_size, cfg.seq_len, g), cfg.steps, optim_config(cfg.lr),
+        device=choose_device(cfg.device), schedule=schedule(cfg))
     return model
 
 
@@ -92,12 +96,13 @@ def train_one(cfg: Config, method: str, seed: int, data: torch.Tensor) -> TinyLM
 def measure(cfg: Config, model: TinyLM, data: torch.Tensor, seed: int) -> tuple[dict[str, float], dict[str, list]]:
     g = torch.Generator().manual_seed(1_000_000 + seed)
     T, TL = cfg.seq_len, cfg.seq_len * cfg.eval_multiplier
-    x, y = batch(data, cfg.eval_sequences, TL, g)
+    w = windows(data, cfg.eval_sequences, TL, g).to(next(model.parameters()).device)
+    x, y = w[:, :-1], w[:, 1:]  # (B, TL) each
     logits = model(x)
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, TL)
-    maps = model.attention_maps(x)
+    maps = [m.cpu() for m in model.attention_maps(x)]
     curves = {s: torch.stack([row_statistics(w)[s] for w in maps]).mean(0) for s in STATS}  # (TL,) each
-    metrics = {"loss_within": float(nll[:, :T].mean()), "loss_beyond": float(nll[:, T:].mean())}
+    metrics = {"loss_within": float(lm_loss(logits[:, :T], y[:, :T])),
+               "loss_beyond": float(lm_loss(logits[:, T:], y[:, T:]))}
     for s in STATS:
         metrics[f"{s}_within"] = float(curves[s][:T].mean())
         metrics[f"{s}_beyond"] = float(curves[s][T:].mean())

@@ -2,6 +2,8 @@
 
 ``vanilla`` is the same model with every temperature parameter frozen at the identity initialisation
 (u = 0 and c = 0 exactly, so tau = 1 for every token): one code path, and the only difference is SSA.
+The forward takes ``input_ids`` and returns logits, so ``train.loop.fit`` trains it like any other LM;
+``optim_config`` is the experiments' optimizer (AdamW, temperatures at 10x lr, no decay, no clipping).
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selective_attention.config import SSAConfig
 from selective_attention.functional import reference_attention
 from selective_attention.layer import SelectiveSelfAttention, apply_rope
-from selective_attention.temperature import param_groups, temperature_parameters
+from selective_attention.temperature import temperature_parameters
+from selective_attention.train.optim import OptimConfig
 
 
 def ssa_config(method: str, token_aware: bool = True) -> SSAConfig:
@@ -55,15 +57,11 @@ class TinyLM(nn.Module):
             for p in temperature_parameters(self):
                 p.requires_grad_(False)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        x = self.embed(idx)  # (B, T, d)
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = self.embed(input_ids)  # (B, T, d)
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))  # (B, T, vocab)
-
-    def optimizer(self, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-        groups = param_groups(self, lr, temperature_lr=lr * 10, weight_decay=weight_decay)
-        return torch.optim.AdamW([g for g in groups if any(p.requires_grad for p in g["params"])], lr=lr)
 
     @torch.no_grad()
     def attention_maps(self, idx: Tensor) -> list[Tensor]:
@@ -77,10 +75,15 @@ class TinyLM(nn.Module):
         return maps
 
 
+def optim_config(lr: float) -> OptimConfig:
+    """AdamW (torch's default betas), temperatures at 10x ``lr``, no weight decay, no gradient clipping."""
+    return OptimConfig(lr=lr, temperature_lr=10 * lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, clip=None)
+
+
 def layer_weights(attn: SelectiveSelfAttention, x: Tensor) -> Tensor:
     """(B, H, T, T) attention weights of ``attn`` on x (B, T, d), positions 1..T, no cache."""
     B, T, _ = x.shape
-    p = torch.arange(1, T + 1)
+    p = torch.arange(1, T + 1, device=x.device)
     q = attn._split(attn.q_proj(x), attn.n_heads)  # (B, H, T, hs) pre-RoPE
     k = attn._split(attn.k_proj(x), attn.n_kv_heads)
     v = attn._split(attn.v_proj(x), attn.n_kv_heads)
@@ -91,16 +94,3 @@ def layer_weights(attn: SelectiveSelfAttention, x: Tensor) -> Tensor:
     _, w = reference_attention(q, k, v, tau_q=tau_q, tau_k=tau_k, is_causal=True, return_weights=True)
     return w
 
-
-def row_statistics(w: Tensor) -> dict[str, Tensor]:
-    """Per query position (T,): entropy, spikiness 1 / (p * sum_j s_j^2) over the p visible keys, max weight;
-    averaged over batch and heads. ``w`` (B, H, T, T) causal."""
-    T = w.shape[-1]
-    p = torch.arange(1, T + 1, dtype=w.dtype)
-    ent = -(w * torch.log(w.clamp_min(1e-30))).sum(-1)  # (B, H, T)
-    spk = 1.0 / (p * (w ** 2).sum(-1))
-    return {"entropy": ent.mean((0, 1)), "spikiness": spk.mean((0, 1)), "max_weight": w.amax(-1).mean((0, 1))}
-
-
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

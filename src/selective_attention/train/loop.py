@@ -6,7 +6,8 @@
 ``fit(model, batches, steps, OptimConfig(...))`` trains any model whose forward takes ``input_ids`` and returns
 ``.logits`` or a (B, T, V) tensor, on any batch source ``batches(i) -> (B, T + 1)`` long tensor (i = the
 micro-batch index, step * grad_accum + m), with the AdamW + warmup/cosine helpers of train/optim.py, and writes
-nothing to disk.
+nothing to disk. A batch may also be a pair (inputs (B, T), targets (B, T)) whose targets -100 carry no loss
+(``F.cross_entropy``'s ignore_index): a task that scores only some positions, e.g. the answer of a retrieval task.
 """
 
 from __future__ import annotations
@@ -51,14 +52,25 @@ def compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callable[[int], torch.Tensor], *,
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # (B, T + 1) windows, or (inputs, targets) each (B, T)
+
+
+def inputs_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of a batch: the shifted halves of a (B, T + 1) window, or the given pair."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:, :-1], batch[:, 1:]
+    return batch
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callable[[int], Batch], *,
                step: int, lr_scale: float = 1.0, grad_accum: int = 1, clip: float | None = 1.0,
                autocast: Callable[[], AbstractContextManager] = nullcontext,
                no_sync: Callable[[int], AbstractContextManager] | None = None,
                reduce: Callable[[torch.Tensor], Any] | None = None, world: int = 1,
                params: Iterable[nn.Parameter] | None = None) -> tuple[float, float]:
     """One optimizer step at (0-indexed) ``step``: lr = base_lr * lr_scale, ``grad_accum`` micro-batches
-    ``batch(m)`` (B, T + 1) on the model's device, mean loss, gradient clipping, AdamW step.
+    ``batch(m)`` (B, T + 1) (or an (inputs, targets) pair) on the model's device, mean loss, gradient clipping,
+    AdamW step.
 
     ``no_sync(m)``: context of micro-batch m (DDP: skip the all-reduce but on the last); ``reduce``: in-place sum
     over processes of a (2,) tensor; ``world``: their number. Returns (train loss, gradient norm), averaged over
@@ -68,11 +80,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callab
     device = next(iter(optimizer.param_groups[0]["params"])).device
     loss_sum = torch.zeros((), device=device)
     for m in range(grad_accum):
-        w = batch(m)  # (B, T + 1)
+        x, y = inputs_targets(batch(m))  # (B, T) each
         with no_sync(m) if no_sync is not None else nullcontext():
             with autocast():
-                logits = L.logits_of(model(input_ids=w[:, :-1]))  # (B, T, V)
-            loss = L.lm_loss(logits, w[:, 1:])
+                logits = L.logits_of(model(input_ids=x))  # (B, T, V)
+            loss = L.lm_loss(logits, y)
             (loss / grad_accum).backward()
         loss_sum += loss.detach().float()
     params = model.parameters() if params is None else params
@@ -106,7 +118,7 @@ class FitResult:
         return self.tokens / max(self.train_time_s, 1e-9)
 
 
-def fit(model: nn.Module, batches: Callable[[int], torch.Tensor], steps: int, optim: OptimConfig | None = None, *,
+def fit(model: nn.Module, batches: Callable[[int], Batch], steps: int, optim: OptimConfig | None = None, *,
         device: str | torch.device | None = None, grad_accum: int = 1, precision: str = "fp32",
         temperature_params: Iterable[nn.Parameter] = (), schedule: Callable[[int], float] | None = None,
         evaluate: Callable[[nn.Module], Any] | None = None, eval_every: int = 0, compile: bool = False,
@@ -114,7 +126,8 @@ def fit(model: nn.Module, batches: Callable[[int], torch.Tensor], steps: int, op
         on_step: Callable[[int, float], None] | None = None) -> FitResult:
     """Train ``model`` for ``steps`` optimizer steps on ``batches`` with no run directory.
 
-    - ``batches(i)``: micro-batch i = step * grad_accum + m, a (B, T + 1) long tensor (moved to the device here);
+    - ``batches(i)``: micro-batch i = step * grad_accum + m, a (B, T + 1) long tensor or an (inputs, targets)
+      pair (moved to the device here);
     - ``optim``: AdamW settings and the warmup/cosine schedule (``schedule(step) -> lr multiplier`` overrides it);
       ``temperature_params``: a method's own temperature parameters (``methods.Applied.temperature_parameters``);
       ``optimizer``: use this one instead of building it;
@@ -134,18 +147,20 @@ def fit(model: nn.Module, batches: Callable[[int], torch.Tensor], steps: int, op
     result = FitResult(steps=0, tokens=0, train_loss=math.nan)
     for step in range(steps):
         t0 = time.perf_counter()
-        shape: list[int] = []
+        n_inputs: list[int] = []
 
-        def batch(m: int, step: int = step, shape: list[int] = shape) -> torch.Tensor:
-            w = batches(step * grad_accum + m).to(dev, non_blocking=True)
-            shape[:] = w.shape
+        def batch(m: int, step: int = step, n_inputs: list[int] = n_inputs) -> Batch:
+            w = batches(step * grad_accum + m)
+            w = w.to(dev, non_blocking=True) if isinstance(w, torch.Tensor) else tuple(
+                t.to(dev, non_blocking=True) for t in w)
+            n_inputs.append(inputs_targets(w)[0].numel())
             return w
 
         loss, _ = train_step(run_model, optimizer, batch, step=step, lr_scale=scale(step), grad_accum=grad_accum,
                              clip=optim.clip, autocast=autocast, params=model.parameters())
         result.train_time_s += time.perf_counter() - t0
         result.steps, result.train_loss = step + 1, loss
-        result.tokens += grad_accum * shape[0] * (shape[1] - 1)
+        result.tokens += sum(n_inputs)
         result.losses.append(loss)
         if on_step is not None:
             on_step(step + 1, loss)

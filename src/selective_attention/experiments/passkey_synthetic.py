@@ -1,10 +1,13 @@
-"""Passkey retrieval and length generalisation with tiny models: train at length L, test at L, 2L, 4L.
+"""``ssa experiment passkey``: passkey retrieval and length generalisation with tiny models trained from scratch on
+synthetic token sequences: train at length L, test at L, 2L, 4L. (The passkey test of a pretrained Hugging Face
+model is ``evaluate/passkey.py``.)
 
 Sequence format (token ids): random filler tokens, with ``KEY v`` inserted at a chosen depth (v = the passkey,
 one of ``n_values`` tokens) and a final ``QUERY`` token; the model must output v at the QUERY position. A fraction
 ``decoy_rate`` of the filler slots hold decoys (passkey-like tokens not preceded by KEY), so the model has to find
 the token after KEY (two layers: a previous-token step, then retrieval) and longer contexts bring more decoys.
-Training: length L, depth uniform in [0, 1]. Test: every (length, depth) cell,
+Training (``train.loop.fit``, the loss on the QUERY position only): length L, depth uniform in [0, 1].
+Test: every (length, depth) cell,
 ``n_trials`` fresh sequences each; accuracy = argmax at QUERY equals v.
 
 The retrieval itself is easy at L; what changes at 2L and 4L is that the passkey's attention weight is diluted
@@ -24,7 +27,9 @@ from typing import Any
 import torch
 
 from selective_attention.experiments import common
-from selective_attention.experiments.tinylm import TinyLM
+from selective_attention.experiments.tinylm import TinyLM, optim_config
+from selective_attention.train.loop import fit
+from selective_attention.utils.device import choose_device
 
 DEFAULT_SEEDS = 2
 METHODS = ("vanilla", "ssa")
@@ -47,6 +52,7 @@ class Config:
     batch_size: int = 32
     lr: float = 3e-3
     n_trials: int = 100
+    device: str = "cpu"  # auto / cpu / cuda; models this small run fastest on one CPU thread
 
 
 def vocab_size(cfg: Config) -> int:
@@ -79,23 +85,29 @@ def train_one(cfg: Config, method: str, seed: int) -> TinyLM:
     g = common.seed_everything(seed)  # same init (except the temperature parameters) and the same data
     model = TinyLM(vocab_size(cfg), cfg.d, cfg.n_layers, cfg.n_heads, method, rope=cfg.rope,
                    token_aware=cfg.ssa_token_term)
-    opt = model.optimizer(cfg.lr)
-    for _ in range(cfg.steps):
-        idx, value = make_batch(cfg, cfg.batch_size, cfg.train_length, g)
-        loss = torch.nn.functional.cross_entropy(model(idx)[:, -1], value)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    fit(model, lambda i: training_pair(cfg, g), cfg.steps, optim_config(cfg.lr), device=choose_device(cfg.device),
+        schedule=lambda s: 1.0)  # constant lr
     return model
+
+
+def training_pair(cfg: Config, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) (B, L) each: a fresh batch whose only target is the passkey at the QUERY position
+    (-100 elsewhere: no loss), so the LM loss is the retrieval loss."""
+    idx, value = make_batch(cfg, cfg.batch_size, cfg.train_length, g)
+    targets = torch.full_like(idx, -100)
+    targets[:, -1] = value
+    return idx, targets
 
 
 @torch.no_grad()
 def accuracy_table(cfg: Config, model: TinyLM, seed: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(1_000_000 + seed)
+    device = next(model.parameters()).device
     table = {}
     for mult in cfg.length_multipliers:
         for depth in cfg.depths:
             idx, value = make_batch(cfg, cfg.n_trials, mult * cfg.train_length, g, depth)
+            idx, value = idx.to(device), value.to(device)
             table[f"acc@{mult}L_d{depth}"] = float((model(idx)[:, -1].argmax(-1) == value).float().mean())
     for mult in cfg.length_multipliers:
         table[f"acc@{mult}L"] = sum(table[f"acc@{mult}L_d{d}"] for d in cfg.depths) / len(cfg.depths)
