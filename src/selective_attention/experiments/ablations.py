@@ -41,7 +41,7 @@ from selective_attention.experiments import common
 from selective_attention.train.loop import fit
 from selective_attention.train.loss import evaluate_loss
 from selective_attention.train.methods import Applied, apply_method, parameter_counts
-from selective_attention.train.optim import OptimConfig
+from selective_attention.train.optim import OptimConfig, warmup_times_cosine
 
 DEFAULT_SEEDS = 3  # the README table (26 min on 2 cores); one seed cannot separate most rows
 
@@ -90,12 +90,8 @@ def build(method: str, size: str, vocab: int, seq_len: int, seed: int,
 
 
 def schedule(cfg: Config) -> Callable[[int], float]:
-    """This harness's lr multiplier at step s: linear warmup times a cosine from 1 to 0.1 reached at the last step
-    (not train.optim's cosine after the warmup: kept so the README's ablation numbers reproduce)."""
-    def factor(step: int) -> float:
-        frac = step / max(1, cfg.steps - 1)
-        return min(1.0, (step + 1) / max(1, cfg.warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-    return factor
+    """This harness's lr multiplier: warmup times a cosine from 1 to 0.1 reached at the last step."""
+    return lambda step: warmup_times_cosine(step, cfg.warmup, cfg.steps - 1, 0.1)
 
 
 def train_one(method: str, cfg: Config, seed: int, train_tokens: np.ndarray, val_tokens: np.ndarray,

@@ -10,7 +10,6 @@ beyond = T+1..eval_multiplier*T. Also the next-byte loss within / beyond T. Trai
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from selective_attention.experiments import common
 from selective_attention.experiments.tinylm import TinyLM, optim_config
 from selective_attention.train.loop import fit
 from selective_attention.train.loss import lm_loss
+from selective_attention.train.optim import warmup_times_cosine
 from selective_attention.utils.device import choose_device
 from selective_attention.utils.stats import row_statistics
 
@@ -78,10 +78,8 @@ def windows(data: torch.Tensor, n: int, length: int, g: torch.Generator) -> torc
 
 
 def schedule(cfg: Config) -> Callable[[int], float]:
-    """lr multiplier at step s: linear warmup over steps // 10 times a cosine from 1 to 0 over the run (this
-    experiment's own, kept so its numbers reproduce)."""
-    warm = max(1, cfg.steps // 10)
-    return lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    """lr multiplier: warmup over steps // 10 times a cosine from 1 to 0 over the run."""
+    return lambda step: warmup_times_cosine(step, max(1, cfg.steps // 10), cfg.steps, 0.0)
 
 
 def train_one(cfg: Config, method: str, seed: int, data: torch.Tensor) -> TinyLM:

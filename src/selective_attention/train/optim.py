@@ -34,6 +34,13 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def warmup_times_cosine(step: int, warmup: int, span: int, min_ratio: float) -> float:
+    """The experiments' older schedule: a linear warmup multiplied by a cosine from 1 to ``min_ratio`` over
+    ``span`` steps (the two overlap, unlike ``lr_factor``); kept so the ablation and dilution numbers reproduce."""
+    ramp = min(1.0, (step + 1) / max(1, warmup))
+    return ramp * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, span) / max(1, span))))
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | str = "cpu",
                     temperature_params: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
     """AdamW over ``temperature.param_groups(model, ...)``; ``temperature_params`` (a method's own temperature
