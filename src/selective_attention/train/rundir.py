@@ -33,7 +33,7 @@ from selective_attention.errors import UserError
 from selective_attention.train import checkpoint as ckpt_io
 from selective_attention.train.config import TrainConfig
 from selective_attention.train.lock import LOCK_NAME, RunLock
-from selective_attention.utils.files import disk_full_error, fsync_file, is_disk_full, require_space
+from selective_attention.utils.files import disk_full_error, follow_umask, fsync_file, is_disk_full, require_space
 from selective_attention.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 MANIFEST = "ssa-run.json"
@@ -355,11 +355,12 @@ class RunDir:
         needed = ckpt_io.nbytes(state) + (1 << 20)
         prev = self.newest_checkpoint()
         what = f"the last checkpoint is kept: {prev}" if prev else ""
-        require_space(ckdir, needed, what)
+        require_space(path, needed, what)
         record: dict[str, Any] = {}
 
         def write(tmp: str) -> None:
             ckpt_io.write(tmp, state)
+            follow_umask([Path(tmp)], ckdir)  # safetensors creates its files 0o600
             record.update(ckpt_io.file_record(tmp))  # what reached the disk, before it takes the real name
 
         _write(path, lambda: atomic_write(path, write), needed, what)
@@ -377,16 +378,17 @@ class RunDir:
         """OUT/final/: the Hugging Face model + tokenizer, written in OUT/.final.tmp then renamed."""
         tmp, final = self.out / FINAL_TMP, self.out / "final"
         needed = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + (16 << 20)
-        require_space(self.out, needed)
+        require_space(final, needed)
 
         def write() -> None:
             if tmp.exists():
                 shutil.rmtree(tmp)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            for p in tmp.rglob("*"):
-                if p.is_file():
-                    fsync_file(p)
+            files = [p for p in tmp.rglob("*") if p.is_file()]
+            follow_umask(files, tmp)  # safetensors creates its files 0o600
+            for p in files:
+                fsync_file(p)
         _write(tmp, write, needed)
         for rel in [k for k in self.manifest["files"] if k.startswith("final/")]:
             self.manifest["files"].pop(rel)

@@ -67,3 +67,22 @@ def disk_full_error(path: str | os.PathLike, needed: int, free: int | None = Non
     extra = f"; {what}" if what else ""
     return UserError(f"not enough disk space to write {path}: it needs about {human_bytes(needed)}, "
                      f"{human_bytes(free)} free on that disk{extra}")
+
+
+def new_file_mode(directory: str | os.PathLike) -> int:
+    """The mode a new file in ``directory`` gets (0o666 minus the umask), found by creating one: reading the umask
+    with os.umask would briefly change it for every thread."""
+    probe = Path(directory) / f".mode-probe-{os.getpid()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def follow_umask(paths: list[Path], directory: str | os.PathLike) -> None:
+    """Give files written by libraries that create them private (safetensors: 0o600) the user's usual mode."""
+    mode = new_file_mode(directory)
+    for p in paths:
+        os.chmod(p, mode)
