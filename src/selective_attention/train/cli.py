@@ -41,6 +41,7 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--eval-every", "eval_every", int, "optimizer steps between validations (default 100; 0: at the end)"),
     ("--eval-tokens", "eval_tokens", int, "validation tokens per evaluation (default 65536)"),
     ("--checkpoint-every", "checkpoint_every", int, "optimizer steps between checkpoints (default: eval-every)"),
+    ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept, the newest (default 2)"),
     ("--log-every", "log_every", int, "optimizer steps between metric lines (default 10)"),
     ("--tokenizer", "tokenizer", str, "bpe (trained on the train split; default), gpt2, or pretrained"),
     ("--vocab-size", "vocab_size", int, "BPE vocabulary (default 8192)"),
