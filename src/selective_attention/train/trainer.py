@@ -171,11 +171,16 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
         except RuntimeError as e:
             raise UserError(f"{plan.checkpoint}: does not fit the model of these settings "
                             f"({str(e).strip().splitlines()[0]})") from None
+    temp_ids = {id(p) for p in applied.temperature_parameters}
+    temp_names = {n for n, p in model.named_parameters() if id(p) in temp_ids}
     wrapped = D.wrap(model, info)
     opt_model = wrapped if info.fsdp else model
+    # FSDP replaces the parameters by sharded ones: the method's temperature parameters, found again by name
+    temperature_params = [p for n, p in opt_model.named_parameters() if n in temp_names] if info.fsdp else \
+        applied.temperature_parameters
     optim = OptimConfig(lr=cfg.lr, temperature_lr=cfg.effective_temperature_lr(), weight_decay=cfg.weight_decay,
                         warmup=warmup, min_lr_ratio=cfg.min_lr_ratio, clip=cfg.clip)
-    optimizer = build_optimizer(opt_model, optim, info.device, applied.temperature_parameters)
+    optimizer = build_optimizer(opt_model, optim, info.device, temperature_params)
     step, elapsed_s, train_time_s, val_loss, val_step = 0, 0.0, 0.0, math.nan, -1
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
