@@ -186,7 +186,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(cfg, tmp_path):
     train(full)
     stopped = train(TrainConfig(**{**cfg.to_dict(), "stop_at_step": 3}))
     assert stopped == {"stopped_at_step": 3, "total_steps": 5}
-    assert (Path(cfg.out) / "checkpoints" / "latest").read_text().strip() == "step-00000003.pt"
+    assert (Path(cfg.out) / "checkpoints" / "latest").read_text().strip() == "step-00000003.safetensors"
     assert not (Path(cfg.out) / "run.json").exists()
     train(cfg)  # same settings: resumes from step 3
     a, b = weights(full.out), weights(cfg.out)
@@ -208,11 +208,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cfg, monkeypatch):
         return out * float("nan") if len(calls) >= 3 else out
 
     monkeypatch.setattr(train_loss, "lm_loss", loss)
-    with pytest.raises(UserError, match=r"diverged.*nan at step 3.*step-00000002\.pt"):
+    with pytest.raises(UserError, match=r"diverged.*nan at step 3.*step-00000002\.safetensors"):
         train(cfg)
     ck = Path(cfg.out) / "checkpoints"
-    assert sorted(p.name for p in ck.glob("*.pt")) == ["step-00000001.pt", "step-00000002.pt"]
-    state = torch.load(ck / "step-00000002.pt", weights_only=False)
+    assert sorted(p.name for p in ck.glob("step-*")) == ["step-00000001.safetensors", "step-00000002.safetensors"]
+    from selective_attention.train import checkpoint
+
+    state = checkpoint.read(ck / "step-00000002.safetensors")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (Path(cfg.out) / "run.json").exists() and not (Path(cfg.out) / "final").exists()
 
@@ -320,7 +322,7 @@ def test_cli_refuses_a_different_run_in_the_same_out(cfg, capsys):
     assert main(cli_args(cfg)) == 0
     before = (Path(cfg.out) / "run.json").read_text()
     assert main(cli_args(cfg, "--lr", "0.01")) == 2
-    assert "other settings (lr)" in capsys.readouterr().err
+    assert "other settings (lr: 0.001 there, 0.01 now)" in capsys.readouterr().err
     assert (Path(cfg.out) / "run.json").read_text() == before
     assert main(cli_args(cfg, "--lr", "0.01", "--overwrite")) == 0
     assert json.loads((Path(cfg.out) / "run.json").read_text())["config"]["lr"] == 0.01
@@ -439,7 +441,7 @@ def test_an_older_run_directory_is_still_recognised(cfg):
     run_json.write_text(json.dumps(old))
     assert train(cfg) == old  # done: same settings
     cfg.ssa = {"sharing": "mlp"}
-    with pytest.raises(UserError, match=r"other settings \(ssa\)"):
+    with pytest.raises(UserError, match=r"other settings \(ssa: "):
         train(cfg)
 
 

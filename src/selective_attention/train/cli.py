@@ -41,6 +41,7 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--eval-every", "eval_every", int, "optimizer steps between validations (default 100; 0: at the end)"),
     ("--eval-tokens", "eval_tokens", int, "validation tokens per evaluation (default 65536)"),
     ("--checkpoint-every", "checkpoint_every", int, "optimizer steps between checkpoints (default: eval-every)"),
+    ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept, the newest (default 2)"),
     ("--log-every", "log_every", int, "optimizer steps between metric lines (default 10)"),
     ("--tokenizer", "tokenizer", str, "bpe (trained on the train split; default), gpt2, or pretrained"),
     ("--vocab-size", "vocab_size", int, "BPE vocabulary (default 8192)"),
@@ -54,7 +55,10 @@ SWITCHES: list[tuple[str, str, str]] = [
     ("compile", "compile", "torch.compile the model for the training steps (default off)"),
     ("fsdp", "fsdp", "shard with FSDP instead of DDP (with --nproc > 1)"),
     ("progress", "progress", "progress bar (default on)"),
-    ("overwrite", "overwrite", "replace an earlier run in --out (default: resume it, or refuse if it differs)"),
+    ("overwrite", "overwrite", "replace an earlier run in --out: delete the files it wrote (default: resume it, "
+     "or refuse if it differs)"),
+    ("temperatures-only", "temperatures_only", "train only the SSA temperature parameters; the base weights stay "
+     "frozen (default off)"),
 ]
 
 
@@ -128,13 +132,21 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from selective_attention.train import distributed as D
     from selective_attention.train import train
 
-    cfg = config_from_args(args)
-    result = train(cfg)
+    try:
+        cfg = config_from_args(args)
+        result = train(cfg)
+    except Exception as e:  # a process of `--nproc N`: the parent prints one line for all of them
+        if not os.environ.get("SSA_DEBUG"):
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if D.report_error(text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"):
+                return 2 if isinstance(e, UserError) else 1
+        raise
     if "stopped_at_step" in result:
         print(f"stopped after step {result['stopped_at_step']} of {result['total_steps']}: run the same command "
-              "again to resume", file=sys.stderr)
+              "again to continue", file=sys.stderr)
         return 0
     if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("SSA_LAUNCHED"):
         print(f"{cfg.out}: {result['attention']} {result['size']}, {result['tokens']:,} tokens, "

@@ -18,7 +18,9 @@ from selective_attention.errors import UserError
 
 FINETUNE_TEMPERATURE_LR = 1e-2  # the official SSA fine-tuning recipe (weights at 1e-5)
 # Fields that may differ between an interrupted run and its resumption (they do not change the result).
-RESUME_FREE = {"progress", "overwrite", "stop_at_step", "cache_dir", "keep_checkpoints", "nproc", "log_every"}
+# ``out`` is the run directory itself (it may be named differently, ./C or C, or moved).
+RESUME_FREE = {"progress", "overwrite", "stop_at_step", "cache_dir", "keep_checkpoints", "nproc", "log_every", "out"}
+PATH_FIELDS = ("data", "init_from")  # compared resolved (a run records them in its manifest)
 # older flat key -> SSAConfig field
 LEGACY_SSA_KEYS = {"sharing": "sharing", "query": "query", "value": "value", "key": "key",
                    "token_aware": "token_aware", "position_aware": "position_aware",
@@ -45,6 +47,7 @@ class TrainConfig:
     warmup: int | None = None  # optimizer steps; None: 5% of the steps
     weight_decay: float = 0.1
     clip: float = 1.0
+    temperatures_only: bool = False  # train only the SSA temperature parameters (the base weights stay frozen)
     eval_every: int = 100  # optimizer steps between validations (0: only at the end)
     eval_tokens: int = 65536  # validation tokens per evaluation (from the start of the val split)
     checkpoint_every: int | None = None  # optimizer steps between checkpoints; None: eval_every
@@ -126,11 +129,29 @@ class TrainConfig:
             return _ssa_from_dict(self.ssa, self.init_from)
         return self.ssa
 
-    def comparable(self) -> dict[str, Any]:
-        """What must match for a run directory to be resumed (SSA settings only where the method uses them)."""
+    def resolved_paths(self) -> dict[str, str | None]:
+        """The path settings as absolute paths (a corpus name such as ``wiki`` stays as it is), and ``out``."""
+        d = {k: _resolve(getattr(self, k)) for k in PATH_FIELDS}
+        d["out"] = str(Path(self.out).expanduser().resolve())
+        return d
+
+    def total_steps(self, world: int | None = None) -> int:
+        """Optimizer steps of the run with ``world`` processes (default nproc): max_tokens in whole steps."""
+        per_step = self.batch_size * self.grad_accum * (world or self.nproc) * self.seq_len
+        return max(1, math.ceil(self.max_tokens / per_step))
+
+    def warmup_steps(self, world: int | None = None) -> int:
+        return self.warmup if self.warmup is not None else max(1, self.total_steps(world) // 20)
+
+    def comparable(self, paths: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What must match for a run directory to be resumed (SSA settings only where the method uses them).
+        Paths compare resolved: ``paths`` (a run manifest's) or this config's own, resolved from the cwd."""
         from selective_attention.train.methods import get_method
 
         d = {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE}
+        resolved = self.resolved_paths()
+        for k in PATH_FIELDS:
+            d[k] = paths[k] if paths and k in paths else resolved[k]
         method = get_method(self.attention) if self.attention in _method_names() else None
         d["ssa"] = self.ssa_config().to_dict() if method is not None and method.uses_ssa else None
         return d
@@ -164,6 +185,10 @@ class TrainConfig:
         need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
         need(self.stop_at_step is None or self.stop_at_step >= 1, "--stop-at-step must be >= 1")
+        need(isinstance(self.temperatures_only, bool), f"temperatures_only must be true or false, got "
+             f"{self.temperatures_only!r}")
+        need(not (self.temperatures_only and self.attention == "vanilla"),
+             "--temperatures-only trains only the SSA temperatures: --attention vanilla has none (use ssa)")
         need(self.precision in PRECISIONS, f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
         need(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
@@ -179,6 +204,11 @@ class TrainConfig:
         get_method(self.attention).check_options(self.method_options)
         if self.init_from is not None and not Path(self.init_from).expanduser().exists():
             raise UserError(f"--init-from: not found: {self.init_from}")
+        steps = self.total_steps()
+        need(self.warmup is None or self.warmup <= steps,
+             f"--warmup {self.warmup} is longer than the run ({steps} optimizer steps of "
+             f"{self.batch_size * self.grad_accum * self.nproc * self.seq_len:,} tokens for --max-tokens "
+             f"{self.max_tokens:,}): lower --warmup or raise --max-tokens")
 
     @property
     def tokenizer_kind(self) -> str:
@@ -189,6 +219,14 @@ def _method_names() -> tuple[str, ...]:
     from selective_attention.train.methods import METHODS
 
     return tuple(METHODS)
+
+
+def _resolve(path: str | None) -> str | None:
+    """An existing path made absolute; anything else (a corpus name, hf:NAME, None) as given."""
+    if path is None or str(path).startswith("hf:"):
+        return path
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
 
 
 def _ssa_from_dict(d: dict[str, Any], init_from: str | None) -> SSAConfig:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -146,11 +148,50 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         optimizer.load_state_dict(state)
 
 
-def launch(nproc: int, config_file: str) -> int:
-    """Re-run ``ssa train --config FILE`` under ``torchrun --standalone --nproc-per-node N``; returns its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+ENV_ERRORS = "SSA_TRAIN_ERRORS"  # a folder where each process of a launched run writes its one-line error
+# torchrun without its ChildFailedError traceback: the exit code of the first failed process, and no log lines
+TORCHRUN = """
+import logging, sys
+from torch.distributed import run
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+try:
+    run.run(run.parse_args(sys.argv[1:]))
+except ChildFailedError as e:
+    codes = [f.exitcode for _, f in sorted(e.failures.items())]
+    sys.exit(next((c for c in codes if c > 0), 1))
+"""
+
+
+def launch(nproc: int, config_file: str, out: Path | None = None) -> tuple[int, list[tuple[int, str]]]:
+    """Re-run ``ssa train --config FILE`` under torchrun (standalone, ``nproc`` processes); returns its exit code
+    and the one-line errors of the processes that failed, as (rank, message), rank 0 first. ``out``: the run
+    directory whose lock this process holds for its children."""
+    from selective_attention.train.lock import ENV_HELD
+
+    cmd = [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
            "-m", "selective_attention", "train", "--config", config_file]
     env = dict(os.environ)
     env["SSA_LAUNCHED"] = "1"  # the parent prints the summary, not rank 0 as well
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    if out is not None:
+        env[ENV_HELD] = str(out)
+    with tempfile.TemporaryDirectory(prefix="ssa-errors-") as errors:
+        env[ENV_ERRORS] = errors
+        code = subprocess.call(cmd, env=env)
+        found = []
+        for f in Path(errors).glob("rank-*.txt"):
+            msg = f.read_text(encoding="utf-8").strip()
+            if msg:
+                found.append((int(f.stem.split("-")[1]), msg))
+    return code, sorted(found)
+
+
+def report_error(message: str) -> bool:
+    """In a process of a launched run: leave ``message`` for the parent (which prints it once); False outside."""
+    folder = os.environ.get(ENV_ERRORS)
+    if not folder or not Path(folder).is_dir():
+        return False
+    (Path(folder) / f"rank-{os.environ.get('RANK', '0')}.txt").write_text(message.replace("\n", " "),
+                                                                          encoding="utf-8")
+    return True

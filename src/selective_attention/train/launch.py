@@ -1,4 +1,7 @@
-"""``ssa train --nproc N``: check what can be checked in this process, then re-run under ``torchrun``."""
+"""``ssa train --nproc N``: check what can be checked in this process, then re-run under ``torchrun``.
+
+This process holds the run directory's lock for its children (they skip it: ``lock.ENV_HELD``), and a child's
+one-line error comes back here through a file (``distributed.ENV_ERRORS``) instead of torchrun's traceback."""
 
 from __future__ import annotations
 
@@ -15,15 +18,27 @@ from selective_attention.train.config import TrainConfig
 
 def launch(cfg: TrainConfig) -> dict:
     """Run ``cfg`` with ``cfg.nproc`` processes; returns OUT/run.json."""
-    rundir.plan_out_dir(cfg)  # a bad --out, corpus or vocabulary fails here, in one line, before spawning anything
-    prepare(cfg.data, cfg.tokenizer_kind, cfg.vocab_size, cfg.init_from, cfg.split_seed, cfg.cache_dir,
-            splits=("train", "val"))  # also fills the token cache once for all processes
-    import yaml
+    plan = rundir.plan_out_dir(cfg)  # a bad --out fails here, in one line, before spawning anything; locks OUT
+    try:
+        if plan.kind == "done":
+            return plan.result  # type: ignore[return-value]
+        plan.state = None  # the children read the checkpoint themselves
+        prepare(cfg.data, cfg.tokenizer_kind, cfg.vocab_size, cfg.init_from, cfg.split_seed, cfg.cache_dir,
+                splits=("train", "val"))  # a bad corpus fails here too; fills the token cache once for all
+        import yaml
 
-    with tempfile.TemporaryDirectory(prefix="ssa-train-") as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump({**cfg.to_dict(), "nproc": cfg.nproc}))
-        code = D.launch(cfg.nproc, str(path))
-    if code != 0:
-        raise UserError(f"torchrun with {cfg.nproc} processes failed (exit code {code}); see the messages above")
-    return json.loads((Path(cfg.out).expanduser() / "run.json").read_text())
+        with tempfile.TemporaryDirectory(prefix="ssa-train-") as tmp:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(yaml.safe_dump({**cfg.to_dict(), "nproc": cfg.nproc}))
+            code, errors = D.launch(cfg.nproc, str(path), plan.out)
+        if code != 0:
+            if errors:
+                rank, msg = errors[0]
+                raise UserError(f"{msg} (process {rank} of {cfg.nproc} exited with code {code})")
+            raise UserError(f"torchrun with {cfg.nproc} processes failed (exit code {code}); see the messages above")
+        return json.loads((plan.out / "run.json").read_text())
+    except BaseException:
+        plan.abandon()
+        raise
+    finally:
+        plan.release()

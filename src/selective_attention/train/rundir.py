@@ -1,14 +1,28 @@
-"""The run directory: whether OUT is a fresh, resumable or finished run, clearing it, the metrics log, the
-checkpoints (model, optimizer, RNG state) and the resume bookkeeping.
+"""The run directory: what OUT holds, whether it is a fresh, resumable or finished run, its lock, its manifest,
+its checkpoints and the metrics log.
 
-    OUT/metrics.jsonl, OUT/checkpoints/step-XXXXXXXX.pt (+ OUT/checkpoints/latest), OUT/final/, OUT/run.json
+    OUT/ssa-run.json     the manifest, written when the run starts: format version, settings, resolved paths,
+                         and every file the run wrote (checkpoints and final files with size and sha256)
+    OUT/.lock            flock'ed by the run that uses OUT (PID inside)
+    OUT/metrics.jsonl    one JSON line per log / validation
+    OUT/checkpoints/step-XXXXXXXX.safetensors (+ latest, a pointer for people: resume scans, it never trusts it)
+    OUT/final/           the Hugging Face model + tokenizer, OUT/run.json  the result (only once finished)
+
+A run directory is recognised by its manifest (or, for directories of older versions, by run.json or
+checkpoints/step-*.pt). ``--overwrite`` removes only files the run wrote; anything else in OUT is refused.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import math
+import os
 import random
+import re
 import shutil
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,69 +30,435 @@ import numpy as np
 import torch
 
 from selective_attention.errors import UserError
+from selective_attention.train import checkpoint as ckpt_io
 from selective_attention.train.config import TrainConfig
-from selective_attention.utils.io import atomic_torch_save, atomic_write_text
+from selective_attention.train.lock import LOCK_NAME, RunLock
+from selective_attention.utils.files import disk_full_error, follow_umask, fsync_file, is_disk_full, require_space
+from selective_attention.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
-CHECKPOINT_FORMAT = 1
+MANIFEST = "ssa-run.json"
+MANIFEST_FORMAT = 1
+CKPT_RE = re.compile(r"^step-(\d{8})\.(safetensors|pt)$")
+# temporary names of our atomic writes (utils.io: .NAME.XXXX.tmp) and of the final/ folder being written
+TEMP_RE = re.compile(r"^\.(step-\d{8}\.(safetensors|pt)|latest|run\.json|ssa-run\.json|metrics\.jsonl)\..*\.tmp$")
+FINAL_TMP = ".final.tmp"
+OWN_NAMES = {MANIFEST, LOCK_NAME, "metrics.jsonl", "run.json"}
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    latest = out / "checkpoints" / "latest"
-    if latest.is_file():
-        p = out / "checkpoints" / latest.read_text().strip()
-        if p.is_file():
-            return p
-    return None
+def warn(msg: str) -> None:
+    print(f"ssa train: warning: {msg}", file=sys.stderr)
 
 
-def _saved_comparable(saved: dict[str, Any], out: str) -> dict[str, Any]:
+# ---- what OUT holds
+
+
+def checkpoint_files(out: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint file in OUT/checkpoints, newest first (a .safetensors before a .pt)."""
+    d = out / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), m.group(2) == "safetensors", p) for p in d.iterdir()
+             if (m := CKPT_RE.match(p.name)) and p.is_file()]
+    return [(s, p) for s, _, p in sorted(found, key=lambda x: (x[0], x[1]), reverse=True)]
+
+
+def read_manifest(out: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None), (None, None) when there is none, (None, problem) when it cannot be read."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return None, None
     try:
-        return TrainConfig.from_saved(saved).comparable()
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return None, f"{path}: not readable JSON ({str(e).splitlines()[0]})"
+    if not isinstance(m, dict) or m.get("format") != "ssa-run" or not isinstance(m.get("files"), dict):
+        return None, f"{path}: not a run manifest of ssa train"
+    if int(m.get("version", 0)) > MANIFEST_FORMAT:
+        raise UserError(f"{path}: run format {m['version']} is newer than this version of ssa train reads "
+                        f"({MANIFEST_FORMAT}): update selective-attention")
+    return m, None
+
+
+def read_result(out: Path) -> tuple[dict | None, str | None]:
+    """(run.json, None) when the run finished with a finite result; (None, why not) otherwise."""
+    path = out / "run.json"
+    if not path.is_file():
+        return None, None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        loss = float(result["final_val_loss"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"{path} is not a readable result ({type(e).__name__})"
+    if not math.isfinite(loss):
+        return None, f"{path} holds a non-finite final validation loss ({loss})"
+    if not (out / "final").is_dir():
+        return None, f"{out / 'final'} is missing"
+    return result, None
+
+
+def own_files(out: Path, manifest: dict | None) -> tuple[list[Path], list[Path]]:
+    """(files the tool wrote, anything else) in OUT: the manifest's files, the tool's own names, its checkpoint
+    and temporary names; for an older run directory without a manifest, final/ counts as its own as well."""
+    listed = {out / k for k in (manifest or {}).get("files", {})}
+    ours, other = [], []
+    for p in sorted(out.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            continue
+        rel = p.relative_to(out)
+        top = rel.parts[0]
+        mine = (p in listed or (len(rel.parts) == 1 and (p.name in OWN_NAMES or TEMP_RE.match(p.name)))
+                or (top == "checkpoints" and len(rel.parts) == 2 and (CKPT_RE.match(p.name) or p.name == "latest"
+                                                                      or TEMP_RE.match(p.name)))
+                or top == FINAL_TMP or (manifest is None and top == "final"))
+        (ours if mine else other).append(p)
+    return ours, other
+
+
+def clean_temporaries(out: Path) -> list[Path]:
+    """Remove what a write interrupted by a kill left: .NAME.XXXX.tmp files of ours and .final.tmp/."""
+    removed = []
+    for d in (out, out / "checkpoints"):
+        if d.is_dir():
+            for p in d.iterdir():
+                if TEMP_RE.match(p.name) and p.is_file():
+                    p.unlink()
+                    removed.append(p)
+    if (out / FINAL_TMP).is_dir():
+        shutil.rmtree(out / FINAL_TMP)
+        removed.append(out / FINAL_TMP)
+    return removed
+
+
+# ---- the plan: fresh, resume or done
+
+
+@dataclass
+class Plan:
+    kind: str  # "fresh" | "resume" | "done"
+    out: Path  # resolved
+    checkpoint: Path | None = None
+    state: dict | None = None  # the checkpoint's content (read and verified while planning)
+    manifest: dict | None = None
+    result: dict | None = None  # run.json of a finished run
+    restart: bool = False  # fresh over files of ours (--overwrite, or a run killed before its first checkpoint)
+    lock: RunLock | None = None
+    created: Path | None = None  # the topmost directory this plan created (removed if the run writes nothing)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def abandon(self) -> None:
+        """After a failure: remove OUT again if this run created it and wrote nothing but its lock there."""
+        if self.created is None or not self.out.is_dir():
+            return
+        if all(p.name == LOCK_NAME for p in self.out.iterdir()):
+            self.release()
+            (self.out / LOCK_NAME).unlink(missing_ok=True)
+            p = self.out
+            p.rmdir()
+            while p != self.created and not any(p.parent.iterdir()):
+                p = p.parent
+                p.rmdir()
+
+
+def _saved_settings(out: Path, manifest: dict | None, ckpts: list[tuple[int, Path]]) -> tuple[dict, dict | None]:
+    """(config dict, resolved paths or None) of the run in OUT: its manifest, run.json or newest readable
+    checkpoint (headers only)."""
+    if manifest is not None:
+        return manifest["config"], manifest.get("paths")
+    if (out / "run.json").is_file():
+        try:
+            return json.loads((out / "run.json").read_text())["config"], None
+        except (ValueError, KeyError, TypeError, OSError):
+            pass
+    problems = []
+    for _, p in ckpts:
+        try:
+            return ckpt_io.read_settings(p), None
+        except ckpt_io.CheckpointError as e:
+            problems.append(str(e))
+    raise UserError(f"the settings of the run in --out {out} cannot be read: {problems[0] if problems else ''}")
+
+
+def _differences(saved: dict, paths: dict | None, cfg: TrainConfig, out: Path) -> list[str]:
+    try:
+        saved_c = TrainConfig.from_saved(saved).comparable(paths)
     except UserError as e:
         raise UserError(f"--out {out} holds a run whose settings cannot be read ({e}): choose another directory "
                         "or pass --overwrite") from None
+    current = cfg.comparable()
+    return [f"{k}: {saved_c.get(k)!r} there, {current[k]!r} now" for k in sorted(current)
+            if saved_c.get(k) != current[k]]
 
 
-def plan_out_dir(cfg: TrainConfig) -> tuple[str, Path | None]:
-    """"fresh", "resume" (with its checkpoint) or "done"; UserError when OUT holds something else."""
-    out = Path(cfg.out).expanduser()
+def newest_intact(out: Path, manifest: dict | None, report: bool = True) -> tuple[Path | None, dict | None,
+                                                                                list[str]]:
+    """The newest checkpoint that passes its checks (manifest size + sha256, else its own content checksum)
+    with its state, and the problems of the newer ones (each warned about, naming the file)."""
+    files = (manifest or {}).get("files", {})
+    problems = []
+    for _, path in checkpoint_files(out):
+        try:
+            state = ckpt_io.read(path, files.get(str(path.relative_to(out))), verify=True)
+        except ckpt_io.CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if report:
+            for p in problems:
+                warn(f"skipping a damaged checkpoint: {p}; resuming from {path}")
+        return path, state, problems
+    return None, None, problems
+
+
+def plan_out_dir(cfg: TrainConfig, main: bool = True) -> Plan:
+    """Lock OUT (``main``), clean what an interrupted write left, and say what to do: "fresh", "resume" (from
+    the newest intact checkpoint) or "done"; UserError when OUT holds something this run must not touch."""
+    out = Path(cfg.out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {cfg.out} exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return "fresh", None
+    plan = Plan("fresh", out)
+    if main:
+        top = out
+        while not top.parent.exists():
+            top = top.parent
+        plan.created = top if not out.exists() else None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {cfg.out}: cannot create the directory ({e.strerror})") from None
+        try:
+            plan.lock = RunLock(out).acquire()
+        except BaseException:
+            plan.abandon()
+            raise
+    try:
+        _plan(cfg, plan, main)
+    except BaseException:
+        plan.abandon()
+        if plan.lock is not None:
+            plan.lock.discard()
+        raise
+    return plan
+
+
+def _plan(cfg: TrainConfig, plan: Plan, main: bool) -> None:
+    out = plan.out
+    if main:
+        clean_temporaries(out)
+    entries = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    if not entries:
+        return
+    manifest, problem = read_manifest(out)
+    ckpts = checkpoint_files(out)
+    has_result = (out / "run.json").is_file()
+    ours = manifest is not None or has_result or bool(ckpts)
+    plan.manifest = manifest
     if cfg.overwrite:
-        return "fresh", None
-    run_json = out / "run.json"
-    ckpt = latest_checkpoint(out)
-    if ckpt is None and not run_json.is_file():
-        raise UserError(f"--out {cfg.out} is not empty and holds no run of ours: choose another directory "
+        if not ours:
+            raise UserError(f"--out {cfg.out} is not empty and holds no run of ours: --overwrite only replaces "
+                            "a run's own files; choose another directory")
+        _, other = own_files(out, manifest)
+        if other:
+            names = ", ".join(str(p.relative_to(out)) for p in other[:3]) + (" ..." if len(other) > 3 else "")
+            raise UserError(f"--out {cfg.out} holds files that ssa train did not write ({names}): --overwrite "
+                            "only removes a run's own files; move them or choose another directory")
+        plan.restart = True
+        return
+    if not ours:
+        raise UserError(problem + ": choose another directory (or --overwrite)" if problem else
+                        f"--out {cfg.out} is not empty and holds no run of ours: choose another directory "
                         "(or --overwrite)")
-    saved = json.loads(run_json.read_text())["config"] if run_json.is_file() else \
-        torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
-    saved_c, current = _saved_comparable(saved, cfg.out), cfg.comparable()
-    diff = sorted(k for k in current if saved_c.get(k) != current[k])
+    if problem and main:
+        warn(f"{problem}; recognising the run by its checkpoints")
+    saved, paths = _saved_settings(out, manifest, ckpts)
+    diff = _differences(saved, paths, cfg, out)
     if diff:
-        raise UserError(f"--out {cfg.out} holds a run with other settings ({', '.join(diff)}): choose another "
-                        "directory or pass --overwrite")
-    return ("done", None) if run_json.is_file() else ("resume", ckpt)
+        raise UserError(f"--out {cfg.out} holds a run with other settings ({'; '.join(diff)}): choose another "
+                        "directory, or pass --overwrite to delete that run")
+    result, why = read_result(out)
+    if result is not None:
+        plan.kind, plan.result = "done", result
+        return
+    if why and main:
+        warn(f"{why}: finishing the run again from its last checkpoint")
+    path, state, problems = newest_intact(out, manifest, report=main)
+    if path is not None:
+        plan.kind, plan.checkpoint, plan.state = "resume", path, state
+        return
+    if problems:
+        raise UserError(f"no intact checkpoint in {out / 'checkpoints'} ({'; '.join(problems)}): pass --overwrite "
+                        "to start the run again")
+    plan.restart = True  # our run, stopped before its first checkpoint: start it again
 
 
-def clear_out_dir(out: Path) -> None:
-    """Remove what an earlier run of ours wrote (only our own files, never anything else)."""
-    for name in ("checkpoints", "final"):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-    for name in ("metrics.jsonl", "run.json"):
-        if (out / name).exists():
-            (out / name).unlink()
+# ---- writing: the manifest, checkpoints, final/, run.json
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunDir:
+    """OUT as the main process writes it; every write updates the manifest."""
+
+    out: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def begin(cls, plan: Plan, cfg: TrainConfig, step: int) -> RunDir:
+        """Write the manifest (fresh: after clearing our files when restarting; resume: adopting an older run's
+        files when it has none) and drop metric lines logged after the checkpoint we resume from."""
+        out = plan.out
+        if plan.kind == "fresh" and plan.restart:
+            clear_out_dir(out, plan.manifest)
+        manifest = plan.manifest if plan.kind == "resume" and plan.manifest else None
+        if manifest is None:
+            manifest = {"format": "ssa-run", "version": MANIFEST_FORMAT, "created": _now(), "files": {}}
+            if plan.kind == "resume":  # an older run directory: adopt its files (checked by their own format)
+                for _, p in checkpoint_files(out):
+                    manifest["files"][str(p.relative_to(out))] = {"size": p.stat().st_size}
+        manifest.update({"config": cfg.to_dict(), "paths": cfg.resolved_paths(), "state": "running",
+                         "updated": _now()})
+        manifest["paths"]["out"] = str(out)
+        manifest["files"]["metrics.jsonl"] = {}
+        rd = cls(out, manifest)
+        out.mkdir(parents=True, exist_ok=True)
+        rd.write_manifest()
+        if plan.kind == "resume":
+            truncate_metrics(out / "metrics.jsonl", step)
+        return rd
+
+    def write_manifest(self) -> None:
+        self.manifest["updated"] = _now()
+        _write(self.out / MANIFEST, lambda: atomic_write_json(self.out / MANIFEST, self.manifest), 1 << 16)
+
+    def record(self, path: Path, info: dict[str, Any] | None) -> None:
+        rel = str(path.relative_to(self.out))
+        if info is None:
+            self.manifest["files"].pop(rel, None)
+        else:
+            self.manifest["files"][rel] = info
+
+    def newest_checkpoint(self) -> Path | None:
+        files = checkpoint_files(self.out)
+        return files[0][1] if files else None
+
+    def save_checkpoint(self, state: dict[str, Any], keep: int) -> Path:
+        """Write OUT/checkpoints/step-XXXXXXXX.safetensors (RNG state added) through a temporary file, record its
+        size and sha256 in the manifest, then drop all but the ``keep`` newest."""
+        ckdir = self.out / "checkpoints"
+        ckdir.mkdir(exist_ok=True)
+        state = {"format": ckpt_io.VERSION, **state, "rng": rng_state()}
+        path = ckdir / f"step-{state['step']:08d}{ckpt_io.SUFFIX}"
+        needed = ckpt_io.nbytes(state) + (1 << 20)
+        prev = self.newest_checkpoint()
+        what = f"the last checkpoint is kept: {prev}" if prev else ""
+        require_space(path, needed, what)
+        record: dict[str, Any] = {}
+
+        def write(tmp: str) -> None:
+            ckpt_io.write(tmp, state)
+            follow_umask([Path(tmp)], ckdir)  # safetensors creates its files 0o600
+            record.update(ckpt_io.file_record(tmp))  # what reached the disk, before it takes the real name
+
+        _write(path, lambda: atomic_write(path, write), needed, what)
+        self.record(path, {**record, "step": state["step"]})
+        old = [p for _, p in checkpoint_files(self.out) if p != path][max(keep - 1, 0):]
+        for p in old:
+            self.record(p, None)
+        self.write_manifest()  # before the deletions: a kill in between leaves unlisted files of ours, not holes
+        _write(ckdir / "latest", lambda: atomic_write_text(ckdir / "latest", path.name + "\n"), 1 << 12)
+        for p in old:
+            p.unlink(missing_ok=True)
+        return path
+
+    def save_final(self, model: torch.nn.Module, tokenizer: Any) -> Path:
+        """OUT/final/: the Hugging Face model + tokenizer, written in OUT/.final.tmp then renamed."""
+        tmp, final = self.out / FINAL_TMP, self.out / "final"
+        needed = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + (16 << 20)
+        require_space(final, needed)
+
+        def write() -> None:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            files = [p for p in tmp.rglob("*") if p.is_file()]
+            follow_umask(files, tmp)  # safetensors creates its files 0o600
+            for p in files:
+                fsync_file(p)
+        _write(tmp, write, needed)
+        for rel in [k for k in self.manifest["files"] if k.startswith("final/")]:
+            self.manifest["files"].pop(rel)
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                self.manifest["files"]["final/" + str(p.relative_to(tmp))] = ckpt_io.file_record(p)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self.write_manifest()
+        return final
+
+    def save_result(self, result: dict[str, Any]) -> None:
+        path = self.out / "run.json"
+        _write(path, lambda: atomic_write_json(path, result), 1 << 20)
+        self.record(path, ckpt_io.file_record(path))
+        self.manifest["state"] = "done"
+        self.write_manifest()
+
+
+def _write(path: Path, write, needed: int, what: str = "") -> None:
+    """Run ``write()``; a full disk becomes a UserError that names ``path`` and the space it needs."""
+    try:
+        write()
+    except UserError:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full_error(path, needed, what=what) from None
+        raise
+
+
+def clear_out_dir(out: Path, manifest: dict | None) -> None:
+    """Remove what an earlier run wrote: the manifest's files and the tool's own names, never anything else."""
+    ours, _ = own_files(out, manifest)
+    for p in ours:
+        if p.name != LOCK_NAME:
+            p.unlink(missing_ok=True)
+    for d in (out / "final", out / "checkpoints", out / FINAL_TMP):
+        if d.is_dir():
+            for sub in sorted(d.rglob("*"), reverse=True):
+                if sub.is_dir() and not any(sub.iterdir()):
+                    sub.rmdir()
+            if not any(d.iterdir()):
+                d.rmdir()
+
+
+# ---- the metrics log
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of metrics.jsonl (a line cut short by a kill is skipped)."""
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            lines.append(rec)
+    return lines
 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    if path.is_file():
+        keep = [rec for rec in read_metrics(path) if rec["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in keep))
 
 
 class MetricsLog:
@@ -91,6 +471,9 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+# ---- RNG state
 
 
 def rng_state() -> dict:
@@ -106,17 +489,3 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out: Path, state: dict[str, Any], keep: int) -> Path:
-    """Write OUT/checkpoints/step-XXXXXXXX.pt (with the RNG state added), point ``latest`` at it, keep ``keep``."""
-    name = f"step-{state['step']:08d}.pt"
-    path = atomic_torch_save({"format": CHECKPOINT_FORMAT, **state, "rng": rng_state()}, out / "checkpoints" / name)
-    atomic_write_text(out / "checkpoints" / "latest", name + "\n")
-    for old in sorted((out / "checkpoints").glob("step-*.pt"))[: -keep]:
-        old.unlink()
-    return path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)

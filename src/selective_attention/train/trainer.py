@@ -3,7 +3,8 @@
     data    : tokens.prepare(...) -> a memory-mapped train array, cut into seq_len windows (data.WindowSampler)
     model   : models.build_model(size) or --init-from a pretrained model; the attention method (train.methods)
     optim   : optim.build_optimizer / lr_factor; each step is loop.train_step
-    outputs : rundir: OUT/metrics.jsonl, OUT/checkpoints/, OUT/final/ (Hugging Face model + tokenizer), OUT/run.json
+    outputs : rundir: OUT/ssa-run.json (manifest), OUT/metrics.jsonl, OUT/checkpoints/, OUT/final/ (Hugging Face
+              model + tokenizer), OUT/run.json; OUT is locked while a run uses it
 
 The run is ``setup(cfg, info, out, ckpt) -> Run``, ``run_steps(run)`` (steps, logging, validation,
 checkpoints) and ``finish(run) -> run.json``.
@@ -11,10 +12,8 @@ checkpoints) and ``finish(run) -> run.json``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -34,13 +33,13 @@ from selective_attention.train import rundir
 from selective_attention.train.config import TrainConfig
 from selective_attention.train.data import WindowSampler
 from selective_attention.train.launch import launch
+from selective_attention.train.limits import check_fits
 from selective_attention.train.loop import Diverged, autocast_for, compiled, train_step
 from selective_attention.train.loss import evaluate_loss
 from selective_attention.train.methods import Applied, apply_method, get_method
 from selective_attention.train.methods import parameter_counts as method_parameter_counts
 from selective_attention.train.models import build_model, load_init, parameter_counts
 from selective_attention.train.optim import OptimConfig, build_optimizer, lr_factor
-from selective_attention.utils.io import atomic_write_json
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -48,22 +47,26 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch(cfg)
-    plan, ckpt_path = rundir.plan_out_dir(cfg)
-    out = Path(cfg.out).expanduser()
-    if plan == "done":
-        return json.loads((out / "run.json").read_text())
-
-    if not cfg.progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    info = D.init(cfg.device, cfg.fsdp)
+    plan = rundir.plan_out_dir(cfg, main=int(os.environ.get("RANK", "0")) == 0)
     try:
-        run = setup(cfg, info, out, ckpt_path)
-        run_steps(run)
-        return finish(run)
+        if plan.kind == "done":
+            return plan.result  # type: ignore[return-value]
+        if not cfg.progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        info = D.init(cfg.device, cfg.fsdp)
+        try:
+            run = setup(cfg, info, plan)
+            run_steps(run)
+            return finish(run)
+        finally:
+            D.shutdown()
+    except BaseException:
+        plan.abandon()  # OUT again as it was when nothing was written
+        raise
     finally:
-        D.shutdown()
+        plan.release()
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     autocast: Callable[[], AbstractContextManager]
     log: rundir.MetricsLog
+    rundir: rundir.RunDir | None  # the main process's writer of OUT
     counts: dict[str, Any]
     ssa: SSAConfig | None
     total_steps: int
@@ -92,6 +96,7 @@ class Run:
     elapsed_s: float = 0.0
     train_time_s: float = 0.0
     val_loss: float = math.nan
+    val_step: int = -1  # the step val_loss belongs to
     bar: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -118,8 +123,21 @@ def _build(cfg: TrainConfig, vocab: int, train_tokens: np.ndarray | None) -> tup
     return model, apply_method(model, cfg.attention, **kw)
 
 
-def setup(cfg: TrainConfig, info: D.DistInfo, out: Path, ckpt_path: Path | None) -> Run:
-    """Data, model, optimizer (restored from ``ckpt_path`` when resuming) and the run directory."""
+def _freeze_all_but_temperatures(model: nn.Module, applied: Applied, attention: str) -> None:
+    """--temperatures-only: only the temperature parameters train (SSA's and a method's own)."""
+    from selective_attention.temperature import temperature_parameters
+
+    keep = {id(p) for p in temperature_parameters(model)} | {id(p) for p in applied.temperature_parameters}
+    if not keep:
+        raise UserError(f"--temperatures-only: --attention {attention} has no temperature parameters to train")
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
+def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
+    """Data, model, optimizer (restored from the plan's checkpoint when resuming) and the run directory."""
+    out = plan.out
     # ---- data (rank 0 tokenises into the cache, the others then read it)
     data = D.main_first(lambda: prepare(cfg.data, cfg.tokenizer_kind, cfg.vocab_size, cfg.init_from,
                                         cfg.split_seed, cfg.cache_dir, splits=("train", "val")), info)
@@ -135,36 +153,50 @@ def setup(cfg: TrainConfig, info: D.DistInfo, out: Path, ckpt_path: Path | None)
         raise UserError(f"--init-from {cfg.init_from}: its tokenizer has more tokens than the model embeds")
     counts = parameter_counts(model) if method.uses_ssa or cfg.attention == "vanilla" else \
         method_parameter_counts(model, applied)
+    if cfg.temperatures_only:
+        _freeze_all_but_temperatures(model, applied, cfg.attention)
     model.to(info.device)
 
     world, B, A, T = info.world_size, cfg.batch_size, cfg.grad_accum, cfg.seq_len
     per_step = B * A * world  # sequences per optimizer step
-    total_steps = max(1, math.ceil(cfg.max_tokens / (per_step * T)))
-    warmup = cfg.warmup if cfg.warmup is not None else max(1, total_steps // 20)
+    total_steps, warmup = cfg.total_steps(world), cfg.warmup_steps(world)
+    if warmup > total_steps:
+        raise UserError(f"--warmup {warmup} is longer than the run ({total_steps} optimizer steps)")
+    check_fits(model, info.device, B, T, per_step * (T + 1), len(train_tokens))
 
-    ckpt = rundir.load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt, plan.state = plan.state, None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"{plan.checkpoint}: does not fit the model of these settings "
+                            f"({str(e).strip().splitlines()[0]})") from None
+    temp_ids = {id(p) for p in applied.temperature_parameters}
+    temp_names = {n for n, p in model.named_parameters() if id(p) in temp_ids}
     wrapped = D.wrap(model, info)
     opt_model = wrapped if info.fsdp else model
+    # FSDP replaces the parameters by sharded ones: the method's temperature parameters, found again by name
+    temperature_params = [p for n, p in opt_model.named_parameters() if n in temp_names] if info.fsdp else \
+        applied.temperature_parameters
     optim = OptimConfig(lr=cfg.lr, temperature_lr=cfg.effective_temperature_lr(), weight_decay=cfg.weight_decay,
                         warmup=warmup, min_lr_ratio=cfg.min_lr_ratio, clip=cfg.clip)
-    optimizer = build_optimizer(opt_model, optim, info.device, applied.temperature_parameters)
-    step, elapsed_s, train_time_s = 0, 0.0, 0.0
+    optimizer = build_optimizer(opt_model, optim, info.device, temperature_params)
+    step, elapsed_s, train_time_s, val_loss, val_step = 0, 0.0, 0.0, math.nan, -1
+    metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         D.load_optimizer_state(wrapped, optimizer, ckpt["optimizer"], info)
         step, elapsed_s, train_time_s = ckpt["step"], ckpt["elapsed_s"], ckpt["train_time_s"]
         rundir.set_rng_state(ckpt["rng"])
+        if ckpt.get("val_step") == step:
+            val_loss, val_step = ckpt["val_loss"], step
+        else:  # an older checkpoint: the validation logged at its step, if any
+            logged = [m["val_loss"] for m in rundir.read_metrics(metrics_path) if m["step"] == step and "val_loss" in m]
+            if logged:
+                val_loss, val_step = logged[-1], step
         del ckpt
 
     # ---- run directory (only now: every input was valid)
-    metrics_path = out / "metrics.jsonl"
-    if info.is_main:
-        if ckpt_path is None:
-            out.mkdir(parents=True, exist_ok=True)
-            rundir.clear_out_dir(out)
-        else:
-            rundir.truncate_metrics(metrics_path, step)
+    rd = rundir.RunDir.begin(plan, cfg, step) if info.is_main else None
     D.barrier(info)
     run_config = {**cfg.to_dict(), "world_size": world, "total_steps": total_steps, "warmup_steps": warmup,
                   "tokens_per_step": per_step * T, "tokenizer_kind": cfg.tokenizer_kind,
@@ -175,19 +207,19 @@ def setup(cfg: TrainConfig, info: D.DistInfo, out: Path, ckpt_path: Path | None)
     return Run(cfg=cfg, info=info, out=out, tokenizer=tokenizer, sampler=sampler, val_tokens=val_tokens,
                model=model, wrapped=wrapped, forward=compiled(wrapped) if cfg.compile else wrapped,
                optimizer=optimizer, autocast=autocast_for(info.device, cfg.precision),
-               log=rundir.MetricsLog(metrics_path, info.is_main), counts=counts, ssa=ssa, total_steps=total_steps,
-               warmup=warmup, per_step=per_step, run_config=run_config, step=step, elapsed_s=elapsed_s,
-               train_time_s=train_time_s)
+               log=rundir.MetricsLog(metrics_path, info.is_main), rundir=rd, counts=counts, ssa=ssa,
+               total_steps=total_steps, warmup=warmup, per_step=per_step, run_config=run_config, step=step,
+               elapsed_s=elapsed_s, train_time_s=train_time_s, val_loss=val_loss, val_step=val_step)
 
 
 def save_checkpoint(run: Run) -> Path | None:
     model_sd, opt_sd = D.full_state(run.wrapped, run.optimizer, run.info)
-    if not run.info.is_main:
+    if run.rundir is None:
         return None
-    return rundir.save_checkpoint(run.out, {"step": run.step, "tokens": run.tokens, "elapsed_s": run.elapsed_s,
-                                            "train_time_s": run.train_time_s, "model": model_sd,
-                                            "optimizer": opt_sd, "config": run.cfg.to_dict()},
-                                  run.cfg.keep_checkpoints)
+    return run.rundir.save_checkpoint({"step": run.step, "tokens": run.tokens, "elapsed_s": run.elapsed_s,
+                                       "train_time_s": run.train_time_s, "val_loss": run.val_loss,
+                                       "val_step": run.val_step, "model": model_sd, "optimizer": opt_sd,
+                                       "config": run.cfg.to_dict()}, run.cfg.keep_checkpoints)
 
 
 def validate(run: Run) -> float:
@@ -195,6 +227,7 @@ def validate(run: Run) -> float:
     loss = evaluate_loss(run.wrapped if run.info.fsdp else run.model, run.val_tokens, cfg.seq_len, cfg.batch_size,
                          cfg.eval_tokens, run.info, run.autocast)
     run.log.write({"step": run.step, "tokens": run.tokens, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))})
+    run.val_step = run.step
     return loss
 
 
@@ -221,7 +254,10 @@ def run_steps(run: Run) -> None:
     run.wrapped.train()
     window_time, window_tokens = 0.0, 0  # training time and tokens since the last log line
     run_start = time.perf_counter() - run.elapsed_s
-    stop = min(run.total_steps, cfg.stop_at_step or run.total_steps)
+    # --stop-at-step stops a run that reaches it; a run resumed at or past it (the same command run again)
+    # continues to the end
+    stop = run.total_steps if cfg.stop_at_step is None or run.step >= cfg.stop_at_step else \
+        min(run.total_steps, cfg.stop_at_step)
     A = cfg.grad_accum
     while run.step < stop:
         t0 = time.perf_counter()
@@ -234,7 +270,7 @@ def run_steps(run: Run) -> None:
                 reduce=lambda t: D.all_reduce_sum(t, info), world=info.world_size,
                 params=run.wrapped.parameters())
         except Diverged as e:
-            latest = rundir.latest_checkpoint(run.out)
+            latest = rundir.RunDir(run.out).newest_checkpoint()
             where = f"the last good checkpoint is kept: {latest}" if latest else "no checkpoint was written yet"
             if bar is not None:
                 bar.close()
@@ -271,27 +307,26 @@ def finish(run: Run) -> dict:
     if run.step < run.total_steps:  # stopped early on purpose (stop_at_step): resumable
         D.barrier(info)
         return {"stopped_at_step": run.step, "total_steps": run.total_steps}
+    if run.val_step != run.step:  # resumed from the final checkpoint of an older version: validate again
+        run.val_loss = validate(run)
+    if not math.isfinite(run.val_loss):
+        where = run.rundir.newest_checkpoint() if run.rundir else None
+        raise UserError(f"the final validation loss is {run.val_loss} (the model's predictions are not finite); "
+                        f"no result is written" + (f"; the last checkpoint is kept: {where}" if where else ""))
     model_sd, _ = D.full_state(run.wrapped, run.optimizer, info) if info.fsdp else (None, None)
     result = {"attention": cfg.attention, "size": cfg.size if not cfg.init_from else Path(cfg.init_from).name,
               "seed": cfg.seed, "config": run.run_config, "parameters": run.counts,
               "tokens_per_s": run.tokens / max(run.train_time_s, 1e-9), "final_val_loss": run.val_loss,
               "final_val_ppl": math.exp(min(run.val_loss, 700.0)), "tokens": run.tokens,
               "steps": run.step, "train_time_s": run.train_time_s, "elapsed_s": run.elapsed_s}
-    if info.is_main:
+    if run.rundir is not None:
         final = run.model
         if model_sd is not None:  # FSDP: rebuild an unsharded copy on rank 0
             final, _ = _build(cfg, len(run.tokenizer), np.asarray(run.sampler.tokens)
                               if get_method(cfg.attention).needs_train_tokens else None)
             final.load_state_dict(model_sd)
-        tmp_dir = run.out / ".final.tmp"
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
-        final.to("cpu").save_pretrained(tmp_dir)
-        run.tokenizer.save_pretrained(tmp_dir)
-        if (run.out / "final").exists():
-            shutil.rmtree(run.out / "final")
-        os.replace(tmp_dir, run.out / "final")
+        run.rundir.save_final(final.to("cpu"), run.tokenizer)
         final.to(info.device)
-        atomic_write_json(run.out / "run.json", result)
+        run.rundir.save_result(result)
     D.barrier(info)
     return result
