@@ -178,7 +178,7 @@ class Stack(nn.Module):
 def check_memory(args: argparse.Namespace) -> None:
     import selective_attention.functional as fn
     import selective_attention.temperature as temp
-    from selective_attention.bench.memory import peak_memory_bytes
+    from selective_attention.utils.memory import peak_memory_bytes
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)

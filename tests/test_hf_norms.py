@@ -72,3 +72,20 @@ def test_an_unknown_normalisation_is_refused_naming_module_and_temperature(tiny)
     with pytest.raises(ValueError, match=r"value temperature: model\.layers\.1\.self_attn has 'kv_norm'"):
         convert(model)
     assert convert(model, SSAConfig(value=False)).config._attn_implementation == "ssa"  # a query one is safe
+
+
+def test_a_temperature_whose_norm_did_not_run_is_an_error(ids) -> None:
+    """If a forward skips the norm a key temperature waits for, the temperature was not applied: refuse."""
+    model = convert(build("Phi"), SSAConfig(query=False, value=False, key=True))
+    attn = next(m for m in model.modules() if hasattr(m, "_ssa_state"))
+    norm_call = type(attn.k_layernorm).__call__
+
+    def skip_the_norm(module, *args, **kwargs):  # a code path that bypasses the module (and so its hooks)
+        return module.forward(*args, **kwargs) if module is attn.k_layernorm else norm_call(module, *args, **kwargs)
+
+    type(attn.k_layernorm).__call__ = skip_the_norm
+    try:
+        with pytest.raises(RuntimeError, match="key temperature waits for a normalisation"):
+            model(ids(B=1, T=5))
+    finally:
+        type(attn.k_layernorm).__call__ = norm_call

@@ -124,6 +124,24 @@ def test_no_import_cycle():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def test_every_package_import_resolves():
+    """A module that moved leaves no import behind, in the package, its scripts or its tests (a lazy import
+    inside a function would otherwise fail only when that function runs)."""
+    root = SRC.parents[1]
+    files = [*SRC.rglob("*.py"), *(root / "scripts").glob("*.py"), *(root / "tests").glob("*.py")]
+    dangling = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == PKG:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.split(".")[0] == PKG]
+            else:
+                continue
+            dangling += [f"{path.relative_to(root)}: {n}" for n in names if n != PKG and not _exists(n)]
+    assert not dangling, "imports of modules that do not exist:\n" + "\n".join(dangling)
+
+
 @pytest.mark.parametrize("area", sorted(ALLOWED))
 def test_rule_table_names_real_packages(area):
     """The table above must not silently pass because a package was renamed."""

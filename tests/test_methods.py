@@ -189,6 +189,11 @@ def test_saved_model_reloads_through_load_model(method, tmp_path):
     again = load_model(tmp_path / "m").eval()
     with torch.no_grad():
         assert torch.equal(again(input_ids=x).logits, ref)
+    # the SSA loader would drop the method's modules (silently for gated): it refuses and names the right loader
+    from selective_attention.hf import from_pretrained
+
+    with pytest.raises(UserError, match="methods.load_model"):
+        from_pretrained(tmp_path / "m")
 
 
 # ---- through train()

@@ -351,6 +351,15 @@ def test_two_processes_match_one(cfg, tmp_path, fsdp):
 
 
 @pytest.mark.slow
+def test_resuming_with_another_global_batch_is_refused(cfg, tmp_path):
+    """Stopped under 2 processes, resumed by 1: the data order and the schedule belong to the global batch."""
+    stopped = two_process_cfg(cfg, out=str(tmp_path / "r"), batch_size=2, nproc=2, stop_at_step=1)
+    assert train(stopped)["stopped_at_step"] == 1
+    with pytest.raises(UserError, match="same global batch"):
+        train(two_process_cfg(stopped, nproc=1, stop_at_step=None))
+
+
+@pytest.mark.slow
 def test_fine_tune_a_gguf_model_with_ssa(cfg, tmp_path):
     """SmolLM2-135M (GGUF, de-quantised to float32) fine-tuned with SSA: two steps, saved, reloadable."""
     import importlib.util

@@ -22,7 +22,7 @@ class SSAConfig:
 
     - ``query`` / ``value`` / ``key``: which of q, v, k get a temperature (separate parameters each).
     - ``sharing="shared"``: f_h(x) = u_h . gelu(W^h x) on the layer's own per-head projection (pre-RoPE);
-      adds about 2 * d_model + 2 * n_heads parameters per layer (< 0.5 % of a GPT-2).
+      adds about 2 * d_model + n_heads parameters per layer with the default targets (< 0.5 % of a GPT-2).
       ``sharing="mlp"``: f(x) = W2 gelu(W1 x), an independent MLP with ``mlp_hidden`` units
       (None: sized so that the whole model grows by ``mlp_growth``).
     - ``init="identity"``: exactly the vanilla function at initialisation (u = 0, mirrored MLP, c = 0 through

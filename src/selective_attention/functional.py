@@ -78,12 +78,15 @@ def _recompute_scaled_inputs(scaled: list[tuple[Tensor, Tensor, Tensor]]):
 
     # Identify the scaled copies by address only: holding them here (the hooks outlive forward) would keep
     # them alive until backward, the very cost this avoids.
-    keys = [((s.data_ptr(), s.shape, s.dtype), x, tau) for s, x, tau in scaled]
+    def address(t: Tensor) -> tuple:  # the layout too: a transposed alias of the same storage is another tensor
+        return t.data_ptr(), t.shape, t.dtype, t.stride(), t.storage_offset()
+
+    keys = [(address(s), x, tau) for s, x, tau in scaled]
     scaled.clear()
 
     def pack(t: Tensor):
         for key, x, tau in keys:
-            if (t.data_ptr(), t.shape, t.dtype) == key:
+            if address(t) == key:
                 return ("ssa-scaled", x, x._version, tau, tau._version)
         return t
 

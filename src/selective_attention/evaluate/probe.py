@@ -99,7 +99,7 @@ def dilution_curves(model, input_ids: Tensor) -> dict[str, list[float]] | None:
     model.eval()
     try:
         with capture_attention(rows):
-            model(input_ids=input_ids)
+            model(input_ids=input_ids.to(next(model.parameters()).device))
     finally:
         model.train(was_training)
     rows = [r for r in rows if r.shape[-2] == r.shape[-1] == input_ids.shape[1]]

@@ -297,13 +297,16 @@ def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str,
                            for r, v in pairs]) for L in lengths}
             speedups, equal_time = [], []
             for r, v in pairs:
+                # both sides measured the same way: the first time each curve reaches vanilla's final ppl
                 reach = tokens_to_reach(r["curve"]["tokens"], r["curve"]["ppl"], v["val_ppl"])
-                speedups.append(None if reach is None else v["tokens"] / reach)
+                own = tokens_to_reach(v["curve"]["tokens"], v["curve"]["ppl"], v["val_ppl"]) or v["tokens"]
+                speedups.append(None if reach is None else own / reach)
                 at = v["train_time_s"] * r["tokens_per_s"]  # the method's tokens after vanilla's training time
                 equal_time.append(100 * (ppl_at_tokens(r["curve"]["tokens"], r["curve"]["ppl"], at) - v["val_ppl"])
                                   / v["val_ppl"])
             reached = [s for s in speedups if s is not None]
             d["speedup"] = common.mean_std(reached)[0] if len(reached) == len(speedups) else None
+            d["speedup_reached"] = f"{len(reached)}/{len(speedups)}"
             d["speedup_per_seed"] = speedups
             d["paired_percent_equal_time"] = paired(equal_time)
         methods[method] = d
@@ -381,7 +384,8 @@ def summary(results: dict[str, Any]) -> str:
                      f"{d['val_ppl']:.2f} ± {d['val_ppl_std']:.2f}",
                      " / ".join(f"{v:.2f}" for v in d["val_ppl_per_seed"]),
                      _fmt_interval(pp), pp["verdict"] if pp else "-",
-                     "-" if m == "vanilla" else ("not reached" if sp is None else f"{sp:.2f}x"),
+                     "-" if m == "vanilla" else (f"not reached ({d['speedup_reached']} seeds)" if sp is None
+                                                 else f"{sp:.2f}x"),
                      _fmt_interval(d.get("paired_percent_equal_time")), f"{d['tokens_per_s']:,.0f}"]
             cells += [f"{d['ppl_by_length'][L]:.2f}" for L in lengths]
             lines.append("| " + " | ".join(cells) + " |")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
+from selective_attention.functional import apply_temperature
 from selective_attention.hf.site import BHTD, BTHD, FLAT, Site
 from selective_attention.hf.state import SSAState, ssa_state, ssa_temperatures
 
@@ -46,14 +47,14 @@ def _find_positions(x: Tensor, kwargs: dict[str, Any], layer_idx: int | None) ->
 
 
 def _scale(t: Tensor, tau: Tensor, layout: str, heads: int, head_dim: int) -> Tensor:
-    """t in ``layout`` times tau (B|1, heads, T), multiplied in float32, returned in t's dtype."""
-    dt = torch.promote_types(t.dtype, torch.float32)
+    """t in ``layout`` times tau (B|1, heads, T), multiplied in float32, returned in t's dtype. Through the fused
+    op's ``apply_temperature``: its backward keeps t and tau, not a float32 copy of a bf16 t."""
     if layout == BHTD:
-        return (t.to(dt) * tau.to(dt).unsqueeze(-1)).to(t.dtype)
+        return apply_temperature(t, tau)
     if layout == FLAT:
         B, T = t.shape[:2]
-        return _scale(t.view(B, T, heads, head_dim), tau, BTHD, heads, head_dim).view(t.shape)
-    return (t.to(dt) * tau.to(dt).transpose(1, 2).unsqueeze(-1)).to(t.dtype)  # BTHD
+        return _scale(t.view(B, T, heads, head_dim), tau, BTHD, heads, head_dim).reshape(t.shape)
+    return apply_temperature(t.transpose(1, 2), tau).transpose(1, 2)  # BTHD: a (B, H, T, D) view and back
 
 
 def _compute(attn: nn.Module, st: SSAState, target: str, proj: Tensor) -> Tensor:
@@ -165,8 +166,13 @@ class _Release:
     def __call__(self, module: nn.Module, args: tuple, out: Any) -> None:
         st = ssa_state(self.attn)
         missed = st.tau_q is not None
+        unapplied = sorted(st.pending)  # computed for a norm's output, but that norm never ran
         st.hidden = st.positions = st.tau_q = None
         st.pending = {}
+        if unapplied:
+            raise RuntimeError(f"SSA: {st.site.name or type(module).__name__}: the {', '.join(unapplied)} "
+                               "temperature waits for a normalisation that did not run in this forward: it was "
+                               "not applied")
         if missed:
             impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
             raise RuntimeError(f"SSA: {st.site.name or type(module).__name__} ran with attention implementation "

@@ -46,7 +46,7 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--tokenizer", "tokenizer", str, "bpe (trained on the train split; default), gpt2, or pretrained"),
     ("--vocab-size", "vocab_size", int, "BPE vocabulary (default 8192)"),
     ("--split-seed", "split_seed", int, "seed of the train/val/test document split (default 0)"),
-    ("--cache-dir", "cache_dir", str, "token cache (default $SSA_CACHE or ~/.cache/selective_attention)"),
+    ("--cache-dir", "cache_dir", str, "token cache (default $SSA_CACHE_DIR or ~/.cache/selective_attention)"),
     ("--precision", "precision", str, "auto (bf16 autocast on CUDA; default), fp32 or bf16"),
     ("--device", "device", str, "auto (default), cpu or cuda"),
     ("--stop-at-step", "stop_at_step", int, "checkpoint and stop after this step (resume by running again)"),

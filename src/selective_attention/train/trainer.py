@@ -116,8 +116,15 @@ def _build(cfg: TrainConfig, vocab: int, train_tokens: np.ndarray | None) -> tup
         if getattr(model.config, "ssa_method", None):
             raise UserError(f"--init-from {cfg.init_from} was trained with method "
                             f"{model.config.ssa_method['name']}: only vanilla and SSA models can be fine-tuned")
-        if not method.uses_ssa and getattr(model.config, "ssa", None):
+        saved = getattr(model.config, "ssa", None)
+        if not method.uses_ssa and saved:
             raise UserError(f"--init-from {cfg.init_from} is an SSA model: fine-tune it with --attention ssa")
+        if saved and cfg.ssa is not None:  # the model keeps its own temperatures: other SSA settings would be a lie
+            ours = {k: v for k, v in ssa.to_dict().items() if k not in ("init", "mlp_hidden")}
+            diff = sorted(k for k, v in ours.items() if saved.get(k, v) != v)
+            if diff:
+                raise UserError(f"--init-from {cfg.init_from} is an SSA model with other settings ({', '.join(diff)}):"
+                                " drop the SSA flags to fine-tune it as it is")
         return model, apply_method(model, cfg.attention, **kw)
     model = build_model(cfg.size, vocab, cfg.seq_len, "vanilla", None, cfg.seed)
     return model, apply_method(model, cfg.attention, **kw)
@@ -147,8 +154,10 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
 
     # ---- model
     method = get_method(cfg.attention)
-    ssa = cfg.ssa_config() if method.uses_ssa else None
     model, applied = _build(cfg, len(tokenizer), train_tokens if method.needs_train_tokens else None)
+    # the temperatures the model really has (an SSA checkpoint fine-tuned further keeps its own)
+    ssa = SSAConfig.from_dict(model.config.ssa) if getattr(model.config, "ssa", None) and method.uses_ssa else \
+        (cfg.ssa_config() if method.uses_ssa else None)
     if cfg.init_from and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"--init-from {cfg.init_from}: its tokenizer has more tokens than the model embeds")
     counts = parameter_counts(model) if method.uses_ssa or cfg.attention == "vanilla" else \
@@ -165,6 +174,12 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
     check_fits(model, info.device, B, T, per_step * (T + 1), len(train_tokens))
 
     ckpt, plan.state = plan.state, None
+    if ckpt is not None and ckpt.get("tokens") not in (None, ckpt["step"] * per_step * T):
+        # the data order and the schedule are functions of the global batch: another one would silently redo or
+        # skip samples (e.g. --nproc 2 resumed with --nproc 1)
+        then = ckpt["tokens"] // max(1, ckpt["step"] * T)
+        raise UserError(f"{plan.checkpoint}: written with {then} sequences per optimizer step, these settings give "
+                        f"{per_step} (--batch-size x --grad-accum x processes): resume with the same global batch")
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])

@@ -87,6 +87,10 @@ def paired(diffs: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     """Mean of per-seed (paired) differences, its Student-t interval and the claim it allows: "wins" when the
     whole interval is below zero (lower is better), "loses" when above, else "tie"; no interval for one pair."""
     n = len(diffs)
+    if n == 0:
+        return {"mean": math.nan, "low": None, "high": None, "n": 0, "verdict": "no pairs"}
+    if not all(math.isfinite(d) for d in diffs):
+        return {"mean": math.nan, "low": None, "high": None, "n": n, "verdict": "non-finite difference"}
     mean, std = mean_std(diffs)
     if n < 2:
         return {"mean": mean, "low": None, "high": None, "n": n, "verdict": "one seed: no interval"}
