@@ -252,6 +252,15 @@ def test_cli_vanilla_vs_ssa_and_fine_tune(cfg, tmp_path, capsys):
     ft = json.loads((tmp_path / "ft" / "run.json").read_text())
     assert ft["config"]["ssa"]["init"] == "identity" and ft["parameters"]["new"] > 0
     assert ft["config"]["tokenizer_kind"] == "pretrained"
+    # an SSA model keeps its own temperatures: flags that contradict them are refused, not silently ignored
+    cfg.out = str(tmp_path / "ft-mlp")
+    assert main(cli_args(cfg, "--attention", "ssa", "--init-from", str(tmp_path / "ssa" / "final"),
+                         "--sharing", "mlp")) == 2
+    assert "other settings (sharing)" in capsys.readouterr().err
+    cfg.out = str(tmp_path / "ft-ssa")
+    assert main(cli_args(cfg, "--attention", "ssa", "--init-from", str(tmp_path / "ssa" / "final"))) == 0
+    again = json.loads((tmp_path / "ft-ssa" / "run.json").read_text())
+    assert again["config"]["ssa"]["init"] == "scratch"  # the model's own config is recorded (it was trained so)
 
 
 def test_cli_yaml_config_and_override(cfg, tmp_path):
