@@ -36,6 +36,8 @@ def launch(cfg: TrainConfig) -> dict:
                 rank, msg = errors[0]
                 raise UserError(f"{msg} (process {rank} of {cfg.nproc} exited with code {code})")
             raise UserError(f"torchrun with {cfg.nproc} processes failed (exit code {code}); see the messages above")
+        if not (plan.out / "run.json").is_file():  # stopped on purpose (--stop-at-step): resumable, no result yet
+            return {"stopped_at_step": cfg.stop_at_step, "total_steps": cfg.total_steps(cfg.nproc)}
         return json.loads((plan.out / "run.json").read_text())
     except BaseException:
         plan.abandon()
