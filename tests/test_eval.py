@@ -362,7 +362,7 @@ def _bad(args: list[str], out: Path, capsys) -> str:
 def test_cli_bad_input(tiny, cache, tmp_path: Path, capsys) -> None:
     _, _, mdir = tiny
     out = tmp_path / "r.json"
-    assert "not found" in _bad(["--model", str(tmp_path / "nope"), "--tasks", "piqa"], out, capsys)
+    assert "no such model" in _bad(["--model", str(tmp_path / "nope"), "--tasks", "piqa"], out, capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "config.json" in _bad(["--model", str(empty), "--tasks", "piqa"], out, capsys)

@@ -169,3 +169,19 @@ def test_force_replaces_an_earlier_conversion_only_while_it_holds_only_its_own_f
     (out / "my_eval.json").write_text("{}")  # the user added a file: no longer only ours
     assert ssa_main(["convert", "--model", str(plain_model_dir), "--out", str(out), "--force"]) == 2
     assert (out / "my_eval.json").is_file()
+
+
+def test_a_converted_directory_follows_the_umask(tmp_path: Path, plain_model_dir: Path) -> None:
+    """Shared on a cluster: the directory and its files get the user's usual modes, not mkdtemp's / safetensors'
+    private 0o700 / 0o600."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "ssa"
+        assert ssa_main(["convert", "--model", str(plain_model_dir), "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["ssa-manifest.json"] == 0o644, modes

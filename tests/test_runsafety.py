@@ -372,13 +372,6 @@ def test_orphan_temporary_files_are_cleaned(ref):
     same_weights(ref.out, ref.ref_out)
 
 
-def _io_honours_umask() -> bool:
-    from selective_attention.utils import io
-
-    return hasattr(io, "_umask")
-
-
-@pytest.mark.xfail(not _io_honours_umask(), reason="utils.io.atomic_write creates 0600 files until its umask fix")
 def test_files_follow_the_umask(cfg):  # noqa: F811
     old = os.umask(0o002)
     try:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from selective_attention.errors import UserError
+from selective_attention.utils.device import choose_device
 
 ZERO_SHOT = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "lambada"]
 ALIASES = {"ppl": ["perplexity"], "zero_shot": ZERO_SHOT, "zero-shot": ZERO_SHOT, "arc": ["arc_easy", "arc_challenge"],
@@ -123,17 +124,9 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float
     from selective_attention.hf import load_pretrained
 
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"model not found: {p}")
     if p.is_dir() and not (p / "config.json").is_file():
         raise UserError(f"not a model directory (no config.json): {p}")
-    try:
-        model, tok = load_pretrained(p)
-    except UserError:
-        raise
-    except Exception as e:  # broken config / weights / tokenizer: one line, no traceback
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model from {p}: {msg}") from e
+    model, tok = load_pretrained(p)  # a one-line UserError for whatever does not load
     if tok is None:
         raise UserError(f"model directory has no tokenizer: {p}")
     bad = nonfinite_weights(model)
@@ -178,18 +171,6 @@ def check_finite(result: dict, model) -> None:
     raise UserError(f"non-finite result ({_names(bad, 4)}): {cause}")
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    return name
-
-
 def split_seed(args) -> int:
     """The split seed the model was trained with, so that its test documents were never trained on."""
     if args.split_seed is not None:
@@ -218,7 +199,7 @@ def run(args) -> int:
     if args.stride is not None and args.stride < 1:
         raise UserError(f"--stride must be positive, got {args.stride}")
     lengths, depths = parse_passkey(args) if "passkey" in tasks else ([], [])
-    device = resolve_device(args.device)
+    device = str(choose_device(args.device))
 
     documents = None
     if "perplexity" in tasks:  # the corpus before the model: the cheaper check first

@@ -401,12 +401,8 @@ def parameter_counts(model: nn.Module, applied: Applied | None = None) -> dict[s
 
 
 def load_model(path: str | Path, **kwargs: Any) -> nn.Module:
-    """Load a trained model directory of any method: SSA / vanilla through ``selective_attention.from_pretrained``,
+    """Load a trained model directory of any method: SSA / vanilla through ``hf.load_pretrained``,
     the others by applying the recorded method to the base model and loading its tensors."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     from selective_attention import hf
 
     path = Path(path)
@@ -415,7 +411,21 @@ def load_model(path: str | Path, **kwargs: Any) -> nn.Module:
         raise UserError(f"not a Hugging Face model directory (no config.json): {path}")
     rec = json.loads(cfg_file.read_text()).get(METHOD_ATTR)
     if rec is None:
-        return hf.from_pretrained(path, **kwargs)
+        return hf.load_pretrained(path, **kwargs)[0]  # a one-line UserError for whatever does not load
+    try:
+        return _load_method_model(path, rec, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:  # a broken config or weights: one line, never a traceback at the CLI
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model {path}: {msg}") from e
+
+
+def _load_method_model(path: Path, rec: dict[str, Any], **kwargs: Any) -> nn.Module:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the stock class reports the method's tensors as unexpected keys: expected
     try:

@@ -104,23 +104,13 @@ def parameter_counts(model: torch.nn.Module) -> dict:
 
 def load_init(path: str) -> torch.nn.Module:
     """The model of a Hugging Face folder (plain, SSA, or another method's: train.methods.load_model) or a .gguf
-    file, with float32 master weights; UserError when it cannot be loaded."""
+    file, with float32 master weights; UserError (one line) when it cannot be loaded."""
+    from selective_attention import hf
     from selective_attention.train.methods import load_model
 
-    try:
-        p = Path(path).expanduser()
-        if p.is_dir():
-            model = load_model(p)
-        else:
-            from selective_attention import hf
-
-            model, _ = hf.load_pretrained(path)
-    except UserError:
-        raise
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"--init-from {path}: cannot load the model ({type(e).__name__}: {msg})") from None
-    for p in model.parameters():  # float32 master weights (a de-quantised GGUF model refuses .float())
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
+    p = Path(path).expanduser()
+    model = load_model(p) if p.is_dir() else hf.load_pretrained(p, dtype=torch.float32)[0]
+    for prm in model.parameters():  # float32 master weights (a de-quantised GGUF model refuses .float())
+        if prm.dtype != torch.float32:
+            prm.data = prm.data.float()
     return model
