@@ -187,9 +187,10 @@ def evaluate_run(run: Run, config: Config) -> dict[str, Any]:
     curves = [c for c in curves if c is not None]
     entropy = None
     if curves:
+        # 5 decimals: a curve per position of every run lands in results.json, full float digits would triple it
         entropy = {"position": curves[0]["position"],
-                   "entropy": np.mean([c["entropy"] for c in curves], axis=0).tolist(),
-                   "max_weight": np.mean([c["max_weight"] for c in curves], axis=0).tolist()}
+                   "entropy": np.round(np.mean([c["entropy"] for c in curves], axis=0), 5).tolist(),
+                   "max_weight": np.round(np.mean([c["max_weight"] for c in curves], axis=0), 5).tolist()}
     result = {"settings": settings, "ppl_by_length": by_length, "attention_by_position": entropy,
               "length_documents": length_distribution(docs)}
     from selective_attention.utils.io import atomic_write_json
