@@ -58,9 +58,12 @@ def _bench_train(tmp_path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
-def _check_mode(d: dict) -> None:
+def _check_mode(d: dict, memory: bool = True) -> None:
     assert d["tokens_per_s"]["ssa"] > 0 and d["tokens_per_s"]["vanilla"] > 0
     assert len(d["all_rounds"]["ssa"]) == 1
+    if not memory:  # compiled on CPU: the peak tracker would only see an eager run, so nothing is reported
+        assert "peak_mb" not in d and "ssa_over_vanilla_memory" not in d
+        return
     # SSA's step keeps its temperature parameters, gradients, AdamW moments and tau tensors: more memory
     assert d["peak_mb"]["ssa"] > d["peak_mb"]["vanilla"] > 0
 
@@ -80,8 +83,8 @@ def test_bench_train_cli(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_train_compile(tmp_path, capsys):
     row = _bench_train(tmp_path, "--compile")["rows"][0]
-    for mode in ("eager", "compiled"):
-        _check_mode(row[mode])
+    _check_mode(row["eager"])
+    _check_mode(row["compiled"], memory=row["device"].startswith("cuda"))
     assert "compiled" in capsys.readouterr().out
 
 
