@@ -5,6 +5,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -146,3 +147,83 @@ def _check_cached_decoding(model: nn.Module, x: torch.Tensor, full: torch.Tensor
 def check_cached_decoding() -> Callable[..., None]:
     """check_cached_decoding(model, x, full_logits, start=5): cached decoding reproduces the full forward."""
     return _check_cached_decoding
+
+
+# ---- a small word corpus for training tests (test_train, test_methods)
+
+WORDS = "the cat dog sat on mat ran far away home red blue big small tree house river stone light dark".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """120 short documents of random sentences over a 20-word vocabulary, as a .txt corpus."""
+    import random
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    rng = random.Random(0)
+    docs = [" ".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "."
+                     for _ in range(rng.randint(2, 6))) for _ in range(120)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+# ---- what a source file imports (test_report, test_stats)
+
+
+def _file_imports(path: Path) -> set[str]:
+    """Every module a file imports (top level or inside functions), as absolute names; no relative imports."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            raise AssertionError(f"{path.name}: relative import")
+    return out
+
+
+@pytest.fixture
+def file_imports() -> Callable[[Path], set[str]]:
+    return _file_imports
+
+
+# ---- training runs (test_train, test_runsafety)
+
+
+@pytest.fixture
+def cfg(corpus, tmp_path):
+    """A few hundred tokens on the tiny model: 4 optimizer steps of 4 x 32 tokens."""
+    from selective_attention.train import TrainConfig
+
+    return TrainConfig(data=str(corpus), size="tiny", vocab_size=300, seq_len=32, batch_size=4, max_tokens=512,
+                       eval_every=2, eval_tokens=128, log_every=1, out=str(tmp_path / "run"), progress=False,
+                       cache_dir=str(tmp_path.parent / "ssa-cache"), warmup=1)
+
+
+@pytest.fixture
+def weights() -> Callable[[str | Path], dict[str, torch.Tensor]]:
+    """weights(run_dir): the final model's tensors."""
+    from safetensors.torch import load_file
+
+    return lambda run: load_file(str(Path(run) / "final" / "model.safetensors"))
+
+
+@pytest.fixture
+def metrics() -> Callable[[str | Path], list[dict]]:
+    """metrics(run_dir): the lines of metrics.jsonl."""
+    import json
+
+    return lambda run: [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def cli_args() -> Callable[..., list[str]]:
+    """cli_args(cfg, *extra): an `ssa train` command line for the tiny test run of ``cfg``."""
+    def args(cfg, *extra: str) -> list[str]:
+        return ["train", "--data", cfg.data, "--size", "tiny", "--vocab-size", "300", "--seq-len", "32",
+                "--batch-size", "4", "--max-tokens", "256", "--eval-every", "0", "--eval-tokens", "64", "--cache-dir",
+                cfg.cache_dir, "--out", cfg.out, "--no-progress", *extra]
+    return args

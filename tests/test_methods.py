@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,12 +32,6 @@ from selective_attention.train.optim import OptimConfig, build_optimizer
 VOCAB, T = 300, 24  # tiny Llama: 2 layers, d_model 128, 4 heads
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(method: str = "vanilla", **kw):
@@ -199,17 +191,7 @@ def test_saved_model_reloads_through_load_model(method, tmp_path):
 # ---- through train()
 
 
-WORDS = "the cat dog sat on mat ran far away home red blue big small tree house river stone light dark".split()
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    rng = random.Random(0)
-    docs = [" ".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(rng.randint(2, 6))) for _ in range(120)]
-    path.write_text("\n\n".join(docs) + "\n")
-    return path
 
 
 @pytest.mark.parametrize("method", ["gated", "llama4"])

@@ -140,27 +140,13 @@ def test_token_axis_labels_are_short():
 ALLOWED = {"numpy", "matplotlib"}
 
 
-def _imports(path: Path) -> set[str]:
-    import ast
-
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
-        elif isinstance(node, ast.ImportFrom):
-            raise AssertionError(f"{path.name}: relative import")
-    return out
-
-
-def test_report_imports_only_utils_errors_stdlib_numpy_matplotlib():
+def test_report_imports_only_utils_errors_stdlib_numpy_matplotlib(file_imports):
     import sys
 
     files = sorted((Path(selective_attention.__file__).parent / "report").glob("*.py"))
     assert {f.name for f in files} >= {"builder.py", "cli.py", "viz.py"}
     for f in files:
-        for m in _imports(f):
+        for m in file_imports(f):
             top = m.split(".")[0]
             if top == "selective_attention":
                 assert m.split(".")[1] in ("utils", "errors", "report"), f"report/{f.name} imports {m}"

@@ -22,7 +22,6 @@ import torch
 from selective_attention.cli import main
 from selective_attention.errors import UserError
 from selective_attention.train import TrainConfig, train
-from test_train import cfg, cli_args, corpus, metrics, weights  # noqa: F401  (fixtures)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -34,7 +33,9 @@ def read_checkpoint(path: Path, **kw) -> dict:
 
 
 def same_weights(a: str | Path, b: str | Path) -> None:
-    wa, wb = weights(a), weights(b)
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(Path(r) / "final" / "model.safetensors")) for r in (a, b))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -45,7 +46,7 @@ def ckpts(out: str | Path) -> list[str]:
 
 
 @pytest.fixture
-def ref(cfg, tmp_path_factory) -> TrainConfig:  # noqa: F811
+def ref(cfg, tmp_path_factory) -> TrainConfig:
     """cfg (4 steps, a checkpoint every step) and its uninterrupted run (in another directory)."""
     cfg.checkpoint_every = 1
     full = TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path_factory.mktemp("ref") / "full")})
@@ -111,7 +112,7 @@ def test_checkpoints_hold_tensors_and_json_only(ref):
     assert manifest["paths"]["out"] == str(Path(ref.out).resolve())
 
 
-def test_an_older_pickle_checkpoint_still_resumes(ref):
+def test_an_older_pickle_checkpoint_still_resumes(metrics, ref):
     """A format-1 step-*.pt (torch.save of tensors, numpy / Python RNG state) in a directory without a manifest
     resumes through the weights-only loader, bit-exactly."""
     stopped(ref, 2)
@@ -154,7 +155,7 @@ def _cli_same(c: TrainConfig) -> list[str]:
     return ["train", "--config", str(path)]
 
 
-def test_a_non_finite_final_loss_is_an_error(cfg, monkeypatch):  # noqa: F811
+def test_a_non_finite_final_loss_is_an_error(cfg, monkeypatch):
     from selective_attention.train import trainer
 
     monkeypatch.setattr(trainer, "evaluate_loss", lambda *a, **k: float("nan"))
@@ -191,7 +192,7 @@ def test_killed_before_the_first_checkpoint_starts_again(ref):
 
 
 @pytest.mark.parametrize("latest", ["missing", "garbled", "stale"])
-def test_latest_is_not_needed(ref, latest):
+def test_latest_is_not_needed(metrics, ref, latest):
     stopped(ref, 3)
     p = Path(ref.out) / "checkpoints" / "latest"
     if latest == "missing":
@@ -250,7 +251,7 @@ def test_no_intact_checkpoint_is_refused_naming_the_files(ref):
 # ---- 5. one run per directory
 
 
-def test_a_second_run_into_the_same_directory_is_refused(cfg, capsys):  # noqa: F811
+def test_a_second_run_into_the_same_directory_is_refused(cli_args, cfg, capsys):
     from selective_attention.train.lock import RunLock
 
     out = Path(cfg.out)
@@ -266,7 +267,7 @@ def test_a_second_run_into_the_same_directory_is_refused(cfg, capsys):  # noqa: 
         lock.release()
 
 
-def test_the_lock_of_a_killed_run_is_released(cfg, tmp_path):  # noqa: F811
+def test_the_lock_of_a_killed_run_is_released(cfg, tmp_path):
     out = Path(cfg.out)
     out.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
@@ -305,7 +306,7 @@ def test_overwrite_refuses_files_it_did_not_write(ref, capsys):
     assert other["config"]["lr"] == 0.01 and ckpts(out) == ["step-00000003.safetensors", "step-00000004.safetensors"]
 
 
-def test_overwrite_refuses_a_directory_that_is_not_a_run(cfg):  # noqa: F811
+def test_overwrite_refuses_a_directory_that_is_not_a_run(cfg):
     out = Path(cfg.out)
     out.mkdir(parents=True)
     (out / "metrics.jsonl").write_text("mine\n")  # one of our names, but no run of ours
@@ -318,7 +319,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(cfg):  # noqa: F811
 
 
 @pytest.mark.parametrize("case", ["warmup", "step larger than the data", "memory"])
-def test_settings_that_cannot_fit_are_refused(cfg, monkeypatch, case):  # noqa: F811
+def test_settings_that_cannot_fit_are_refused(cfg, monkeypatch, case):
     if case == "warmup":
         cfg.warmup, match = 10, r"--warmup 10 is longer than the run \(4 optimizer steps"
     elif case == "step larger than the data":
@@ -372,7 +373,7 @@ def test_orphan_temporary_files_are_cleaned(ref):
     same_weights(ref.out, ref.ref_out)
 
 
-def test_files_follow_the_umask(cfg):  # noqa: F811
+def test_files_follow_the_umask(cfg):
     old = os.umask(0o002)
     try:
         cfg.stop_at_step = None
@@ -394,7 +395,7 @@ def test_stop_at_step_then_the_same_command_continues(ref, capsys):
 
 
 @pytest.mark.slow
-def test_a_failing_process_of_nproc_2_is_one_line(cfg, capsys):  # noqa: F811
+def test_a_failing_process_of_nproc_2_is_one_line(cli_args, cfg, capsys):
     """The processes fail in setup (a window longer than the train split): one line, the child's exit code."""
     code = main(cli_args(cfg, "--nproc", "2", "--seq-len", "100000", "--max-tokens", "200000", "--batch-size",
                          "1", "--warmup", "1"))
@@ -407,7 +408,7 @@ def test_a_failing_process_of_nproc_2_is_one_line(cfg, capsys):  # noqa: F811
 # ---- 8. --temperatures-only
 
 
-def test_temperatures_only_trains_only_the_temperatures(cfg, tmp_path):  # noqa: F811
+def test_temperatures_only_trains_only_the_temperatures(weights, cfg, tmp_path):
     runs = []
     for lr in (1e-3, 3e-3):
         c = TrainConfig(**{**cfg.to_dict(), "attention": "ssa", "temperatures_only": True, "lr": lr,
@@ -445,7 +446,7 @@ def _newest_intact_step(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments(cfg, tmp_path):  # noqa: F811
+def test_sigkill_at_random_moments(cfg, tmp_path):
     """Kill a real `ssa train` (8 steps, a checkpoint every step) with SIGKILL at random moments, several times
     per seed; every rerun resumes to the uninterrupted weights or refuses in one line, the newest intact checkpoint
     never goes back, and no result is ever NaN."""

@@ -3,7 +3,6 @@ of utils/ (a leaf: it imports no other part of the package but ``errors``)."""
 
 from __future__ import annotations
 
-import ast
 import math
 from pathlib import Path
 
@@ -105,19 +104,8 @@ def test_smollm2_gguf():
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module a file imports (top level or inside functions), absolute names."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
-    return out
-
-
-def test_utils_is_a_leaf():
+def test_utils_is_a_leaf(file_imports):
     for f in sorted((PKG / "utils").glob("*.py")):
-        ours = {m for m in _imports(f) if m.startswith("selective_attention")}
+        ours = {m for m in file_imports(f) if m.startswith("selective_attention")}
         others = {m for m in ours if not m.startswith("selective_attention.utils")} - {"selective_attention.errors"}
         assert not others, f"utils/{f.name} imports {others}"

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from selective_attention.cli import main
 from selective_attention.errors import UserError
@@ -21,43 +19,10 @@ from selective_attention.train.data import WindowSampler
 from selective_attention.train.models import build_model, model_config, parameter_counts
 from selective_attention.train.optim import lr_factor
 
-WORDS = "the cat dog sat on mat ran far away home red blue big small tree house river stone light dark".split()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread is 5-20x faster than two fighting for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    rng = random.Random(0)
-    docs = [" ".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(rng.randint(2, 6))) for _ in range(120)]
-    path.write_text("\n\n".join(docs) + "\n")
-    return path
-
-
-@pytest.fixture
-def cfg(corpus, tmp_path) -> TrainConfig:
-    """A few hundred tokens on the tiny model: 4 optimizer steps of 4 x 32 tokens."""
-    return TrainConfig(data=str(corpus), size="tiny", vocab_size=300, seq_len=32, batch_size=4, max_tokens=512,
-                       eval_every=2, eval_tokens=128, log_every=1, out=str(tmp_path / "run"), progress=False,
-                       cache_dir=str(tmp_path.parent / "ssa-cache"), warmup=1)
-
-
-def weights(run: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(run) / "final" / "model.safetensors"))
-
-
-def metrics(run: str | Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---- pieces
@@ -117,7 +82,7 @@ def test_gpu_recipes_are_valid_configs(name):
 # ---- the loop
 
 
-def test_train_writes_the_run_directory(cfg):
+def test_train_writes_the_run_directory(metrics, cfg):
     result = train(cfg)
     out = Path(cfg.out)
     assert json.loads((out / "run.json").read_text()) == json.loads(json.dumps(result))
@@ -154,7 +119,7 @@ def test_train_writes_the_run_directory(cfg):
     assert train(cfg) == result
 
 
-def test_gradient_accumulation_matches_the_full_batch(cfg, tmp_path):
+def test_gradient_accumulation_matches_the_full_batch(weights, cfg, tmp_path):
     """4 x 1, 2 x 2 and 1 x 4 (micro-batch x accumulation) see the same 4 sequences per optimizer step."""
     runs = []
     for b, a in ((4, 1), (2, 2), (1, 4)):
@@ -179,7 +144,7 @@ def test_gradient_accumulation_matches_the_full_batch(cfg, tmp_path):
             torch.testing.assert_close(other[k], runs[0][k], atol=2e-5, rtol=1e-4)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(cfg, tmp_path):
+def test_interrupted_and_resumed_equals_uninterrupted(metrics, weights, cfg, tmp_path):
     cfg.attention = "ssa"  # temperature parameter group and its state too
     cfg.max_tokens = 5 * 128
     full = TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "full")})
@@ -222,13 +187,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cfg, monkeypatch):
 # ---- the CLI
 
 
-def cli_args(cfg: TrainConfig, *extra: str) -> list[str]:
-    return ["train", "--data", cfg.data, "--size", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-size",
-            "4", "--max-tokens", "256", "--eval-every", "0", "--eval-tokens", "64", "--cache-dir", cfg.cache_dir,
-            "--out", cfg.out, "--no-progress", *extra]
-
-
-def test_cli_vanilla_vs_ssa_and_fine_tune(cfg, tmp_path, capsys):
+def test_cli_vanilla_vs_ssa_and_fine_tune(cli_args, cfg, tmp_path, capsys):
     runs = {}
     for att in ("vanilla", "ssa"):
         cfg.out = str(tmp_path / att)
@@ -292,7 +251,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_cli_bad_input_is_one_line_and_writes_nothing(cfg, tmp_path, capsys, case):
+def test_cli_bad_input_is_one_line_and_writes_nothing(cli_args, cfg, tmp_path, capsys, case):
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
@@ -318,7 +277,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(cfg, tmp_path, capsys, cas
         [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
 
 
-def test_cli_unknown_option_exits_2_without_traceback(cfg, capsys):
+def test_cli_unknown_option_exits_2_without_traceback(cli_args, cfg, capsys):
     with pytest.raises(SystemExit) as e:  # reported by the top-level parser (usage line + error line)
         main(cli_args(cfg, "--frobnicate", "3"))
     assert e.value.code == 2
@@ -327,7 +286,7 @@ def test_cli_unknown_option_exits_2_without_traceback(cfg, capsys):
     assert not Path(cfg.out).exists()
 
 
-def test_cli_refuses_a_different_run_in_the_same_out(cfg, capsys):
+def test_cli_refuses_a_different_run_in_the_same_out(cli_args, cfg, capsys):
     assert main(cli_args(cfg)) == 0
     before = (Path(cfg.out) / "run.json").read_text()
     assert main(cli_args(cfg, "--lr", "0.01")) == 2
@@ -346,7 +305,7 @@ def two_process_cfg(cfg: TrainConfig, **kw) -> TrainConfig:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_processes_match_one(cfg, tmp_path, fsdp):
+def test_two_processes_match_one(weights, cfg, tmp_path, fsdp):
     """2 processes x 2 sequences (gloo, CPU) == 1 process x 4 sequences: the same global batch, the same data."""
     att = "ssa" if fsdp else "vanilla"
     one = train(two_process_cfg(cfg, out=str(tmp_path / "one"), attention=att))
@@ -498,7 +457,7 @@ def test_fit_without_a_run_directory():
 
 
 @pytest.mark.slow
-def test_compile_trains_like_eager(cfg, tmp_path):
+def test_compile_trains_like_eager(weights, cfg, tmp_path):
     """--compile (torch.compile, no fullgraph) on the tiny SSA model: finite loss, close to the eager run."""
     cfg.attention = "ssa"
     eager = train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "eager")}))
