@@ -18,8 +18,8 @@ from selective_attention.report.builder import (
     load_run,
     mean_curve,
     summarise,
-    tokens_to_reach,
 )
+from selective_attention.utils.stats import first_crossing as tokens_to_reach  # the report's tokens-to-target
 
 
 def write_run(d: Path, attention: str, seed: int, ppls: list[float], tokens_per_s: float = 1000.0,

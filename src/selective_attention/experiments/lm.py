@@ -38,7 +38,7 @@ import numpy as np
 from selective_attention.errors import UserError
 from selective_attention.experiments import common
 from selective_attention.utils.device import choose_device
-from selective_attention.utils.stats import paired
+from selective_attention.utils.stats import first_crossing, paired
 
 DEFAULT_SEEDS = 3
 METHODS = ("vanilla", "ssa", "ssa-mlp", "ssa-pos", "ssmax", "llama4", "gated")
@@ -157,7 +157,7 @@ def _eval_settings(config: Config) -> dict[str, Any]:
             "split_seed": config.split_seed}
 
 
-def _length_docs(corpus: str, config: Config, tokenizer) -> list[list[int]]:
+def _length_docs(config: Config, tokenizer) -> list[list[int]]:
     from selective_attention.data.corpora import load_documents
     from selective_attention.evaluate.by_length import document_ids
 
@@ -179,7 +179,7 @@ def evaluate_run(run: Run, config: Config) -> dict[str, Any]:
             return saved
     model, tokenizer = load_final(run.path)
     model.to(choose_device("auto"))
-    docs = _length_docs(run.corpus, config, tokenizer)
+    docs = _length_docs(config, tokenizer)
     by_length = perplexity_by_length(model, docs, settings["lengths"], max_windows=config.length_windows)
     longest = max(settings["lengths"])
     wins = length_windows(docs, longest, config.entropy_windows)
@@ -224,26 +224,15 @@ def unigram_ppl(corpus: str, config: Config) -> float:
 
 def _curve(run_dir: Path) -> tuple[list[float], list[float]]:
     """(tokens, val_ppl) of the validations logged in metrics.jsonl."""
-    toks, ppl = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if "val_ppl" in rec:
-            toks.append(float(rec["tokens"]))
-            ppl.append(float(rec["val_ppl"]))
-    return toks, ppl
+    from selective_attention.train.rundir import read_metrics
+
+    vals = [m for m in read_metrics(run_dir / "metrics.jsonl") if "val_ppl" in m]
+    return [float(m["tokens"]) for m in vals], [float(m["val_ppl"]) for m in vals]
 
 
 def tokens_to_reach(tokens: list[float], ppl: list[float], target: float) -> float | None:
     """First token count at which the curve reaches ``target`` (log-linear interpolation), None if never."""
-    prev_t, prev_p = 0.0, None
-    for t, p in zip(tokens, ppl):
-        if p <= target:
-            if prev_p is None or prev_p == p:
-                return t
-            frac = (math.log(prev_p) - math.log(target)) / (math.log(prev_p) - math.log(p))
-            return prev_t + frac * (t - prev_t)
-        prev_t, prev_p = t, p
-    return None
+    return first_crossing(tokens, ppl, target, log_y=True)
 
 
 def ppl_at_tokens(tokens: list[float], ppl: list[float], at: float) -> float:
@@ -287,9 +276,10 @@ def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str,
                              "new_parameters": int(runs[0]["parameters"]["new"]),
                              "parameters": int(runs[0]["parameters"]["total"]),
                              "parameter_percent": float(runs[0]["parameters"]["percent"])}
-        lengths = list(runs[0]["ppl_by_length"])
-        d["ppl_by_length"] = {L: common.mean_std([r["ppl_by_length"][L] for r in runs])[0] for L in lengths}
-        d["ppl_by_length_std"] = {L: common.mean_std([r["ppl_by_length"][L] for r in runs])[1] for L in lengths}
+        by_length = {L: common.mean_std([r["ppl_by_length"][L] for r in runs]) for L in runs[0]["ppl_by_length"]}
+        lengths = list(by_length)
+        d["ppl_by_length"] = {L: m for L, (m, _) in by_length.items()}
+        d["ppl_by_length_std"] = {L: sd for L, (_, sd) in by_length.items()}
         pairs = [(r, vanilla[r["seed"]]) for r in runs if r["seed"] in vanilla]
         if method != "vanilla" and pairs:
             d["paired_percent"] = paired([100 * (r["val_ppl"] - v["val_ppl"]) / v["val_ppl"] for r, v in pairs])

@@ -33,7 +33,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from selective_attention.errors import UserError  # noqa: E402
 from selective_attention.utils import stats  # noqa: E402
 from selective_attention.utils.io import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-from selective_attention.utils.stats import is_finite, mean_std  # noqa: E402
+from selective_attention.utils.stats import first_crossing, is_finite, mean_std  # noqa: E402
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
@@ -127,17 +127,6 @@ def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray,
     return grid, np.mean([np.interp(grid, t, p) for t, p in curves], axis=0)
 
 
-def tokens_to_reach(tokens: np.ndarray, ppl: np.ndarray, target: float) -> float | None:
-    """First token count at which the curve is <= target (linear interpolation between evaluations)."""
-    for i in range(len(tokens)):
-        if ppl[i] <= target:
-            if i == 0:
-                return float(tokens[0])
-            t0, t1, p0, p1 = tokens[i - 1], tokens[i], ppl[i - 1], ppl[i]
-            return float(t0 + (p0 - target) / (p0 - p1) * (t1 - t0)) if p0 != p1 else float(t1)
-    return None
-
-
 def _mean_std(xs: list[Any]) -> tuple[float | None, float | None]:
     """Mean and sample std of the finite values; (None, None) when there is none."""
     xs = [x for x in xs if is_finite(x)]
@@ -166,10 +155,10 @@ def summarise(groups: dict[str, list[Run]], baseline: str | None = None) -> dict
         methods[m] = d
     bt, bp = curves[baseline]
     target = float(bp[-1]) if len(bp) else methods[baseline]["final_val_ppl"]
-    base_tokens = tokens_to_reach(bt, bp, target) if target is not None and len(bt) else None
+    base_tokens = first_crossing(bt, bp, target) if target is not None and len(bt) else None
     for m, d in methods.items():
         t, p = curves[m]
-        reach = tokens_to_reach(t, p, target) if target is not None and len(t) else None
+        reach = first_crossing(t, p, target) if target is not None and len(t) else None
         d["tokens_to_target"] = reach
         d["speedup"] = (base_tokens / reach) if (reach and base_tokens) else None
         d["reached_target"] = reach is not None

@@ -97,3 +97,17 @@ def paired(diffs: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     half = t_quantile(n - 1, level) * std / math.sqrt(n)
     lo, hi = mean - half, mean + half
     return {"mean": mean, "low": lo, "high": hi, "n": n, "verdict": "wins" if hi < 0 else "loses" if lo > 0 else "tie"}
+
+
+def first_crossing(xs: Sequence[float], ys: Sequence[float], target: float, log_y: bool = False) -> float | None:
+    """The first x at which the curve ys(xs) comes down to ``target`` (ys <= target), interpolated between the two
+    points around the crossing, linearly in y or in log y; the first x when the curve starts there; None if never.
+    (Tokens-to-target of a validation curve.)"""
+    f = math.log if log_y else float
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if y <= target:
+            if i == 0 or ys[i - 1] == y:
+                return float(x)
+            x0, y0 = xs[i - 1], ys[i - 1]
+            return float(x0 + (f(y0) - f(target)) / (f(y0) - f(y)) * (x - x0))
+    return None
