@@ -13,10 +13,11 @@ import torch
 
 from selective_attention.cli import main
 from selective_attention.errors import UserError
+from selective_attention.hf import parameter_report
 from selective_attention.train import TrainConfig, train
 from selective_attention.train import loss as train_loss
 from selective_attention.train.data import WindowSampler
-from selective_attention.train.models import build_model, model_config, parameter_counts
+from selective_attention.train.models import build_model, model_config
 from selective_attention.train.optim import lr_factor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -60,7 +61,7 @@ def test_window_sampler_covers_each_window_once_per_epoch():
 
 
 def test_model_sizes():
-    counts = {s: parameter_counts(build_model(s, 8192, 256))["total"] for s in ("tiny", "small")}
+    counts = {s: parameter_report(build_model(s, 8192, 256))["total"] for s in ("tiny", "small")}
     assert 1e6 <= counts["tiny"] <= 3e6 and 10e6 <= counts["small"] <= 20e6
     gpt2, pythia = model_config("gpt2-124m", 50257, 1024), model_config("pythia-160m", 50257, 2048)
     assert (gpt2.n_embd, gpt2.n_layer, gpt2.n_head, gpt2.vocab_size) == (768, 12, 12, 50304)

@@ -18,8 +18,9 @@ import torch
 
 from selective_attention.config import SSAConfig
 from selective_attention.errors import UserError
+from selective_attention.hf import parameter_report
 from selective_attention.train.loop import compiled, train_step
-from selective_attention.train.models import build_model, parameter_counts
+from selective_attention.train.models import build_model
 from selective_attention.train.optim import OptimConfig, build_optimizer
 from selective_attention.utils.device import choose_device
 from selective_attention.utils.memory import peak_memory_bytes
@@ -48,7 +49,7 @@ def measure(size: str = "small", vocab: int = 8192, seq_len: int = 256, batch_si
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(dev)
     out = {"size": size, "seq_len": seq_len, "batch_size": batch_size, "device": str(dev),
-           "threads": torch.get_num_threads(), "parameters": {a: parameter_counts(m) for a, m in models.items()}}
+           "threads": torch.get_num_threads(), "parameters": {a: parameter_report(m) for a, m in models.items()}}
     out["eager"] = _measure_mode(models, models, opts, x, rounds, steps, dev, memory)
     out.update(out["eager"])
     if compile:

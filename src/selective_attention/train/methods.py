@@ -386,16 +386,14 @@ def apply_method(model: nn.Module, name: str, *, ssa: SSAConfig | None = None, s
 
 
 def parameter_counts(model: nn.Module, applied: Applied | None = None) -> dict[str, Any]:
-    """{"base", "new", "total", "percent"} with the method's new parameters as "new" (tied weights once)."""
-    total = sum(p.numel() for p in model.parameters())
+    """{"base", "new", "total", "percent"} with the method's new parameters as "new" (tied weights once);
+    without ``applied``, SSA's temperatures are the new ones (``hf.parameter_report``)."""
     if applied is None:
-        new = sum(p.numel() for p in temperature_parameters(model))
-    else:
-        seen, new = set(), 0
-        for p in applied.new_parameters:
-            if id(p) not in seen:
-                seen.add(id(p))
-                new += p.numel()
+        from selective_attention import hf
+
+        return dict(hf.parameter_report(model))
+    total = sum(p.numel() for p in model.parameters())
+    new = sum(p.numel() for p in {id(p): p for p in applied.new_parameters}.values())
     base = total - new
     return {"base": base, "new": new, "total": total, "percent": 100.0 * new / base if base else 0.0}
 

@@ -88,20 +88,6 @@ def with_attention(model: torch.nn.Module, attention: str, ssa: SSAConfig | None
     return hf.convert(model, ssa or SSAConfig())
 
 
-def parameter_counts(model: torch.nn.Module) -> dict:
-    """{"base", "new", "total", "percent"}: SSA's share of the parameters (0 new for a vanilla model)."""
-    try:
-        from selective_attention import hf
-
-        return dict(hf.parameter_report(model))
-    except (ImportError, AttributeError):
-        from selective_attention.temperature import temperature_parameters
-
-        total = sum(p.numel() for p in model.parameters())
-        new = sum(p.numel() for p in temperature_parameters(model))
-        return {"base": total - new, "new": new, "total": total, "percent": 100.0 * new / max(total - new, 1)}
-
-
 def load_init(path: str) -> torch.nn.Module:
     """The model of a Hugging Face folder (plain, SSA, or another method's: train.methods.load_model) or a .gguf
     file, with float32 master weights; UserError (one line) when it cannot be loaded."""

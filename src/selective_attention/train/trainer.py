@@ -36,9 +36,8 @@ from selective_attention.train.launch import launch
 from selective_attention.train.limits import check_fits
 from selective_attention.train.loop import Diverged, autocast_for, compiled, train_step
 from selective_attention.train.loss import evaluate_loss
-from selective_attention.train.methods import Applied, apply_method, get_method
-from selective_attention.train.methods import parameter_counts as method_parameter_counts
-from selective_attention.train.models import build_model, load_init, parameter_counts
+from selective_attention.train.methods import Applied, apply_method, get_method, parameter_counts
+from selective_attention.train.models import build_model, load_init
 from selective_attention.train.optim import OptimConfig, build_optimizer, lr_factor
 
 
@@ -160,8 +159,7 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
         (cfg.ssa_config() if method.uses_ssa else None)
     if cfg.init_from and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"--init-from {cfg.init_from}: its tokenizer has more tokens than the model embeds")
-    counts = parameter_counts(model) if method.uses_ssa or cfg.attention == "vanilla" else \
-        method_parameter_counts(model, applied)
+    counts = parameter_counts(model, applied)
     if cfg.temperatures_only:
         _freeze_all_but_temperatures(model, applied, cfg.attention)
     model.to(info.device)
