@@ -72,17 +72,10 @@ def build_model(size: str, vocab_size: int, seq_len: int, attention: str = "vani
     cfg = model_config(size, vocab_size, seq_len)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    return with_attention(model, attention, ssa)
-
-
-def with_attention(model: torch.nn.Module, attention: str, ssa: SSAConfig | None = None) -> torch.nn.Module:
-    """Convert ``model`` to SSA in place (``attention == "ssa"``) unless it already is; vanilla leaves it alone."""
     if attention == "vanilla":
         return model
     if attention != "ssa":
-        raise UserError(f"unknown attention {attention!r}: use vanilla or ssa")
-    if getattr(model.config, "ssa", None):
-        return model  # an SSA checkpoint (fine-tuning it further)
+        raise UserError(f"unknown attention {attention!r}: use vanilla or ssa (other methods: train.methods)")
     from selective_attention import hf
 
     return hf.convert(model, ssa or SSAConfig())
