@@ -32,6 +32,7 @@ from selective_attention.data import corpora
 from selective_attention.data.tokenizers import KINDS, build_tokenizer, fingerprint
 from selective_attention.errors import UserError
 from selective_attention.utils import cache
+from selective_attention.utils.files import sha256_file
 from selective_attention.utils.io import atomic_write, atomic_write_json
 
 FORMAT = 2  # 2: manifests carry the size and sha256 of the file they describe
@@ -63,16 +64,8 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_checksum(path: Path) -> dict[str, object]:
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def corruption(path: Path, expected: dict) -> str | None:
@@ -80,7 +73,7 @@ def corruption(path: Path, expected: dict) -> str | None:
     size = path.stat().st_size
     if size != expected.get("bytes"):
         return f"{size} bytes, the manifest says {expected.get('bytes')}"
-    if file_sha256(path) != expected.get("sha256"):
+    if sha256_file(path) != expected.get("sha256"):
         return "its sha256 differs from the manifest's"
     return None
 
