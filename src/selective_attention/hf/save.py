@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from selective_attention.errors import UserError
-from selective_attention.utils.io import atomic_write_json, umask
+from selective_attention.utils.files import follow_umask
+from selective_attention.utils.io import atomic_write_json
 
 MANIFEST = "ssa-manifest.json"
 
@@ -60,10 +61,7 @@ def write_model_dir(out: Path, write: Callable[[Path], None], *, force: bool = F
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
-        # mkdtemp makes the directory 0o700 and safetensors its files 0o600: give both the user's usual modes
-        os.chmod(tmp, 0o777 & ~umask())
-        for f in tmp.rglob("*"):
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask())
+        follow_umask([tmp, *tmp.rglob("*")])  # mkdtemp makes the directory 0o700, safetensors its files 0o600
         atomic_write_json(tmp / MANIFEST, {"files": [f for f in _files(tmp) if f != MANIFEST]})
         if out.exists():
             check_output(out, force)  # again, just before removing: it may have changed while we wrote

@@ -360,7 +360,7 @@ class RunDir:
 
         def write(tmp: str) -> None:
             ckpt_io.write(tmp, state)
-            follow_umask([Path(tmp)], ckdir)  # safetensors creates its files 0o600
+            follow_umask([tmp])  # safetensors creates its files 0o600
             record.update(ckpt_io.file_record(tmp))  # what reached the disk, before it takes the real name
 
         _write(path, lambda: atomic_write(path, write), needed, what)
@@ -386,7 +386,7 @@ class RunDir:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             files = [p for p in tmp.rglob("*") if p.is_file()]
-            follow_umask(files, tmp)  # safetensors creates its files 0o600
+            follow_umask(files)  # safetensors creates its files 0o600
             for p in files:
                 fsync_file(p)
         _write(tmp, write, needed)

@@ -6,9 +6,11 @@ import errno
 import hashlib
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from selective_attention.errors import UserError
+from selective_attention.utils.io import umask
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 # what torch.save / safetensors say when a write comes up short (they do not always keep the OSError)
@@ -69,20 +71,9 @@ def disk_full_error(path: str | os.PathLike, needed: int, free: int | None = Non
                      f"{human_bytes(free)} free on that disk{extra}")
 
 
-def new_file_mode(directory: str | os.PathLike) -> int:
-    """The mode a new file in ``directory`` gets (0o666 minus the umask), found by creating one: reading the umask
-    with os.umask would briefly change it for every thread."""
-    probe = Path(directory) / f".mode-probe-{os.getpid()}"
-    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    try:
-        return os.fstat(fd).st_mode & 0o777
-    finally:
-        os.close(fd)
-        probe.unlink()
-
-
-def follow_umask(paths: list[Path], directory: str | os.PathLike) -> None:
-    """Give files written by libraries that create them private (safetensors: 0o600) the user's usual mode."""
-    mode = new_file_mode(directory)
+def follow_umask(paths: Iterable[str | os.PathLike]) -> None:
+    """Give files and directories that libraries create private (safetensors: 0o600, mkdtemp: 0o700) the modes
+    open() and mkdir() would have given them: 0o666 / 0o777 minus the umask."""
+    mask = umask()
     for p in paths:
-        os.chmod(p, mode)
+        os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~mask)
