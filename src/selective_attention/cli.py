@@ -42,7 +42,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selective_attention.errors import UserError
+    from selective_attention.errors import UserError, first_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # never a traceback for the user; SSA_DEBUG=1 shows it
         if os.environ.get("SSA_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = first_line(e)
         print(f"ssa {args.command}: error: {type(e).__name__}: {msg} (SSA_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1

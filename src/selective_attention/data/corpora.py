@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from selective_attention.errors import UserError
+from selective_attention.errors import UserError, first_line
 from selective_attention.utils import packages
 
 SPLITS = ("train", "val", "test")
@@ -113,7 +113,7 @@ def _hf_documents(name: str) -> list[str]:
         ds = datasets.load_dataset(repo, config or None, split="train")
     except Exception as e:  # offline, unknown name, ...
         raise UserError(f"could not load Hugging Face dataset {repo!r}: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+                        f"{first_line(e)}") from None
     if "text" not in ds.column_names:
         raise UserError(f"Hugging Face dataset {repo!r} has no 'text' column (columns: {ds.column_names})")
     return [t.strip() for t in ds["text"]]

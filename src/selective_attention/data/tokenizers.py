@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from selective_attention.errors import UserError
+from selective_attention.errors import UserError, first_line
 
 KINDS = ("bpe", "gpt2", "pretrained")
 EOT = "<|endoftext|>"
@@ -81,7 +81,7 @@ def pretrained_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
         raise
     except Exception as e:
         raise UserError(f"cannot load a tokenizer from {model_path}: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+                        f"{first_line(e)}") from None
     if tok.eos_token is None:
         raise UserError(f"the tokenizer of {model_path} has no end-of-text token")
     if tok.pad_token is None:

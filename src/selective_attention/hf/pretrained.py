@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from selective_attention.config import SSAConfig
-from selective_attention.errors import UserError
+from selective_attention.errors import UserError, first_line
 from selective_attention.hf.attention import register
 from selective_attention.hf.convert import convert
 from selective_attention.hf.state import TEMPERATURE_ATTR
@@ -100,11 +100,6 @@ def _drop_dequantised_gguf_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
     """Floating parameters and buffers to ``dtype`` in place (master weights), integer / quantised ones kept; works
     where ``model.to(dtype)`` is refused (a model that still carries a quantizer)."""
@@ -153,4 +148,4 @@ def load_pretrained(path_or_gguf: str | os.PathLike, *, dtype: torch.dtype | Non
     except UserError:
         raise
     except Exception as e:  # a broken config / weights / tokenizer: one line, never a traceback at the CLI
-        raise UserError(f"cannot load model {p}: {_one_line(e)}") from e
+        raise UserError(f"cannot load model {p}: {(first_line(e) or type(e).__name__)}") from e

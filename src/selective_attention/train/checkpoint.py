@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from selective_attention.errors import first_line
 from selective_attention.utils.files import fsync_file, sha256_file
 
 FORMAT = "ssa-checkpoint"
@@ -160,7 +161,7 @@ def read(path: str | os.PathLike, expect: dict[str, Any] | None = None, verify: 
     except CheckpointError:
         raise
     except Exception as e:  # safetensors: truncated / garbled header; json: garbled metadata
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e) or type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({msg})") from None
 
 
@@ -176,7 +177,7 @@ def read_settings(path: str | os.PathLike) -> dict[str, Any]:
             meta = f.metadata() or {}
         return json.loads(meta["state"])["config"]
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e) or type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({msg})") from None
 
 
@@ -203,7 +204,7 @@ def _read_legacy(path: Path) -> dict[str, Any]:
             what = what.split("Unsupported global:", 1)[-1].split(" was not", 1)[0].strip() if what else "an object"
             raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values ({what}); "
                                   "checkpoints are never unpickled") from None
-        msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        msg = first_line(e) or type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {msg})") from None
     if not isinstance(state, dict) or not {"model", "optimizer", "step", "config"} <= set(state):
         raise CheckpointError(f"{path}: not a checkpoint of ssa train")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selective_attention.config import add_ssa_arguments, ssa_args_given
-from selective_attention.errors import UserError
+from selective_attention.errors import UserError, first_line
 
 # option -> (TrainConfig field, type, help); every default is None so that we can tell what was given
 OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -89,7 +89,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--config {path}: not valid YAML ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of training settings")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
     except Exception as e:  # a process of `--nproc N`: the parent prints one line for all of them
         if not os.environ.get("SSA_DEBUG"):
-            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            text = first_line(e)
             if D.report_error(text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"):
                 return 2 if isinstance(e, UserError) else 1
         raise

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from selective_attention.config import SSAConfig
-from selective_attention.errors import UserError
+from selective_attention.errors import UserError, first_line
 from selective_attention.temperature import SSATemperatures, log_positions, temperature_parameters
 
 METHOD_ATTR = "ssa_method"  # model.config.ssa_method = {"name": ..., "options": {...}} for the non-SSA methods
@@ -415,7 +415,7 @@ def load_model(path: str | Path, **kwargs: Any) -> nn.Module:
     except UserError:
         raise
     except Exception as e:  # a broken config or weights: one line, never a traceback at the CLI
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e) or type(e).__name__
         raise UserError(f"cannot load model {path}: {msg}") from e
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selective_attention.errors import UserError
+from selective_attention.errors import UserError, first_line
 from selective_attention.train import checkpoint as ckpt_io
 from selective_attention.train.config import TrainConfig
 from selective_attention.train.lock import LOCK_NAME, RunLock
@@ -70,7 +70,7 @@ def read_manifest(out: Path) -> tuple[dict | None, str | None]:
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        return None, f"{path}: not readable JSON ({str(e).splitlines()[0]})"
+        return None, f"{path}: not readable JSON ({first_line(e)})"
     if not isinstance(m, dict) or m.get("format") != "ssa-run" or not isinstance(m.get("files"), dict):
         return None, f"{path}: not a run manifest of ssa train"
     if int(m.get("version", 0)) > MANIFEST_FORMAT:

@@ -27,7 +27,7 @@ from torch import nn
 
 from selective_attention.config import SSAConfig
 from selective_attention.data.tokens import prepare
-from selective_attention.errors import UserError
+from selective_attention.errors import UserError, first_line
 from selective_attention.train import distributed as D
 from selective_attention.train import rundir
 from selective_attention.train.config import TrainConfig
@@ -183,7 +183,7 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             raise UserError(f"{plan.checkpoint}: does not fit the model of these settings "
-                            f"({str(e).strip().splitlines()[0]})") from None
+                            f"({first_line(e)})") from None
     temp_ids = {id(p) for p in applied.temperature_parameters}
     temp_names = {n for n, p in model.named_parameters() if id(p) in temp_ids}
     wrapped = D.wrap(model, info)
