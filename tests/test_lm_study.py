@@ -39,12 +39,34 @@ def test_tokens_to_reach_interpolates_in_log_ppl():
     assert lm.ppl_at_tokens(tokens, ppl, 10_000.0) == 50.0
 
 
-def test_plan_is_seed_major_and_pairs_every_corpus():
-    cfg = lm.Config(corpora=("wiki", "sotu"), methods=("vanilla", "ssa", "gated"), other_methods=("vanilla", "ssa"))
-    runs = lm.plan(lm.Path("/x"), cfg, [0, 1])
-    assert [(r.corpus, r.method, r.seed) for r in runs[:5]] == [
-        ("wiki", "vanilla", 0), ("wiki", "ssa", 0), ("wiki", "gated", 0), ("sotu", "vanilla", 0), ("sotu", "ssa", 0)]
-    assert len(runs) == 10 and str(runs[-1].path) == "/x/runs/sotu/ssa-seed1"
+def test_plan_trains_vanilla_and_ssa_first_seed_major_then_the_baselines():
+    cfg = lm.Config(corpora=("wiki", "sotu"), methods=("vanilla", "ssa", "gated", "ssmax"),
+                    other_methods=("vanilla", "ssa", "gated"))
+    runs = [(r.corpus, r.method, r.seed) for r in lm.plan(lm.Path("/x"), cfg, [0, 1])]
+    assert runs == [("wiki", "vanilla", 0), ("wiki", "ssa", 0), ("sotu", "vanilla", 0), ("sotu", "ssa", 0),
+                    ("wiki", "vanilla", 1), ("wiki", "ssa", 1), ("sotu", "vanilla", 1), ("sotu", "ssa", 1),
+                    ("wiki", "gated", 0), ("wiki", "ssmax", 0), ("sotu", "gated", 0),
+                    ("wiki", "gated", 1), ("wiki", "ssmax", 1), ("sotu", "gated", 1)]
+    assert str(lm.plan(lm.Path("/x"), cfg, [0, 1])[-1].path) == "/x/runs/sotu/gated-seed1"
+
+
+def test_a_run_held_by_another_process_is_skipped_by_workers_and_refused_otherwise(tmp_path):
+    from selective_attention.train.lock import RunInUse, RunLock
+
+    run_ = lm.Run("wiki", "vanilla", 0, tmp_path / "runs" / "wiki" / "vanilla-seed0")
+    run_.path.mkdir(parents=True)
+    holder = RunLock(run_.path).acquire()
+    try:
+        cfg = lm.Config(max_tokens=1024)
+        assert lm._train_and_evaluate(run_, cfg, progress=False, skip_busy=True) == "busy"
+        with pytest.raises(RunInUse, match="in use by another ssa train run"):
+            lm._train_and_evaluate(run_, cfg, progress=False, skip_busy=False)
+    finally:
+        holder.release()
+    with pytest.raises(UserError, match="--jobs must be at least 1"):
+        run_experiment("lm", tmp_path, jobs=0)
+    with pytest.raises(UserError, match="markov runs one thing at a time: drop --jobs"):
+        run_experiment("markov", tmp_path, jobs=2)
 
 
 def test_budgets_and_bad_settings(tmp_path):
@@ -140,12 +162,29 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
     assert (out / "summary.md").read_text().count("| ssa |") == 1
     assert (out / "lm-short.png").is_file() and (out / "lm-short-paired.png").is_file()
 
+    # the same study trained by two worker processes: every run exactly once, the same tables up to float rounding
+    # (each worker runs single-threaded)
+    twin = run_experiment("lm", tmp_path / "twin", seeds=2, progress=False, jobs=2, **settings)
+    assert twin["complete"]
+    for m, d in twin["methods"].items():
+        assert d["val_ppl_per_seed"] == pytest.approx(methods[m]["val_ppl_per_seed"], rel=1e-4)
+    logs = sorted((tmp_path / "twin").glob("runs/*/*/metrics.jsonl"))
+    assert len(logs) == 6
+    for log in logs:
+        steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if "val_ppl" in line]
+        assert steps == sorted(set(steps))  # no step trained (and validated) twice
+
     # rerunning skips every finished run (nothing retrained: run.json untouched) and rebuilds the same tables
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/run.json")}
     (out / "runs").joinpath(*next(iter(stamps)).relative_to(out / "runs").parts[:-1], lm.EVAL_FILE).unlink()
     again = run_experiment("lm", out, seeds=2, progress=False, **settings)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["methods"] == saved["methods"]
+
+    # two parallel workers on the same study find nothing left to do either
+    parallel = run_experiment("lm", out, seeds=2, progress=False, jobs=2, **settings)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert parallel["methods"] == saved["methods"]
 
     # a third seed is pending until it has run: the tables say so instead of silently shrinking
     partial = lm.collect(out, lm.Config(**{**settings, "corpora": (str(short),)}), [0, 1, 2])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -58,11 +59,16 @@ def budget_overrides(mod: ModuleType, budget: str | None) -> dict[str, Any]:
 
 
 def run_experiment(name: str, out: str | Path, seeds: int | list[int] | None = None, seed: int = 0,
-                   progress: bool = True, budget: str | None = None, **overrides: Any) -> dict[str, Any]:
+                   progress: bool = True, budget: str | None = None, jobs: int = 1,
+                   **overrides: Any) -> dict[str, Any]:
     """Run experiment ``name`` into ``out``; ``seeds`` is a count (seeds seed..seed+N-1) or an explicit list;
-    ``budget`` picks a preset of the experiment's Config and ``overrides`` replace fields on top of it.
-    Returns the results.json content."""
+    ``budget`` picks a preset of the experiment's Config and ``overrides`` replace fields on top of it; ``jobs``
+    runs that many of its runs at once (experiments whose ``run`` takes ``jobs``). Returns the results.json
+    content."""
     mod = load(name)
+    parallel = "jobs" in inspect.signature(mod.run).parameters
+    if jobs != 1 and not parallel:
+        raise UserError(f"{name} runs one thing at a time: drop --jobs")
     try:
         config = dataclasses.replace(mod.Config(), **{**budget_overrides(mod, budget), **overrides})
     except TypeError as e:
@@ -74,6 +80,8 @@ def run_experiment(name: str, out: str | Path, seeds: int | list[int] | None = N
         raise UserError("--seeds must be at least 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if parallel:
+        return mod.run(out, config, seed_list, progress=progress, jobs=jobs)
     return mod.run(out, config, seed_list, progress=progress)
 
 
@@ -87,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="first seed (seeds are SEED .. SEED+N-1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the experiment's Config (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="lm: train N runs at once in separate processes, sharing the CPU threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -98,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise UserError("--seeds must be at least 1")
     results = run_experiment(args.name, args.out, seeds=args.seeds, seed=args.seed,
-                             progress=not args.no_progress, budget=args.budget, **overrides)
+                             progress=not args.no_progress, budget=args.budget, jobs=args.jobs, **overrides)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     print(f"wrote {Path(args.out) / 'results.json'} ({len(results['seeds'])} seeds)")
     return 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from selective_attention.utils.stats import first_crossing, paired
 
 DEFAULT_SEEDS = 3
 METHODS = ("vanilla", "ssa", "ssa-mlp", "ssa-pos", "ssmax", "llama4", "gated")
+PRIMARY = ("vanilla", "ssa")  # the headline comparison, trained first
 EVAL_FILE = "lm_eval.json"  # per-run evaluation beside run.json (skipped when present with the same settings)
 
 
@@ -75,7 +77,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # about an hour on 2 cores: vanilla vs SSA on both corpora
     "default": {},
     # the study: every baseline, several CPU-hours, meant to be run over several sittings
-    "full": {"max_tokens": 4_000_000, "methods": METHODS, "length_windows": 32},
+    # (validations every 50 steps: 20 points per curve, and the validation passes cost ~10 % of training, not ~20 %)
+    "full": {"max_tokens": 4_000_000, "methods": METHODS, "eval_every": 50, "length_windows": 32},
     # `ssa demo`: the study's design (body-heavy model, 512 tokens, long documents) at <= 10 minutes on 2 cores
     "demo": {"corpora": ("sotu",), "max_tokens": 400_000, "eval_every": 20, "eval_tokens": 32_768,
              "checkpoint_every": 50, "length_windows": 8, "entropy_windows": 1},
@@ -99,13 +102,15 @@ def label(corpus: str) -> str:
 
 
 def plan(out: Path, config: Config, seeds: list[int]) -> list[Run]:
-    """Every run of the study, seed by seed: an interrupted study already holds complete paired comparisons."""
-    runs = []
-    for seed in seeds:
-        for i, corpus in enumerate(config.corpora):
-            for method in (config.methods if i == 0 else config.other_methods):
-                runs.append(Run(corpus, method, seed, out / "runs" / label(corpus) / f"{method}-seed{seed}"))
-    return runs
+    """Every run of the study in the order it trains: first vanilla and SSA on every corpus, seed by seed (the
+    headline comparison), then the other baselines seed by seed, so an interrupted study already holds complete
+    paired comparisons of what matters most."""
+    def runs_where(keep) -> list[tuple[str, str, int]]:
+        return [(corpus, method, seed) for seed in seeds for i, corpus in enumerate(config.corpora)
+                for method in (config.methods if i == 0 else config.other_methods) if keep(method)]
+
+    ordered = runs_where(lambda m: m in PRIMARY) + runs_where(lambda m: m not in PRIMARY)
+    return [Run(c, m, s, out / "runs" / label(c) / f"{m}-seed{s}") for c, m, s in ordered]
 
 
 def is_trained(run: Run) -> bool:
@@ -323,19 +328,77 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- run
 
 
-def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> dict[str, Any]:
+def _train_and_evaluate(run_: Run, config: Config, progress: bool, skip_busy: bool) -> str:
+    """Train (or resume) one run and evaluate it: "done", "stopped" (stop_at_step) or "busy" (``skip_busy``: another
+    process holds the run, so leave it to that process)."""
     from selective_attention.train import train
+    from selective_attention.train.lock import RunInUse, RunLock
 
+    try:
+        if not is_trained(run_):
+            info = train(_train_config(run_, config, progress=progress))
+            if "stopped_at_step" in info:  # stopped on purpose (stop_at_step): the next invocation resumes it
+                return "stopped"
+        lock = RunLock(run_.path).acquire()  # the evaluation writes into the run directory too
+    except RunInUse:
+        if skip_busy:
+            return "busy"
+        raise
+    try:
+        evaluate_run(run_, config)
+    finally:
+        lock.release()
+    return "done"
+
+
+def _worker(out: Path, config: Config, seeds: list[int], threads: int, parent: int) -> None:
+    """One of ``jobs`` processes: walk the plan, take every run no other process holds."""
+    import sys
+
+    import torch
+
+    torch.set_num_threads(threads)
+    for r in plan(out, config, seeds):
+        if os.getppid() != parent:  # the study was stopped: do not start another run
+            return
+        try:
+            state = _train_and_evaluate(r, config, progress=False, skip_busy=True)
+        except UserError as e:
+            print(f"lm study: {r.corpus}/{r.method}-seed{r.seed}: {e}", file=sys.stderr, flush=True)
+            return
+        if state == "stopped":
+            return
+        if state == "done":
+            print(f"lm study [worker {os.getpid()}]: {r.corpus}/{r.method}-seed{r.seed} done", file=sys.stderr,
+                  flush=True)
+
+
+def run(out: Path, config: Config, seeds: list[int], progress: bool = True, jobs: int = 1) -> dict[str, Any]:
+    """Train and evaluate every run of the plan, then rebuild the tables. ``jobs`` > 1 trains that many runs at
+    once in separate processes, each with its share of the CPU threads (small models train faster as several
+    single-threaded processes than as one multi-threaded one). Several invocations of the same command, on one
+    machine or several sharing OUT, split the runs the same way: each run directory is locked by its trainer."""
     validate(config, seeds)
+    if jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    if jobs > 1:
+        import multiprocessing
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        ctx = multiprocessing.get_context("spawn")
+        workers = [ctx.Process(target=_worker, args=(out, config, seeds, threads, os.getpid()), daemon=True)
+                   for _ in range(jobs)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    # one pass in this process: everything when jobs == 1, otherwise what the workers left (it raises their errors)
     runs = plan(out, config, seeds)
     bar = common.progress(len(runs), f"lm study ({config.budget})", progress)
     for r in runs:
         bar.set_postfix_str(f"{r.corpus}/{r.method} seed {r.seed}")
-        if not is_trained(r):
-            info = train(_train_config(r, config, progress=False))
-            if "stopped_at_step" in info:  # stopped on purpose (stop_at_step): the next invocation resumes it
-                break
-        evaluate_run(r, config)
+        if _train_and_evaluate(r, config, progress=False, skip_busy=False) == "stopped":
+            break
         bar.update(1)
     bar.close()
     results = collect(out, config, seeds)

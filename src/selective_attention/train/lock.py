@@ -19,6 +19,10 @@ LOCK_NAME = ".lock"
 ENV_HELD = "SSA_RUN_LOCK_HELD"
 
 
+class RunInUse(UserError):
+    """Another process holds this run directory (a study's parallel workers skip such runs)."""
+
+
 class RunLock:
     def __init__(self, out: Path) -> None:
         self.path = out / LOCK_NAME
@@ -36,7 +40,7 @@ class RunLock:
         except OSError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UserError(f"--out {self.path.parent} is in use by another ssa train run (PID {holder}): wait "
+            raise RunInUse(f"--out {self.path.parent} is in use by another ssa train run (PID {holder}): wait "
                             "for it to finish or choose another directory") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
