@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from selective_attention.cli import main as ssa_main
 from selective_attention.errors import UserError
 from selective_attention.evaluate import passkey, perplexity, zero_shot
-from selective_attention.evaluate.passkey import FILLER, INTRO, NEEDLE, extract_answer, make_prompt
+from selective_attention.evaluate.passkey import FILLER, INTRO, NEEDLE, extract_answer, key_likelihood, make_prompt
 from selective_attention.evaluate.perplexity import token_stream, windows
 from selective_attention.evaluate.tasks import TASKS, load_task_docs
 
@@ -302,6 +303,39 @@ def test_passkey_scores_a_copying_model_1_and_a_random_model_0(tiny) -> None:
         passkey(model, tok, lengths=[200], depths=[1.5])
     with pytest.raises(UserError, match="too short"):  # shorter than the intro + needle + question
         passkey(model, tok, lengths=[20], depths=[0.5])
+
+
+class InductionOracle(torch.nn.Module):
+    """Predicts, at each position, the token that followed the last earlier occurrence of the current two tokens
+    (a perfect two-token induction head); ``blind`` makes every position predict the same distribution."""
+
+    def __init__(self, vocab: int, blind: bool = False) -> None:
+        super().__init__()
+        self.vocab, self.blind = vocab, blind
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        ids = input_ids[0].tolist()
+        logits = torch.zeros(1, len(ids), self.vocab)
+        for t in range(1, len(ids)):
+            for j in range(t - 1, 0, -1):
+                if not self.blind and ids[j - 1: j + 1] == ids[t - 1: t + 1]:
+                    logits[0, t, ids[j + 1]] = 20.0
+                    break
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_key_likelihood_gain_is_large_for_a_copying_model_and_zero_for_a_blind_one(tiny) -> None:
+    _, tok, _ = tiny
+    oracle = key_likelihood(InductionOracle(len(tok)), tok, lengths=[200, 300], depths=[0.2, 0.8], n_trials=2)
+    assert set(oracle["by_length"]) == {"200", "300"}
+    for row in oracle["by_length"].values():
+        assert row["n"] == 4 and row["nll"] < 0.01 and row["nll_control"] > 5 and row["gain"] > 5
+    blind = key_likelihood(InductionOracle(len(tok), blind=True), tok, lengths=[200], depths=[0.5], n_trials=3)
+    row = blind["by_length"]["200"]
+    assert row["gain"] == 0.0 and row["nll"] == row["nll_control"] == pytest.approx(math.log(len(tok)))
+    with pytest.raises(UserError, match="too short"):
+        key_likelihood(InductionOracle(len(tok)), tok, lengths=[20])
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -159,7 +160,8 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
     diffs = [100 * (runs["ssa", s]["val_ppl"] - runs["vanilla", s]["val_ppl"]) / runs["vanilla", s]["val_ppl"]
              for s in (0, 1)]
     assert methods["ssa"]["paired_percent"]["mean"] == pytest.approx(sum(diffs) / 2)
-    assert (out / "summary.md").read_text().count("| ssa |") == 1
+    assert (out / "summary.md").read_text().count("| ssa |") == 2  # the perplexity table and the mechanism table
+    assert "Dilution and passkey retrieval" in (out / "summary.md").read_text()
     assert (out / "lm-short.png").is_file() and (out / "lm-short-paired.png").is_file()
 
     # the same study trained by two worker processes: every run exactly once, the same tables up to float rounding
@@ -189,6 +191,22 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
     # a third seed is pending until it has run: the tables say so instead of silently shrinking
     partial = lm.collect(out, lm.Config(**{**settings, "corpora": (str(short),)}), [0, 1, 2])
     assert not partial["complete"] and len(partial["pending"]) == 3
+
+    # dilution within / beyond the training length, from the attention entropy by position
+    record = next(r for r in saved["runs"] if r["method"] == "ssa")
+    att = record["attention_by_position"]
+    inside = [e for p, e in zip(att["position"], att["entropy"]) if p <= 32]
+    assert record["dilution"]["entropy_within"] == pytest.approx(sum(inside) / len(inside))
+    assert methods["ssa"]["paired_entropy_beyond"]["n"] == 2
+
+    # the passkey test needs room for its prompt: too short a length is a clear error, a long one is measured
+    cfg = lm.Config(**{**settings, "passkey_trials": 1})
+    run0 = lm.plan(out, cfg, [0])[0]
+    with pytest.raises(UserError, match="too short.*passkey_trials=0"):
+        lm.evaluate_run(run0, cfg)
+    ev = lm.evaluate_run(run0, dataclasses.replace(cfg, length_multipliers=(16,), length_windows=1))
+    assert list(ev["passkey"]) == ["512"] and ev["passkey"]["512"]["n"] == 5
+    assert lm._run_record(run0, 32)["passkey_gain"] == {"512": ev["passkey"]["512"]["gain"]}
 
 
 @pytest.mark.slow

@@ -140,6 +140,57 @@ def passkey(model, tokenizer, lengths: Sequence[int] = (256, 512, 1024),
             "depths": depths, "n_trials": n_trials, "seed": seed, "trials": trials}
 
 
+@torch.no_grad()
+def key_likelihood(model, tokenizer, lengths: Sequence[int], depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+                   n_trials: int = 8, seed: int = 0) -> dict:
+    """Teacher-forced passkey retrieval: a graded measure for models too small to write the key themselves.
+
+    For each trial, the answer " <key>" is scored after the question (mean negative log-likelihood per answer
+    token) twice: once when the needle holds that key and once when it holds another key (the control, same depth
+    and filler). ``gain`` = control NLL - NLL, in nats per answer token, is what the model takes from the needle:
+    ~0 for a model that ignores it, large for one that copies it. Each prompt plus its answer fits in ``length``.
+
+    Returns {"by_length": {str(length): {"gain", "gain_std", "nll", "nll_control", "n"}}, "depths", "n_trials",
+    "seed"}.
+    """
+    lengths = [int(x) for x in lengths]
+    if not lengths or min(lengths) < 1:
+        raise UserError(f"passkey lengths must be positive integers, got {lengths}")
+    if n_trials < 1:
+        raise UserError(f"passkey trials must be positive, got {n_trials}")
+    rng = random.Random(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def answer_nll(prompt: str, answer: list[int]) -> float:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + answer
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -len(answer) - 1: -1].float()
+        return float(torch.nn.functional.cross_entropy(logits, torch.tensor(answer, device=device)))
+
+    by_length = {}
+    try:
+        for length in lengths:
+            gains, nlls, controls = [], [], []
+            for depth in depths:
+                for _ in range(n_trials):
+                    key, other = (str(k) for k in rng.sample(range(10000, 100000), 2))
+                    answer = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
+                    room = length - len(answer)
+                    nll = answer_nll(make_prompt(tokenizer, room, depth, key).text, answer)
+                    control = answer_nll(make_prompt(tokenizer, room, depth, other).text, answer)
+                    gains.append(control - nll)
+                    nlls.append(nll)
+                    controls.append(control)
+            g = torch.tensor(gains, dtype=torch.float64)
+            by_length[str(length)] = {"gain": float(g.mean()), "gain_std": float(g.std()) if len(g) > 1 else 0.0,
+                                      "nll": sum(nlls) / len(nlls), "nll_control": sum(controls) / len(controls),
+                                      "n": len(gains)}
+    finally:
+        model.train(was_training)
+    return {"by_length": by_length, "depths": [float(d) for d in depths], "n_trials": n_trials, "seed": seed}
+
+
 def heatmap(result: dict, path, title: str = "Passkey retrieval accuracy"):
     """PNG heatmap: depth (rows) x context length (columns), accuracy in each cell."""
     import matplotlib

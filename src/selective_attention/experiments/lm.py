@@ -66,6 +66,7 @@ class Config:
     length_multipliers: tuple[int, ...] = (1, 2, 4)
     length_windows: int = 16  # windows per length
     entropy_windows: int = 2  # windows of the longest length for attention entropy by position
+    passkey_trials: int = 4  # teacher-forced passkey trials per length and depth (5 depths); 0 = no passkey test
     split_seed: int = 0
 
 
@@ -73,7 +74,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # CI: the whole machinery on a tiny model in a few minutes
     "quick": {"size": "tiny", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "max_tokens": 16_384,
               "eval_every": 16, "eval_tokens": 4_096, "checkpoint_every": 32, "corpora": ("wiki",),
-              "methods": ("vanilla", "ssa", "gated"), "length_windows": 4, "entropy_windows": 1},
+              "methods": ("vanilla", "ssa", "gated"), "length_windows": 4, "entropy_windows": 1,
+              "passkey_trials": 0},
     # about an hour on 2 cores: vanilla vs SSA on both corpora
     "default": {},
     # the study: every baseline, several CPU-hours, meant to be run over several sittings
@@ -81,9 +83,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "full": {"max_tokens": 4_000_000, "methods": METHODS, "eval_every": 50, "length_windows": 32},
     # `ssa demo`: the study's design (body-heavy model, 512 tokens, long documents) at <= 10 minutes on 2 cores
     "demo": {"corpora": ("sotu",), "max_tokens": 400_000, "eval_every": 20, "eval_tokens": 32_768,
-             "checkpoint_every": 50, "length_windows": 8, "entropy_windows": 1},
+             "checkpoint_every": 50, "length_windows": 8, "entropy_windows": 1, "passkey_trials": 0},
     "demo-quick": {"corpora": ("sotu",), "max_tokens": 81_920, "eval_every": 5, "eval_tokens": 16_384,
-                   "checkpoint_every": 50, "length_windows": 4, "entropy_windows": 1},
+                   "checkpoint_every": 50, "length_windows": 4, "entropy_windows": 1, "passkey_trials": 0},
 }
 BUDGET_SEEDS = {"quick": 2, "default": 3, "full": 3, "demo": 2, "demo-quick": 1}
 
@@ -151,6 +153,8 @@ def validate(config: Config, seeds: list[int]) -> None:
         raise UserError("the study compares every method with vanilla: keep vanilla in methods")
     if not config.length_multipliers or min(config.length_multipliers) < 1:
         raise UserError("length_multipliers must be positive integers")
+    if config.passkey_trials < 0:
+        raise UserError("passkey_trials must be >= 0 (0 = no passkey test)")
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -159,7 +163,7 @@ def validate(config: Config, seeds: list[int]) -> None:
 def _eval_settings(config: Config) -> dict[str, Any]:
     return {"length_corpus": config.length_corpus, "lengths": [config.seq_len * m for m in config.length_multipliers],
             "length_windows": config.length_windows, "entropy_windows": config.entropy_windows,
-            "split_seed": config.split_seed}
+            "split_seed": config.split_seed, "passkey_trials": config.passkey_trials}
 
 
 def _length_docs(config: Config, tokenizer) -> list[list[int]]:
@@ -170,10 +174,12 @@ def _length_docs(config: Config, tokenizer) -> list[list[int]]:
 
 
 def evaluate_run(run: Run, config: Config) -> dict[str, Any]:
-    """Perplexity by length and attention entropy by position of a finished run (cached in EVAL_FILE)."""
+    """Perplexity by length, attention entropy by position and teacher-forced passkey retrieval by length of a
+    finished run (cached in EVAL_FILE)."""
     import torch
 
     from selective_attention.evaluate.by_length import length_distribution, length_windows, perplexity_by_length
+    from selective_attention.evaluate.passkey import check_lengths, key_likelihood
     from selective_attention.evaluate.probe import dilution_curves
 
     settings = _eval_settings(config)
@@ -184,6 +190,11 @@ def evaluate_run(run: Run, config: Config) -> dict[str, Any]:
             return saved
     model, tokenizer = load_final(run.path)
     model.to(choose_device("auto"))
+    if config.passkey_trials:
+        try:
+            check_lengths(tokenizer, settings["lengths"])
+        except UserError as e:
+            raise UserError(f"{e}; set passkey_trials=0 to skip the passkey test") from None
     docs = _length_docs(config, tokenizer)
     by_length = perplexity_by_length(model, docs, settings["lengths"], max_windows=config.length_windows)
     longest = max(settings["lengths"])
@@ -196,8 +207,12 @@ def evaluate_run(run: Run, config: Config) -> dict[str, Any]:
         entropy = {"position": curves[0]["position"],
                    "entropy": np.round(np.mean([c["entropy"] for c in curves], axis=0), 5).tolist(),
                    "max_weight": np.round(np.mean([c["max_weight"] for c in curves], axis=0), 5).tolist()}
+    passkey = None
+    if config.passkey_trials:
+        # the prompt's fixed seed: every model of the study is asked the same keys at the same depths
+        passkey = key_likelihood(model, tokenizer, settings["lengths"], n_trials=config.passkey_trials)["by_length"]
     result = {"settings": settings, "ppl_by_length": by_length, "attention_by_position": entropy,
-              "length_documents": length_distribution(docs)}
+              "passkey": passkey, "length_documents": length_distribution(docs)}
     from selective_attention.utils.io import atomic_write_json
 
     atomic_write_json(path, result)
@@ -251,7 +266,26 @@ def ppl_at_tokens(tokens: list[float], ppl: list[float], at: float) -> float:
     return math.exp(math.log(ppl[j - 1]) + frac * (math.log(ppl[j]) - math.log(ppl[j - 1])))
 
 
-def _run_record(run: Run) -> dict[str, Any] | None:
+def dilution(attention: dict[str, list[float]] | None, train_length: int) -> dict[str, float] | None:
+    """Mean attention entropy and max weight over the query positions within the training length and beyond it."""
+    if not attention:
+        return None
+    pos = np.asarray(attention["position"])
+    out = {}
+    for key in ("entropy", "max_weight"):
+        v = np.asarray(attention[key])
+        out[f"{key}_within"] = float(v[pos <= train_length].mean())
+        out[f"{key}_beyond"] = float(v[pos > train_length].mean()) if (pos > train_length).any() else float("nan")
+    return out
+
+
+def late_improvement(ppl: list[float], tokens: list[float]) -> float:
+    """Percent by which validation perplexity fell over the last 20 % of training tokens (the plateau criterion:
+    < 2 % means more tokens would hardly help)."""
+    return 100 * (1 - ppl[-1] / ppl_at_tokens(tokens, ppl, 0.8 * tokens[-1]))
+
+
+def _run_record(run: Run, train_length: int) -> dict[str, Any] | None:
     """What one finished run measured, read from its directory (None while it is unfinished)."""
     if not (run.path / "run.json").is_file() or not (run.path / EVAL_FILE).is_file():
         return None
@@ -264,7 +298,10 @@ def _run_record(run: Run) -> dict[str, Any] | None:
             "tokens": int(info["tokens"]), "parameters": info["parameters"], "curve": {"tokens": tokens, "ppl": ppl},
             "ppl_by_length": {k: v["ppl"] for k, v in ev["ppl_by_length"].items()},
             "loss_by_position": {k: v["loss_by_position"] for k, v in ev["ppl_by_length"].items()},
-            "attention_by_position": ev["attention_by_position"], "length_documents": ev["length_documents"]}
+            "attention_by_position": ev["attention_by_position"], "length_documents": ev["length_documents"],
+            "dilution": dilution(ev["attention_by_position"], train_length),
+            "passkey_gain": {k: v["gain"] for k, v in ev["passkey"].items()} if ev.get("passkey") else None,
+            "late_improvement_percent": late_improvement(ppl, tokens) if len(ppl) > 1 else None}
 
 
 def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str, Any]]:
@@ -285,8 +322,21 @@ def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str,
         lengths = list(by_length)
         d["ppl_by_length"] = {L: m for L, (m, _) in by_length.items()}
         d["ppl_by_length_std"] = {L: sd for L, (_, sd) in by_length.items()}
+        late = [r["late_improvement_percent"] for r in runs if r["late_improvement_percent"] is not None]
+        d["late_improvement_percent"] = common.mean_std(late)[0] if late else None
+        if all(r["dilution"] for r in runs):
+            d["dilution"] = {k: common.mean_std([r["dilution"][k] for r in runs])[0] for k in runs[0]["dilution"]}
+        if all(r["passkey_gain"] for r in runs):
+            d["passkey_gain"] = {L: common.mean_std([r["passkey_gain"][L] for r in runs])[0]
+                                 for L in runs[0]["passkey_gain"]}
         pairs = [(r, vanilla[r["seed"]]) for r in runs if r["seed"] in vanilla]
         if method != "vanilla" and pairs:
+            if all(r["dilution"] and v["dilution"] for r, v in pairs):
+                d["paired_entropy_beyond"] = paired([r["dilution"]["entropy_beyond"] - v["dilution"]["entropy_beyond"]
+                                                     for r, v in pairs])
+            if all(r["passkey_gain"] and v["passkey_gain"] for r, v in pairs):
+                d["paired_passkey_gain"] = {L: paired([r["passkey_gain"][L] - v["passkey_gain"][L] for r, v in pairs])
+                                            for L in pairs[0][0]["passkey_gain"]}
             d["paired_percent"] = paired([100 * (r["val_ppl"] - v["val_ppl"]) / v["val_ppl"] for r, v in pairs])
             d["paired_percent_by_length"] = {
                 L: paired([100 * (r["ppl_by_length"][L] - v["ppl_by_length"][L]) / v["ppl_by_length"][L]
@@ -312,7 +362,7 @@ def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str,
 def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
     """Rebuild results from the run directories on disk (finished runs only)."""
     runs = plan(out, config, seeds)
-    records = [r for r in (_run_record(run) for run in runs) if r is not None]
+    records = [r for r in (_run_record(run, config.seq_len) for run in runs) if r is not None]
     corpora: dict[str, Any] = {}
     for corpus in config.corpora:
         methods = aggregate(records, corpus)
@@ -408,12 +458,46 @@ def run(out: Path, config: Config, seeds: list[int], progress: bool = True, jobs
 # ------------------------------------------------------------------------------------------------- output
 
 
-def _fmt_interval(p: dict[str, Any] | None) -> str:
+def _fmt_interval(p: dict[str, Any] | None, unit: str = " %", digits: int = 2) -> str:
     if not p:
         return "-"
     if p["low"] is None:
-        return f"{p['mean']:+.2f} % (1 seed)"
-    return f"{p['mean']:+.2f} % [{p['low']:+.2f}, {p['high']:+.2f}]"
+        return f"{p['mean']:+.{digits}f}{unit} (1 seed)"
+    return f"{p['mean']:+.{digits}f}{unit} [{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]"
+
+
+def _direction(p: dict[str, Any], below: str, above: str) -> str:
+    """The paired interval's claim in words: ``below`` / ``above`` when it excludes zero on that side, else tie."""
+    if p["low"] is None:
+        return p["verdict"]
+    return below if p["high"] < 0 else above if p["low"] > 0 else "tie"
+
+
+def _mechanism_lines(methods: dict[str, Any], train_length: int) -> list[str]:
+    """Dilution (attention entropy / max weight within and beyond the training length) and passkey retrieval."""
+    if not any("dilution" in d or "passkey_gain" in d for d in methods.values()):
+        return []
+    lengths = next((list(d["passkey_gain"]) for d in methods.values() if "passkey_gain" in d), [])
+    lines = [f"Dilution and passkey retrieval (attention over positions <= {train_length} vs beyond; passkey gain = "
+             "how much more likely the key is after the question when the needle holds it than when it holds "
+             "another key, nats per answer token, 5 depths):", "",
+             "| method | entropy within / beyond | max weight within / beyond | entropy beyond vs vanilla, paired | "
+             + " | ".join(f"passkey gain @{L}" for L in lengths)
+             + (f" | passkey gain @{lengths[-1]} vs vanilla, paired" if lengths else "") + " |",
+             "|---" * (4 + len(lengths) + bool(lengths)) + "|"]
+    for m, d in methods.items():
+        dil = d.get("dilution")
+        cells = [m, f"{dil['entropy_within']:.3f} / {dil['entropy_beyond']:.3f}" if dil else "-",
+                 f"{dil['max_weight_within']:.3f} / {dil['max_weight_beyond']:.3f}" if dil else "-"]
+        pe = d.get("paired_entropy_beyond")
+        cells.append(f"{_fmt_interval(pe, ' nats', 3)}: {_direction(pe, 'sharper', 'flatter')}" if pe else "-")
+        gains = d.get("passkey_gain", {})
+        cells += [f"{gains[L]:+.3f}" if L in gains else "-" for L in lengths]
+        if lengths:
+            pg = d.get("paired_passkey_gain", {}).get(lengths[-1])
+            cells.append(f"{_fmt_interval(pg, '', 3)}: {_direction(pg, 'less', 'more')}" if pg else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -448,7 +532,12 @@ def summary(results: dict[str, Any]) -> str:
             if m != "vanilla" and "paired_percent_by_length" in d:
                 lines.append(f"- {m}: " + "; ".join(f"@{L}: {_fmt_interval(p)} ({p['verdict']})"
                                                      for L, p in d["paired_percent_by_length"].items()))
+        late = methods.get("vanilla", {}).get("late_improvement_percent")
+        if late is not None:
+            lines += ["", f"Vanilla's validation perplexity fell {late:.1f} % over its last 20 % of tokens (mean over "
+                      f"seeds; a plateau would be < 2 %{': it has not plateaued' if late >= 2 else ''})."]
         lines.append("")
+        lines += _mechanism_lines(methods, cfg["seq_len"])
     return "\n".join(lines)
 
 
