@@ -408,19 +408,25 @@ def _worker(out: Path, config: Config, seeds: list[int], threads: int, parent: i
     import torch
 
     torch.set_num_threads(threads)
+
+    def say(r: Run, what: str) -> None:
+        print(f"lm study [worker {os.getpid()}]: {r.corpus}/{r.method}-seed{r.seed} {what}", file=sys.stderr,
+              flush=True)
+
     for r in plan(out, config, seeds):
         if os.getppid() != parent:  # the study was stopped: do not start another run
             return
         try:
             state = _train_and_evaluate(r, config, progress=False, skip_busy=True)
-        except UserError as e:
-            print(f"lm study: {r.corpus}/{r.method}-seed{r.seed}: {e}", file=sys.stderr, flush=True)
+        except UserError as e:  # the parent's pass runs it again and reports the error
+            say(r, f"failed: {e}")
+            return
+        except KeyboardInterrupt:  # Ctrl-C reaches every process of the group: stop quietly, the parent reports
             return
         if state == "stopped":
             return
         if state == "done":
-            print(f"lm study [worker {os.getpid()}]: {r.corpus}/{r.method}-seed{r.seed} done", file=sys.stderr,
-                  flush=True)
+            say(r, "done")
 
 
 def run(out: Path, config: Config, seeds: list[int], progress: bool = True, jobs: int = 1) -> dict[str, Any]:
