@@ -68,6 +68,8 @@ def test_a_run_held_by_another_process_is_skipped_by_workers_and_refused_otherwi
         run_experiment("lm", tmp_path, jobs=0)
     with pytest.raises(UserError, match="markov runs one thing at a time: drop --jobs"):
         run_experiment("markov", tmp_path, jobs=2)
+    with pytest.raises(UserError, match="markov cannot rebuild its tables without running"):
+        run_experiment("markov", tmp_path, tables_only=True)
 
 
 def test_budgets_and_bad_settings(tmp_path):
@@ -191,6 +193,10 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
     # a third seed is pending until it has run: the tables say so instead of silently shrinking
     partial = lm.collect(out, lm.Config(**{**settings, "corpora": (str(short),)}), [0, 1, 2])
     assert not partial["complete"] and len(partial["pending"]) == 3
+    # --tables-only writes those tables and trains nothing
+    tables = run_experiment("lm", out, seeds=3, progress=False, tables_only=True, **settings)
+    assert tables["pending"] == partial["pending"] and not list(out.glob("runs/*/*-seed2"))
+    assert json.loads((out / "results.json").read_text())["pending"] == partial["pending"]
 
     # dilution within / beyond the training length, from the attention entropy by position
     record = next(r for r in saved["runs"] if r["method"] == "ssa")

@@ -59,16 +59,19 @@ def budget_overrides(mod: ModuleType, budget: str | None) -> dict[str, Any]:
 
 
 def run_experiment(name: str, out: str | Path, seeds: int | list[int] | None = None, seed: int = 0,
-                   progress: bool = True, budget: str | None = None, jobs: int = 1,
+                   progress: bool = True, budget: str | None = None, jobs: int = 1, tables_only: bool = False,
                    **overrides: Any) -> dict[str, Any]:
     """Run experiment ``name`` into ``out``; ``seeds`` is a count (seeds seed..seed+N-1) or an explicit list;
     ``budget`` picks a preset of the experiment's Config and ``overrides`` replace fields on top of it; ``jobs``
-    runs that many of its runs at once (experiments whose ``run`` takes ``jobs``). Returns the results.json
-    content."""
+    runs that many of its runs at once and ``tables_only`` rebuilds the tables from finished runs without running
+    anything (experiments whose ``run`` takes them). Returns the results.json content."""
     mod = load(name)
-    parallel = "jobs" in inspect.signature(mod.run).parameters
-    if jobs != 1 and not parallel:
+    accepts = inspect.signature(mod.run).parameters
+    if jobs != 1 and "jobs" not in accepts:
         raise UserError(f"{name} runs one thing at a time: drop --jobs")
+    if tables_only and "tables_only" not in accepts:
+        raise UserError(f"{name} cannot rebuild its tables without running: drop --tables-only")
+    extra = {k: v for k, v in (("jobs", jobs), ("tables_only", tables_only)) if k in accepts}
     try:
         config = dataclasses.replace(mod.Config(), **{**budget_overrides(mod, budget), **overrides})
     except TypeError as e:
@@ -80,9 +83,7 @@ def run_experiment(name: str, out: str | Path, seeds: int | list[int] | None = N
         raise UserError("--seeds must be at least 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if parallel:
-        return mod.run(out, config, seed_list, progress=progress, jobs=jobs)
-    return mod.run(out, config, seed_list, progress=progress)
+    return mod.run(out, config, seed_list, progress=progress, **extra)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a setting of the experiment's Config (repeatable)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="lm: train N runs at once in separate processes, sharing the CPU threads (default 1)")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="lm: rebuild results.json, figures and summary.md from the runs finished so far; train "
+                             "nothing (read a study in progress)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -108,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise UserError("--seeds must be at least 1")
     results = run_experiment(args.name, args.out, seeds=args.seeds, seed=args.seed,
-                             progress=not args.no_progress, budget=args.budget, jobs=args.jobs, **overrides)
+                             progress=not args.no_progress, budget=args.budget, jobs=args.jobs,
+                             tables_only=args.tables_only, **overrides)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     print(f"wrote {Path(args.out) / 'results.json'} ({len(results['seeds'])} seeds)")
     return 0

@@ -429,14 +429,19 @@ def _worker(out: Path, config: Config, seeds: list[int], threads: int, parent: i
             say(r, "done")
 
 
-def run(out: Path, config: Config, seeds: list[int], progress: bool = True, jobs: int = 1) -> dict[str, Any]:
+def run(out: Path, config: Config, seeds: list[int], progress: bool = True, jobs: int = 1,
+        tables_only: bool = False) -> dict[str, Any]:
     """Train and evaluate every run of the plan, then rebuild the tables. ``jobs`` > 1 trains that many runs at
     once in separate processes, each with its share of the CPU threads (small models train faster as several
     single-threaded processes than as one multi-threaded one). Several invocations of the same command, on one
-    machine or several sharing OUT, split the runs the same way: each run directory is locked by its trainer."""
+    machine or several sharing OUT, split the runs the same way: each run directory is locked by its trainer.
+    ``tables_only`` trains and evaluates nothing: it rebuilds the tables from the runs finished so far (a study in
+    progress can be read while its workers run)."""
     validate(config, seeds)
     if jobs < 1:
         raise UserError("--jobs must be at least 1")
+    if tables_only:
+        return common.finish(out, collect(out, config, seeds), _figures, summary)
     if jobs > 1:
         import multiprocessing
 
