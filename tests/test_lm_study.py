@@ -72,6 +72,16 @@ def test_a_run_held_by_another_process_is_skipped_by_workers_and_refused_otherwi
         run_experiment("markov", tmp_path, tables_only=True)
 
 
+def test_dilution_splits_positions_at_the_training_length_and_late_improvement_is_the_plateau_criterion():
+    att = {"position": [1, 2, 3, 4], "entropy": [1.0, 2.0, 3.0, 5.0], "max_weight": [0.9, 0.5, 0.4, 0.2]}
+    assert lm.dilution(att, 2) == {"entropy_within": 1.5, "entropy_beyond": 4.0, "max_weight_within": 0.7,
+                                   "max_weight_beyond": pytest.approx(0.3)}
+    assert lm.dilution(att, 4) == {"entropy_within": 2.75, "max_weight_within": pytest.approx(0.5)}  # no beyond
+    assert lm.dilution(None, 4) is None
+    # 100 -> 80 over the last 20 % of tokens (log-linear between validations) is a 20 % improvement
+    assert lm.late_improvement([200.0, 100.0, 80.0], [0.0, 800.0, 1000.0]) == pytest.approx(20.0)
+
+
 def test_budgets_and_bad_settings(tmp_path):
     with pytest.raises(UserError, match="unknown budget"):
         run_experiment("lm", tmp_path, budget="huge")

@@ -267,7 +267,8 @@ def ppl_at_tokens(tokens: list[float], ppl: list[float], at: float) -> float:
 
 
 def dilution(attention: dict[str, list[float]] | None, train_length: int) -> dict[str, float] | None:
-    """Mean attention entropy and max weight over the query positions within the training length and beyond it."""
+    """Mean attention entropy and max weight over the query positions within the training length and beyond it
+    (no ``*_beyond`` keys when the windows stop at the training length)."""
     if not attention:
         return None
     pos = np.asarray(attention["position"])
@@ -275,7 +276,8 @@ def dilution(attention: dict[str, list[float]] | None, train_length: int) -> dic
     for key in ("entropy", "max_weight"):
         v = np.asarray(attention[key])
         out[f"{key}_within"] = float(v[pos <= train_length].mean())
-        out[f"{key}_beyond"] = float(v[pos > train_length].mean()) if (pos > train_length).any() else float("nan")
+        if (pos > train_length).any():
+            out[f"{key}_beyond"] = float(v[pos > train_length].mean())
     return out
 
 
@@ -331,7 +333,8 @@ def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str,
                                  for L in runs[0]["passkey_gain"]}
         pairs = [(r, vanilla[r["seed"]]) for r in runs if r["seed"] in vanilla]
         if method != "vanilla" and pairs:
-            if all(r["dilution"] and v["dilution"] for r, v in pairs):
+            if all("entropy_beyond" in (r["dilution"] or {}) and "entropy_beyond" in (v["dilution"] or {})
+                   for r, v in pairs):
                 d["paired_entropy_beyond"] = paired([r["dilution"]["entropy_beyond"] - v["dilution"]["entropy_beyond"]
                                                      for r, v in pairs])
             if all(r["passkey_gain"] and v["passkey_gain"] for r, v in pairs):
@@ -498,8 +501,8 @@ def _mechanism_lines(methods: dict[str, Any], train_length: int) -> list[str]:
              "|---" * (4 + len(lengths) + bool(lengths)) + "|"]
     for m, d in methods.items():
         dil = d.get("dilution")
-        cells = [m, f"{dil['entropy_within']:.3f} / {dil['entropy_beyond']:.3f}" if dil else "-",
-                 f"{dil['max_weight_within']:.3f} / {dil['max_weight_beyond']:.3f}" if dil else "-"]
+        cells = [m] + [f"{dil[f'{k}_within']:.3f} / " + (f"{dil[f'{k}_beyond']:.3f}" if f"{k}_beyond" in dil else "-")
+                       if dil else "-" for k in ("entropy", "max_weight")]
         pe = d.get("paired_entropy_beyond")
         cells.append(f"{_fmt_interval(pe, ' nats', 3)}: {_direction(pe, 'sharper', 'flatter')}" if pe else "-")
         gains = d.get("passkey_gain", {})
