@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from selective_attention.errors import UserError
+from selective_attention.utils.stats import mean_std
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
          "I will quiz you about the important information there.")
@@ -182,10 +183,9 @@ def key_likelihood(model, tokenizer, lengths: Sequence[int], depths: Sequence[fl
                     gains.append(control - nll)
                     nlls.append(nll)
                     controls.append(control)
-            g = torch.tensor(gains, dtype=torch.float64)
-            by_length[str(length)] = {"gain": float(g.mean()), "gain_std": float(g.std()) if len(g) > 1 else 0.0,
-                                      "nll": sum(nlls) / len(nlls), "nll_control": sum(controls) / len(controls),
-                                      "n": len(gains)}
+            gain, gain_std = mean_std(gains)
+            by_length[str(length)] = {"gain": gain, "gain_std": gain_std, "nll": mean_std(nlls)[0],
+                                      "nll_control": mean_std(controls)[0], "n": len(gains)}
     finally:
         model.train(was_training)
     return {"by_length": by_length, "depths": [float(d) for d in depths], "n_trials": n_trials, "seed": seed}
