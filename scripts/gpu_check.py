@@ -256,7 +256,7 @@ def smollm2(_: argparse.Namespace) -> None:
     print(files[0])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("kernels").set_defaults(fn=check_kernels)
@@ -280,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("file")
     q.set_defaults(fn=check_ratios)
     sub.add_parser("smollm2").set_defaults(fn=smollm2)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.fn(args)
     return 1 if FAILED else 0
 

@@ -22,6 +22,11 @@ failures=()
 step() {
     local name=$1 limit=$2 rc=0 t0=$SECONDS
     shift 2
+    # `timeout` runs programs, not shell functions: spell out the two helpers below
+    case $1 in
+        ssa) set -- "$PYTHON" -m selective_attention "${@:2}" ;;
+        check) set -- "$PYTHON" "$HERE/gpu_check.py" "${@:2}" ;;
+    esac
     echo "== $name"
     timeout "$limit" "$@" || rc=$?
     if [[ $rc -eq 0 ]]; then
