@@ -306,3 +306,13 @@ def test_finetune_gpu_recipe_runs_a_few_steps_on_cpu(tmp_path, capsys):
                  "--limit", "4", "--seq-len", "128", "--no-progress", "--out", str(result)]) == 0
     res = json.loads(result.read_text())
     assert math.isfinite(res["perplexity"]["token_ppl"]) and res["zero_shot"]["arc_easy"]["n"] == 4
+
+
+def test_log_binned_averages_positions_within_each_log_bin():
+    # positions 1..8 in 3 log bins [1, 2), [2, 4), [4, 8]: means 1, 2.5, 6 at geometric centres 1, sqrt(6),
+    # (4*5*6*7*8)^(1/5)
+    x, y = lm.log_binned(list(range(1, 9)), [float(p) for p in range(1, 9)], bins=3)
+    assert y.tolist() == pytest.approx([1.0, 2.5, 6.0])
+    assert x.tolist() == pytest.approx([1.0, math.sqrt(6.0), (4 * 5 * 6 * 7 * 8) ** 0.2])
+    x, y = lm.log_binned([1, 2, 3, 1000], [0.0, 1.0, 1.0, 5.0], bins=10)  # empty bins are dropped
+    assert len(x) == len(y) == 3 and y[-1] == 5.0

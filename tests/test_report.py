@@ -130,9 +130,9 @@ def test_report_cli_and_errors(tmp_path, capsys):
 
 
 def test_token_axis_labels_are_short():
-    from selective_attention.report.builder import _short_count
+    from selective_attention.utils.stats import short_count
 
-    assert [_short_count(x) for x in (0, 300, 50_000, 125_000, 1.5e6, 2e9)] == ["0", "300", "50k", "125k", "1.5M", "2B"]
+    assert [short_count(x) for x in (0, 300, 50_000, 125_000, 1.5e6, 2e9)] == ["0", "300", "50k", "125k", "1.5M", "2B"]
 
 
 # ------------------------------------------------------------------------------------------------ reads JSON only

@@ -39,7 +39,7 @@ import numpy as np
 from selective_attention.errors import UserError
 from selective_attention.experiments import common
 from selective_attention.utils.device import choose_device
-from selective_attention.utils.stats import first_crossing, paired
+from selective_attention.utils.stats import first_crossing, paired, short_count
 
 DEFAULT_SEEDS = 3
 METHODS = ("vanilla", "ssa", "ssa-mlp", "ssa-pos", "ssmax", "llama4", "gated")
@@ -555,8 +555,22 @@ def summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def log_binned(position: list[float], values: list[float], bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Means of ``values`` in ``bins`` log-spaced position bins (empty bins dropped), at each bin's geometric
+    centre: a per-position curve read on a log axis without its per-position noise."""
+    x, y = np.asarray(position, dtype=float), np.asarray(values, dtype=float)
+    edges = np.geomspace(x.min(), x.max(), bins + 1)
+    # bin b holds edges[b] <= x < edges[b + 1]; the last bin also holds x.max()
+    which = np.minimum(np.searchsorted(edges, x, side="right") - 1, bins - 1)
+    kept = [b for b in range(bins) if np.any(which == b)]
+    centres = np.array([np.exp(np.log(x[which == b]).mean()) for b in kept])
+    return centres, np.array([y[which == b].mean() for b in kept])
+
+
 def _figures(out: Path, results: dict[str, Any]) -> None:
     plt = common.pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     for corpus, c in results["corpora"].items():
         records = [r for r in results["runs"] if r["corpus"] == corpus]
         methods = list(c["methods"])
@@ -569,6 +583,10 @@ def _figures(out: Path, results: dict[str, Any]) -> None:
         ax.axhline(c["unigram_ppl"], color="k", ls=":", lw=1, label="unigram floor")
         ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="validation perplexity",
                title=f"{corpus}: validation curves (every seed)")
+        for axis in (ax.xaxis, ax.yaxis):  # 200k, 500k, 1M / 50, 100, 200: labels that fit, not 2 x 10^5
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(short_count))
+            axis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=8)
         ax = axes[1]
         for i, m in enumerate(methods):
@@ -578,16 +596,19 @@ def _figures(out: Path, results: dict[str, Any]) -> None:
                         marker="o", capsize=3, color=f"C{i}", label=m)
         ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
                title=f"perplexity by length ({results['config']['length_corpus']} val)")
+        lengths = sorted({int(L) for m in methods for L in c["methods"][m]["ppl_by_length"]})
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=8)
         ax = axes[2]
         for i, m in enumerate(methods):
             curves = [r["attention_by_position"] for r in records if r["method"] == m and r["attention_by_position"]]
             if curves:
-                ent = np.mean([cv["entropy"] for cv in curves], axis=0)
-                ax.plot(curves[0]["position"], ent, color=f"C{i}", label=m)
+                ent = np.mean([cv["entropy"] for cv in curves], axis=0)  # over seeds, per position
+                ax.plot(*log_binned(curves[0]["position"], ent), color=f"C{i}", label=m)
         ax.axvline(results["config"]["seq_len"], color="k", ls="--", lw=1, label="training length")
         ax.set(xscale="log", xlabel="query position", ylabel="attention entropy (nats)",
-               title="attention entropy by position")
+               title="attention entropy by position (log-binned mean)")
         ax.legend(fontsize=8)
         common.save_figure(fig, out / f"lm-{label(corpus)}.png")
         # paired differences with their intervals: the figure a claim rests on

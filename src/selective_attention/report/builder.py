@@ -175,13 +175,6 @@ def _last_metric(run: Run, key: str) -> float | None:
 
 # ----------------------------------------------------------------------------------------------- figures
 
-def _short_count(x: float, _pos: object = None) -> str:
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:g}{suffix}"
-    return f"{x:g}"
-
-
 def plot_curves(groups: dict[str, list[Run]], path: Path, target: float | None = None) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     ax_v, ax_t = axes
@@ -207,7 +200,7 @@ def plot_curves(groups: dict[str, list[Run]], path: Path, target: float | None =
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        ax.xaxis.set_major_formatter(FuncFormatter(_short_count))  # 250k, not 250000: the labels overlapped
+        ax.xaxis.set_major_formatter(FuncFormatter(stats.short_count))  # 250k, not 250000: the labels overlapped
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

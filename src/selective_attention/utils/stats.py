@@ -66,6 +66,14 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def short_count(x: float, _pos: object = None) -> str:
+    """250k, 4M, 1.5B: token counts on figure axes (a matplotlib FuncFormatter takes (x, pos))."""
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:g}{suffix}"
+    return f"{x:g}"
+
+
 def methods_table(methods: dict[str, dict[str, float]], metrics: Iterable[str], digits: int = 4) -> str:
     """| method | metric (mean ± std) | ... | from {method: {metric: mean, metric_std: std}}; a metric a method
     did not measure shows as "-"."""
