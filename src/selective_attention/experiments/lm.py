@@ -562,9 +562,10 @@ def log_binned(position: list[float], values: list[float], bins: int = 40) -> tu
     edges = np.geomspace(x.min(), x.max(), bins + 1)
     # bin b holds edges[b] <= x < edges[b + 1]; the last bin also holds x.max()
     which = np.minimum(np.searchsorted(edges, x, side="right") - 1, bins - 1)
-    kept = [b for b in range(bins) if np.any(which == b)]
-    centres = np.array([np.exp(np.log(x[which == b]).mean()) for b in kept])
-    return centres, np.array([y[which == b].mean() for b in kept])
+    counts = np.bincount(which, minlength=bins)
+    kept = counts > 0
+    centres = np.exp(np.bincount(which, np.log(x), minlength=bins)[kept] / counts[kept])
+    return centres, np.bincount(which, y, minlength=bins)[kept] / counts[kept]
 
 
 def _figures(out: Path, results: dict[str, Any]) -> None:
