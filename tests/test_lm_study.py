@@ -173,7 +173,11 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
     diffs = [100 * (runs["ssa", s]["val_ppl"] - runs["vanilla", s]["val_ppl"]) / runs["vanilla", s]["val_ppl"]
              for s in (0, 1)]
     assert methods["ssa"]["paired_percent"]["mean"] == pytest.approx(sum(diffs) / 2)
-    assert (out / "summary.md").read_text().count("| ssa |") == 2  # the perplexity table and the mechanism table
+    # the perplexity table, the temperature table and the mechanism table
+    assert (out / "summary.md").read_text().count("| ssa |") == 3
+    t = methods["ssa"]["temperatures"]  # where SSA's temperatures ended, over both seeds
+    assert t["c_start"] == 0.5 and t["c_reach"] == pytest.approx(10 * t["lr_sum"]) and t["moved"]
+    assert methods["vanilla"]["temperatures"] is None and methods["gated"]["temperatures"] is None
     assert "Dilution and passkey retrieval" in (out / "summary.md").read_text()
     assert (out / "lm-short.png").is_file() and (out / "lm-short-paired.png").is_file()
 

@@ -27,7 +27,7 @@ from selective_attention.train.methods import (
     parameter_counts,
 )
 from selective_attention.train.models import build_model
-from selective_attention.train.optim import OptimConfig, build_optimizer
+from selective_attention.train.optim import OptimConfig, build_optimizer, lr_factor
 
 VOCAB, T = 300, 24  # tiny Llama: 2 layers, d_model 128, 4 heads
 
@@ -124,7 +124,8 @@ def test_gated_refuses_a_model_without_o_proj():
         apply_method(model, "gated", seq_len=16)
 
 
-@pytest.mark.parametrize("method,new", [("vanilla", 0), ("ssa-pos", 2 * 4), ("const", 2 * 4), ("yarn", 0),
+@pytest.mark.parametrize("method,new", [("vanilla", 0), ("ssa-pos-head", 2 * 4), ("ssa-official", 2),
+                                        ("const", 2 * 4), ("yarn", 0),
                                         ("ssmax", 2 * 4), ("llama4", 0), ("gated", 2 * 128 * 4)])
 def test_parameter_counts(method, new):
     model, applied = tiny(method)
@@ -133,10 +134,31 @@ def test_parameter_counts(method, new):
     assert counts["new"] == new and counts["total"] == vanilla_total + new and counts["base"] == vanilla_total
 
 
-def test_ssa_pos_is_position_only_on_the_query():
-    model, applied = tiny("ssa-pos", ssa=SSAConfig(init="scratch"))
+@pytest.mark.parametrize("name", ["ssa-pos-head", "ssa-pos"])  # ssa-pos: the older name, still accepted
+def test_ssa_pos_head_is_position_only_on_the_query(name):
+    model, applied = tiny(name, ssa=SSAConfig(init="scratch"))
     assert model.config.ssa["token_aware"] is False and model.config.ssa["value"] is False
-    assert all(p.shape == (4,) for p in applied.new_parameters)  # alpha per head
+    assert all(p.shape == (4,) for p in applied.new_parameters)  # c per head
+    assert not hasattr(model.config, "ssa_method")  # an SSA model: from_pretrained reloads it
+
+
+def test_official_form_is_one_coefficient_per_layer():
+    from selective_attention.train.methods import OfficialPositionTemperature
+
+    model, applied = tiny("ssa-official")
+    fns = [m for m in model.modules() if isinstance(m, OfficialPositionTemperature)]
+    assert len(fns) == 2 and all(p.shape == (1,) for p in applied.temperature_parameters)
+    assert applied.temperature_parameters == applied.new_parameters
+    fn = fns[0]
+    c = math.exp(-math.exp(2.0))  # 6.2e-4
+    p = torch.arange(1, 9)
+    expected = (1 + c * torch.log(p.double())).float().expand(1, 4, 8)
+    torch.testing.assert_close(fn(positions=p), expected, atol=1e-7, rtol=0)
+    with torch.no_grad():
+        fn.beta.fill_(0.0)  # c = exp(-1)
+    torch.testing.assert_close(fn(positions=p)[0, 2], 1 + math.exp(-1) * torch.log(p.float()), atol=1e-6, rtol=0)
+    fn(positions=p).sum().backward()
+    assert fn.beta.grad is not None and fn.beta.grad.abs().item() > 0
 
 
 def test_optimizer_groups_per_method():
@@ -160,10 +182,11 @@ def test_unknown_method_and_option():
     with pytest.raises(UserError, match="must be a number"):
         TrainConfig(attention="yarn", method_options={"coefficient": "big"}).validate()
     TrainConfig(attention="llama4", method_options={"beta": 0.2, "floor_scale": 8}).validate()
-    assert set(METHODS) == {"vanilla", "ssa", "ssa-pos", "const", "yarn", "ssmax", "freq", "llama4", "gated"}
+    assert set(METHODS) == {"vanilla", "ssa", "ssa-pos-head", "ssa-official", "const", "yarn", "ssmax", "freq",
+                            "llama4", "gated"}
 
 
-@pytest.mark.parametrize("method", ["gated", "ssmax", "freq", "llama4"])
+@pytest.mark.parametrize("method", ["gated", "ssmax", "freq", "llama4", "ssa-official"])
 def test_saved_model_reloads_through_load_model(method, tmp_path):
     train_tokens = np.random.default_rng(0).integers(0, VOCAB, 5000)
     model, applied = tiny(method, options={"floor_scale": 3} if method == "llama4" else None,
@@ -205,6 +228,33 @@ def test_train_with_a_method_and_reload(method, corpus, tmp_path):
     assert run["config"]["method"]["name"] == method and run["config"]["ssa"] is None
     if method == "llama4":
         assert run["config"]["method"]["options"]["floor_scale"] == 2  # seq_len 32 // 16
+        assert run["temperatures"]["modules"] == [] and run["temperatures"]["moved"] is None  # nothing to learn
+
+
+@pytest.mark.parametrize("method,ssa", [("ssa", SSAConfig(init="identity")), ("ssa-official", None)])
+def test_run_records_where_the_temperatures_ended(method, ssa, corpus, tmp_path):
+    # 8 steps at temperature lr 5e-2: c can move up to position_scale x sum of the rates
+    cfg = TrainConfig(data=str(corpus), size="tiny", vocab_size=300, seq_len=32, batch_size=4, max_tokens=1024,
+                      eval_every=0, eval_tokens=128, out=str(tmp_path / method), progress=False, temperature_lr=5e-2,
+                      cache_dir=str(tmp_path.parent / "ssa-cache"), warmup=1, attention=method, ssa=ssa)
+    run = train(cfg)
+    rec = run["temperatures"]
+    factors = [lr_factor(s, 8, 1, cfg.min_lr_ratio) for s in range(8)]
+    assert rec["lr"] == 5e-2 and rec["lr_sum"] == pytest.approx(5e-2 * sum(factors))
+    mods = rec["modules"]
+    if method == "ssa":
+        query = [m for m in mods if m["target"] == "query"]
+        assert len(query) == 2 and all(len(m["c"]) == 4 and m["c_start"] == 0.0 for m in query)
+        assert all(m["c_reach"] == pytest.approx(10 * rec["lr_sum"]) for m in query)
+        assert set(rec["token_spread"]) == {"query", "value"} and len(rec["token_spread"]["query"]) == 2
+        assert max(rec["token_spread"]["query"]) > 0  # the token term varies over tokens after training
+    else:
+        assert len(mods) == 2 and all(len(m["c"]) == 1 and "c_reach" not in m for m in mods)
+    assert rec["moved"] and all(p["moved"] for m in mods for p in m["params"].values())
+    # the record matches the saved model
+    model = load_model(tmp_path / method / "final")
+    fn = dict(model.named_modules())[mods[0]["name"]]
+    assert [round(float(v), 6) for v in fn.position_coefficient().detach()] == mods[0]["c"]
     from selective_attention.data.tokens import prepare
     from selective_attention.train.loss import evaluate_loss
 

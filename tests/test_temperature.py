@@ -14,10 +14,10 @@ def _fn(**cfg):
 
 
 def test_position_term_formula():
-    fn = _fn(token_aware=False, value=False, init="scratch", scratch_alpha=0.3)
+    fn = _fn(token_aware=False, value=False, position_init=0.3)
     p = torch.arange(1, 9)
     tau = fn(positions=p)
-    expected = 1 + torch.sigmoid(torch.tensor(0.3)) * torch.log(p.float())
+    expected = 1 + 0.3 * torch.log(p.float())
     torch.testing.assert_close(tau, expected.expand(1, 3, 8), atol=1e-6, rtol=0)
 
 
@@ -112,7 +112,7 @@ def test_value_temperature_takes_the_position_term_only_on_request():
     # Default: tau_v = 1 + tanh(f(x)) (no log p growth of later tokens' values); opt in with value_position_aware.
     proj, p = torch.randn(2, 1, 5, 4), torch.arange(1, 6)
     default = SSATemperatures(12, 3, 1, 4, SSAConfig(init="scratch"))
-    assert not hasattr(default.fns["value"], "alpha") and hasattr(default.fns["query"], "alpha")
+    assert not hasattr(default.fns["value"], "coefficient") and hasattr(default.fns["query"], "coefficient")
     torch.testing.assert_close(default("value", projection=proj, positions=p), torch.ones(2, 1, 5))
     opted = SSATemperatures(12, 3, 1, 4, SSAConfig(init="scratch", value_position_aware=True))
     expected = (1 + 0.5 * torch.log(p.float())).expand(2, 1, 5)
@@ -155,7 +155,8 @@ def test_param_groups():
      ({"query": False, "value": False}, "at least one"),
      ({"token_aware": False, "position_aware": False}, "token_aware"),
      ({"token_aware": False}, "value temperature has no term"),
-     ({"mlp_hidden": 3}, "even"), ({"mlp_growth": 2.0}, "mlp_growth"), ({"identity_alpha": math.inf}, "finite")],
+     ({"mlp_hidden": 3}, "even"), ({"mlp_growth": 2.0}, "mlp_growth"), ({"position_init": math.inf}, "finite"),
+     ({"position_scale": 0.0}, "position_scale")],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

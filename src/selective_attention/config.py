@@ -11,24 +11,31 @@ from typing import Any, Literal
 Sharing = Literal["shared", "mlp"]
 # Fields that older saved configs carry but that were never read: dropped on load.
 RETIRED_FIELDS = frozenset({"temperature_lr"})
+# The sigmoid parameterisation's fields (c = sigmoid(alpha) - sigmoid(identity_alpha)): mapped on load.
+LEGACY_ALPHA_FIELDS = frozenset({"identity_alpha", "scratch_alpha"})
+LEGACY_IDENTITY_ALPHA = -4.0
 Init = Literal["identity", "scratch"]
+SCRATCH_COEFFICIENT = 0.5  # c at the start under init="scratch" unless position_init says otherwise
 
 
 @dataclass
 class SSAConfig:
     """Which temperatures SSA learns and how.
 
-    tau(x, p) = 1 + c * log p  [position_aware]  + tanh(f(x))  [token_aware],  c = sigmoid(alpha) - c0.
+    tau(x, p) = 1 + c * log p  [position_aware]  + tanh(f(x))  [token_aware],  c = position_scale * theta.
 
     - ``query`` / ``value`` / ``key``: which of q, v, k get a temperature (separate parameters each).
     - ``sharing="shared"``: f_h(x) = u_h . gelu(W^h x) on the layer's own per-head projection (pre-RoPE);
       adds about 2 * d_model + n_heads parameters per layer with the default targets (< 0.5 % of a GPT-2).
       ``sharing="mlp"``: f(x) = W2 gelu(W1 x), an independent MLP with ``mlp_hidden`` units
       (None: sized so that the whole model grows by ``mlp_growth``).
-    - ``init="identity"``: exactly the vanilla function at initialisation (u = 0, mirrored MLP, c = 0 through
-      the offset c0 = sigmoid(alpha_init)) while every temperature parameter has a non-zero gradient.
-      ``init="scratch"``: a sharper start for training from scratch: c0 = 0 and alpha = ``scratch_alpha``
-      (c = sigmoid(0) = 0.5), token term still starting at 0.
+    - ``init="identity"``: exactly the vanilla function at initialisation (u = 0, mirrored MLP, c = 0) while
+      every temperature parameter has a non-zero gradient. ``init="scratch"``: a sharper start, c = 0.5.
+      ``position_init`` sets the starting c directly (it wins over ``init``'s; the token term starts at 0 always).
+    - c is one unconstrained parameter per head, theta = c / ``position_scale``: under Adam a parameter moves by
+      about its learning rate per step whatever its gradient, so c moves ``position_scale`` times the temperature
+      learning rate per step (10 x 1e-3 x 500 steps: up to ~5), from any start. The older c = sigmoid(alpha) could
+      not leave ~[0, 0.03] from the identity start in a whole run (docs/method.md).
     """
 
     query: bool = True
@@ -41,8 +48,8 @@ class SSAConfig:
     init: Init = "identity"
     mlp_hidden: int | None = None
     mlp_growth: float = 0.05
-    identity_alpha: float = -4.0  # c = sigmoid(alpha) - sigmoid(-4): exactly 0, gradient sigmoid'(-4) = 0.018
-    scratch_alpha: float = 0.0
+    position_init: float | None = None  # c at the start; None: 0 under "identity", 0.5 under "scratch"
+    position_scale: float = 10.0  # c = position_scale * theta: c's step is this many times the temperature lr
 
     def __post_init__(self) -> None:
         if self.sharing not in ("shared", "mlp"):
@@ -60,9 +67,22 @@ class SSAConfig:
             raise ValueError(f"mlp_hidden must be an even integer >= 2, got {self.mlp_hidden}")
         if not (0.0 < self.mlp_growth < 1.0):
             raise ValueError(f"mlp_growth must be in (0, 1), got {self.mlp_growth}")
-        for name in ("identity_alpha", "scratch_alpha"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be finite")
+        if self.position_init is not None and not math.isfinite(self.position_init):
+            raise ValueError(f"position_init must be finite, got {self.position_init}")
+        if not (math.isfinite(self.position_scale) and self.position_scale > 0):
+            raise ValueError(f"position_scale must be a positive number, got {self.position_scale}")
+
+    @property
+    def start_coefficient(self) -> float:
+        """c at initialisation: ``position_init``, else 0 (identity) or 0.5 (scratch)."""
+        if self.position_init is not None:
+            return float(self.position_init)
+        return 0.0 if self.init == "identity" else SCRATCH_COEFFICIENT
+
+    @property
+    def is_identity_at_init(self) -> bool:
+        """Whether a converted model computes exactly the vanilla function before training."""
+        return self.start_coefficient == 0.0 or not any(self.has_position_term(t) for t in self.targets)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -80,6 +100,7 @@ class SSAConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SSAConfig:
         d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
+        d = _map_legacy_alpha(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -87,11 +108,27 @@ class SSAConfig:
         return cls(**d)
 
 
+def _map_legacy_alpha(d: dict[str, Any]) -> dict[str, Any]:
+    """A config of the sigmoid form (identity_alpha / scratch_alpha) as the same starting c in today's form.
+    Its saved ``alpha`` tensors are mapped by ``temperature.legacy_alpha_to_coefficient``."""
+    legacy = {k: d[k] for k in LEGACY_ALPHA_FIELDS if k in d}
+    if not legacy:
+        return d
+    d = {k: v for k, v in d.items() if k not in LEGACY_ALPHA_FIELDS}
+    if legacy.get("identity_alpha", LEGACY_IDENTITY_ALPHA) != LEGACY_IDENTITY_ALPHA:
+        raise ValueError(f"identity_alpha {legacy['identity_alpha']} (the sigmoid form's offset) cannot be mapped: "
+                         f"only {LEGACY_IDENTITY_ALPHA} was ever used")
+    scratch_alpha = float(legacy.get("scratch_alpha", 0.0))
+    if d.get("init", "identity") == "scratch" and scratch_alpha != 0.0 and d.get("position_init") is None:
+        d["position_init"] = 1.0 / (1.0 + math.exp(-scratch_alpha))
+    return d
+
+
 # ----------------------------------------------------------------------------------------------------------
 # command-line flags (``ssa train`` and ``ssa convert`` share them)
 
 # field -> (flag, help); booleans become --flag / --no-flag, the rest take a value. Fields not listed here
-# (mlp_growth, identity_alpha, scratch_alpha) are not exposed on the command line.
+# (mlp_growth, position_scale) are not exposed on the command line.
 SSA_FLAGS: dict[str, tuple[str, str]] = {
     "query": ("query", "query temperature (default on)"),
     "value": ("value", "value temperature (default on)"),
@@ -101,6 +138,7 @@ SSA_FLAGS: dict[str, tuple[str, str]] = {
     "value_position_aware": ("value-position", "the c log p term on the value temperature too (default off)"),
     "sharing": ("sharing", "token term: shared (read-out on the layer's own projection; default) or mlp"),
     "init": ("ssa-init", "identity (the vanilla function at step 0) or scratch (c = 0.5)"),
+    "position_init": ("position-init", "the position coefficient c at the start (wins over --ssa-init's c)"),
     "mlp_hidden": ("mlp-hidden", "hidden width of the mlp token term (default: ~5%% model growth)"),
 }
 _CHOICES = {"sharing": ("shared", "mlp"), "init": ("identity", "scratch")}
@@ -118,6 +156,8 @@ def add_ssa_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
             parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **kw)
         elif name in _CHOICES:
             parser.add_argument(f"--{flag}", choices=_CHOICES[name], **kw)
+        elif name == "position_init":
+            parser.add_argument(f"--{flag}", type=float, metavar="C", **kw)
         else:
             parser.add_argument(f"--{flag}", type=int, metavar="N", **kw)
 

@@ -1,9 +1,11 @@
 """The temperature functions tau(x, p) (see docs/method.md), and the optimizer-group helper.
 
-    tau(x, p) = 1 + c * log p + tanh(f(x)),    c = sigmoid(alpha) - sigmoid(alpha_ref)  (one alpha per head)
+    tau(x, p) = 1 + c * log p + tanh(f(x)),    c = position_scale * theta  (one theta per head, ``coefficient``)
 
-``alpha_ref`` is ``config.identity_alpha`` under ``init="identity"`` (so c is exactly 0 at init but still has
-gradient sigmoid'(alpha)), and absent (c = sigmoid(alpha)) under ``init="scratch"``.
+theta is unconstrained and starts at ``config.start_coefficient / position_scale`` (0 from the identity start: c is
+exactly 0 and dL/dtheta = position_scale * sum(log p * dL/dtau) is not). Models saved with the older sigmoid form
+(``alpha``, c = sigmoid(alpha) - sigmoid(-4) from the identity start, sigmoid(alpha) from scratch) load mapped to
+the same c (``legacy_alpha_to_coefficient``).
 
 tau is always computed in float32 (float64 for float64 inputs), autocast or not, and returned in that dtype;
 ``apply_temperature`` multiplies in float32 and casts the product back to the activation dtype once.
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from selective_attention.config import SSAConfig
+from selective_attention.config import LEGACY_IDENTITY_ALPHA, SSAConfig
 from selective_attention.functional import compute_dtype, no_autocast
 
 
@@ -91,10 +93,11 @@ class TemperatureFunction(_FloatParameters):
         self.token_aware = config.token_aware
         self.position_aware = config.has_position_term(target)
         self.sharing = config.sharing
-        self.alpha_ref = config.identity_alpha if config.init == "identity" else None
-        self.alpha_init = config.identity_alpha if config.init == "identity" else config.scratch_alpha
+        self.position_scale = float(config.position_scale)
+        self.start_coefficient = config.start_coefficient
+        self.legacy_identity = config.init == "identity"  # how an older model's saved alpha maps to c
         if self.position_aware:
-            self.alpha = nn.Parameter(torch.empty(n_heads))
+            self.coefficient = nn.Parameter(torch.empty(n_heads))  # theta = c / position_scale
         if self.token_aware:
             if self.sharing == "shared":
                 self.readout = nn.Parameter(torch.zeros(n_heads, head_dim))  # u_h: zero -> tanh(0) = 0
@@ -110,7 +113,7 @@ class TemperatureFunction(_FloatParameters):
     def reset_parameters(self) -> None:
         """Identity-preserving initialisation (also called again after Hugging Face's own weight init)."""
         if self.position_aware:
-            self.alpha.fill_(self.alpha_init)
+            self.coefficient.fill_(self.start_coefficient / self.position_scale)
         if self.token_aware and self.sharing == "shared":
             self.readout.zero_()
         elif self.token_aware:
@@ -126,11 +129,11 @@ class TemperatureFunction(_FloatParameters):
 
     def position_coefficient(self) -> Tensor:
         """c per head, shape (n_heads,), in float32 (float64 if the parameters are float64)."""
-        dt = compute_dtype(self.alpha)
-        c = torch.sigmoid(self.alpha.to(dt))
-        if self.alpha_ref is not None:  # rounded through alpha's dtype like alpha itself: exactly 0 at init
-            c = c - torch.sigmoid(torch.tensor(self.alpha_ref, dtype=self.alpha.dtype, device=c.device).to(dt))
-        return c
+        return self.coefficient.to(compute_dtype(self.coefficient)) * self.position_scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        legacy_alpha_to_coefficient(state_dict, self.legacy_identity, self.position_scale, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _mlp_token_logit(self, hidden: Tensor) -> Tensor:
         # The two halves go through identical, separate matmuls: at the mirrored init they are then exact
@@ -165,7 +168,7 @@ class TemperatureFunction(_FloatParameters):
         tau: Tensor | None = None
         if self.position_aware:
             assert positions is not None
-            logp = log_positions(positions, compute_dtype(self.alpha))
+            logp = log_positions(positions, compute_dtype(self.coefficient))
             logp = logp[None] if logp.dim() == 1 else logp  # (B, T)
             tau = self.position_coefficient()[None, :, None] * logp[:, None, :]  # (B, H, T)
         if self.token_aware:
@@ -177,6 +180,20 @@ class TemperatureFunction(_FloatParameters):
             tau = tok if tau is None else tau + tok
         assert tau is not None
         return 1.0 + tau
+
+
+def legacy_alpha_to_coefficient(state: dict[str, Tensor], identity: bool, position_scale: float,
+                                prefix: str = "") -> None:
+    """In place: every ``<prefix>...alpha`` of the older sigmoid form becomes the ``coefficient`` giving the same c
+    (c = sigmoid(alpha) - sigmoid(-4) if the model was built with init="identity", else sigmoid(alpha))."""
+    for key in [k for k in state if k.startswith(prefix) and k.endswith("alpha")]:
+        if not (key == prefix + "alpha" or key.endswith(".alpha")) or key[:-5] + "coefficient" in state:
+            continue
+        alpha = state.pop(key)
+        c = torch.sigmoid(alpha.double())
+        if identity:  # the offset rounded through alpha's dtype, as the sigmoid form computed it
+            c = c - torch.sigmoid(torch.tensor(LEGACY_IDENTITY_ALPHA, dtype=alpha.dtype).double())
+        state[key[:-5] + "coefficient"] = (c / position_scale).to(alpha.dtype)
 
 
 class SSATemperatures(_FloatParameters):

@@ -42,7 +42,28 @@ from selective_attention.utils.device import choose_device
 from selective_attention.utils.stats import first_crossing, paired, short_count
 
 DEFAULT_SEEDS = 3
-METHODS = ("vanilla", "ssa", "ssa-mlp", "ssa-pos", "ssmax", "llama4", "gated")
+METHODS = ("vanilla", "ssa", "ssa-mlp", "ssa-pos", "ssmax", "llama4", "gated")  # the full budget's rows
+
+# The pre-registered configuration search (``--budget search``; written down before any of its runs): at the
+# default budget on wiki, seeds 0-2, vanilla plus SSA (query + value, token + position terms) over start c in
+# {0 (identity), 0.01, 0.1, 0.5} x temperature lr in {1x, 10x the base lr}; position-only (query, identity start),
+# token-only (query + value) and query-only (token + position, identity start) at each lr; and the official form
+# at 10x (its c = exp(-exp(beta)) cannot leave ~0 at 1x). Choice rule: the lowest mean paired difference of val
+# ppl to vanilla over the three seeds; configurations within TIE_MARGIN percentage points of it tie, and a tie goes
+# to the one with fewer new parameters (then the lower mean). The confirmation (``--budget confirm``) then trains
+# the chosen one at the full budget on wiki seeds 3-5 and sotu seeds 0-2 against vanilla, ssmax and llama4.
+SEARCH_STARTS = (0.0, 0.01, 0.1, 0.5)
+SEARCH_LR_FACTORS = (1, 10)
+TIE_MARGIN = 0.5  # percentage points
+
+
+def _search_labels() -> tuple[str, ...]:
+    full = [f"ssa-c{c:g}-t{f}" for c in SEARCH_STARTS for f in SEARCH_LR_FACTORS]
+    parts = [f"{kind}-t{f}" for kind in ("ssa-pos-c0", "ssa-tok", "ssa-q-c0") for f in SEARCH_LR_FACTORS]
+    return ("vanilla", *full, *parts, "ssa-official-t10")
+
+
+SEARCH = _search_labels()
 PRIMARY = ("vanilla", "ssa")  # the headline comparison, trained first
 EVAL_FILE = "lm_eval.json"  # per-run evaluation beside run.json (skipped when present with the same settings)
 
@@ -81,13 +102,17 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # the study: every baseline, several CPU-hours, meant to be run over several sittings
     # (validations every 50 steps: 20 points per curve, and the validation passes cost ~10 % of training, not ~20 %)
     "full": {"max_tokens": 4_000_000, "methods": METHODS, "eval_every": 50, "length_windows": 32},
+    # the pre-registered configuration search (see SEARCH): default budget, wiki only, 3 seeds; no passkey and a
+    # lighter by-length evaluation (the choice rule reads validation perplexity only)
+    "search": {"corpora": ("wiki",), "methods": SEARCH, "passkey_trials": 0, "length_windows": 8,
+               "entropy_windows": 1},
     # `ssa demo`: the study's design (body-heavy model, 512 tokens, long documents) at <= 10 minutes on 2 cores
     "demo": {"corpora": ("sotu",), "max_tokens": 400_000, "eval_every": 20, "eval_tokens": 32_768,
              "checkpoint_every": 50, "length_windows": 8, "entropy_windows": 1, "passkey_trials": 0},
     "demo-quick": {"corpora": ("sotu",), "max_tokens": 81_920, "eval_every": 5, "eval_tokens": 16_384,
                    "checkpoint_every": 50, "length_windows": 4, "entropy_windows": 1, "passkey_trials": 0},
 }
-BUDGET_SEEDS = {"quick": 2, "default": 3, "full": 3, "demo": 2, "demo-quick": 1}
+BUDGET_SEEDS = {"quick": 2, "default": 3, "full": 3, "demo": 2, "demo-quick": 1, "search": 3}
 
 
 @dataclass(frozen=True)
@@ -120,16 +145,51 @@ def is_trained(run: Run) -> bool:
     return (run.path / "run.json").is_file() and (run.path / "final" / "config.json").is_file()
 
 
-def method_settings(method: str) -> dict[str, Any]:
-    """TrainConfig fields of one method (scratch initialisation for SSA: c = 0.5 from the start)."""
+def method_settings(method: str, lr: float = 2e-3) -> dict[str, Any]:
+    """TrainConfig fields of one study row: a method name, or a search label ``<form>[-c<start>]-t<factor>``
+    (temperature lr = factor x ``lr``). ``ssa`` / ``ssa-mlp`` start at c = 0.5 (scratch)."""
     from selective_attention.config import SSAConfig
 
     ssa = {"ssa": SSAConfig(init="scratch"), "ssa-mlp": SSAConfig(sharing="mlp", init="scratch")}
     if method in ssa:
         return {"attention": "ssa", "ssa": ssa[method]}
+    if method in SEARCH:
+        return _search_settings(method, lr)
     if method in METHODS:
+        return {"attention": {"ssa-pos": "ssa-pos-head"}.get(method, method)}
+    from selective_attention.train.methods import METHODS as REGISTRY
+
+    if method in REGISTRY:
         return {"attention": method}
-    raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    raise UserError(f"unknown method {method!r}; choose from {', '.join(dict.fromkeys((*METHODS, *SEARCH)))}")
+
+
+def _search_settings(label: str, lr: float) -> dict[str, Any]:
+    from selective_attention.config import SSAConfig
+
+    if label == "vanilla":
+        return {"attention": "vanilla"}
+    form, factor = label.rsplit("-t", 1)
+    t_lr = {"temperature_lr": lr * int(factor)}
+    if form == "ssa-official":
+        return {"attention": "ssa-official", **t_lr}
+    kind, c = ("ssa-tok", None) if form == "ssa-tok" else (form.rsplit("-c", 1)[0], float(form.rsplit("-c", 1)[1]))
+    fields = {"ssa": {}, "ssa-pos": {"token_aware": False, "value": False}, "ssa-tok": {"position_aware": False},
+              "ssa-q": {"value": False}}[kind]
+    return {"attention": "ssa", "ssa": SSAConfig(init="identity", position_init=c, **fields), **t_lr}
+
+
+def choose(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The search's pre-registered choice rule (see SEARCH) over aggregated rows with a paired difference."""
+    rows = [(m, d) for m, d in methods.items() if m != "vanilla" and d.get("paired_percent")]
+    if not rows:
+        return None
+    best = min(d["paired_percent"]["mean"] for _, d in rows)
+    tied = [(m, d) for m, d in rows if d["paired_percent"]["mean"] <= best + TIE_MARGIN]
+    m, d = min(tied, key=lambda md: (md[1]["new_parameters"], md[1]["paired_percent"]["mean"]))
+    return {"method": m, "paired_percent": d["paired_percent"], "new_parameters": d["new_parameters"],
+            "tied_with": [t for t, _ in tied if t != m], "rule": f"lowest mean paired difference; within "
+            f"{TIE_MARGIN} pp a tie, broken by fewer new parameters"}
 
 
 def _train_config(run: Run, config: Config, progress: bool):
@@ -139,7 +199,7 @@ def _train_config(run: Run, config: Config, progress: bool):
                        out=str(run.path), seq_len=config.seq_len, batch_size=config.batch_size, lr=config.lr,
                        eval_every=config.eval_every, eval_tokens=config.eval_tokens, vocab_size=config.vocab_size,
                        checkpoint_every=config.checkpoint_every, keep_checkpoints=1, split_seed=config.split_seed,
-                       progress=progress, **method_settings(run.method))
+                       progress=progress, **method_settings(run.method, config.lr))
 
 
 def validate(config: Config, seeds: list[int]) -> None:
@@ -303,7 +363,26 @@ def _run_record(run: Run, train_length: int) -> dict[str, Any] | None:
             "attention_by_position": ev["attention_by_position"], "length_documents": ev["length_documents"],
             "dilution": dilution(ev["attention_by_position"], train_length),
             "passkey_gain": {k: v["gain"] for k, v in ev["passkey"].items()} if ev.get("passkey") else None,
-            "late_improvement_percent": late_improvement(ppl, tokens) if len(ppl) > 1 else None}
+            "late_improvement_percent": late_improvement(ppl, tokens) if len(ppl) > 1 else None,
+            "temperatures": info.get("temperatures")}
+
+
+def temperature_row(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Where a row's temperatures ended over its seeds: the temperature lr and its bound on c's movement, c at the
+    start and at the end (mean, min, max over seeds, layers and heads), the token term's spread, whether they moved
+    (None for rows without temperature parameters, or runs from before the record existed)."""
+    recs = [r["temperatures"] for r in runs if r.get("temperatures")]
+    if len(recs) != len(runs) or not any(rec["modules"] for rec in recs):
+        return None
+    cs = [v for rec in recs for m in rec["modules"] for v in m.get("c", [])]
+    reach = [m["c_reach"] for rec in recs for m in rec["modules"] if "c_reach" in m]
+    start = [m["c_start"] for rec in recs for m in rec["modules"] if "c_start" in m]
+    spread = {t: float(np.mean([np.mean(rec["token_spread"][t]) for rec in recs if rec.get("token_spread")]))
+              for t in ("query", "value") if all(rec.get("token_spread") for rec in recs)}
+    return {"lr": recs[0]["lr"], "lr_sum": recs[0]["lr_sum"], "c_reach": reach[0] if reach else None,
+            "c_start": start[0] if start else None,
+            "c_end": {"mean": float(np.mean(cs)), "min": float(np.min(cs)), "max": float(np.max(cs))} if cs else None,
+            "token_spread": spread or None, "moved": all(rec["moved"] for rec in recs)}
 
 
 def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str, Any]]:
@@ -324,6 +403,7 @@ def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str,
         lengths = list(by_length)
         d["ppl_by_length"] = {L: m for L, (m, _) in by_length.items()}
         d["ppl_by_length_std"] = {L: sd for L, (_, sd) in by_length.items()}
+        d["temperatures"] = temperature_row(runs)
         late = [r["late_improvement_percent"] for r in runs if r["late_improvement_percent"] is not None]
         d["late_improvement_percent"] = common.mean_std(late)[0] if late else None
         if all(r["dilution"] for r in runs):
@@ -374,8 +454,11 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
     finished = {(r["corpus"], r["method"], r["seed"]) for r in records}
     pending = [f"{r.corpus}/{r.method}-seed{r.seed}" for r in runs if (r.corpus, r.method, r.seed) not in finished]
     primary = corpora.get(config.corpora[0], {}).get("methods", {})
-    return {"experiment": "lm", "config": dataclasses.asdict(config), "seeds": list(seeds), "methods": primary,
+    out_ = {"experiment": "lm", "config": dataclasses.asdict(config), "seeds": list(seeds), "methods": primary,
             "corpora": corpora, "runs": records, "pending": pending, "complete": not pending}
+    if config.budget == "search":
+        out_["choice"] = choose(primary)
+    return out_
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -514,6 +597,26 @@ def _mechanism_lines(methods: dict[str, Any], train_length: int) -> list[str]:
     return lines + [""]
 
 
+def _temperature_lines(methods: dict[str, Any]) -> list[str]:
+    rows = [(m, d["temperatures"]) for m, d in methods.items() if d.get("temperatures")]
+    if not rows:
+        return []
+    lines = ["", "Where the temperatures ended (c over seeds, layers and heads; reach = how far c could move under "
+             "the schedule, position_scale x the sum of the temperature learning rates; token spread = std over "
+             "tokens of the token term at a position, mean over layers):", "",
+             "| row | temperature lr | c start | c reach | c at end: mean [min, max] | token spread q / v | moved |",
+             "|---|---|---|---|---|---|---|"]
+    for m, t in rows:
+        c = t["c_end"]
+        sp = t["token_spread"]
+        lines.append(f"| {m} | {t['lr']:.3g} | " + ("-" if t["c_start"] is None else f"{t['c_start']:g}") + " | "
+                     + ("-" if t["c_reach"] is None else f"{t['c_reach']:.3g}") + " | "
+                     + (f"{c['mean']:.3f} [{c['min']:.3f}, {c['max']:.3f}]" if c else "-") + " | "
+                     + (f"{sp.get('query', 0):.3f} / {sp.get('value', 0):.3f}" if sp else "-") + " | "
+                     + ("yes" if t["moved"] else "**no: the row's temperatures did not move**") + " |")
+    return lines
+
+
 def summary(results: dict[str, Any]) -> str:
     cfg = results["config"]
     lines = [f"# Language-model study (budget {cfg['budget']}: {cfg['size']}, seq {cfg['seq_len']}, "
@@ -521,6 +624,11 @@ def summary(results: dict[str, Any]) -> str:
     if results["pending"]:
         lines += [f"**Incomplete**: {len(results['pending'])} run(s) still to train or evaluate "
                   f"(rerun the same command): {', '.join(results['pending'])}", ""]
+    if results.get("choice"):
+        ch = results["choice"]
+        lines += [f"**Choice** ({ch['rule']}; {'final' if results['complete'] else 'provisional: runs pending'}): "
+                  f"`{ch['method']}`, {_fmt_interval(ch['paired_percent'])} vs vanilla"
+                  + (f", tied with {', '.join(ch['tied_with'])}" if ch["tied_with"] else ""), ""]
     for corpus, c in results["corpora"].items():
         methods = c["methods"]
         lengths = list(next(iter(methods.values()))["ppl_by_length"])
@@ -546,6 +654,7 @@ def summary(results: dict[str, Any]) -> str:
             if m != "vanilla" and "paired_percent_by_length" in d:
                 lines.append(f"- {m}: " + "; ".join(f"@{L}: {_fmt_interval(p)} ({p['verdict']})"
                                                      for L, p in d["paired_percent_by_length"].items()))
+        lines += _temperature_lines(methods)
         late = methods.get("vanilla", {}).get("late_improvement_percent")
         if late is not None:
             lines += ["", f"Vanilla's validation perplexity fell {late:.1f} % over its last 20 % of tokens (mean over "

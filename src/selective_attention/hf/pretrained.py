@@ -16,6 +16,7 @@ from selective_attention.errors import UserError, first_line
 from selective_attention.hf.attention import register
 from selective_attention.hf.convert import convert
 from selective_attention.hf.state import TEMPERATURE_ATTR
+from selective_attention.temperature import legacy_alpha_to_coefficient
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -75,8 +76,10 @@ def from_pretrained(path: str | os.PathLike, *, attn_implementation: str | None 
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=backend, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    convert(model, SSAConfig.from_dict(ssa), backend=backend)
+    config = SSAConfig.from_dict(ssa)
+    convert(model, config, backend=backend)
     saved = _ssa_tensors(path)
+    legacy_alpha_to_coefficient(saved, ssa.get("init", "identity") == "identity", config.position_scale)
     expected = {k for k in model.state_dict() if f".{TEMPERATURE_ATTR}." in k}
     if set(saved) != expected:
         missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)

@@ -4,13 +4,16 @@
 |----------|-------------------------------------------------------------------------------------|------------------|
 | vanilla  | nothing                                                                             | 0                |
 | ssa      | SSA temperatures as ``TrainConfig.ssa`` says                                        | SSA's            |
-| ssa-pos  | SSA, position term on the query only: ``ssa`` with token_aware=False, value=False    | 1 per head       |
+| ssa-pos-head | SSA, position term on the query only: ``ssa`` with token_aware=False, value=False | 1 per head     |
+| ssa-official | the official release's form: 1 + exp(-exp(beta)) ln p on q, one beta per layer    | 1 per layer      |
 | const    | a learned constant tau_h per head on q (init 1)                                     | 1 per head       |
 | yarn     | fixed 1 + coefficient * ln p on q (YaRN's 0.1 ln(s) + 1, s = visible context)        | 0                |
 | ssmax    | Scalable-Softmax: s_h * ln p on q, s_h learned per head, init 1 / ln(seq_len)        | 1 per head       |
 | freq     | fixed per-token rule on q: -ln f(t) / H from the train split's unigram frequencies   | 0                |
 | llama4   | Llama 4 temperature tuning: 1 + beta * ln(1 + floor(p / floor_scale)) on q           | 0                |
 | gated    | headwise sigmoid gate on the attention output before o_proj (Gated Attention, 2025)  | d_model * heads  |
+
+``ssa-pos`` is the older name of ``ssa-pos-head`` (saved runs keep loading).
 
 p is the 1-indexed absolute position. The query rules (const ... llama4) run through SSA's machinery: the model
 is converted with a query-only, position-only SSAConfig and the query temperature function is replaced by the
@@ -20,7 +23,7 @@ Method options live in ``TrainConfig.method_options`` (JSON); ``Method.options``
 defaults. ``apply_method`` returns the new parameters (``Applied``) so that every method reports one
 parameter count and puts its temperature parameters in the temperature optimizer group.
 
-Saving and loading: ``ssa`` / ``ssa-pos`` models reload with ``selective_attention.from_pretrained``; the other
+Saving and loading: ``ssa`` / ``ssa-pos-head`` models reload with ``selective_attention.from_pretrained``; the other
 non-vanilla methods record ``config.ssa_method`` in config.json and reload with ``load_model`` here (the plain
 loader would not know their modules).
 """
@@ -126,6 +129,24 @@ class Llama4Temperature(nn.Module):
         return tau[:, None, :].expand(-1, self.n_heads, -1)  # (B, H, T)
 
 
+class OfficialPositionTemperature(nn.Module):
+    """The official release's temperature: tau = 1 + c ln p on the query, c = exp(-exp(beta)), one beta per layer
+    (shared by its heads). beta = 2.0 starts at c = exp(-e^2) = 6.2e-4, near identity; c stays in (0, 1)."""
+
+    def __init__(self, n_heads: int, beta: float = 2.0) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.beta = nn.Parameter(torch.full((1,), float(beta)))
+
+    def position_coefficient(self) -> Tensor:
+        return torch.exp(-torch.exp(self.beta.float()))  # (1,)
+
+    def forward(self, *, projection=None, hidden=None, positions=None) -> Tensor:
+        logp = log_positions(positions)
+        logp = logp[None] if logp.dim() == 1 else logp  # (B, T)
+        return (1.0 + self.position_coefficient()[:, None, None] * logp[:, None, :]).expand(-1, self.n_heads, -1)
+
+
 def frequency_table(tokens: np.ndarray, vocab: int, lo: float = 0.25, hi: float = 4.0) -> Tensor:
     """-ln f(t) / H per token id, clamped to [lo, hi]; H = sum f ln(1/f) (so the corpus average is ~1)."""
     counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab).astype(np.float64) + 1.0
@@ -147,7 +168,7 @@ class _StashInputIds:
             m.input_ids = ids
 
 
-RULES = ("const", "yarn", "ssmax", "freq", "llama4")
+RULES = ("const", "yarn", "ssmax", "freq", "llama4", "ssa-official")
 
 
 def install_rule(model: nn.Module, rule: str, seq_len: int, freq_table: Tensor | None = None,
@@ -170,6 +191,8 @@ def install_rule(model: nn.Module, rule: str, seq_len: int, freq_table: Tensor |
             fn = FrequencyTemperature(H, freq_table)
         elif rule == "llama4":
             fn = Llama4Temperature(H, opts["beta"], opts["floor_scale"])
+        elif rule == "ssa-official":
+            fn = OfficialPositionTemperature(H, opts["beta"])
         else:
             raise UserError(f"unknown temperature rule {rule!r}: use one of {', '.join(RULES)}")
         ref = next(temps.fns["query"].parameters(), None)
@@ -356,7 +379,8 @@ def _gated(model: nn.Module, ctx: MethodContext) -> Applied:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("vanilla", _vanilla),
     Method("ssa", _ssa, uses_ssa=True),
-    Method("ssa-pos", _ssa_pos, uses_ssa=True),
+    Method("ssa-pos-head", _ssa_pos, uses_ssa=True),
+    Method("ssa-official", _rule("ssa-official"), options={"beta": 2.0}),
     Method("const", _rule("const")),
     Method("yarn", _rule("yarn"), options={"coefficient": 0.1}),
     Method("ssmax", _rule("ssmax"), options={"s_init": None}),
@@ -366,7 +390,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+ALIASES = {"ssa-pos": "ssa-pos-head"}  # older names, kept so that saved runs and configs load
+
+
 def get_method(name: str) -> Method:
+    name = ALIASES.get(name, name)
     if name not in METHODS:
         raise UserError(f"unknown attention method {name!r}: use one of {', '.join(METHODS)}")
     return METHODS[name]
@@ -380,7 +408,7 @@ def apply_method(model: nn.Module, name: str, *, ssa: SSAConfig | None = None, s
     opts = method.options_for(seq_len, options)
     method.check_options(options or {})
     applied = method.apply(model, MethodContext(ssa or SSAConfig(), seq_len, opts, train_tokens, vocab))
-    if name not in ("vanilla", "ssa", "ssa-pos"):
+    if name != "vanilla" and not method.uses_ssa:
         setattr(model.config, METHOD_ATTR, {"name": name, "options": opts, "seq_len": seq_len, "vocab": vocab})
     return applied
 

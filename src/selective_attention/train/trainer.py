@@ -29,7 +29,7 @@ from selective_attention.config import SSAConfig
 from selective_attention.data.tokens import prepare
 from selective_attention.errors import UserError, first_line
 from selective_attention.train import distributed as D
-from selective_attention.train import rundir
+from selective_attention.train import rundir, temperatures
 from selective_attention.train.config import TrainConfig
 from selective_attention.train.data import WindowSampler
 from selective_attention.train.launch import launch
@@ -160,6 +160,7 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
     if cfg.init_from and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"--init-from {cfg.init_from}: its tokenizer has more tokens than the model embeds")
     counts = parameter_counts(model, applied)
+    temperature_start = temperatures.snapshot(model)  # before a checkpoint: the run's own start (same seed)
     if cfg.temperatures_only:
         _freeze_all_but_temperatures(model, applied, cfg.attention)
     model.to(info.device)
@@ -215,14 +216,15 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
                   "tokens_per_step": per_step * T, "tokenizer_kind": cfg.tokenizer_kind,
                   "vocab": len(tokenizer), "ssa": ssa.to_dict() if ssa else None, "data_manifest":
                   data.manifests["train"]}
-    if cfg.attention not in ("vanilla", "ssa", "ssa-pos"):
+    if cfg.attention != "vanilla" and not method.uses_ssa:
         run_config["method"] = model.config.ssa_method
     return Run(cfg=cfg, info=info, out=out, tokenizer=tokenizer, sampler=sampler, val_tokens=val_tokens,
                model=model, wrapped=wrapped, forward=compiled(wrapped) if cfg.compile else wrapped,
                optimizer=optimizer, autocast=autocast_for(info.device, cfg.precision),
                log=rundir.MetricsLog(metrics_path, info.is_main), rundir=rd, counts=counts, ssa=ssa,
                total_steps=total_steps, warmup=warmup, per_step=per_step, run_config=run_config, step=step,
-               elapsed_s=elapsed_s, train_time_s=train_time_s, val_loss=val_loss, val_step=val_step)
+               elapsed_s=elapsed_s, train_time_s=train_time_s, val_loss=val_loss, val_step=val_step,
+               extra={"temperature_start": temperature_start})
 
 
 def save_checkpoint(run: Run) -> Path | None:
@@ -314,6 +316,22 @@ def run_steps(run: Run) -> None:
         bar.close()
 
 
+def _temperature_record(run: Run, model: nn.Module) -> dict[str, Any]:
+    """Where the temperatures ended and how far they could move (``train.temperatures``), with the token term's
+    spread over the first validation windows."""
+    cfg = run.cfg
+    rec = temperatures.summary(model, run.extra.get("temperature_start", {}),
+                               temperature_lr=cfg.effective_temperature_lr(), total_steps=run.total_steps,
+                               warmup=run.warmup, min_lr_ratio=cfg.min_lr_ratio)
+    n = min(cfg.batch_size, max(1, (len(run.val_tokens) - 1) // cfg.seq_len))
+    ids = torch.tensor(np.asarray(run.val_tokens[: n * cfg.seq_len]), dtype=torch.long).view(n, cfg.seq_len)
+    was_training = model.training
+    model.eval()
+    rec["token_spread"] = temperatures.token_spread(model, ids)
+    model.train(was_training)
+    return rec
+
+
 def finish(run: Run) -> dict:
     """Save the final model (Hugging Face format) and run.json; a run stopped early (stop_at_step) only reports."""
     cfg, info = run.cfg, run.info
@@ -338,7 +356,9 @@ def finish(run: Run) -> dict:
             final, _ = _build(cfg, len(run.tokenizer), np.asarray(run.sampler.tokens)
                               if get_method(cfg.attention).needs_train_tokens else None)
             final.load_state_dict(model_sd)
-        run.rundir.save_final(final.to("cpu"), run.tokenizer)
+        final.to("cpu")
+        result["temperatures"] = _temperature_record(run, final)
+        run.rundir.save_final(final, run.tokenizer)
         final.to(info.device)
         run.rundir.save_result(result)
     D.barrier(info)
