@@ -35,6 +35,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "ablations": ("selective_attention.experiments.ablations", "temperatures on Q/K/V, token vs position, other rules"),
     "lm": ("selective_attention.experiments.lm",
            "LM study: vanilla vs SSA vs baselines from scratch, paired over seeds, perplexity by length (--budget)"),
+    "finetune-study": ("selective_attention.experiments.finetune_study",
+                       "a vanilla base of our own, pre-trained then fine-tuned: vanilla vs SSA vs temperatures only vs "
+                       "the official form vs a constant per head, paired over seeds (--budget quick|full)"),
     "finetune": ("selective_attention.experiments.finetune",
                  "SmolLM2-135M fine-tuned: vanilla vs convert + fine-tune vs temperatures only (--budget)"),
 }
@@ -99,8 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="lm: train N runs at once in separate processes, sharing the CPU threads (default 1)")
     parser.add_argument("--tables-only", action="store_true",
-                        help="lm: rebuild results.json, figures and summary.md from the runs finished so far; train "
-                             "nothing (read a study in progress)")
+                        help="lm, finetune-study: rebuild results.json, figures and summary.md from the runs "
+                             "finished so far; train nothing (read a study in progress)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

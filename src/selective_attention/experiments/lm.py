@@ -578,9 +578,9 @@ def _mechanism_lines(methods: dict[str, Any], train_length: int) -> list[str]:
     lines = [f"Dilution and passkey retrieval (attention over positions <= {train_length} vs beyond; passkey gain = "
              "how much more likely the key is after the question when the needle holds it than when it holds "
              "another key, nats per answer token, 5 depths):", "",
-             "| method | entropy within / beyond | max weight within / beyond | entropy beyond vs vanilla, paired | "
-             + " | ".join(f"passkey gain @{L}" for L in lengths)
-             + (f" | passkey gain @{lengths[-1]} vs vanilla, paired" if lengths else "") + " |",
+             "| " + " | ".join(["method", "entropy within / beyond", "max weight within / beyond",
+                               "entropy beyond vs vanilla, paired", *(f"passkey gain @{L}" for L in lengths),
+                               *([f"passkey gain @{lengths[-1]} vs vanilla, paired"] if lengths else [])]) + " |",
              "|---" * (4 + len(lengths) + bool(lengths)) + "|"]
     for m, d in methods.items():
         dil = d.get("dilution")

@@ -17,6 +17,9 @@ from selective_attention.config import SSAConfig
 from selective_attention.errors import UserError
 
 FINETUNE_TEMPERATURE_LR = 1e-2  # the official SSA fine-tuning recipe (weights at 1e-5)
+# Fine-tuning: the temperatures already train at 1e-2, so c = 1 x theta moves ~1e-2 per step, as from scratch
+# (10 x a base rate of ~1e-3); 10 x 1e-2 would move c by 0.1 per step.
+FINETUNE_POSITION_SCALE = 1.0
 # Fields that may differ between an interrupted run and its resumption (they do not change the result).
 # ``out`` is the run directory itself (it may be named differently, ./C or C, or moved).
 RESUME_FREE = {"progress", "overwrite", "stop_at_step", "cache_dir", "keep_checkpoints", "nproc", "log_every", "out"}
@@ -124,7 +127,8 @@ class TrainConfig:
     def ssa_config(self) -> SSAConfig:
         """``ssa`` resolved: the default init follows init_from (identity fine-tuning, scratch from scratch)."""
         if self.ssa is None:
-            return SSAConfig(init="identity" if self.init_from else "scratch")
+            return SSAConfig(init="identity", position_scale=FINETUNE_POSITION_SCALE) if self.init_from else \
+                SSAConfig(init="scratch")
         if isinstance(self.ssa, dict):
             return _ssa_from_dict(self.ssa, self.init_from)
         return self.ssa
@@ -233,6 +237,8 @@ def _ssa_from_dict(d: dict[str, Any], init_from: str | None) -> SSAConfig:
     """A (partial) SSAConfig mapping; a missing or null ``init`` follows init_from."""
     d = {k: v for k, v in d.items() if not (k == "init" and v is None)}
     d.setdefault("init", "identity" if init_from else "scratch")
+    if init_from:
+        d.setdefault("position_scale", FINETUNE_POSITION_SCALE)
     try:
         return SSAConfig.from_dict(d)
     except (ValueError, TypeError) as e:

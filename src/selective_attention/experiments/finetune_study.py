@@ -1,0 +1,300 @@
+"""``ssa experiment finetune-study``: the paper's own setting on a base of our own - fit SSA onto a pretrained model
+and fine-tune it. "I have a pretrained model: should I convert it to SSA before fine-tuning?"
+
+Design (``--budget full``; ``quick`` is a CI-sized check of the machinery):
+- the base: a vanilla ``study`` model (the LM study's model, d 192, 4 layers, 512 tokens) pre-trained on ``wiki``
+  at the LM study's ``full`` budget (4M tokens, lr 2e-3), once, in ``OUT/base`` (kept and reused);
+- fine-tunes of that base on ``sotu`` (State-of-the-Union speeches: another register, long documents), 1M tokens,
+  weights at lr 3e-4, same validation tokens for every run; seeds 0-2 vary the fine-tuning data order only;
+- rows: ``vanilla`` fine-tuning; ``ssa`` (convert, identity start, temperatures in their own group at 1e-2, the
+  official recipe's temperature rate; c moves 1e-2 per step, ``position_scale`` 1 under ``--init-from``);
+  ``ssa-temps`` (temperatures only, the base frozen); ``ssa-official`` (the official release's form, one c per
+  layer) and ``const`` (a learned constant temperature per head at the same fast rate: fast scalar parameters
+  with no token or position awareness, so a gain can be told apart from "more fast parameters");
+- measured: validation perplexity, paired per seed against vanilla (95 % Student-t interval; a claim only when it
+  excludes zero), tokens-to-target (the tokens a row needs to reach vanilla's final perplexity: the paper's "1.45x
+  fewer tokens"), perplexity at equal wall-clock, perplexity by length (1x / 2x / 4x on whole validation
+  speeches), where every temperature ended, and zero-shot accuracy (the bundled ARC-Easy / PIQA sets through
+  lm-eval) of the base and of every fine-tune, with n and standard errors.
+
+Runs live in ``OUT/base`` and ``OUT/runs/<corpus>/<row>-seed<S>``, ordinary ``ssa train`` run directories that
+resume from their checkpoints; rerunning the same command skips what is done and rebuilds the tables from disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selective_attention.errors import UserError
+from selective_attention.experiments import common, lm
+from selective_attention.utils.io import atomic_write_json
+
+DEFAULT_SEEDS = 3
+ROWS = ("vanilla", "ssa", "ssa-temps", "ssa-official", "const")
+ZERO_SHOT_FILE = "zero_shot.json"
+
+
+@dataclass
+class Config:
+    budget: str = "full"
+    size: str = "study"
+    vocab_size: int = 2048
+    seq_len: int = 512
+    batch_size: int = 8
+    base_data: str = "wiki"
+    base_tokens: int = 4_000_000
+    base_lr: float = 2e-3
+    base_eval_every: int = 50
+    base_seed: int = 0
+    data: str = "sotu"
+    max_tokens: int = 1_000_000  # fine-tuning tokens per run
+    lr: float = 3e-4
+    temperature_lr: float = 1e-2
+    methods: tuple[str, ...] = ROWS
+    eval_every: int = 25
+    eval_tokens: int = 65_536
+    checkpoint_every: int = 25
+    length_multipliers: tuple[int, ...] = (1, 2, 4)
+    length_windows: int = 16
+    entropy_windows: int = 1
+    zero_shot_tasks: tuple[str, ...] = ("arc_easy", "piqa")
+    zero_shot_limit: int = 500  # examples per task; 0 = the full set
+    split_seed: int = 0
+
+
+BUDGETS: dict[str, dict[str, Any]] = {
+    "quick": {"size": "tiny", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "base_tokens": 16_384,
+              "base_eval_every": 16, "max_tokens": 8_192, "eval_every": 8, "eval_tokens": 4_096,
+              "checkpoint_every": 32, "length_windows": 2, "methods": ("vanilla", "ssa", "const"),
+              "zero_shot_tasks": ("arc_easy",), "zero_shot_limit": 8},
+    "full": {},
+}
+BUDGET_SEEDS = {"quick": 2, "full": 3}
+
+
+def row_settings(row: str, config: Config) -> dict[str, Any]:
+    """TrainConfig fields of one fine-tuning row (besides the shared ones)."""
+    t = {"temperature_lr": config.temperature_lr}
+    rows = {"vanilla": {"attention": "vanilla"}, "ssa": {"attention": "ssa", **t},
+            "ssa-temps": {"attention": "ssa", "temperatures_only": True, **t},
+            "ssa-official": {"attention": "ssa-official", **t}, "const": {"attention": "const", **t}}
+    if row not in rows:
+        raise UserError(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
+    return rows[row]
+
+
+def _lm_config(config: Config) -> lm.Config:
+    """The LM study's evaluation settings for these runs (perplexity by length on the fine-tuning corpus)."""
+    return lm.Config(budget=config.budget, size=config.size, vocab_size=config.vocab_size, seq_len=config.seq_len,
+                     batch_size=config.batch_size, lr=config.lr, max_tokens=config.max_tokens,
+                     eval_tokens=config.eval_tokens, corpora=(config.data,), methods=tuple(config.methods),
+                     length_corpus=config.data, length_multipliers=config.length_multipliers,
+                     length_windows=config.length_windows, entropy_windows=config.entropy_windows,
+                     passkey_trials=0, split_seed=config.split_seed)
+
+
+def base_dir(out: Path) -> Path:
+    return out / "base"
+
+
+def _base_config(out: Path, config: Config):
+    from selective_attention.train import TrainConfig
+
+    return TrainConfig(data=config.base_data, size=config.size, max_tokens=config.base_tokens, seed=config.base_seed,
+                       out=str(base_dir(out)), seq_len=config.seq_len, batch_size=config.batch_size, lr=config.base_lr,
+                       eval_every=config.base_eval_every, eval_tokens=config.eval_tokens,
+                       vocab_size=config.vocab_size, checkpoint_every=config.checkpoint_every, keep_checkpoints=1,
+                       split_seed=config.split_seed, progress=False, attention="vanilla")
+
+
+def _finetune_config(run: lm.Run, out: Path, config: Config):
+    from selective_attention.train import TrainConfig
+
+    return TrainConfig(data=config.data, init_from=str(base_dir(out) / "final"), max_tokens=config.max_tokens,
+                       seed=run.seed, out=str(run.path), seq_len=config.seq_len, batch_size=config.batch_size,
+                       lr=config.lr, eval_every=config.eval_every, eval_tokens=config.eval_tokens,
+                       checkpoint_every=config.checkpoint_every, keep_checkpoints=1, split_seed=config.split_seed,
+                       progress=False, **row_settings(run.method, config))
+
+
+def plan(out: Path, config: Config, seeds: list[int]) -> list[lm.Run]:
+    """The fine-tunes in training order: seed by seed, every row (so a stopped study holds complete pairs)."""
+    return [lm.Run(config.data, m, s, out / "runs" / lm.label(config.data) / f"{m}-seed{s}")
+            for s in seeds for m in config.methods]
+
+
+def zero_shot_of(model_dir: Path, config: Config) -> dict[str, Any]:
+    """Zero-shot accuracy of a saved model, {task: {acc, n, stderr}} (cached in the directory's parent)."""
+    from transformers import AutoTokenizer
+
+    from selective_attention.evaluate import zero_shot
+    from selective_attention.train.methods import load_model
+
+    settings = {"tasks": list(config.zero_shot_tasks), "limit": config.zero_shot_limit}
+    path = model_dir.parent / ZERO_SHOT_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved["zero_shot"]
+    result: dict[str, Any] = {}
+    if config.zero_shot_tasks:
+        model, tok = load_model(model_dir).eval(), AutoTokenizer.from_pretrained(str(model_dir))
+        for task, res in zero_shot(model, tok, list(config.zero_shot_tasks),
+                                   limit=config.zero_shot_limit or None, max_length=config.seq_len).items():
+            acc, n = float(res["acc"]), int(res.get("n", 0) or 0)
+            result[task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
+    atomic_write_json(path, {"settings": settings, "zero_shot": result})
+    return result
+
+
+def validate(config: Config, seeds: list[int]) -> None:
+    if config.budget not in BUDGETS:
+        raise UserError(f"unknown budget {config.budget!r}; choose from {', '.join(BUDGETS)}")
+    if "vanilla" not in config.methods:
+        raise UserError("keep vanilla in methods: every row is compared with vanilla fine-tuning")
+    for m in config.methods:
+        row_settings(m, config)
+
+
+def run(out: Path, config: Config, seeds: list[int], progress: bool = True, tables_only: bool = False
+        ) -> dict[str, Any]:
+    """Pre-train the base (once), fine-tune every row and seed, evaluate, rebuild the tables from disk."""
+    from selective_attention.train import train
+
+    validate(config, seeds)
+    if not tables_only:
+        runs = plan(out, config, seeds)
+        bar = common.progress(len(runs) + 1, f"finetune study ({config.budget})", progress)
+        bar.set_postfix_str("base")
+        base = base_dir(out)
+        if not lm.is_trained(lm.Run(config.base_data, "vanilla", config.base_seed, base)):
+            train(_base_config(out, config))
+        zero_shot_of(base / "final", config)
+        bar.update(1)
+        lmc = _lm_config(config)
+        for r in runs:
+            bar.set_postfix_str(f"{r.method} seed {r.seed}")
+            if not lm.is_trained(r):
+                info = train(_finetune_config(r, out, config))
+                if "stopped_at_step" in info:
+                    break
+            lm.evaluate_run(r, lmc)
+            zero_shot_of(r.path / "final", config)
+            bar.update(1)
+        bar.close()
+    return common.finish(out, collect(out, config, seeds), _figures, summary)
+
+
+def _unigram_ppl(out: Path, config: Config) -> float | None:
+    """The add-one unigram perplexity of the fine-tuning corpus under the base's tokenizer (the floor to beat)."""
+    from selective_attention.data.tokens import prepare
+
+    final = base_dir(out) / "final"
+    if not (final / "config.json").is_file():
+        return None
+    data = prepare(config.data, "pretrained", config.vocab_size, str(final), config.split_seed, None,
+                   splits=("train", "val"))
+    train, val = np.asarray(data.tokens("train")), np.asarray(data.tokens("val"))[: config.eval_tokens + 1]
+    counts = np.bincount(train, minlength=len(data.tokenizer)).astype(np.float64) + 1.0
+    return float(math.exp(-np.log(counts / counts.sum())[val[1:]].mean()))
+
+
+def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
+    runs = plan(out, config, seeds)
+    records = []
+    for r in runs:
+        rec = lm._run_record(r, config.seq_len)
+        if rec is not None:
+            zs = r.path / ZERO_SHOT_FILE
+            rec["zero_shot"] = json.loads(zs.read_text())["zero_shot"] if zs.is_file() else None
+            records.append(rec)
+    methods = lm.aggregate(records, config.data) if records else {}
+    for m, d in methods.items():
+        d["zero_shot"] = _pooled_zero_shot([r for r in records if r["method"] == m])
+    base: dict[str, Any] = {}
+    base_run = base_dir(out) / "run.json"
+    if base_run.is_file():
+        info = json.loads(base_run.read_text())
+        zs = base_dir(out) / ZERO_SHOT_FILE
+        base = {"dir": str(base_dir(out)), "data": config.base_data, "tokens": info["tokens"],
+                "val_ppl_own_corpus": info["final_val_ppl"],
+                "zero_shot": json.loads(zs.read_text())["zero_shot"] if zs.is_file() else None}
+    done = {(r["method"], r["seed"]) for r in records}
+    pending = [f"{r.method}-seed{r.seed}" for r in runs if (r.method, r.seed) not in done]
+    cfg = {**dataclasses.asdict(config), "length_corpus": config.data}
+    corpora = {config.data: {"methods": methods, "unigram_ppl": _unigram_ppl(out, config)}} if methods else {}
+    return {"experiment": "finetune-study", "config": cfg, "seeds": list(seeds), "base": base, "methods": methods,
+            "corpora": corpora, "runs": records, "pending": pending, "complete": not pending and bool(base)}
+
+
+def _pooled_zero_shot(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Accuracy pooled over a row's seeds, with n = all answered examples and its binomial standard error."""
+    if not rows or not all(r.get("zero_shot") for r in rows):
+        return None
+    out = {}
+    for task in rows[0]["zero_shot"]:
+        n = sum(r["zero_shot"][task]["n"] for r in rows)
+        acc = sum(r["zero_shot"][task]["acc"] * r["zero_shot"][task]["n"] for r in rows) / max(n, 1)
+        out[task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def _zero_shot_lines(results: dict[str, Any]) -> list[str]:
+    tasks = list(results["config"]["zero_shot_tasks"])
+    rows = [("base (before fine-tuning)", (results.get("base") or {}).get("zero_shot"))]
+    rows += [(m, d.get("zero_shot")) for m, d in results["methods"].items()]
+    if not tasks or not any(zs for _, zs in rows):
+        return []
+    lines = ["", "Zero-shot accuracy (lm-eval, the bundled sets; pooled over seeds: acc ± binomial se (n)):", "",
+             "| model | " + " | ".join(tasks) + " |", "|---" * (1 + len(tasks)) + "|"]
+    for name, zs in rows:
+        cells = [f"{zs[t]['acc']:.3f} ± {zs[t]['stderr']:.3f} ({zs[t]['n']})" if zs and t in zs and zs[t]["stderr"]
+                 is not None else "-" for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary(results: dict[str, Any]) -> str:
+    cfg, base = results["config"], results.get("base") or {}
+    lines = [f"# Fine-tuning study (budget {cfg['budget']}): a vanilla `{cfg['size']}` base pre-trained on "
+             f"{cfg['base_data']} ({cfg['base_tokens']:,} tokens), fine-tuned on {cfg['data']} for "
+             f"{cfg['max_tokens']:,} tokens at lr {cfg['lr']:g} (temperatures {cfg['temperature_lr']:g}), "
+             f"seeds {results['seeds']}", ""]
+    if base:
+        lines += [f"Base: val ppl {base['val_ppl_own_corpus']:.2f} on its own corpus ({base['data']}).", ""]
+    body = lm.summary({**results, "config": {**cfg, "budget": cfg["budget"]}})
+    lines += body.split("\n")[2:]  # the LM study's tables without its title line
+    lines += _zero_shot_lines(results)
+    return "\n".join(lines)
+
+
+def _figures(out: Path, results: dict[str, Any]) -> None:
+    lm._figures(out, results)
+    plt = common.pyplot()
+    for corpus, c in results["corpora"].items():
+        rows = [(m, d) for m, d in c["methods"].items() if m != "vanilla" and d.get("speedup_per_seed")]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.4))
+        for y, (m, d) in enumerate(rows):
+            vals = [v for v in d["speedup_per_seed"] if v is not None]
+            ax.scatter(vals, [y] * len(vals), color=f"C{list(c['methods']).index(m)}")
+            missed = len(d["speedup_per_seed"]) - len(vals)
+            if missed:
+                ax.annotate(f"{missed} seed(s) never reached it", (1.0, y), fontsize=8)
+        ax.axvline(1.0, color="k", lw=1)
+        ax.set_yticks(range(len(rows)), [m for m, _ in rows])
+        ax.invert_yaxis()
+        ax.set(xlabel="vanilla's tokens / the row's tokens to reach vanilla's final ppl (> 1: fewer tokens)",
+               title=f"{corpus}: tokens-to-target per seed")
+        common.save_figure(fig, out / f"finetune-{lm.label(corpus)}-tokens-to-target.png")
