@@ -1,6 +1,7 @@
 """The python half of scripts/gpu_check.sh: one subcommand per check, each printing PASS/FAIL lines and numbers.
 
     python scripts/gpu_check.py kernels              # SSA under FLASH / EFFICIENT only, bf16, vs plain SDPA (CUDA)
+    python scripts/gpu_check.py documents            # packed documents: flex BlockMask vs the boolean mask (CUDA)
     python scripts/gpu_check.py check-run RUN_DIR    # run.json loss finite, float32 temperatures under bf16 autocast
     python scripts/gpu_check.py memory [--device D]  # peak memory of fwd+bwd of a layer stack, eager / compiled
     python scripts/gpu_check.py ratios FILE.json     # SSA / vanilla ratios of an `ssa bench attention|train` file
@@ -94,6 +95,43 @@ def check_kernels(_: argparse.Namespace) -> None:
             ok = out.dtype == dt and diff <= 1e-2 and gdiff <= 2e-2 and all(bool(torch.isfinite(x).all())
                                                                              for x in grads)
             report(ok, label, f"max |out - sdpa| {diff:.2e}, max relative grad difference {gdiff:.2e}")
+
+
+def check_documents(_: argparse.Namespace) -> None:
+    """Packed documents on CUDA: the flex-attention BlockMask path (document_mask's default there) equals SDPA with
+    the boolean mask, forward and backward, bf16, GQA."""
+    from selective_attention.functional import document_mask, is_block_mask
+
+    if not torch.cuda.is_available():
+        report(False, "documents", "CUDA is not available")
+        return
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, H, Hkv, T = 2, 8, 2, 1024
+    lengths = torch.randint(64, 320, (B, T), generator=g)
+    ids = torch.stack([torch.repeat_interleave(torch.arange(T), lengths[b])[:T] for b in range(B)]).to(dev)
+    leaves = [(torch.randn(*s, generator=g) * sc + off).to(dev, dtype).requires_grad_()
+              for s, sc, off, dtype in (((B, H, T, 64), 1.0, 0.0, dt), ((B, Hkv, T, 64), 1.0, 0.0, dt),
+                                        ((B, Hkv, T, 64), 1.0, 0.0, dt), ((B, H, T), 0.2, 1.0, torch.float32),
+                                        ((B, Hkv, T), 0.2, 1.0, torch.float32))]
+    results = {}
+    for backend in ("auto", "sdpa"):
+        mask = document_mask(ids, backend=backend)
+        if backend == "auto" and not is_block_mask(mask):
+            report(False, "documents flex", "document_mask did not pick flex attention on CUDA")
+            return
+        try:
+            out = selective_attention(*leaves, attn_mask=mask)
+            results[backend] = (out, torch.autograd.grad(out.float().pow(2).sum(), leaves))
+        except Exception as e:  # noqa: BLE001 - reported, not raised: the other checks still run
+            report(False, f"documents {backend}", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return
+    (a, ga), (b, gb) = results["auto"], results["sdpa"]
+    diff = (a.float() - b.float()).abs().max().item()
+    gdiff = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-6)).item()
+                for x, y in zip(ga, gb))
+    report(diff <= 2e-2 and gdiff <= 3e-2, "documents flex vs boolean mask",
+           f"max |out diff| {diff:.2e}, max relative grad difference {gdiff:.2e}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,6 +276,10 @@ def check_ratios(args: argparse.Namespace) -> None:
                 continue
             report(math.isfinite(r["ssa_time_ratio"]), f"bench attention {r['dtype']} T={r['T']}",
                    f"SSA/SDPA time {r['ssa_time_ratio']:.3f}, memory {r['ssa_memory_ratio']:.3f}")
+            if "ssa_docs_time_ratio" in r:
+                report(math.isfinite(r["ssa_docs_time_ratio"]), f"bench attention documents {r['dtype']} T={r['T']}",
+                       f"packed / causal time: SSA {r['ssa_docs_time_ratio']:.3f}, plain "
+                       f"{r['sdpa_docs_time_ratio']:.3f}")
     elif data.get("benchmark") == "train":
         for r in data["rows"]:
             tps = r["tokens_per_s"]
@@ -260,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("kernels").set_defaults(fn=check_kernels)
+    sub.add_parser("documents").set_defaults(fn=check_documents)
     r = sub.add_parser("check-run")
     r.add_argument("run_dir")
     r.add_argument("--device", default=None)

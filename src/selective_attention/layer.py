@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from selective_attention.config import SSAConfig
-from selective_attention.functional import apply_temperature, compute_dtype, selective_attention
+from selective_attention.functional import apply_temperature, compute_dtype, document_positions, selective_attention
 from selective_attention.temperature import SSATemperatures
 
 
@@ -53,6 +53,11 @@ class SelectiveSelfAttention(nn.Module):
     ``forward(x, positions=None, cache=None)``: x (B, T, d_model). ``positions`` are 1-indexed absolute
     positions (T,) or (B, T), default ``cache.length + 1 ... cache.length + T``; they drive both RoPE and the
     position term, so decoding token by token with a ``KVCache`` equals the full forward.
+
+    Packed documents: ``forward(x, document_ids=ids)`` with ids (T,) or (B, T) lets each document attend only to
+    itself, and positions (RoPE and p) restart at 1 in every document (pass ``positions`` too when a window
+    starts inside a document: its first document then continues at its true position). For a stack of layers,
+    build the mask once per batch, ``attn_mask=functional.document_mask(ids)``, and pass it with ``positions``.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
@@ -87,7 +92,7 @@ class SelectiveSelfAttention(nn.Module):
         positions = torch.as_tensor(positions, device=x.device)
         if positions.shape[-1] != T or positions.dim() not in (1, 2):
             raise ValueError(f"positions must have shape (T,) or (B, T) with T={T}, got {tuple(positions.shape)}")
-        if bool((positions < 1).any()):
+        if not torch.compiler.is_compiling() and bool((positions < 1).any()):  # data-dependent: eager only
             raise ValueError("positions are 1-indexed: every position must be >= 1")
         return positions
 
@@ -96,10 +101,13 @@ class SelectiveSelfAttention(nn.Module):
         return {t: self.temperature(t, projection=inputs[t], hidden=x, positions=p)
                 for t in ("query", "key", "value")}
 
-    def temperatures(self, x: Tensor, positions: Tensor | None = None) -> dict[str, Tensor]:
+    def temperatures(self, x: Tensor, positions: Tensor | None = None,
+                     document_ids: Tensor | None = None) -> dict[str, Tensor]:
         """Query and value temperatures (B, H, T) for inspection (value heads repeated for GQA);
-        a target without a temperature reports ones."""
+        a target without a temperature reports ones. ``document_ids``: positions restart in each document."""
         B, T, _ = x.shape
+        if document_ids is not None and positions is None:
+            positions = document_positions(document_ids.to(x.device))
         p = self._positions(x, positions, 0)
         q = self._split(self.q_proj(x), self.n_heads)
         k = self._split(self.k_proj(x), self.n_kv_heads)
@@ -117,10 +125,18 @@ class SelectiveSelfAttention(nn.Module):
         return out
 
     def forward(self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
-                attn_mask: Tensor | None = None) -> Tensor:
+                attn_mask: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (B, T, {self.d_model}), got {tuple(x.shape)}")
         past = 0 if cache is None else cache.length
+        if document_ids is not None:
+            if cache is not None:  # the cache would need every past token's document too
+                raise ValueError("document_ids with a KVCache: decode each document with its own cache")
+            if document_ids.shape[-1] != x.shape[1]:
+                raise ValueError(f"document_ids of shape {tuple(document_ids.shape)} do not cover the "
+                                 f"T={x.shape[1]} tokens")
+            if positions is None:
+                positions = document_positions(document_ids.to(x.device))  # restarting at 1 in each document
         p = self._positions(x, positions, past)
         q = self._split(self.q_proj(x), self.n_heads)  # (B, H, T, hs), pre-RoPE
         k = self._split(self.k_proj(x), self.n_kv_heads)  # (B, Hkv, T, hs)
@@ -137,6 +153,7 @@ class SelectiveSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         y = selective_attention(q, k, v, taus["query"], tau_v, tau_k, attn_mask=attn_mask, is_causal=True,
-                                dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hs)
+                                dropout_p=self.dropout if self.training else 0.0,
+                                document_ids=document_ids)  # (B, H, T, hs)
         B, _, T, _ = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

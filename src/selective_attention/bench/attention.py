@@ -1,6 +1,12 @@
 """Forward+backward time and peak memory of the fused SSA op vs plain SDPA vs the naive materialised form.
 
 Ratios are to SDPA, measured in one run with interleaved repeats (medians), so machine load hits all alike.
+
+Packed documents: ``sdpa_docs`` / ``ssa_docs`` are the same calls with the block-diagonal causal mask of documents
+of ~``doc_len`` tokens (``functional.document_mask``, built once per batch outside the timed call, as a model
+does for all its layers: a boolean mask on CPU, a flex-attention BlockMask on CUDA). Their ratios are to the same
+op without documents: ``ssa_docs_time_ratio = ssa_docs_ms / ssa_ms``, ``sdpa_docs_time_ratio = sdpa_docs_ms /
+sdpa_ms`` (and the memory ratios likewise).
 """
 
 from __future__ import annotations
@@ -13,10 +19,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from selective_attention.functional import reference_attention, selective_attention
+from selective_attention.functional import (
+    document_mask,
+    flex_attend,
+    is_block_mask,
+    reference_attention,
+    selective_attention,
+)
 from selective_attention.utils.memory import peak_memory_bytes
 
-METHODS = ("sdpa", "ssa", "naive")
+METHODS = ("sdpa", "ssa", "naive", "sdpa_docs", "ssa_docs")
 
 
 @dataclass
@@ -30,6 +42,7 @@ class AttentionBenchConfig:
     warmup: int = 1
     device: str = "cpu"
     naive_max_len: int = 4096  # the naive form needs B*H*T^2 floats several times over
+    doc_len: int = 128  # mean document length of the packed-documents rows (0: no such rows)
     seed: int = 0
 
 
@@ -69,11 +82,28 @@ def _steps(T: int, cfg: AttentionBenchConfig, dtype: torch.dtype, device: torch.
             fn().float().sum().backward()
         return step
 
-    return {
+    steps = {
         "sdpa": run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
         "ssa": run(lambda: selective_attention(q, k, v, tau_q, tau_v, is_causal=True)),
         "naive": run(lambda: reference_attention(q, k, v, tau_q, tau_v, is_causal=True)),
     }
+    if cfg.doc_len > 0:
+        mask = document_mask(document_ids(cfg.batch, T, cfg.doc_len, g).to(device))  # once per batch, as a model
+        if is_block_mask(mask):  # CUDA: flex attention, with and without the temperatures
+            steps["sdpa_docs"] = run(lambda: flex_attend(q, k, v, mask))
+        else:
+            steps["sdpa_docs"] = run(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        steps["ssa_docs"] = run(lambda: selective_attention(q, k, v, tau_q, tau_v, attn_mask=mask))
+    return steps
+
+
+def document_ids(batch: int, T: int, doc_len: int, g: torch.Generator) -> torch.Tensor:
+    """(batch, T) document ids of documents of uniform random length in [doc_len / 2, 3 doc_len / 2]."""
+    rows = []
+    for _ in range(batch):
+        lengths = torch.randint(max(1, doc_len // 2), max(2, 3 * doc_len // 2 + 1), (T,), generator=g)
+        rows.append(torch.repeat_interleave(torch.arange(T), lengths)[:T])
+    return torch.stack(rows)
 
 
 def run_attention_bench(cfg: AttentionBenchConfig, progress: Callable[[str], None] | None = None) -> dict:
@@ -108,6 +138,10 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: Callable[[str], Non
                 if m in steps:
                     row[f"{m}_time_ratio"] = row[f"{m}_ms"] / row["sdpa_ms"]
                     row[f"{m}_memory_ratio"] = row[f"{m}_peak_mb"] / row["sdpa_peak_mb"]
+            for m in ("sdpa", "ssa"):  # packed documents: to the same op without them
+                if f"{m}_docs" in steps:
+                    row[f"{m}_docs_time_ratio"] = row[f"{m}_docs_ms"] / row[f"{m}_ms"]
+                    row[f"{m}_docs_memory_ratio"] = row[f"{m}_docs_peak_mb"] / max(row[f"{m}_peak_mb"], 1e-9)
             rows.append(row)
             del steps
     return {

@@ -67,7 +67,9 @@ def pretrained_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
     """The tokenizer of a Hugging Face model folder or a .gguf file (offline)."""
     from transformers import AutoTokenizer
 
-    p = Path(model_path).expanduser()
+    from selective_attention.utils.packages import resolve_model
+
+    p = resolve_model(model_path)  # a path, or a bundled model's name (smollm2-135m)
     if not p.exists():
         raise UserError(f"pretrained model not found: {model_path}")
     try:

@@ -25,7 +25,8 @@ MODES = ["perplexity", "passkey", *ZERO_SHOT]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF format, SSA-converted or plain) or .gguf file")
+    p.add_argument("--model", required=True, help="model directory (HF format, SSA-converted or plain), .gguf file, or "
+                   "smollm2-135m (the bundled SmolLM2-135M)")
     p.add_argument("--data", default="wiki", help="corpus for perplexity: wiki (default), sotu, a .txt/.jsonl file "
                                                   "or a folder")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="corpus split (default test)")
@@ -36,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="results JSON (the passkey heatmap goes beside it as *_passkey.png)")
     p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: model context, max 1024)")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: chunked windows)")
+    p.add_argument("--packing", default="stitched", choices=["stitched", "documents"],
+                   help="perplexity context: windows across the stream of documents (stitched, default) or each "
+                        "document alone, at its in-document positions (documents)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None,
                    help="longest input for the zero-shot tasks (default: the model's context; >= 2048 for RoPE)")
@@ -117,13 +121,14 @@ def check_out(path: str) -> Path:
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) from a model dir (SSA-converted or plain HF) or a .gguf file; a one-line UserError
-    for anything that does not load."""
+    """(model, tokenizer) from a model dir (SSA-converted or plain HF), a .gguf file or a bundled model's name
+    (smollm2-135m); a one-line UserError for anything that does not load."""
     import torch
 
     from selective_attention.hf import load_pretrained
+    from selective_attention.utils.packages import resolve_model
 
-    p = Path(path)
+    p = resolve_model(path)
     if p.is_dir() and not (p / "config.json").is_file():
         raise UserError(f"not a model directory (no config.json): {p}")
     model, tok = load_pretrained(p)  # a one-line UserError for whatever does not load
@@ -175,7 +180,9 @@ def split_seed(args) -> int:
     """The split seed the model was trained with, so that its test documents were never trained on."""
     if args.split_seed is not None:
         return args.split_seed
-    run_json = Path(args.model).parent / "run.json"  # a model in RUN/final
+    from selective_attention.utils.packages import resolve_model
+
+    run_json = resolve_model(args.model).parent / "run.json"  # a model in RUN/final
     try:
         return int(json.loads(run_json.read_text())["config"]["split_seed"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -230,11 +237,13 @@ def run(args) -> int:
 
     result["parameters"] = parameter_report(model)
     if "perplexity" in tasks:
-        from selective_attention.evaluate.perplexity import perplexity
+        from selective_attention.evaluate.perplexity import document_perplexity, perplexity
 
+        score = document_perplexity if args.packing == "documents" else perplexity
         result["perplexity"] = {"data": str(args.data), "split": args.split, "split_seed": split_seed(args),
-                                **perplexity(model, tok, documents, seq_len=args.seq_len, batch_size=args.batch_size,
-                                             stride=args.stride, progress=progress)}
+                                "packing": args.packing,
+                                **score(model, tok, documents, seq_len=args.seq_len, batch_size=args.batch_size,
+                                        stride=args.stride, progress=progress)}
     zs = [t for t in tasks if t in ZERO_SHOT]
     if zs:
         from selective_attention.evaluate.tasks import zero_shot
@@ -283,7 +292,7 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
     rows = []
     if "perplexity" in result:
         p = result["perplexity"]
-        where = f"{p['data']}/{p['split']}"
+        where = f"{p['data']}/{p['split']}" + (" (documents alone)" if p.get("packing") == "documents" else "")
         rows += [(f"perplexity {where}", "token ppl", f"{p['token_ppl']:.3f}"),
                  (f"perplexity {where}", "word ppl", f"{p['word_ppl']:.3f}"),
                  (f"perplexity {where}", "tokens / words", f"{p['tokens']} / {p['words']}")]

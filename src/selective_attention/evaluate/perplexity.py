@@ -10,6 +10,11 @@ document token is scored exactly once:
 
     token_ppl = exp(total NLL / number of document tokens)
     word_ppl  = exp(total NLL / number of whitespace-separated words)     (as WikiText reports it)
+
+``document_perplexity`` scores the same tokens with no cross-document context: each document alone (its boundary
+token, then its tokens), cut into windows the same way when it is longer than ``seq_len``, at its true
+in-document positions (``position_ids``: a later window of a long document continues its positions, as in
+training with ``--packing documents``).
 """
 
 from __future__ import annotations
@@ -75,50 +80,64 @@ def perplexity(
     batch_size: int = 8,
     stride: int | None = None,
     progress: bool = False,
+    alone: bool = False,
 ) -> dict:
-    """Token- and word-level perplexity of ``model`` on ``documents``.
+    """Token- and word-level perplexity of ``model`` on ``documents`` (``alone``: see ``document_perplexity``).
 
     Returns {"token_ppl", "word_ppl", "loss" (mean NLL per token, nats), "tokens", "words", "bits_per_byte",
     "seq_len", "stride", "documents"}.
     """
-    seq_len = int(seq_len or default_seq_len(model))
-    if seq_len < 2:
-        raise UserError(f"seq_len must be at least 2, got {seq_len}")
-    stride = min(int(stride or seq_len), seq_len - 1)  # chunked: windows overlap by one token of context
-    if stride < 1:
-        raise UserError(f"stride must be positive, got {stride}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be positive, got {batch_size}")
+    seq_len, stride = _check_args(model, seq_len, stride, batch_size)
     documents = [d for d in documents if d and d.strip()]
     if not documents:
         raise UserError("no non-empty documents to evaluate perplexity on")
 
-    ids, is_target = token_stream(tokenizer, documents)
-    n = len(ids)
-    ids_t = torch.tensor(ids, dtype=torch.long)
-    tgt_t = torch.tensor(is_target, dtype=torch.bool)
+    spans = []
+    for stream in ([[d] for d in documents] if alone else [documents]):  # one token stream per document, or one
+        ids, is_target = token_stream(tokenizer, stream)
+        ids_t, tgt_t = torch.tensor(ids, dtype=torch.long), torch.tensor(is_target, dtype=torch.bool)
+        spans.extend((ids_t, tgt_t, *w) for w in windows(len(ids), seq_len, stride))
+    total_nll, scored = _score(model, tokenizer, spans, batch_size, progress, document_positions=alone)
+    summary = _summary(total_nll, scored, documents, seq_len, stride)
+    return {**summary, "context": "document"} if alone else summary
+
+
+def document_perplexity(model, tokenizer, documents: Sequence[str], **kwargs) -> dict:
+    """``perplexity`` with every document alone: no window holds tokens of two documents, and positions restart
+    at each. The same keys, plus "context": "document"; the same tokens and words are scored."""
+    return perplexity(model, tokenizer, documents, alone=True, **kwargs)
+
+
+Span = tuple[torch.Tensor, torch.Tensor, int, int, int]  # (ids, is_target, begin, first, end) of one window
+
+
+def _score(model, tokenizer, spans: list[Span], batch_size: int, progress: bool, document_positions: bool
+           ) -> tuple[float, int]:
+    """(summed NLL, scored targets) over the windows ``spans``, right-padded into batches. ``document_positions``:
+    pass each window's positions inside its own token stream (a document alone) as position_ids."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
     was_training = model.training
     model.eval()
-    spans = windows(n, seq_len, stride)
     total_nll = 0.0  # python float: fp64 accumulation
     scored = 0
     bar = _progress(len(spans), progress)
     for i in range(0, len(spans), batch_size):
-        chunk = spans[i : i + batch_size]
-        T = max(end - begin for begin, _, end in chunk)
+        chunk = spans[i: i + batch_size]
+        T = max(end - begin for _, _, begin, _, end in chunk)
         x = torch.full((len(chunk), T), pad, dtype=torch.long)  # (B, T), right-padded
         mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        pos = torch.zeros(len(chunk), T, dtype=torch.long)  # in-document positions
         score = torch.zeros(len(chunk), T, dtype=torch.bool)  # which target positions count
-        for b, (begin, first, end) in enumerate(chunk):
+        for b, (ids, is_target, begin, first, end) in enumerate(chunk):
             L = end - begin
-            x[b, :L] = ids_t[begin:end]
+            x[b, :L] = ids[begin:end]
             mask[b, :L] = 1
-            score[b, first - begin : L] = tgt_t[first:end]  # earlier tokens are context only
+            pos[b] = torch.arange(begin, begin + T)  # the pads continue it: a restart would read as a new document
+            score[b, first - begin: L] = is_target[first:end]  # earlier tokens are context only
         x, mask, score = x.to(device), mask.to(device), score.to(device)
-        logits = model(input_ids=x, attention_mask=mask).logits.float()  # (B, T, V)
+        kw = {"position_ids": pos.to(device)} if document_positions else {}
+        logits = model(input_ids=x, attention_mask=mask, **kw).logits.float()  # (B, T, V)
         # position t predicts token t+1
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
         keep = score[:, 1:]
@@ -129,7 +148,22 @@ def perplexity(
     if bar is not None:
         bar.close()
     model.train(was_training)
+    return total_nll, scored
 
+
+def _check_args(model, seq_len: int | None, stride: int | None, batch_size: int) -> tuple[int, int]:
+    seq_len = int(seq_len or default_seq_len(model))
+    if seq_len < 2:
+        raise UserError(f"seq_len must be at least 2, got {seq_len}")
+    stride = min(int(stride or seq_len), seq_len - 1)  # chunked: windows overlap by one token of context
+    if stride < 1:
+        raise UserError(f"stride must be positive, got {stride}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be positive, got {batch_size}")
+    return seq_len, stride
+
+
+def _summary(total_nll: float, scored: int, documents: Sequence[str], seq_len: int, stride: int) -> dict:
     # a token is unscored only when it is a boundary, or the stream's first token with no boundary before it
     if scored == 0:
         raise UserError("the documents produced no tokens to score")

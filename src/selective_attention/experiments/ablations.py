@@ -43,7 +43,7 @@ from selective_attention.train.loss import evaluate_loss
 from selective_attention.train.methods import Applied, apply_method, parameter_counts
 from selective_attention.train.optim import OptimConfig, warmup_times_cosine
 
-DEFAULT_SEEDS = 3  # the README table (26 min on 2 cores); one seed cannot separate most rows
+DEFAULT_SEEDS = 3  # the docs/results.md table (26 min on 2 cores); one seed cannot separate most rows
 
 SSA_ROWS: dict[str, dict[str, Any]] = {
     "ssa-q": {"query": True, "value": False},

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from selective_attention.errors import UserError
-from selective_attention.experiments import common
+from selective_attention.experiments import common, lm
 from selective_attention.utils.stats import paired
 
 DEFAULT_SEEDS = 1
@@ -54,8 +54,12 @@ BUDGETS: dict[str, dict[str, Any]] = {
               "zero_shot_limit": 8},
     "default": {},
     "full": {"steps": 300, "zero_shot_limit": 0},
+    # the CPU version of the issue's question: 2 seeds x 3 rows x 100 steps of 4 x 256 tokens (~10 s a step on 2
+    # cores: ~1.7 h of training) at the weights' 1e-5 / temperatures' 1e-2 of the official recipe, 200 examples per
+    # zero-shot task; resumable over sittings (checkpoints every 20 steps)
+    "cpu": {"steps": 100, "zero_shot_limit": 200},
 }
-BUDGET_SEEDS = {"quick": 1, "default": 1, "full": 2}
+BUDGET_SEEDS = {"quick": 1, "default": 1, "full": 2, "cpu": 2}
 
 
 def _method(method: str) -> dict[str, Any]:
@@ -89,7 +93,9 @@ def _val_documents(data: str, tokenizer, max_tokens: int) -> list[str]:
     return out
 
 
-def _evaluate(run_dir: Path, config: Config) -> dict[str, Any]:
+def _evaluate(run_dir: Path, config: Config, model_dir: str | None = None) -> dict[str, Any]:
+    """Validation perplexity and zero-shot accuracy of ``run_dir``'s final model (or of ``model_dir``, e.g. the
+    base before fine-tuning), cached in ``run_dir / EVAL_FILE``."""
     from selective_attention.evaluate import perplexity, zero_shot
     from selective_attention.hf import load_pretrained
 
@@ -98,7 +104,8 @@ def _evaluate(run_dir: Path, config: Config) -> dict[str, Any]:
     path = run_dir / EVAL_FILE
     if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
         return json.loads(path.read_text())
-    model, tok = load_pretrained(str(run_dir / "final"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_pretrained(model_dir or str(run_dir / "final"))
     model.eval()
     ev = perplexity(model, tok, _val_documents(config.data, tok, config.eval_tokens), seq_len=config.seq_len,
                     batch_size=4)
@@ -128,6 +135,7 @@ def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> d
     init = model_path(config)
     tokens = config.steps * config.batch_size * config.seq_len
     records = []
+    base = _evaluate(out / "base", config, model_dir=init)  # before fine-tuning: what a fine-tune may cost
     bar = common.progress(len(seeds) * len(config.methods), f"finetune ({config.budget})", progress)
     for seed in seeds:
         for m in config.methods:
@@ -140,11 +148,12 @@ def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> d
                                      checkpoint_every=config.checkpoint_every, keep_checkpoints=1, **_method(m)))
             ev = _evaluate(d, config)
             records.append({"method": m, "seed": seed, "tokens_per_s": float(info["tokens_per_s"]),
-                            "new_parameters": int(info["parameters"]["new"]), **ev})
+                            "new_parameters": int(info["parameters"]["new"]),
+                            "temperatures": info.get("temperatures"), **ev})
             bar.update(1)
     bar.close()
     results = {"experiment": "finetune", "config": dataclasses.asdict(config), "seeds": list(seeds),
-               "model": Path(init).name, "methods": _aggregate(records), "runs": records}
+               "model": Path(init).name, "base": base, "methods": _aggregate(records), "runs": records}
     return common.finish(out, results, lambda out, res: None, summary)
 
 
@@ -156,7 +165,9 @@ def _aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         mean, std = common.mean_std([r["val_ppl"] for r in rows])
         d: dict[str, Any] = {"val_ppl": mean, "val_ppl_std": std, "seeds": [r["seed"] for r in rows],
                              "val_ppl_per_seed": [r["val_ppl"] for r in rows],
-                             "new_parameters": rows[0]["new_parameters"], "zero_shot": {}}
+                             "new_parameters": rows[0]["new_parameters"], "zero_shot": {},
+                             "temperatures": lm.temperature_row(rows) if all("temperatures" in r for r in rows)
+                             else None}
         for task in rows[0]["zero_shot"]:
             n = sum(r["zero_shot"][task]["n"] for r in rows)
             acc = sum(r["zero_shot"][task]["acc"] * r["zero_shot"][task]["n"] for r in rows) / max(n, 1)
@@ -175,6 +186,11 @@ def summary(results: dict[str, Any]) -> str:
              f"{cfg['batch_size']} x {cfg['seq_len']} tokens, seeds {results['seeds']})", "",
              "| method | new params | val ppl | vs vanilla, paired [95 % CI] | "
              + " | ".join(f"{t} acc ± se (n)" for t in tasks) + " |", "|---" * (4 + len(tasks)) + "|"]
+    base = results.get("base")
+    if base:
+        zs = [f"{base['zero_shot'][t]['acc']:.3f} ± {base['zero_shot'][t]['stderr']:.3f} ({base['zero_shot'][t]['n']})"
+              if t in base["zero_shot"] else "-" for t in tasks]
+        lines.append(f"| base, before fine-tuning | 0 | {base['val_ppl']:.3f} | - | " + " | ".join(zs) + " |")
     for m, d in results["methods"].items():
         p = d.get("paired_percent")
         pp = "-" if not p else (f"{p['mean']:+.2f} % (1 seed)" if p["low"] is None else
@@ -183,4 +199,4 @@ def summary(results: dict[str, Any]) -> str:
               if t in d["zero_shot"] else "-" for t in tasks]
         lines.append(f"| {m} | {d['new_parameters']:,} | {d['val_ppl']:.3f} ± {d['val_ppl_std']:.3f} | {pp} | "
                      + " | ".join(zs) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + lm.temperature_lines(results["methods"]))

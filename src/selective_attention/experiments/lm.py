@@ -1,4 +1,6 @@
-"""``ssa experiment lm --budget quick|default|full``: does SSA make a better language model? A resumable study.
+"""``ssa experiment lm --budget quick|default|full|search|confirm``: does SSA make a better language model? A resumable
+study. ``search`` is the pre-registered configuration search (``SEARCH``) and ``confirm`` trains its choice
+(``--set chosen=LABEL``) at the full budget on seeds it was not chosen on.
 
 Design (the ``full`` budget; ``default`` is its one-hour subset, ``quick`` a CI-sized check of the machinery):
 - model ``study``: a Llama-style body-heavy model (d 192, 4 layers, 6 heads, ffn 512) with a 2,048-token BPE
@@ -64,6 +66,8 @@ def _search_labels() -> tuple[str, ...]:
 
 
 SEARCH = _search_labels()
+CHOSEN = "chosen"  # stands for Config.chosen in a budget's rows
+CONFIRM_ROWS = ("vanilla", CHOSEN, "ssmax", "llama4")
 PRIMARY = ("vanilla", "ssa")  # the headline comparison, trained first
 EVAL_FILE = "lm_eval.json"  # per-run evaluation beside run.json (skipped when present with the same settings)
 
@@ -89,6 +93,8 @@ class Config:
     entropy_windows: int = 2  # windows of the longest length for attention entropy by position
     passkey_trials: int = 4  # teacher-forced passkey trials per length and depth (5 depths); 0 = no passkey test
     split_seed: int = 0
+    seed_offsets: tuple[int, ...] = ()  # per corpus: its seeds are the study's seeds + this (confirm: wiki 3-5)
+    chosen: str = ""  # confirm: the search's choice (a SEARCH label), trained against vanilla, ssmax and llama4
 
 
 BUDGETS: dict[str, dict[str, Any]] = {
@@ -106,13 +112,17 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # lighter by-length evaluation (the choice rule reads validation perplexity only)
     "search": {"corpora": ("wiki",), "methods": SEARCH, "passkey_trials": 0, "length_windows": 8,
                "entropy_windows": 1},
+    # the confirmation of the search's choice (``--set chosen=LABEL``): the full budget on wiki seeds 3-5 and sotu
+    # seeds 0-2 (seeds it was not chosen on), against vanilla, Scalable-Softmax and Llama-4 tuning
+    "confirm": {"max_tokens": 4_000_000, "eval_every": 50, "length_windows": 32, "corpora": ("wiki", "sotu"),
+                "methods": CONFIRM_ROWS, "other_methods": CONFIRM_ROWS, "seed_offsets": (3, 0)},
     # `ssa demo`: the study's design (body-heavy model, 512 tokens, long documents) at <= 10 minutes on 2 cores
     "demo": {"corpora": ("sotu",), "max_tokens": 400_000, "eval_every": 20, "eval_tokens": 32_768,
              "checkpoint_every": 50, "length_windows": 8, "entropy_windows": 1, "passkey_trials": 0},
     "demo-quick": {"corpora": ("sotu",), "max_tokens": 81_920, "eval_every": 5, "eval_tokens": 16_384,
                    "checkpoint_every": 50, "length_windows": 4, "entropy_windows": 1, "passkey_trials": 0},
 }
-BUDGET_SEEDS = {"quick": 2, "default": 3, "full": 3, "demo": 2, "demo-quick": 1, "search": 3}
+BUDGET_SEEDS = {"quick": 2, "default": 3, "full": 3, "demo": 2, "demo-quick": 1, "search": 3, "confirm": 3}
 
 
 @dataclass(frozen=True)
@@ -133,11 +143,23 @@ def plan(out: Path, config: Config, seeds: list[int]) -> list[Run]:
     headline comparison), then the other baselines seed by seed, so an interrupted study already holds complete
     paired comparisons of what matters most."""
     def runs_where(keep) -> list[tuple[str, str, int]]:
-        return [(corpus, method, seed) for seed in seeds for i, corpus in enumerate(config.corpora)
-                for method in (config.methods if i == 0 else config.other_methods) if keep(method)]
+        return [(corpus, method, seed + corpus_offset(config, i)) for seed in seeds
+                for i, corpus in enumerate(config.corpora)
+                for method in corpus_rows(config, i) if keep(method)]
 
-    ordered = runs_where(lambda m: m in PRIMARY) + runs_where(lambda m: m not in PRIMARY)
+    first = (*PRIMARY, config.chosen)  # the headline pair (a confirmation's: vanilla and the chosen row)
+    ordered = runs_where(lambda m: m in first) + runs_where(lambda m: m not in first)
     return [Run(c, m, s, out / "runs" / label(c) / f"{m}-seed{s}") for c, m, s in ordered]
+
+
+def corpus_rows(config: Config, corpus_index: int) -> tuple[str, ...]:
+    """The rows trained on the corpus at ``corpus_index`` (``chosen`` filled in)."""
+    names = config.methods if corpus_index == 0 else config.other_methods
+    return tuple(config.chosen if m == CHOSEN else m for m in names)
+
+
+def corpus_offset(config: Config, corpus_index: int) -> int:
+    return config.seed_offsets[corpus_index] if corpus_index < len(config.seed_offsets) else 0
 
 
 def is_trained(run: Run) -> bool:
@@ -207,8 +229,12 @@ def validate(config: Config, seeds: list[int]) -> None:
         raise UserError(f"unknown budget {config.budget!r}; choose from {', '.join(BUDGETS)}")
     if not config.corpora:
         raise UserError("no corpora to run")
-    for m in (*config.methods, *config.other_methods):
-        method_settings(m)
+    if CHOSEN in (*config.methods, *config.other_methods) and config.chosen not in SEARCH:
+        raise UserError(f"--budget {config.budget} confirms the search's choice: pass --set chosen=LABEL with a "
+                        f"search label (the 'choice' of the search's results.json), got {config.chosen!r}")
+    for i in range(len(config.corpora)):
+        for m in corpus_rows(config, i):
+            method_settings(m)
     if "vanilla" not in config.methods:
         raise UserError("the study compares every method with vanilla: keep vanilla in methods")
     if not config.length_multipliers or min(config.length_multipliers) < 1:
@@ -359,6 +385,7 @@ def _run_record(run: Run, train_length: int) -> dict[str, Any] | None:
             "tokens_per_s": float(info["tokens_per_s"]), "train_time_s": float(info["train_time_s"]),
             "tokens": int(info["tokens"]), "parameters": info["parameters"], "curve": {"tokens": tokens, "ppl": ppl},
             "ppl_by_length": {k: v["ppl"] for k, v in ev["ppl_by_length"].items()},
+            "windows_by_length": {k: v["windows"] for k, v in ev["ppl_by_length"].items()},
             "loss_by_position": {k: v["loss_by_position"] for k, v in ev["ppl_by_length"].items()},
             "attention_by_position": ev["attention_by_position"], "length_documents": ev["length_documents"],
             "dilution": dilution(ev["attention_by_position"], train_length),
@@ -488,9 +515,14 @@ def _train_and_evaluate(run_: Run, config: Config, progress: bool, skip_busy: bo
 
 
 def _worker(out: Path, config: Config, seeds: list[int], threads: int, parent: int) -> None:
-    """One of ``jobs`` processes: walk the plan, take every run no other process holds."""
+    """One of ``jobs`` processes: walk the plan, take every run no other process holds. It stops with the study
+    (``utils.parent``): an orphan would go on training while holding its run's lock."""
     import sys
 
+    from selective_attention.utils import parent as parent_process
+
+    if not parent_process.follow(parent):  # the study died while this process was starting
+        return
     import torch
 
     torch.set_num_threads(threads)
@@ -500,7 +532,7 @@ def _worker(out: Path, config: Config, seeds: list[int], threads: int, parent: i
               flush=True)
 
     for r in plan(out, config, seeds):
-        if os.getppid() != parent:  # the study was stopped: do not start another run
+        if parent_process.gone():  # the study was stopped: do not start another run
             return
         try:
             state = _train_and_evaluate(r, config, progress=False, skip_busy=True)
@@ -597,7 +629,20 @@ def _mechanism_lines(methods: dict[str, Any], train_length: int) -> list[str]:
     return lines + [""]
 
 
-def _temperature_lines(methods: dict[str, Any]) -> list[str]:
+def _length_basis(results: dict[str, Any], corpus: str) -> str:
+    """What the by-length columns were measured on: the documents' length distribution and windows per length."""
+    rec = next((r for r in results["runs"] if r["corpus"] == corpus), None)
+    if rec is None:
+        return ""
+    docs = rec["length_documents"]
+    wins = rec.get("windows_by_length") or {}
+    return (f"Perplexity by length: windows inside one document of {results['config']['length_corpus']} val "
+            f"({docs['documents']} documents of {docs['min']:,.0f} / {docs['median']:,.0f} / {docs['max']:,.0f} "
+            "tokens min / median / max)" + ("; windows per length: " + ", ".join(f"{L}: {n}" for L, n in wins.items())
+                                             if wins else "") + ".")
+
+
+def temperature_lines(methods: dict[str, Any]) -> list[str]:
     rows = [(m, d["temperatures"]) for m, d in methods.items() if d.get("temperatures")]
     if not rows:
         return []
@@ -649,12 +694,13 @@ def summary(results: dict[str, Any]) -> str:
                      _fmt_interval(d.get("paired_percent_equal_time")), f"{d['tokens_per_s']:,.0f}"]
             cells += [f"{d['ppl_by_length'][L]:.2f}" for L in lengths]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", _length_basis(results, corpus)]
         lines += ["", "Paired change of perplexity vs vanilla by evaluation length (95 % CI):", ""]
         for m, d in methods.items():
             if m != "vanilla" and "paired_percent_by_length" in d:
                 lines.append(f"- {m}: " + "; ".join(f"@{L}: {_fmt_interval(p)} ({p['verdict']})"
                                                      for L, p in d["paired_percent_by_length"].items()))
-        lines += _temperature_lines(methods)
+        lines += temperature_lines(methods)
         late = methods.get("vanilla", {}).get("late_improvement_percent")
         if late is not None:
             lines += ["", f"Vanilla's validation perplexity fell {late:.1f} % over its last 20 % of tokens (mean over "

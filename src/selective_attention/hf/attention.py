@@ -4,6 +4,11 @@
 ``"ssa"`` runs the SDPA kernel and ``"ssa_eager"`` the family's eager kernel on q * tau_q (after RoPE and any
 q-norm) and the key / value that already carry their temperatures; the mask is the one
 ``AttentionMaskInterface`` builds for the base kernel. No T x T matrix is added: the SDPA path stays fused.
+
+Packed sequences (``position_ids`` that restart inside a row, as ``DataCollatorWithFlattening`` makes them): the
+temperatures follow those positions (hooks.py), and transformers builds the document mask itself for sdpa and
+eager when the model is called without a cache and without a 2-D ``attention_mask``. Otherwise its mask is plain
+causal and documents would see each other: that forward is refused (``check_documents_apart``).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from selective_attention.errors import UserError
 from selective_attention.functional import apply_temperature
 from selective_attention.hf.state import STATE_ATTR
 
@@ -40,16 +47,54 @@ def _with_tau_q(module: nn.Module, query: Tensor) -> Tensor:
     return apply_temperature(query, tau)  # (B, H, T, D) * (B|1, H, T)
 
 
+PACKED_HINT = ("call the model with use_cache=False and no attention_mask (transformers then builds the packed "
+               "documents' mask from position_ids for sdpa and eager)")
+
+
+def check_documents_apart(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> None:
+    """Refuse a forward whose position_ids restart inside a row (packed documents) while the mask lets a document
+    see the one before it: SSA's p would restart but the attention would not. Checks the key just before each
+    document's first token (O(documents), no T x T work); skipped under torch.compile (data-dependent)."""
+    st = getattr(module, STATE_ATTR, None)
+    pos = None if st is None else st.positions  # (B|1, T) 1-indexed
+    B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
+    if pos is None or not getattr(st, "positions_given", True) or Tq < 2 or pos.shape[-1] != Tq or \
+            torch.compiler.is_compiling():
+        return  # positions the hooks counted themselves never restart
+    # p == 1 after the first token: a sequence begins there (left padding's pads sit at p = 2, not 1)
+    rows, cols = torch.nonzero(pos.expand(B, -1)[:, 1:] == 1, as_tuple=True)  # (n,) each
+    if rows.numel() == 0:
+        return
+    cols = cols + 1
+    if attention_mask is None:  # the kernel's plain causal mask: every document sees the ones before it
+        leaks = torch.ones_like(rows, dtype=torch.bool)
+    elif not isinstance(attention_mask, Tensor):  # a BlockMask (flex): not ours to read, sdpa / eager only
+        return
+    else:
+        m = attention_mask.reshape(-1, *attention_mask.shape[-2:]) if attention_mask.dim() != 4 else \
+            attention_mask[:, 0]  # (B|1, Tq, Tk): one mask for every head
+        r, kv = rows if m.shape[0] > 1 else torch.zeros_like(rows), Tk - Tq + cols  # kv: the key of query cols
+        seen = m[r, cols, kv - 1], m[r, cols, kv]  # the key before it, and itself (blocked: a padding query)
+        leaks = [t if t.dtype == torch.bool else t > -1e4 for t in seen]  # an additive mask blocks with ~finfo.min
+        leaks = leaks[0] & leaks[1]
+    if bool(leaks.any()):
+        i = int(torch.nonzero(leaks)[0])
+        raise UserError(f"SSA: position_ids restart at token {int(cols[i])} of row {int(rows[i])} (packed "
+                        f"documents), but the attention mask lets it see the document before it: {PACKED_HINT}")
+
+
 def ssa_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                        attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """q/k/v (B, H, T, D) after RoPE and the cache update; v (and k) already carry their temperatures."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    check_documents_apart(module, query, key, attention_mask)
     return sdpa_attention_forward(module, _with_tau_q(module, query), key, value, attention_mask, **kwargs)
 
 
 def ssa_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                         attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    check_documents_apart(module, query, key, attention_mask)
     query = _with_tau_q(module, query)
     if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's float32 path, taken under "eager" only
         return module._upcast_and_reordered_attn(query, key, value, attention_mask)

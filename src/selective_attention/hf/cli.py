@@ -10,7 +10,8 @@ from selective_attention.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory or .gguf file (offline)")
+    p.add_argument("--model", required=True, help="Hugging Face model directory, .gguf file, or smollm2-135m (the "
+                   "bundled SmolLM2-135M; offline)")
     p.add_argument("--out", required=True, help="output directory (safetensors + config.json with 'ssa')")
     add_ssa_arguments(p)
     p.add_argument("--report", action="store_true", help="print base / new parameter counts")

@@ -150,6 +150,7 @@ class _CaptureInputs:
         bind(self.attn, st)
         st.hidden = x
         st.positions = _find_positions(x, kwargs, getattr(module, "layer_idx", None))
+        st.positions_given = isinstance(kwargs.get("position_ids"), Tensor)
         st.tau_q = None
         st.pending = {}
         if st.record is not None:

@@ -17,6 +17,7 @@ from selective_attention.hf.attention import register
 from selective_attention.hf.convert import convert
 from selective_attention.hf.state import TEMPERATURE_ATTR
 from selective_attention.temperature import legacy_alpha_to_coefficient
+from selective_attention.utils.packages import BUNDLED_MODELS, resolve_model
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -137,15 +138,16 @@ def _load(p: Path, dtype: torch.dtype | None, kwargs: dict[str, Any]) -> tuple[n
 
 def load_pretrained(path_or_gguf: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     **kwargs: Any) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a Hugging Face dir (SSA-converted or plain) or a .gguf file, offline. The tokenizer
-    is None when the directory has none.
+    """(model, tokenizer) from a Hugging Face dir (SSA-converted or plain), a .gguf file or the name of a bundled
+    model (``"smollm2-135m"``: utils.packages.resolve_model), offline. The tokenizer is None when the directory
+    has none.
 
     ``dtype``: the floating dtype of every floating parameter (``torch.float32`` for float32 master weights);
     default: the checkpoint's own for a directory, float32 for GGUF (dequantised). Any failure to load raises
     ``UserError`` with a one-line message."""
-    p = Path(path_or_gguf).expanduser()
+    p = resolve_model(path_or_gguf)
     if not p.exists():
-        raise UserError(f"no such model file or directory: {p}")
+        raise UserError(f"no such model file or directory: {p} (bundled models, by name: {', '.join(BUNDLED_MODELS)})")
     try:
         return _load(p, dtype, dict(kwargs))
     except UserError:

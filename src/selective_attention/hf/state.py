@@ -21,6 +21,7 @@ class SSAState:
         self.n_heads, self.n_kv_heads, self.head_dim = site.n_heads, site.n_kv_heads, site.head_dim
         self.hidden: Tensor | None = None  # (B, T, C) input of the attention module
         self.positions: Tensor | None = None  # (B|1, T) absolute 1-indexed
+        self.positions_given = False  # they came from position_ids (which may restart: packed documents)
         self.tau_q: Tensor | None = None  # (B|1, H, T), consumed by the attention function
         self.pending: dict[str, Tensor] = {}  # key / value tau waiting for the norm after the projection
         self.record: list[dict[str, Tensor | None]] | None = None  # model_temperatures() collects here

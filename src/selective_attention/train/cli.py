@@ -26,9 +26,12 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-tokens", "max_tokens", int, "training tokens (default 1,000,000)"),
     ("--seed", "seed", int, "seed of the initialisation and the data order (default 0)"),
     ("--out", "out", str, "run directory (metrics.jsonl, checkpoints/, final/, run.json)"),
-    ("--init-from", "init_from", str, "fine-tune a pretrained model: a Hugging Face folder or a .gguf file"),
+    ("--init-from", "init_from", str, "fine-tune a pretrained model: a Hugging Face folder, a .gguf file, or "
+     "smollm2-135m (the bundled SmolLM2-135M)"),
     ("--nproc", "nproc", int, "processes (torchrun; gloo on CPU, NCCL on GPU); default 1"),
     ("--seq-len", "seq_len", int, "tokens per sequence (default 256)"),
+    ("--packing", "packing", str, "stitched (default: windows run across documents) or documents (attention and "
+     "positions restart at every document of a window)"),
     ("--batch-size", "batch_size", int, "sequences per micro-batch per process (default 8)"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
     ("--lr", "lr", float, "peak learning rate (default 1e-3)"),
@@ -126,6 +129,11 @@ def config_from_args(args: argparse.Namespace):
             raise UserError(f"--config: ssa must be a mapping of SSA settings, got {ssa!r}")
         legacy = {LEGACY_SSA_KEYS[k]: settings.pop(k) for k in list(settings) if k in LEGACY_SSA_KEYS}
         settings["ssa"] = {**ssa, **{k: v for k, v in legacy.items() if v is not None}, **flags}
+    if isinstance(settings.get("init_from"), str):  # a bundled model's name (smollm2-135m) -> its file
+        from selective_attention.utils.packages import BUNDLED_MODELS, resolve_model
+
+        if settings["init_from"] in BUNDLED_MODELS:
+            settings["init_from"] = str(resolve_model(settings["init_from"]))
     cfg = TrainConfig.from_dict(settings)
     cfg.validate()
     return cfg

@@ -15,6 +15,8 @@ from typing import Any
 
 from selective_attention.config import SSAConfig
 from selective_attention.errors import UserError
+from selective_attention.train.data import PACKINGS
+from selective_attention.utils.packages import resolve_model
 
 FINETUNE_TEMPERATURE_LR = 1e-2  # the official SSA fine-tuning recipe (weights at 1e-5)
 # Fine-tuning: the temperatures already train at 1e-2, so c = 1 x theta moves ~1e-2 per step, as from scratch
@@ -42,6 +44,9 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/train"
     seq_len: int = 256
+    # stitched: windows cut across documents, attention and positions run across them; documents: attention and
+    # positions (RoPE, SSA's p) restart at every document of a window (train/data.py)
+    packing: str = "stitched"
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
@@ -193,6 +198,7 @@ class TrainConfig:
              f"{self.temperatures_only!r}")
         need(not (self.temperatures_only and self.attention == "vanilla"),
              "--temperatures-only trains only the SSA temperatures: --attention vanilla has none (use ssa)")
+        need(self.packing in PACKINGS, f"--packing must be {' or '.join(PACKINGS)}, got {self.packing!r}")
         need(self.precision in PRECISIONS, f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
         need(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
@@ -206,7 +212,7 @@ class TrainConfig:
              f"{self.ssa!r}")
         self.ssa_config()
         get_method(self.attention).check_options(self.method_options)
-        if self.init_from is not None and not Path(self.init_from).expanduser().exists():
+        if self.init_from is not None and not resolve_model(self.init_from).exists():  # a bundled name resolves
             raise UserError(f"--init-from: not found: {self.init_from}")
         steps = self.total_steps()
         need(self.warmup is None or self.warmup <= steps,

@@ -149,10 +149,16 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 
 
 ENV_ERRORS = "SSA_TRAIN_ERRORS"  # a folder where each process of a launched run writes its one-line error
-# torchrun without its ChildFailedError traceback: the exit code of the first failed process, and no log lines
+# torchrun without its ChildFailedError traceback: the exit code of the first failed process, and no log lines.
+# It stops with the `ssa train` that started it and its processes stop with it (utils.parent): when `ssa train` is
+# killed, torchrun gets SIGTERM and ends its processes (which also get SIGTERM if torchrun itself is SIGKILLed).
 TORCHRUN = """
-import logging, sys
+import logging, os, sys
+from selective_attention.utils import parent
+parent.follow_env()
+os.environ[parent.ENV_PARENT] = str(os.getpid())
 from torch.distributed import run
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
 try:
@@ -160,6 +166,8 @@ try:
 except ChildFailedError as e:
     codes = [f.exitcode for _, f in sorted(e.failures.items())]
     sys.exit(next((c for c in codes if c > 0), 1))
+except SignalException as e:  # stopped by a signal (its parent died, or a kill): no traceback
+    sys.exit(128 + int(e.sigval))
 """
 
 
@@ -168,11 +176,13 @@ def launch(nproc: int, config_file: str, out: Path | None = None) -> tuple[int, 
     and the one-line errors of the processes that failed, as (rank, message), rank 0 first. ``out``: the run
     directory whose lock this process holds for its children."""
     from selective_attention.train.lock import ENV_HELD
+    from selective_attention.utils.parent import ENV_PARENT
 
     cmd = [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
            "-m", "selective_attention", "train", "--config", config_file]
     env = dict(os.environ)
     env["SSA_LAUNCHED"] = "1"  # the parent prints the summary, not rank 0 as well
+    env[ENV_PARENT] = str(os.getpid())  # torchrun, and through it the processes, stop when this process dies
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if out is not None:
         env[ENV_HELD] = str(out)

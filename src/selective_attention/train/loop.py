@@ -7,7 +7,10 @@
 ``.logits`` or a (B, T, V) tensor, on any batch source ``batches(i) -> (B, T + 1)`` long tensor (i = the
 micro-batch index, step * grad_accum + m), with the AdamW + warmup/cosine helpers of train/optim.py, and writes
 nothing to disk. A batch may also be a pair (inputs (B, T), targets (B, T)) whose targets -100 carry no loss
-(``F.cross_entropy``'s ignore_index): a task that scores only some positions, e.g. the answer of a retrieval task.
+(``F.cross_entropy``'s ignore_index): a task that scores only some positions, e.g. the answer of a retrieval task;
+or a triple (inputs, targets, positions (B, T)) of packed documents (``data.WindowSampler`` with documents): the
+0-indexed in-document positions go to the model as ``position_ids``, from which transformers builds the
+block-diagonal causal mask (once per forward; sdpa: a boolean (B, 1, T, T) mask) - see ``loss.model_inputs``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 
 from selective_attention.errors import UserError
 from selective_attention.train import loss as L
+from selective_attention.train.loss import model_inputs
 from selective_attention.train.optim import OptimConfig, build_optimizer, lr_factor, set_lr
 from selective_attention.utils.device import choose_device
 
@@ -52,14 +56,20 @@ def compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model)
 
 
-Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # (B, T + 1) windows, or (inputs, targets) each (B, T)
+# (B, T + 1) windows, (inputs, targets) each (B, T), or (inputs, targets, in-document positions) each (B, T)
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def inputs_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of a batch: the shifted halves of a (B, T + 1) window, or the given pair."""
     if isinstance(batch, torch.Tensor):
         return batch[:, :-1], batch[:, 1:]
-    return batch
+    return batch[0], batch[1]
+
+
+def batch_positions(batch: Batch) -> torch.Tensor | None:
+    """The in-document positions (B, T) of a packed batch, None for any other."""
+    return batch[2] if isinstance(batch, tuple) and len(batch) == 3 else None
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callable[[int], Batch], *,
@@ -80,10 +90,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callab
     device = next(iter(optimizer.param_groups[0]["params"])).device
     loss_sum = torch.zeros((), device=device)
     for m in range(grad_accum):
-        x, y = inputs_targets(batch(m))  # (B, T) each
+        b = batch(m)
+        x, y = inputs_targets(b)  # (B, T) each
         with no_sync(m) if no_sync is not None else nullcontext():
             with autocast():
-                logits = L.logits_of(model(input_ids=x))  # (B, T, V)
+                logits = L.logits_of(model(**model_inputs(x, batch_positions(b))))  # (B, T, V)
             loss = L.lm_loss(logits, y)
             (loss / grad_accum).backward()
         loss_sum += loss.detach().float()

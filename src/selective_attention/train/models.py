@@ -19,13 +19,13 @@ never targets).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PretrainedConfig
 
 from selective_attention.config import SSAConfig
 from selective_attention.errors import UserError
+from selective_attention.utils.packages import resolve_model
 
 
 def _llama(d: int, layers: int, heads: int, ffn: int) -> Callable[[int, int], PretrainedConfig]:
@@ -87,7 +87,7 @@ def load_init(path: str) -> torch.nn.Module:
     from selective_attention import hf
     from selective_attention.train.methods import load_model
 
-    p = Path(path).expanduser()
+    p = resolve_model(path)  # a path, or a bundled model's name (smollm2-135m)
     model = load_model(p) if p.is_dir() else hf.load_pretrained(p, dtype=torch.float32)[0]
     for prm in model.parameters():  # float32 master weights (a de-quantised GGUF model refuses .float())
         if prm.dtype != torch.float32:

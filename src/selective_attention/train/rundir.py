@@ -149,17 +149,20 @@ class Plan:
             self.lock.release()
 
     def abandon(self) -> None:
-        """After a failure: remove OUT again if this run created it and wrote nothing but its lock there."""
-        if self.created is None or not self.out.is_dir():
+        """After a failure: remove OUT again if this run created it and wrote nothing but its lock there (only
+        while holding that lock: another run's lock file is never removed)."""
+        if self.created is None or not self.out.is_dir() or self.lock is None or not self.lock.held:
             return
         if all(p.name == LOCK_NAME for p in self.out.iterdir()):
-            self.release()
-            (self.out / LOCK_NAME).unlink(missing_ok=True)
+            self.lock.discard(always=True)
             p = self.out
-            p.rmdir()
-            while p != self.created and not any(p.parent.iterdir()):
-                p = p.parent
+            try:
                 p.rmdir()
+                while p != self.created and not any(p.parent.iterdir()):
+                    p = p.parent
+                    p.rmdir()
+            except OSError:  # another run has just opened OUT/.lock: OUT is its now
+                pass
 
 
 def _saved_settings(out: Path, manifest: dict | None, ckpts: list[tuple[int, Path]]) -> tuple[dict, dict | None]:

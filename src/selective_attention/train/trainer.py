@@ -1,6 +1,7 @@
 """``train(cfg)``: one process on a laptop CPU, or many under ``torchrun`` (DDP / FSDP), same code.
 
-    data    : tokens.prepare(...) -> a memory-mapped train array, cut into seq_len windows (data.WindowSampler)
+    data    : tokens.prepare(...) -> a memory-mapped train array, cut into seq_len windows (data.WindowSampler);
+              --packing documents: attention and positions restart at every document of a window
     model   : models.build_model(size) or --init-from a pretrained model; the attention method (train.methods)
     optim   : optim.build_optimizer / lr_factor; each step is loop.train_step
     outputs : rundir: OUT/ssa-run.json (manifest), OUT/metrics.jsonl, OUT/checkpoints/, OUT/final/ (Hugging Face
@@ -31,14 +32,15 @@ from selective_attention.errors import UserError, first_line
 from selective_attention.train import distributed as D
 from selective_attention.train import rundir, temperatures
 from selective_attention.train.config import TrainConfig
-from selective_attention.train.data import WindowSampler
+from selective_attention.train.data import DocumentIndex, WindowSampler
 from selective_attention.train.launch import launch
 from selective_attention.train.limits import check_fits
-from selective_attention.train.loop import Diverged, autocast_for, compiled, train_step
-from selective_attention.train.loss import evaluate_loss
+from selective_attention.train.loop import Batch, Diverged, autocast_for, compiled, train_step
+from selective_attention.train.loss import evaluate_loss, logits_of, model_inputs
 from selective_attention.train.methods import Applied, apply_method, get_method, parameter_counts
 from selective_attention.train.models import build_model, load_init
 from selective_attention.train.optim import OptimConfig, build_optimizer, lr_factor
+from selective_attention.utils import parent as parent_process
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -46,6 +48,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch(cfg)
+    parent_process.follow_env()  # a process of `ssa train --nproc N`: it stops with the torchrun that started it
     plan = rundir.plan_out_dir(cfg, main=int(os.environ.get("RANK", "0")) == 0)
     try:
         if plan.kind == "done":
@@ -98,6 +101,7 @@ class Run:
     val_step: int = -1  # the step val_loss belongs to
     bar: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    val_documents: DocumentIndex | None = None  # packing "documents": where the validation documents begin
 
     @property
     def tokens(self) -> int:
@@ -119,7 +123,9 @@ def _build(cfg: TrainConfig, vocab: int, train_tokens: np.ndarray | None) -> tup
         if not method.uses_ssa and saved:
             raise UserError(f"--init-from {cfg.init_from} is an SSA model: fine-tune it with --attention ssa")
         if saved and cfg.ssa is not None:  # the model keeps its own temperatures: other SSA settings would be a lie
-            ours = {k: v for k, v in ssa.to_dict().items() if k not in ("init", "mlp_hidden")}
+            # the start (init, position_init) and c's step size (position_scale) belong to the saved model
+            ours = {k: v for k, v in ssa.to_dict().items()
+                    if k not in ("init", "mlp_hidden", "position_init", "position_scale")}
             diff = sorted(k for k, v in ours.items() if saved.get(k, v) != v)
             if diff:
                 raise UserError(f"--init-from {cfg.init_from} is an SSA model with other settings ({', '.join(diff)}):"
@@ -149,7 +155,9 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
                                         cfg.split_seed, cfg.cache_dir, splits=("train", "val")), info)
     tokenizer = data.tokenizer
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
-    sampler = WindowSampler(train_tokens, cfg.seq_len, cfg.seed)
+    packed = cfg.packing == "documents"
+    sampler = WindowSampler(train_tokens, cfg.seq_len, cfg.seed, boundary=data.eot_id if packed else None)
+    val_documents = DocumentIndex(val_tokens, data.eot_id) if packed else None
 
     # ---- model
     method = get_method(cfg.attention)
@@ -159,6 +167,13 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
         (cfg.ssa_config() if method.uses_ssa else None)
     if cfg.init_from and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"--init-from {cfg.init_from}: its tokenizer has more tokens than the model embeds")
+    if packed:
+        check_documents_apart(model, cfg.attention)
+        table = getattr(model.config, "n_positions", None)  # learned absolute positions (GPT-2): a hard limit
+        longest = max(sampler.documents.longest(), val_documents.longest())
+        if isinstance(table, int) and longest > table:
+            raise UserError(f"--packing documents: the longest document has {longest:,} tokens, but the model "
+                            f"embeds positions up to {table:,} only: use --packing stitched")
     counts = parameter_counts(model, applied)
     temperature_start = temperatures.snapshot(model)  # before a checkpoint: the run's own start (same seed)
     if cfg.temperatures_only:
@@ -224,7 +239,30 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
                log=rundir.MetricsLog(metrics_path, info.is_main), rundir=rd, counts=counts, ssa=ssa,
                total_steps=total_steps, warmup=warmup, per_step=per_step, run_config=run_config, step=step,
                elapsed_s=elapsed_s, train_time_s=train_time_s, val_loss=val_loss, val_step=val_step,
-               extra={"temperature_start": temperature_start})
+               extra={"temperature_start": temperature_start}, val_documents=val_documents)
+
+
+@torch.no_grad()
+def check_documents_apart(model: nn.Module, attention: str) -> None:
+    """--packing documents: refuse a model in which two packed documents (position_ids restarting) do not get the
+    logits each gets alone - a family or transformers version whose masks ignore packed position_ids would
+    silently train across documents. Three forwards of a few tokens on the freshly built model."""
+    vocab = model.get_input_embeddings().num_embeddings
+    a, b = torch.arange(1, 6) % vocab, torch.arange(7, 10) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        alone = torch.cat([logits_of(model(input_ids=t[None])) for t in (a, b)], dim=1)  # (1, 8, V)
+        pos = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None]  # (1, 8): restarts at b
+        packed = logits_of(model(**model_inputs(torch.cat([a, b])[None], pos)))
+    except UserError as e:
+        raise UserError(f"--packing documents: --attention {attention} cannot keep packed documents apart "
+                        f"({first_line(e)})") from None
+    finally:
+        model.train(was_training)
+    if not torch.allclose(packed.float(), alone.float(), atol=1e-4, rtol=1e-4):
+        raise UserError(f"--packing documents: {type(model).__name__} (attention {attention}) lets packed documents "
+                        "see each other with this transformers version: use --packing stitched")
 
 
 def save_checkpoint(run: Run) -> Path | None:
@@ -240,18 +278,21 @@ def save_checkpoint(run: Run) -> Path | None:
 def validate(run: Run) -> float:
     cfg = run.cfg
     loss = evaluate_loss(run.wrapped if run.info.fsdp else run.model, run.val_tokens, cfg.seq_len, cfg.batch_size,
-                         cfg.eval_tokens, run.info, run.autocast)
+                         cfg.eval_tokens, run.info, run.autocast, documents=run.val_documents)
     run.log.write({"step": run.step, "tokens": run.tokens, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))})
     run.val_step = run.step
     return loss
 
 
-def _micro_batch(run: Run, step: int) -> Callable[[int], torch.Tensor]:
+def _micro_batch(run: Run, step: int) -> Callable[[int], Batch]:
     info, B = run.info, run.cfg.batch_size
 
-    def batch(m: int) -> torch.Tensor:
+    def batch(m: int) -> Batch:
         first = step * run.per_step + m * B * info.world_size + info.rank * B  # global sample index
-        return run.sampler.windows(range(first, first + B)).to(info.device, non_blocking=True)
+        b = run.sampler.samples(range(first, first + B))  # windows, or (inputs, targets, positions) when packed
+        if isinstance(b, torch.Tensor):
+            return b.to(info.device, non_blocking=True)
+        return tuple(t.to(info.device, non_blocking=True) for t in b)
     return batch
 
 
@@ -275,6 +316,10 @@ def run_steps(run: Run) -> None:
         min(run.total_steps, cfg.stop_at_step)
     A = cfg.grad_accum
     while run.step < stop:
+        if parent_process.gone():  # started by a study or torchrun that has died: stop, resumable from a checkpoint
+            if bar is not None:
+                bar.close()
+            raise parent_process.ParentGone()
         t0 = time.perf_counter()
         factor = lr_factor(run.step, run.total_steps, run.warmup, cfg.min_lr_ratio)
         try:

