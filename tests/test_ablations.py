@@ -14,8 +14,8 @@ import torch
 
 from selective_attention.errors import UserError
 from selective_attention.experiments import ablations as A
+from selective_attention.methods import ScalableSoftmaxTemperature
 from selective_attention.train import loop
-from selective_attention.train.methods import ScalableSoftmaxTemperature
 
 VOCAB, T = 64, 16
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, 4000).astype(np.uint16)  # a synthetic "corpus"
@@ -47,7 +47,7 @@ def test_rows_share_the_base_weights_and_differ_in_the_attention():
 
 
 def test_row_configurations():
-    """Each SSA row puts its temperatures (and terms) where its name says; the rules are train.methods' modules."""
+    """Each SSA row puts its temperatures (and terms) where its name says; the rules are selective_attention.methods' modules."""
     def ssa(method):
         model, _ = A.build(method, "tiny", VOCAB, T, seed=0)
         return model.config.ssa

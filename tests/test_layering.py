@@ -1,7 +1,8 @@
 """The house rule, read from the code: which package may import which, and no import cycle.
 
-    core (config, functional, temperature, layer) imports nothing above it; hf -> core; data, train -> hf, core;
-    evaluate -> hf, data, core (and report's renderers: `ssa report` / `ssa viz` probe a model, then render);
+    core (config, functional, temperature, layer) imports nothing above it; hf -> core; methods (the registry of
+    attention methods) -> hf, core; data -> hf, core; train -> methods, data, hf, core;
+    evaluate -> methods, hf, data, core (and report's renderers: `ssa report` / `ssa viz` probe a model, then render);
     experiments -> train, evaluate (and below); bench -> train (and below);
     report reads results JSON only (utils, errors); utils is a leaf; cli.py / demo.py are the face.
 
@@ -25,10 +26,11 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "hf": {"hf"} | CORE | LEAVES,
     "data": {"data", "hf"} | CORE | LEAVES,
-    "train": {"train", "data", "hf"} | CORE | LEAVES,
-    "evaluate": {"evaluate", "data", "hf", "report"} | CORE | LEAVES,  # probe, then report's renderers
-    "bench": {"bench", "train", "data", "hf"} | CORE | LEAVES,
-    "experiments": {"experiments", "train", "evaluate", "data", "hf"} | CORE | LEAVES,
+    "methods": {"methods", "hf"} | CORE | LEAVES,
+    "train": {"train", "methods", "data", "hf"} | CORE | LEAVES,
+    "evaluate": {"evaluate", "methods", "data", "hf", "report"} | CORE | LEAVES,  # probe, then report's renderers
+    "bench": {"bench", "train", "methods", "data", "hf"} | CORE | LEAVES,
+    "experiments": {"experiments", "train", "methods", "evaluate", "data", "hf"} | CORE | LEAVES,
     "report": {"report"} | LEAVES,
 }
 FACE = {"cli", "demo", "__main__", "__init__"}  # may import anything

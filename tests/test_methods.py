@@ -1,4 +1,4 @@
-"""The attention methods registry (train/methods.py): each rule's tau at known positions, identity starts,
+"""The attention methods registry (methods/): each rule's tau at known positions, identity starts,
 gradients into the new parameters, parameter counts, optimizer groups, and save / reload."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import torch
 
 from selective_attention.config import SSAConfig
 from selective_attention.errors import UserError
-from selective_attention.train import TrainConfig, train
-from selective_attention.train.methods import (
+from selective_attention.methods import (
     METHODS,
     FrequencyTemperature,
     HeadGate,
@@ -26,6 +25,7 @@ from selective_attention.train.methods import (
     load_model,
     parameter_counts,
 )
+from selective_attention.train import TrainConfig, train
 from selective_attention.train.models import build_model
 from selective_attention.train.optim import OptimConfig, build_optimizer, lr_factor
 
@@ -143,7 +143,7 @@ def test_ssa_pos_head_is_position_only_on_the_query(name):
 
 
 def test_official_form_is_one_coefficient_per_layer():
-    from selective_attention.train.methods import OfficialPositionTemperature
+    from selective_attention.methods import OfficialPositionTemperature
 
     model, applied = tiny("ssa-official")
     fns = [m for m in model.modules() if isinstance(m, OfficialPositionTemperature)]
@@ -226,6 +226,14 @@ def test_train_with_a_method_and_reload(method, corpus, tmp_path):
     assert math.isfinite(run["final_val_loss"])
     assert run["parameters"]["new"] == {"gated": 2 * 128 * 4, "llama4": 0}[method]
     assert run["config"]["method"]["name"] == method and run["config"]["ssa"] is None
+    # every method's saved model evaluates with `ssa eval` (the registry rebuilds its modules)
+    from selective_attention.cli import main
+
+    out = tmp_path / f"{method}-eval.json"
+    assert main(["eval", "--model", str(tmp_path / method / "final"), "--data", str(corpus), "--tasks",
+                 "perplexity", "--seq-len", "32", "--limit", "4", "--out", str(out), "--no-progress"]) == 0
+    ppl = json.loads(out.read_text())["perplexity"]["token_ppl"]
+    assert math.isfinite(ppl) and 1.0 < ppl < 1000
     if method == "llama4":
         assert run["config"]["method"]["options"]["floor_scale"] == 2  # seq_len 32 // 16
         assert run["temperatures"]["modules"] == [] and run["temperatures"]["moved"] is None  # nothing to learn

@@ -21,10 +21,10 @@ from selective_attention.functional import (
     reference_attention,
     selective_attention,
 )
+from selective_attention.methods import METHODS, apply_method
 from selective_attention.train import TrainConfig, train
 from selective_attention.train.data import DocumentIndex, WindowSampler
 from selective_attention.train.loss import lm_loss, logits_of, model_inputs
-from selective_attention.train.methods import METHODS, apply_method
 from selective_attention.train.models import build_model
 
 D64 = torch.float64

@@ -131,7 +131,18 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float
     p = resolve_model(path)
     if p.is_dir() and not (p / "config.json").is_file():
         raise UserError(f"not a model directory (no config.json): {p}")
-    model, tok = load_pretrained(p)  # a one-line UserError for whatever does not load
+    if p.is_dir() and _method_record(p):  # gated, ssmax, llama4, ...: the registry rebuilds its modules
+        from transformers import AutoTokenizer
+
+        from selective_attention.methods import load_model as load_method_model
+
+        model = load_method_model(p)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p))
+        except Exception:  # noqa: BLE001 - no or a broken tokenizer: reported below in one line
+            tok = None
+    else:
+        model, tok = load_pretrained(p)  # a one-line UserError for whatever does not load
     if tok is None:
         raise UserError(f"model directory has no tokenizer: {p}")
     bad = nonfinite_weights(model)
@@ -141,6 +152,16 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float
     model.to(device=torch.device(device), dtype=getattr(torch, dtype))
     model.eval()
     return model, tok
+
+
+def _method_record(path: Path) -> dict | None:
+    """The ``ssa_method`` record of a saved model of a non-SSA method (None for vanilla / SSA / unreadable)."""
+    from selective_attention.methods import METHOD_ATTR
+
+    try:
+        return json.loads((path / "config.json").read_text()).get(METHOD_ATTR)
+    except (OSError, ValueError):
+        return None
 
 
 def nonfinite_weights(model) -> list[str]:

@@ -17,7 +17,7 @@ temperature differs:
 | freq         | fixed per-token rule on q from the training corpus frequency: -log f(t) / H (H = the   |
 |              | unigram entropy), clamped to [0.25, 4]: rare tokens attend more sharply                 |
 
-The alternative rules are train/methods.py's (the same classes ``ssa train --attention`` uses): each replaces
+The alternative rules are methods/'s (the same classes ``ssa train --attention`` uses): each replaces
 SSA's query temperature function inside a converted model (``attn.ssa_temperature.fns["query"]``), so every rule
 runs through the same fused path. Scratch initialisation (c = 0.5) for the SSA rows, as for training from scratch.
 Every row trains with the project's one loop (``train.loop.fit``) and is scored with ``train.loss.evaluate_loss``.
@@ -38,9 +38,9 @@ from torch import nn
 from selective_attention.config import SSAConfig
 from selective_attention.errors import UserError
 from selective_attention.experiments import common
+from selective_attention.methods import Applied, apply_method, parameter_counts
 from selective_attention.train.loop import fit
 from selective_attention.train.loss import evaluate_loss
-from selective_attention.train.methods import Applied, apply_method, parameter_counts
 from selective_attention.train.optim import OptimConfig, warmup_times_cosine
 
 DEFAULT_SEEDS = 3  # the docs/results.md table (26 min on 2 cores); one seed cannot separate most rows
@@ -55,7 +55,7 @@ SSA_ROWS: dict[str, dict[str, Any]] = {
     "ssa-token": {"position_aware": False},
     "ssa-pos": {"token_aware": False, "value": False},
 }
-RULES = ("const", "yarn", "ssmax", "freq")  # train.methods' query rules, at their default options
+RULES = ("const", "yarn", "ssmax", "freq")  # the methods registry's query rules, at their default options
 ALL_METHODS = ("vanilla", *SSA_ROWS, *RULES)
 
 

@@ -135,7 +135,7 @@ def zero_shot_of(model_dir: Path, config: Config) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from selective_attention.evaluate import zero_shot
-    from selective_attention.train.methods import load_model
+    from selective_attention.methods import load_model
 
     settings = {"tasks": list(config.zero_shot_tasks), "limit": config.zero_shot_limit}
     path = model_dir.parent / ZERO_SHOT_FILE

@@ -179,7 +179,7 @@ def method_settings(method: str, lr: float = 2e-3) -> dict[str, Any]:
         return _search_settings(method, lr)
     if method in METHODS:
         return {"attention": {"ssa-pos": "ssa-pos-head"}.get(method, method)}
-    from selective_attention.train.methods import METHODS as REGISTRY
+    from selective_attention.methods import METHODS as REGISTRY
 
     if method in REGISTRY:
         return {"attention": method}
@@ -309,7 +309,7 @@ def load_final(run_dir: Path):
     """(model, tokenizer) of a finished run, whatever its method."""
     from transformers import AutoTokenizer
 
-    from selective_attention.train.methods import load_model
+    from selective_attention.methods import load_model
 
     return load_model(run_dir / "final"), AutoTokenizer.from_pretrained(str(run_dir / "final"))
 

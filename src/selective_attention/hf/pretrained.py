@@ -57,10 +57,10 @@ def from_pretrained(path: str | os.PathLike, *, attn_implementation: str | None 
         raise UserError(f"not a Hugging Face model directory (no config.json): {path}")
     kwargs.setdefault("trust_remote_code", False)
     record = json.loads(cfg_file.read_text())
-    method = record.get("ssa_method")  # train.methods.METHOD_ATTR: a model of another attention method (gated, ...)
+    method = record.get("ssa_method")  # selective_attention.methods.METHOD_ATTR: a model of another attention method (gated, ...)
     if isinstance(method, dict):
         raise UserError(f"{path}: a model of the attention method {method.get('name')!r}, which this loader would "
-                        "silently drop: load it with selective_attention.train.methods.load_model")
+                        "silently drop: load it with selective_attention.methods.load_model")
     ssa = record.get("ssa")
     if ssa is None:
         if attn_implementation is not None:

@@ -38,7 +38,7 @@ class TrainConfig:
     """Everything a training run depends on; the ``ssa train`` options and YAML config keys mirror these."""
 
     data: str = "wiki"
-    attention: str = "vanilla"  # a method of train.methods: vanilla | ssa | ssa-pos | const | yarn | ssmax | ...
+    attention: str = "vanilla"  # a method of selective_attention.methods: vanilla | ssa | ssa-pos | const | yarn | ssmax | ...
     size: str = "tiny"  # tiny | small | gpt2-124m | pythia-160m (ignored with init_from)
     max_tokens: int = 1_000_000  # training tokens (rounded up to whole optimizer steps)
     seed: int = 0
@@ -65,7 +65,7 @@ class TrainConfig:
     # SSA temperatures (methods that use SSA). None: SSAConfig() with init "identity" under init_from, "scratch"
     # from scratch. A dict is accepted and completed the same way (a missing "init" follows init_from).
     ssa: SSAConfig | None = None
-    method_options: dict[str, Any] = field(default_factory=dict)  # JSON options of the method (train.methods)
+    method_options: dict[str, Any] = field(default_factory=dict)  # JSON options of the method (methods)
     # data
     tokenizer: str | None = None  # bpe | gpt2 | pretrained; None: bpe from scratch, pretrained with init_from
     vocab_size: int = 8192
@@ -155,7 +155,7 @@ class TrainConfig:
     def comparable(self, paths: dict[str, Any] | None = None) -> dict[str, Any]:
         """What must match for a run directory to be resumed (SSA settings only where the method uses them).
         Paths compare resolved: ``paths`` (a run manifest's) or this config's own, resolved from the cwd."""
-        from selective_attention.train.methods import get_method
+        from selective_attention.methods import get_method
 
         d = {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE}
         resolved = self.resolved_paths()
@@ -167,7 +167,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise UserError for an invalid value (before anything is read or written)."""
-        from selective_attention.train.methods import get_method
+        from selective_attention.methods import get_method
         from selective_attention.train.models import SIZES
 
         def need(ok: bool, msg: str) -> None:
@@ -226,7 +226,7 @@ class TrainConfig:
 
 
 def _method_names() -> tuple[str, ...]:
-    from selective_attention.train.methods import METHODS
+    from selective_attention.methods import METHODS
 
     return tuple(METHODS)
 

@@ -75,17 +75,17 @@ def build_model(size: str, vocab_size: int, seq_len: int, attention: str = "vani
     if attention == "vanilla":
         return model
     if attention != "ssa":
-        raise UserError(f"unknown attention {attention!r}: use vanilla or ssa (other methods: train.methods)")
+        raise UserError(f"unknown attention {attention!r}: use vanilla or ssa (other methods: selective_attention.methods)")
     from selective_attention import hf
 
     return hf.convert(model, ssa or SSAConfig())
 
 
 def load_init(path: str) -> torch.nn.Module:
-    """The model of a Hugging Face folder (plain, SSA, or another method's: train.methods.load_model) or a .gguf
+    """The model of a Hugging Face folder (plain, SSA, or another method's: methods.load_model) or a .gguf
     file, with float32 master weights; UserError (one line) when it cannot be loaded."""
     from selective_attention import hf
-    from selective_attention.train.methods import load_model
+    from selective_attention.methods import load_model
 
     p = resolve_model(path)  # a path, or a bundled model's name (smollm2-135m)
     model = load_model(p) if p.is_dir() else hf.load_pretrained(p, dtype=torch.float32)[0]

@@ -2,7 +2,7 @@
 
     data    : tokens.prepare(...) -> a memory-mapped train array, cut into seq_len windows (data.WindowSampler);
               --packing documents: attention and positions restart at every document of a window
-    model   : models.build_model(size) or --init-from a pretrained model; the attention method (train.methods)
+    model   : models.build_model(size) or --init-from a pretrained model; the attention method (methods)
     optim   : optim.build_optimizer / lr_factor; each step is loop.train_step
     outputs : rundir: OUT/ssa-run.json (manifest), OUT/metrics.jsonl, OUT/checkpoints/, OUT/final/ (Hugging Face
               model + tokenizer), OUT/run.json; OUT is locked while a run uses it
@@ -29,6 +29,7 @@ from torch import nn
 from selective_attention.config import SSAConfig
 from selective_attention.data.tokens import prepare
 from selective_attention.errors import UserError, first_line
+from selective_attention.methods import Applied, apply_method, get_method, parameter_counts
 from selective_attention.train import distributed as D
 from selective_attention.train import rundir, temperatures
 from selective_attention.train.config import TrainConfig
@@ -37,7 +38,6 @@ from selective_attention.train.launch import launch
 from selective_attention.train.limits import check_fits
 from selective_attention.train.loop import Batch, Diverged, autocast_for, compiled, train_step
 from selective_attention.train.loss import evaluate_loss, logits_of, model_inputs
-from selective_attention.train.methods import Applied, apply_method, get_method, parameter_counts
 from selective_attention.train.models import build_model, load_init
 from selective_attention.train.optim import OptimConfig, build_optimizer, lr_factor
 from selective_attention.utils import parent as parent_process

@@ -1,4 +1,5 @@
-"""Attention methods a training run (or a study) can choose by name: ``TrainConfig.attention``.
+"""The registry of attention methods, chosen by name (``TrainConfig.attention``, ``ssa train --attention``): every
+command trains, saves, reloads and evaluates them through it.
 
 | method   | what changes in the attention                                                       | new parameters   |
 |----------|-------------------------------------------------------------------------------------|------------------|
@@ -43,129 +44,26 @@ from torch import Tensor, nn
 
 from selective_attention.config import SSAConfig
 from selective_attention.errors import UserError, first_line
-from selective_attention.temperature import SSATemperatures, log_positions, temperature_parameters
+from selective_attention.methods.gated import HeadGate, install_gates
+from selective_attention.methods.rules import (
+    ConstantTemperature,
+    FrequencyTemperature,
+    Llama4Temperature,
+    OfficialPositionTemperature,
+    ScalableSoftmaxTemperature,
+    YarnTemperature,
+    _StashInputIds,
+    frequency_table,
+)
+from selective_attention.temperature import SSATemperatures, temperature_parameters
 
 METHOD_ATTR = "ssa_method"  # model.config.ssa_method = {"name": ..., "options": {...}} for the non-SSA methods
 QUERY_CARRIER = SSAConfig(init="scratch", value=False, token_aware=False)  # hooks that carry a query rule
 
-
-# ------------------------------------------------------------------------------------------- query rules
-
-
-class ConstantTemperature(nn.Module):
-    """tau_h: one learned inverse temperature per head, the same for every token and position."""
-
-    def __init__(self, n_heads: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.tau = nn.Parameter(torch.ones(n_heads))
-
-    def forward(self, *, projection=None, hidden=None, positions=None) -> Tensor:
-        T = positions.shape[-1]
-        return self.tau.float()[None, :, None].expand(1, -1, T)  # (1, H, T): the same for every token
-
-
-class YarnTemperature(nn.Module):
-    """Fixed 1 + coefficient * ln p (no parameters)."""
-
-    def __init__(self, n_heads: int, coefficient: float = 0.1) -> None:
-        super().__init__()
-        self.n_heads, self.coefficient = n_heads, coefficient
-
-    def forward(self, *, projection=None, hidden=None, positions=None) -> Tensor:
-        logp = log_positions(positions)
-        logp = logp[None] if logp.dim() == 1 else logp  # (B, T)
-        return (1.0 + self.coefficient * logp)[:, None, :].expand(-1, self.n_heads, -1)
-
-
-class ScalableSoftmaxTemperature(nn.Module):
-    """Scalable-Softmax: logits times s_h ln n, n = keys visible to the query (= its position p)."""
-
-    def __init__(self, n_heads: int, seq_len: int, s_init: float | None = None) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        s0 = 1.0 / math.log(max(seq_len, 3)) if s_init is None else s_init
-        self.s = nn.Parameter(torch.full((n_heads,), s0))
-
-    def forward(self, *, projection=None, hidden=None, positions=None) -> Tensor:
-        logp = log_positions(positions)
-        logp = logp[None] if logp.dim() == 1 else logp
-        # p = 1 gives tau = 0: a single visible key gets weight 1 whatever the logit, so nothing is lost
-        return self.s.float()[None, :, None] * logp[:, None, :]
-
-
-class FrequencyTemperature(nn.Module):
-    """Fixed tau(t) from the token's training-corpus frequency; needs the input ids (set by a model pre-hook).
-    The table is a saved buffer, so a trained model reloads without the corpus."""
-
-    def __init__(self, n_heads: int, table: Tensor) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.register_buffer("table", table.float().clone())  # (vocab,); a copy per layer (saved apart)
-        self.input_ids: Tensor | None = None
-
-    def forward(self, *, projection=None, hidden=None, positions=None) -> Tensor:
-        if self.input_ids is None:
-            raise RuntimeError("FrequencyTemperature: no input ids (attach it with install_rule)")
-        return self.table[self.input_ids][:, None, :].expand(-1, self.n_heads, -1)  # (B, H, T)
-
-
-class Llama4Temperature(nn.Module):
-    """Llama 4's attention temperature tuning: tau = 1 + beta * ln(1 + floor(p / floor_scale)) (no parameters).
-
-    Llama 4 uses beta = 0.1 and floor_scale = 8192 for contexts of 8k tokens and more (on its NoPE layers; here on
-    every layer). At our training lengths 8192 would leave tau = 1 everywhere, so the default floor_scale scales
-    with the training length: ``seq_len // 16`` (at least 1), i.e. tau steps up 16 times within one sequence
-    (256 tokens: floor_scale 16, tau from 1 to 1 + 0.1 ln 17 = 1.28)."""
-
-    def __init__(self, n_heads: int, beta: float = 0.1, floor_scale: int = 8192) -> None:
-        super().__init__()
-        self.n_heads, self.beta, self.floor_scale = n_heads, beta, floor_scale
-
-    def forward(self, *, projection=None, hidden=None, positions=None) -> Tensor:
-        p = positions.float()
-        p = p[None] if p.dim() == 1 else p  # (B, T), 1-indexed
-        tau = 1.0 + self.beta * torch.log1p(torch.floor(p / self.floor_scale))
-        return tau[:, None, :].expand(-1, self.n_heads, -1)  # (B, H, T)
-
-
-class OfficialPositionTemperature(nn.Module):
-    """The official release's temperature: tau = 1 + c ln p on the query, c = exp(-exp(beta)), one beta per layer
-    (shared by its heads). beta = 2.0 starts at c = exp(-e^2) = 6.2e-4, near identity; c stays in (0, 1)."""
-
-    def __init__(self, n_heads: int, beta: float = 2.0) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.beta = nn.Parameter(torch.full((1,), float(beta)))
-
-    def position_coefficient(self) -> Tensor:
-        return torch.exp(-torch.exp(self.beta.float()))  # (1,)
-
-    def forward(self, *, projection=None, hidden=None, positions=None) -> Tensor:
-        logp = log_positions(positions)
-        logp = logp[None] if logp.dim() == 1 else logp  # (B, T)
-        return (1.0 + self.position_coefficient()[:, None, None] * logp[:, None, :]).expand(-1, self.n_heads, -1)
-
-
-def frequency_table(tokens: np.ndarray, vocab: int, lo: float = 0.25, hi: float = 4.0) -> Tensor:
-    """-ln f(t) / H per token id, clamped to [lo, hi]; H = sum f ln(1/f) (so the corpus average is ~1)."""
-    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab).astype(np.float64) + 1.0
-    f = counts / counts.sum()
-    surprisal = -np.log(f)
-    entropy = float((f * surprisal).sum())
-    return torch.from_numpy(np.clip(surprisal / entropy, lo, hi)).float()
-
-
-class _StashInputIds:
-    """Model forward pre-hook: hand the input ids to every FrequencyTemperature."""
-
-    def __init__(self, modules: list[FrequencyTemperature]) -> None:
-        self.modules = modules
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        for m in self.modules:
-            m.input_ids = ids
+__all__ = ["METHODS", "ALIASES", "Applied", "Method", "MethodContext", "apply_method", "get_method", "load_model",
+           "parameter_counts", "install_rule", "install_gates", "frequency_table", "HeadGate", "ConstantTemperature",
+           "FrequencyTemperature", "Llama4Temperature", "OfficialPositionTemperature", "ScalableSoftmaxTemperature",
+           "YarnTemperature"]
 
 
 RULES = ("const", "yarn", "ssmax", "freq", "llama4", "ssa-official")
@@ -206,81 +104,6 @@ def install_rule(model: nn.Module, rule: str, seq_len: int, freq_table: Tensor |
     return new
 
 
-# ------------------------------------------------------------------------------------------- gated attention
-
-
-class HeadGate(nn.Module):
-    """Headwise output gate g = scale * sigmoid(x W_g), W_g: d_model -> n_heads, from the attention's input x.
-
-    Init: W_g = 0 and scale = 2, so g = 2 * sigmoid(0) = 1 exactly: the model starts as the vanilla function,
-    while dL/dW_g = scale * sigmoid'(0) * x * dL/dg = 0.5 * x * dL/dg is non-zero. The gate can still close
-    (g -> 0, the paper's sparse gating) and open up to 2. ``scale=1`` gives the paper's plain sigmoid gate
-    (g = 0.5 at this init)."""
-
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, scale: float = 2.0) -> None:
-        super().__init__()
-        self.n_heads, self.head_dim, self.scale = n_heads, head_dim, scale
-        self.proj = nn.Linear(d_model, n_heads, bias=False)
-        nn.init.zeros_(self.proj.weight)
-        self.x: Tensor | None = None  # (B, T, d_model), set by the attention's pre-hook; never in the state dict
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.scale * torch.sigmoid(self.proj(x))  # (B, T, H)
-
-
-class _CaptureGateInput:
-    """Forward pre-hook on the attention module: remember its input hidden state for the gate."""
-
-    def __init__(self, gate: HeadGate) -> None:
-        self.gate = gate
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        if not isinstance(x, Tensor):
-            raise ValueError(f"gated attention: cannot find the hidden state passed to {type(module).__name__}")
-        self.gate.x = x
-
-
-class _ApplyGate:
-    """Forward pre-hook on o_proj: multiply each head's output (B, T, H * D) by its gate (B, T, H)."""
-
-    def __init__(self, gate: HeadGate) -> None:
-        self.gate = gate
-
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        gate, x = self.gate, self.gate.x
-        if x is None:
-            raise RuntimeError("gated attention: o_proj ran outside its attention module's forward")
-        self.gate.x = None
-        out = args[0]  # (B, T, H * D)
-        B, T = out.shape[:2]
-        g = gate(x).to(out.dtype)  # (B, T, H)
-        out = (out.view(B, T, gate.n_heads, gate.head_dim) * g[..., None]).view(out.shape)
-        return (out, *args[1:])
-
-
-def install_gates(model: nn.Module, scale: float = 2.0) -> list[HeadGate]:
-    """Add a HeadGate (submodule ``attn_gate``) to every Llama-style attention (one with ``o_proj``)."""
-    from selective_attention.hf.convert import find_sites
-
-    try:
-        sites = find_sites(model)
-    except ValueError as e:
-        raise UserError(f"gated attention: {e}") from None
-    missing = [type(s.attn).__name__ for s in sites if not isinstance(getattr(s.attn, "o_proj", None), nn.Module)]
-    if missing:
-        raise UserError(f"gated attention needs Llama-style attention modules with o_proj; {missing[0]} has none "
-                        f"(model {type(model).__name__})")
-    gates = []
-    for s in sites:
-        ref = next(s.attn.parameters())
-        gate = HeadGate(s.d_model, s.n_heads, s.head_dim, scale).to(device=ref.device, dtype=ref.dtype)
-        s.attn.add_module("attn_gate", gate)
-        s.attn.register_forward_pre_hook(_CaptureGateInput(gate), with_kwargs=True)
-        s.attn.o_proj.register_forward_pre_hook(_ApplyGate(gate))
-        gates.append(gate)
-    return gates
-
 
 # ------------------------------------------------------------------------------------------- the registry
 
@@ -311,13 +134,13 @@ class Method:
     options: dict[str, Any] = field(default_factory=dict)  # option -> default (None: derived, see options_for)
     needs_train_tokens: bool = False
 
+    derived: Callable[[int], dict[str, Any]] | None = None  # defaults that follow the training length
+
     def options_for(self, seq_len: int, given: dict[str, Any] | None = None) -> dict[str, Any]:
         """The defaults (those derived from the training length filled in) updated with ``given``."""
         opts = dict(self.options)
-        if self.name == "llama4" and opts.get("floor_scale") is None:
-            opts["floor_scale"] = max(1, seq_len // 16)
-        if self.name == "ssmax" and opts.get("s_init") is None:
-            opts["s_init"] = 1.0 / math.log(max(seq_len, 3))
+        if self.derived is not None:
+            opts.update({k: v for k, v in self.derived(seq_len).items() if opts.get(k) is None})
         opts.update({k: v for k, v in (given or {}).items() if v is not None})
         return opts
 
@@ -383,9 +206,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ssa-official", _rule("ssa-official"), options={"beta": 2.0}),
     Method("const", _rule("const")),
     Method("yarn", _rule("yarn"), options={"coefficient": 0.1}),
-    Method("ssmax", _rule("ssmax"), options={"s_init": None}),
+    Method("ssmax", _rule("ssmax"), options={"s_init": None},
+           derived=lambda seq_len: {"s_init": ScalableSoftmaxTemperature.default_s(seq_len)}),
     Method("freq", _rule("freq"), options={"lo": 0.25, "hi": 4.0}, needs_train_tokens=True),
-    Method("llama4", _rule("llama4"), options={"beta": 0.1, "floor_scale": None}),
+    Method("llama4", _rule("llama4"), options={"beta": 0.1, "floor_scale": None},
+           derived=lambda seq_len: {"floor_scale": max(1, seq_len // 16)}),
     Method("gated", _gated, options={"scale": 2.0}),
 )}
 
