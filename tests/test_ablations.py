@@ -47,7 +47,7 @@ def test_rows_share_the_base_weights_and_differ_in_the_attention():
 
 
 def test_row_configurations():
-    """Each SSA row puts its temperatures (and terms) where its name says; the rules are selective_attention.methods' modules."""
+    """Each SSA row puts its temperatures (and terms) where its name says; the rules are the registry's."""
     def ssa(method):
         model, _ = A.build(method, "tiny", VOCAB, T, seed=0)
         return model.config.ssa

@@ -57,7 +57,7 @@ def from_pretrained(path: str | os.PathLike, *, attn_implementation: str | None 
         raise UserError(f"not a Hugging Face model directory (no config.json): {path}")
     kwargs.setdefault("trust_remote_code", False)
     record = json.loads(cfg_file.read_text())
-    method = record.get("ssa_method")  # selective_attention.methods.METHOD_ATTR: a model of another attention method (gated, ...)
+    method = record.get("ssa_method")  # methods.METHOD_ATTR: a model of another method (gated, ...)
     if isinstance(method, dict):
         raise UserError(f"{path}: a model of the attention method {method.get('name')!r}, which this loader would "
                         "silently drop: load it with selective_attention.methods.load_model")

@@ -38,7 +38,7 @@ class TrainConfig:
     """Everything a training run depends on; the ``ssa train`` options and YAML config keys mirror these."""
 
     data: str = "wiki"
-    attention: str = "vanilla"  # a method of selective_attention.methods: vanilla | ssa | ssa-pos | const | yarn | ssmax | ...
+    attention: str = "vanilla"  # a method of the registry (methods/): vanilla | ssa | ssmax | ...
     size: str = "tiny"  # tiny | small | gpt2-124m | pythia-160m (ignored with init_from)
     max_tokens: int = 1_000_000  # training tokens (rounded up to whole optimizer steps)
     seed: int = 0

@@ -75,7 +75,7 @@ def build_model(size: str, vocab_size: int, seq_len: int, attention: str = "vani
     if attention == "vanilla":
         return model
     if attention != "ssa":
-        raise UserError(f"unknown attention {attention!r}: use vanilla or ssa (other methods: selective_attention.methods)")
+        raise UserError(f"unknown attention {attention!r}: use vanilla or ssa (other methods: methods.apply_method)")
     from selective_attention import hf
 
     return hf.convert(model, ssa or SSAConfig())
