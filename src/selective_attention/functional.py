@@ -72,10 +72,43 @@ def apply_temperature(x: Tensor, tau: Tensor | None) -> Tensor:
     return _scale(x, tau)
 
 
+def recomputing(scaled: list[tuple[Tensor, Tensor, Tensor]]) -> contextlib.AbstractContextManager:
+    """The one recomputing path of the fused op, the layer and the Hugging Face attention functions: run the
+    attention kernel inside this context and it keeps (x, tau) instead of each scaled input. ``scaled`` lists
+    (s, x, tau) with s = ``apply_temperature(x, tau)`` as the kernel receives it, or a copy of it with the same
+    shape (e.g. a KV cache's concatenation onto an empty past). A no-op without grad or with nothing scaled, and
+    under torch.compile, where saved-tensor hooks cannot be traced: ``apply_temperature`` makes the product a
+    checkpointed region there, which the partitioner recomputes in backward."""
+    if torch.compiler.is_compiling() or not (scaled and torch.is_grad_enabled()):
+        scaled.clear()
+        return contextlib.nullcontext()
+    return _recompute_scaled_inputs(scaled)
+
+
+class _Scaled:
+    """What the kernel keeps in place of a scaled input: x, tau, their versions and the product's strides."""
+
+    __slots__ = ("x", "x_version", "tau", "tau_version", "stride")
+
+    def __init__(self, x: Tensor, x_version: int, tau: Tensor, tau_version: int, stride: tuple[int, ...]) -> None:
+        self.x, self.x_version, self.tau, self.tau_version, self.stride = x, x_version, tau, tau_version, stride
+
+
+def _outer_saved_tensors_hooks() -> tuple | None:
+    """The (pack, unpack) saved-tensor hooks in force, or None (private torch API: None where it is missing)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    try:
+        hooks = None if top is None else top(False)
+    except (RuntimeError, TypeError):
+        return None
+    return hooks if hooks and hooks[0] is not None else None
+
+
 def _recompute_scaled_inputs(scaled: list[tuple[Tensor, Tensor, Tensor]]):
     """Saved-tensor hooks that make the attention kernel save (x, tau) instead of its scaled copy x * tau, and
     recompute the product in backward: SSA then keeps no more activations than plain SDPA (x and tau are
-    saved by the scaling anyway); the price is one elementwise product per input in backward.
+    saved by the scaling anyway); the price is one elementwise product per input in backward. The product is
+    rebuilt with the saved tensor's own strides, so the kernel's backward sees the very tensor it saved.
 
     Holding x and tau directly would bypass autograd's check that saved tensors are not modified in place
     before backward (a KV cache slice written after the forward would silently corrupt dq): their version
@@ -88,25 +121,29 @@ def _recompute_scaled_inputs(scaled: list[tuple[Tensor, Tensor, Tensor]]):
 
     keys = [(address(s), x, tau) for s, x, tau in scaled]
     scaled.clear()
+    # hooks already in force (the saved-bytes test's counter, save_on_cpu) still see every other saved tensor
+    outer = _outer_saved_tensors_hooks()
 
     def pack(t: Tensor):
         for key, x, tau in keys:
             if address(t) == key:
-                return ("ssa-scaled", x, x._version, tau, tau._version)
-        return t
+                return _Scaled(x, x._version, tau, tau._version, t.stride())
+        return t if outer is None else outer[0](t)
 
     def unpack(p):
-        if isinstance(p, tuple) and p[0] == "ssa-scaled":
-            _, x, x_version, tau, tau_version = p
-            for name, t, version in (("input", x, x_version), ("temperature", tau, tau_version)):
-                if t._version != version:
-                    raise RuntimeError(
-                        f"one of the variables needed for gradient computation has been modified by an inplace "
-                        f"operation: the SSA attention {name} of shape {tuple(t.shape)} is at version "
-                        f"{t._version}; expected version {version} instead (it was changed in place between "
-                        f"forward and backward, e.g. a KV cache written after the forward)")
-            return _scale(x, tau)
-        return p
+        if not isinstance(p, _Scaled):
+            return p if outer is None else outer[1](p)
+        for name, t, version in (("input", p.x, p.x_version), ("temperature", p.tau, p.tau_version)):
+            if t._version != version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: the SSA attention {name} of shape {tuple(t.shape)} is at version "
+                    f"{t._version}; expected version {version} instead (it was changed in place between "
+                    f"forward and backward, e.g. a KV cache written after the forward)")
+        s = _scale(p.x, p.tau)  # (B, H, T, D)
+        if s.stride() == p.stride:
+            return s
+        return torch.empty_strided(s.shape, p.stride, dtype=s.dtype, device=s.device).copy_(s)
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
@@ -323,11 +360,7 @@ def selective_attention(
             enable_gqa=H != Hkv,
         )
 
-    if torch.compiler.is_compiling() or not (scaled and torch.is_grad_enabled()):
-        # Saved-tensor hooks cannot be traced: under torch.compile apply_temperature made the scaling a
-        # checkpointed region instead, which the partitioner recomputes in backward.
-        return attend()
-    with _recompute_scaled_inputs(scaled):
+    with recomputing(scaled):
         return attend()
 
 

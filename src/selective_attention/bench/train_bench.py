@@ -5,7 +5,7 @@ the temperature group) of the vanilla model, then of the SSA model, so machine l
 gives the median tokens/s of each and their ratio, then the peak memory of one more step each. With
 ``--compile`` the same is measured again on ``torch.compile``d copies (same weights), in the same run.
 
-    ssa bench train --sizes small --seq-len 256 --batch-size 8 --rounds 5 --steps 3 [--compile]
+    ssa bench train [--sizes study small] [--seq-len T] --batch-size 8 --rounds 5 --steps 3 [--compile]
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from selective_attention.train.optim import OptimConfig, build_optimizer
 from selective_attention.utils.device import choose_device
 from selective_attention.utils.memory import peak_memory_bytes
 
-VOCAB = {"tiny": 8192, "small": 8192, "gpt2-124m": 50257, "pythia-160m": 50304}
+VOCAB = {"tiny": 8192, "study": 2048, "small": 8192, "gpt2-124m": 50257, "pythia-160m": 50304}
+SEQ_LEN = {"study": 512}  # the LM study's own window; every other size: 256 unless --seq-len says otherwise
 ATTENTIONS = ("vanilla", "ssa")
 
 
@@ -88,8 +89,8 @@ def _measure_mode(forward: dict, models: dict, opts: dict, x: torch.Tensor, roun
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", nargs="+", default=["small", "gpt2-124m"], choices=list(VOCAB))
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--sizes", nargs="+", default=["study", "small"], choices=list(VOCAB))
+    p.add_argument("--seq-len", type=int, default=None, help="default: 512 for study (its window), else 256")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats (medians)")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps per timed repeat")
@@ -106,21 +107,22 @@ def run(args: argparse.Namespace) -> int:
 
     device = choose_device(args.device)
     for name in ("seq_len", "batch_size", "rounds", "steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     console = Console(stderr=True)
     results = []
     with console.status("benchmarking") as status:
         for size in args.sizes:
             status.update(f"benchmarking {size}")
-            results.append(measure(size, vocab=VOCAB[size], seq_len=args.seq_len, batch_size=args.batch_size,
+            seq_len = args.seq_len or SEQ_LEN.get(size, 256)
+            results.append(measure(size, vocab=VOCAB[size], seq_len=seq_len, batch_size=args.batch_size,
                                    rounds=args.rounds, steps=args.steps, device=device, memory=True,
                                    compile=args.compile))
     atomic_write_json(args.out, {"benchmark": "train", "device": str(device), "torch": torch.__version__,
                                  "compile": args.compile, "rows": results})
-    table = Table(title=f"training step (fwd+bwd+AdamW), batch {args.batch_size} x {args.seq_len}, {device}; "
+    table = Table(title=f"training step (fwd+bwd+AdamW), batch {args.batch_size}, {device}; "
                         f"medians of {args.rounds}")
-    for col in ("size", "mode", "params", "SSA new %", "vanilla tok/s", "SSA tok/s", "SSA/vanilla time",
+    for col in ("size", "T", "mode", "params", "SSA new %", "vanilla tok/s", "SSA tok/s", "SSA/vanilla time",
                 "SSA/vanilla mem"):
         table.add_column(col, justify="right")
     for r in results:
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             d = r[mode]
             tps = d["tokens_per_s"]
-            table.add_row(r["size"], mode, f"{r['parameters']['vanilla']['total'] / 1e6:.1f}M",
+            table.add_row(r["size"], str(r["seq_len"]), mode, f"{r['parameters']['vanilla']['total'] / 1e6:.1f}M",
                           f"{r['parameters']['ssa']['percent']:.3f}", f"{tps['vanilla']:,.0f}", f"{tps['ssa']:,.0f}",
                           f"{tps['vanilla'] / tps['ssa']:.3f}",
                           f"{d['ssa_over_vanilla_memory']:.3f}" if "ssa_over_vanilla_memory" in d else "- (CUDA only)")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from selective_attention.errors import UserError
-from selective_attention.functional import apply_temperature
+from selective_attention.functional import apply_temperature, recomputing
 from selective_attention.hf.state import STATE_ATTR
 
 SSA_SDPA, SSA_EAGER = "ssa", "ssa_eager"
@@ -37,14 +37,48 @@ def eager_kernel(module: nn.Module) -> Callable:
     return fn
 
 
-def _with_tau_q(module: nn.Module, query: Tensor) -> Tensor:
+# autograd nodes that only move data: a key / value reaching the kernel through these from its scaling is that
+# product (views, the (B, T, H, D) -> (B, H, T, D) transpose, a KV cache's concatenation onto a gradient-free past)
+_MOVES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "TransposeBackward0", "CatBackward0"})
+
+
+def _moved_from(t: Tensor, node: Any, depth: int = 8) -> bool:
+    """Whether ``t`` is the output of autograd node ``node`` moved by ``_MOVES`` alone, along one path."""
+    fn = t.grad_fn
+    for _ in range(depth):
+        if fn is node:
+            return True
+        if fn is None or fn.name() not in _MOVES:
+            return False
+        inputs = [f for f, _ in fn.next_functions if f is not None]
+        if len(inputs) != 1:  # a cached past that carries a gradient: not the product alone
+            return False
+        fn = inputs[0]
+    return False
+
+
+def _scaled_inputs(module: nn.Module, query: Tensor, key: Tensor,
+                   value: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """query times tau_q, and the (s, x, tau) of every kernel input that is a scaled product, for
+    ``functional.recomputing``: the kernel then keeps q / k / v as vanilla does, not tau * q / k / v beside them.
+    A key or value counts when it is the hooks' product itself or a same-shaped copy of it (the KV cache
+    concatenates onto an empty past): one that went through anything else (RoPE on a scaled key) is kept as is."""
     st = getattr(module, STATE_ATTR, None)
-    if st is None or st.tau_q is None:
-        return query
+    scaled: list[tuple[Tensor, Tensor, Tensor]] = []
+    if st is None:
+        return query, scaled
+    for target, t in (("key", key), ("value", value)):
+        rec = st.scaled.pop(target, None)
+        if rec is not None and t.shape == rec[1].shape and t.dtype == rec[1].dtype and _moved_from(t, rec[0]):
+            scaled.append((t, rec[1], rec[2]))
+    if st.tau_q is None:
+        return query, scaled
     tau, st.tau_q = st.tau_q, None
     if tau.shape[-1] != query.shape[2]:
         raise RuntimeError(f"SSA: tau_q covers {tau.shape[-1]} tokens but the query has {query.shape[2]}")
-    return apply_temperature(query, tau)  # (B, H, T, D) * (B|1, H, T)
+    q = apply_temperature(query, tau)  # (B, H, T, D) * (B|1, H, T)
+    scaled.append((q, query, tau))
+    return q, scaled
 
 
 PACKED_HINT = ("call the model with use_cache=False and no attention_mask (transformers then builds the packed "
@@ -89,16 +123,19 @@ def ssa_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     check_documents_apart(module, query, key, attention_mask)
-    return sdpa_attention_forward(module, _with_tau_q(module, query), key, value, attention_mask, **kwargs)
+    query, scaled = _scaled_inputs(module, query, key, value)
+    with recomputing(scaled):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def ssa_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                         attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     check_documents_apart(module, query, key, attention_mask)
-    query = _with_tau_q(module, query)
-    if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's float32 path, taken under "eager" only
-        return module._upcast_and_reordered_attn(query, key, value, attention_mask)
-    return eager_kernel(module)(module, query, key, value, attention_mask, **kwargs)
+    query, scaled = _scaled_inputs(module, query, key, value)
+    with recomputing(scaled):
+        if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's float32 path, taken under "eager" only
+            return module._upcast_and_reordered_attn(query, key, value, attention_mask)
+        return eager_kernel(module)(module, query, key, value, attention_mask, **kwargs)
 
 
 def register() -> None:

@@ -46,15 +46,18 @@ def _find_positions(x: Tensor, kwargs: dict[str, Any], layer_idx: int | None) ->
     return torch.arange(past + 1, past + T + 1, device=x.device)[None]
 
 
-def _scale(t: Tensor, tau: Tensor, layout: str, heads: int, head_dim: int) -> Tensor:
+def _scale(st: SSAState, target: str, t: Tensor, tau: Tensor, layout: str, heads: int, head_dim: int) -> Tensor:
     """t in ``layout`` times tau (B|1, heads, T), multiplied in float32, returned in t's dtype. Through the fused
-    op's ``apply_temperature``: its backward keeps t and tau, not a float32 copy of a bf16 t."""
-    if layout == BHTD:
-        return apply_temperature(t, tau)
+    op's ``apply_temperature``: its backward keeps t and tau, not a float32 copy of a bf16 t. The product is noted
+    in ``st.scaled`` so that the attention kernel keeps t instead of it (hf/attention.py)."""
     if layout == FLAT:
         B, T = t.shape[:2]
-        return _scale(t.view(B, T, heads, head_dim), tau, BTHD, heads, head_dim).reshape(t.shape)
-    return apply_temperature(t.transpose(1, 2), tau).transpose(1, 2)  # BTHD: a (B, H, T, D) view and back
+        return _scale(st, target, t.view(B, T, heads, head_dim), tau, BTHD, heads, head_dim).reshape(t.shape)
+    x = t if layout == BHTD else t.transpose(1, 2)  # (B, H, T, D), a view
+    s = apply_temperature(x, tau)
+    if not torch.compiler.is_compiling() and s.grad_fn is not None:  # compiled: a checkpointed region instead
+        st.scaled[target] = (s.grad_fn, x, tau)
+    return s if layout == BHTD else s.transpose(1, 2)  # BTHD: back to the caller's layout
 
 
 def _compute(attn: nn.Module, st: SSAState, target: str, proj: Tensor) -> Tensor:
@@ -88,7 +91,7 @@ class _ProjectionHook:
             elif target in site.norms:
                 st.pending[target] = tau  # applied to the norm's output
             else:
-                new = _scale(out, tau, FLAT, heads, st.head_dim)  # before the KV cache
+                new = _scale(st, target, out, tau, FLAT, heads, st.head_dim)  # before the KV cache
         return new
 
 
@@ -110,7 +113,7 @@ class _NormHook:
         if tuple(out.shape[1:3]) != expect:
             raise RuntimeError(f"SSA: {st.site.name}: the {self.target} norm's output {tuple(out.shape)} is not "
                                f"laid out as {layout}")
-        return _scale(out, tau, layout, heads, st.head_dim)
+        return _scale(st, self.target, out, tau, layout, heads, st.head_dim)
 
 
 class _FusedHook:
@@ -131,8 +134,8 @@ class _FusedHook:
         if taus["key"] is None and taus["value"] is None:
             return out
         h, D = st.n_kv_heads, st.head_dim
-        k = k if taus["key"] is None else _scale(k, taus["key"], BTHD, h, D)
-        v = v if taus["value"] is None else _scale(v, taus["value"], BTHD, h, D)
+        k = k if taus["key"] is None else _scale(st, "key", k, taus["key"], BTHD, h, D)
+        v = v if taus["value"] is None else _scale(st, "value", v, taus["value"], BTHD, h, D)
         return st.site.join(out, q, k, v)
 
 
@@ -152,7 +155,7 @@ class _CaptureInputs:
         st.positions = _find_positions(x, kwargs, getattr(module, "layer_idx", None))
         st.positions_given = isinstance(kwargs.get("position_ids"), Tensor)
         st.tau_q = None
-        st.pending = {}
+        st.pending, st.scaled = {}, {}
         if st.record is not None:
             st.record.append({})  # one entry per forward of this layer
 
@@ -169,7 +172,7 @@ class _Release:
         missed = st.tau_q is not None
         unapplied = sorted(st.pending)  # computed for a norm's output, but that norm never ran
         st.hidden = st.positions = st.tau_q = None
-        st.pending = {}
+        st.pending, st.scaled = {}, {}
         if unapplied:
             raise RuntimeError(f"SSA: {st.site.name or type(module).__name__}: the {', '.join(unapplied)} "
                                "temperature waits for a normalisation that did not run in this forward: it was "

@@ -24,6 +24,9 @@ class SSAState:
         self.positions_given = False  # they came from position_ids (which may restart: packed documents)
         self.tau_q: Tensor | None = None  # (B|1, H, T), consumed by the attention function
         self.pending: dict[str, Tensor] = {}  # key / value tau waiting for the norm after the projection
+        # key / value scaled in this forward: target -> (the scaling's grad_fn, x (B, H, T, D), tau), so that the
+        # attention function can let its kernel keep x instead of tau * x (functional.recomputing)
+        self.scaled: dict[str, tuple[Any, Tensor, Tensor]] = {}
         self.record: list[dict[str, Tensor | None]] | None = None  # model_temperatures() collects here
         self.hooks: dict[str, Any] = {}  # attribute name on the attention module -> forward hook object
         self.bound: dict[str, nn.Module] = {}  # attribute name -> the module that hook is registered on
