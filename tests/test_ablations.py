@@ -110,7 +110,7 @@ def test_a_row_repeats_exactly_and_depends_on_the_seed():
 def test_tiny_run_writes_results(tmp_path, monkeypatch):
     monkeypatch.setenv("SSA_CACHE_DIR", str(tmp_path / "cache"))
     from selective_attention.data.corpora import load_documents
-    from selective_attention.experiments.cli import run_experiment
+    from selective_attention.experiments import run_experiment
 
     docs = load_documents("wiki", "train")[:80]
     corpus = tmp_path / "c.jsonl"

@@ -463,7 +463,7 @@ def test_cli_non_finite_perplexity_names_its_cause(tiny, tmp_path: Path, capsys)
 def test_real_smollm2_retrieves_the_passkey_and_beats_chance_on_piqa(cache) -> None:
     """SmolLM2-135M-Instruct (GGUF, dequantised): a real model must find a key in the middle of 256 tokens and
     score clearly above chance on PIQA (0.5); its wiki perplexity is finite and far below the vocabulary size."""
-    from selective_attention.evaluate.cli import load_model
+    from selective_attention.evaluate.loading import load_model
     from selective_attention.utils.packages import smollm2_gguf
 
     try:

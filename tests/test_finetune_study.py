@@ -7,7 +7,7 @@ import json
 import pytest
 
 from selective_attention.experiments import finetune_study as fs
-from selective_attention.experiments.cli import run_experiment
+from selective_attention.experiments import run_experiment
 
 TINY = {"base_tokens": 2_048, "base_eval_every": 4, "max_tokens": 1_024, "eval_every": 2, "eval_tokens": 1_024,
         "length_windows": 1, "length_multipliers": (1, 2), "zero_shot_tasks": (), "checkpoint_every": 8,

@@ -12,8 +12,7 @@ import torch
 
 from selective_attention.errors import UserError
 from selective_attention.evaluate.by_length import length_windows, perplexity_by_length
-from selective_attention.experiments import lm
-from selective_attention.experiments.cli import run_experiment
+from selective_attention.experiments import lm, run_experiment
 from selective_attention.utils.stats import paired
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -272,8 +271,8 @@ FINETUNE_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "smollm2-sot
 def test_finetune_gpu_recipe_is_the_documented_schedule(tmp_path):
     """The GPU recipe of `ssa experiment finetune --budget full`: a valid config whose step count, batch and rates
     are what its header (and the README) promise: 300 steps of 32 x 1,024 tokens, weights 1e-5, temperatures 1e-2."""
+    from selective_attention.cli.train import load_yaml
     from selective_attention.train import TrainConfig
-    from selective_attention.train.cli import load_yaml
 
     (tmp_path / "model.gguf").touch()  # validate() checks that --init-from exists
     cfg = TrainConfig.from_dict({**load_yaml(str(FINETUNE_RECIPE)), "init_from": str(tmp_path / "model.gguf")})

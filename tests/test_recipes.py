@@ -86,7 +86,7 @@ def test_docs_pages_that_report_numbers_list_their_commands():
 
 
 def test_config_header_commands_parse_and_validate(tmp_path, monkeypatch):
-    from selective_attention.train.cli import config_from_args
+    from selective_attention.cli.train import config_from_args
 
     gguf = tmp_path / "model.gguf"
     gguf.touch()
@@ -113,7 +113,7 @@ elif args[:2] == ["-m", "selective_attention"]:
     from selective_attention.cli import build_parser
     ns = build_parser(args[2]).parse_args(args[2:])
     if args[2] == "train":
-        from selective_attention.train.cli import config_from_args
+        from selective_attention.cli.train import config_from_args
         config_from_args(ns).validate()
     if args[2] == "bench":
         open(ns.out, "w").write("{{}}")  # so that the script goes on to parse its `check ratios` line
@@ -312,8 +312,8 @@ def test_bundled_model_name_resolves_in_ssa_convert_and_ssa_eval(bundled, loads,
 def test_bundled_model_name_resolves_in_ssa_train(bundled, loads, tmp_path, monkeypatch):
     import yaml
 
+    from selective_attention.cli.train import config_from_args
     from selective_attention.errors import UserError
-    from selective_attention.train.cli import config_from_args
     from selective_attention.train.models import load_init
 
     args = _parse(["train", "--init-from", "smollm2-135m", "--attention", "ssa", "--out", "runs/ft"])

@@ -422,7 +422,7 @@ def test_temperatures_only_trains_only_the_temperatures(weights, cfg, tmp_path):
     assert any(not torch.equal(runs[0][k], runs[1][k]) for k in temps)  # trained (at their lr)
     with pytest.raises(UserError, match="--temperatures-only .* --attention vanilla has none"):
         train(TrainConfig(**{**cfg.to_dict(), "temperatures_only": True}))
-    from selective_attention.train.cli import SWITCHES
+    from selective_attention.cli.train import SWITCHES
 
     assert ("temperatures-only", "temperatures_only") in [(a, b) for a, b, _ in SWITCHES]
 

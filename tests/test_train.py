@@ -73,7 +73,7 @@ def test_model_sizes():
 
 @pytest.mark.parametrize("name", ["gpt2-124m.yaml", "pythia-160m.yaml"])
 def test_gpu_recipes_are_valid_configs(name):
-    from selective_attention.train.cli import load_yaml
+    from selective_attention.cli.train import load_yaml
 
     cfg = TrainConfig.from_dict(load_yaml(str(CONFIGS / name)))
     cfg.validate()
@@ -384,8 +384,9 @@ def test_train_config_nested_and_flat_ssa_keys():
 def test_cli_ssa_flags_override_the_yaml(tmp_path):
     import argparse
 
-    from selective_attention.config import SSAConfig, add_ssa_arguments, ssa_config_from_args
-    from selective_attention.train.cli import add_arguments, config_from_args
+    from selective_attention.cli.ssa_flags import add_ssa_arguments, ssa_config_from_args
+    from selective_attention.cli.train import add_arguments, config_from_args
+    from selective_attention.config import SSAConfig
 
     (tmp_path / "c.yaml").write_text("attention: ssa\nssa:\n  sharing: mlp\n  key: true\n")
     p = argparse.ArgumentParser()

@@ -1,4 +1,4 @@
-"""``ssa demo [--quick] [--out DIR] [--seeds N]``: SSA against vanilla attention on real text, end to end.
+"""``ssa demo`` (``cli.demo``): SSA against vanilla attention on real text, end to end.
 
 The demo is the LM study (``ssa experiment lm``) at a demo budget, so its sentence is the study's kind of result,
 not a hope: the body-heavy ``study`` model (82 % of its parameters outside the embedding) with a 2,048-token BPE,
@@ -17,23 +17,12 @@ has the three-seed study.
 
 from __future__ import annotations
 
-import argparse
 import html
 import time
 from pathlib import Path
 from typing import Any
 
 from selective_attention.errors import UserError
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a ~2 minute run (one seed, 82k tokens per model)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2; --quick 1)")
-    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--max-tokens", type=int, default=None, help="training tokens per model (overrides the preset)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
 
 CLAIMS = {"wins": "SSA better", "loses": "SSA worse", "tie": "a tie"}
 
@@ -58,7 +47,7 @@ def run_demo(out: str | Path, quick: bool = False, seeds: int | None = None, see
              **overrides: Any) -> dict[str, Any]:
     """Run the demo budget of the LM study into ``out`` and write its report; returns results.json's content."""
     from selective_attention.evaluate.probe import probe_runs
-    from selective_attention.experiments.cli import run_experiment
+    from selective_attention.experiments.registry import run_experiment
     from selective_attention.report.builder import build_report
     from selective_attention.utils.io import atomic_write_json
 
@@ -86,24 +75,3 @@ def run_demo(out: str | Path, quick: bool = False, seeds: int | None = None, see
                  extra_html=extra_html, extra_md="## Result\n\n" + results["verdict"] + "\n\n" + summary_md)
     atomic_write_json(out / "results.json", results)
     return results
-
-
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    overrides: dict[str, Any] = {}
-    if args.max_tokens is not None:
-        if args.max_tokens < 512 * 8:
-            raise UserError("--max-tokens must be at least one batch (4096 tokens)")
-        overrides["max_tokens"] = args.max_tokens
-    if args.seeds is not None and args.seeds < 1:
-        raise UserError("--seeds must be at least 1")
-    results = run_demo(args.out, quick=args.quick, seeds=args.seeds, seed=args.seed, progress=not args.no_progress,
-                       **overrides)
-    console = Console()
-    console.width = max(console.width, 120)
-    console.print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
-    console.print(f"[bold]{results['verdict']}[/bold]")
-    console.print(f"results: {Path(args.out) / 'results.json'}   report: {Path(args.out) / 'report.html'}   "
-                  f"({results['elapsed_s']:.0f} s)")
-    return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -58,10 +59,15 @@ def train(cfg: TrainConfig) -> dict:
 
             hf_logging.disable_progress_bar()
         info = D.init(cfg.device, cfg.fsdp)
+        run: Run | None = None
         try:
             run = setup(cfg, info, plan)
             run_steps(run)
             return finish(run)
+        except KeyboardInterrupt:
+            if run is not None and run.bar is not None:
+                run.bar.close()  # end the bar's line: the "interrupted" message then stands on its own
+            raise
         finally:
             D.shutdown()
     except BaseException:
@@ -301,6 +307,8 @@ def run_steps(run: Run) -> None:
     cfg, info = run.cfg, run.info
     eval_every = cfg.eval_every or run.total_steps
     ckpt_every = cfg.checkpoint_every or eval_every
+    if run.step and info.is_main:  # a resumed run says so, before its bar starts at that step
+        print(f"{run.out}: resuming from step {run.step} of {run.total_steps}", file=sys.stderr, flush=True)
     if cfg.progress and info.is_main:
         from tqdm.auto import tqdm
 

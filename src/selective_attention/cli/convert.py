@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selective_attention.config import add_ssa_arguments, ssa_config_from_args
+from selective_attention.cli.ssa_flags import add_ssa_arguments, ssa_config_from_args
 from selective_attention.errors import UserError
 
 

@@ -1,8 +1,8 @@
-"""``ssa report RUN_DIR...``: the HTML / Markdown / JSON report of training runs (see builder.py).
+"""``ssa report RUN_DIR...``: the HTML / Markdown / JSON report of training runs.
 
-This module renders from the runs' JSON only. The ``ssa report`` command itself is
-``selective_attention.evaluate.report_cli``: it first probes the runs' ``final/`` models into ``probe.json``
-(unless ``--no-probe``), then calls ``render`` here.
+It first probes each run's ``final/`` model into ``RUN/probe.json`` (``evaluate.probe.probe_runs``; kept while the
+model and settings are unchanged) unless ``--no-probe``, then renders the report from the runs' JSON only
+(``report.builder.build_report``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,15 @@ def check_runs(runs: list[str]) -> None:
     for d in runs:
         if not Path(d).is_dir():
             raise UserError(f"not a directory: {d}")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_runs(args.runs)
+    if not args.no_probe:
+        from selective_attention.evaluate.probe import probe_runs
+
+        probe_runs(args.runs, text=args.text)
+    return render(args)
 
 
 def render(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
-"""The ``ssa`` command line. Each subcommand lives beside the code it drives and is imported only when used.
+"""The ``ssa`` command line: one module per subcommand in this package, imported only when used.
 
-A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``; it is the only place that parses
+arguments: it checks them, then calls the libraries' plain functions with keyword arguments.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from typing import NoReturn
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("selective_attention.demo", "vanilla vs SSA at the LM study's design (2 seeds), evaluate, report"),
-    "train": ("selective_attention.train.cli", "train or fine-tune a language model (vanilla or SSA)"),
-    "eval": ("selective_attention.evaluate.cli", "perplexity, zero-shot benchmarks and passkey retrieval"),
-    "convert": ("selective_attention.hf.cli", "fit SSA onto a pretrained Hugging Face model"),
-    "experiment": ("selective_attention.experiments.cli", "run one of the paper's experiments"),
-    "viz": ("selective_attention.evaluate.viz_cli", "visualise learned temperatures"),
-    "report": ("selective_attention.evaluate.report_cli", "build the HTML/Markdown report of run directories"),
-    "bench": ("selective_attention.bench.cli", "speed and memory benchmarks (SSA / vanilla ratios)"),
+    "demo": ("selective_attention.cli.demo", "vanilla vs SSA at the LM study's design (2 seeds), evaluate, report"),
+    "train": ("selective_attention.cli.train", "train or fine-tune a language model (vanilla or SSA)"),
+    "eval": ("selective_attention.cli.eval", "perplexity, zero-shot benchmarks and passkey retrieval"),
+    "convert": ("selective_attention.cli.convert", "fit SSA onto a pretrained Hugging Face model"),
+    "experiment": ("selective_attention.cli.experiment", "run one of the paper's experiments"),
+    "viz": ("selective_attention.cli.viz", "visualise learned temperatures"),
+    "report": ("selective_attention.cli.report", "build the HTML/Markdown report of run directories"),
+    "bench": ("selective_attention.cli.bench", "speed and memory benchmarks (SSA / vanilla ratios)"),
 }
 
 
@@ -51,13 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+        return int(module.run(args) or 0)
     except UserError as e:
         print(f"ssa {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"ssa {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # a resumable command says how to resume (INTERRUPTED_HINT)
+        hint = getattr(module, "INTERRUPTED_HINT", "")
+        print(f"ssa {args.command}: interrupted" + (f": {hint}" if hint else ""), file=sys.stderr)
         return 130
     except Exception as e:  # never a traceback for the user; SSA_DEBUG=1 shows it
         if os.environ.get("SSA_DEBUG"):

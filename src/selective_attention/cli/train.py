@@ -1,8 +1,8 @@
-"""``ssa train``: train a vanilla or SSA language model from scratch, or fine-tune a pretrained one.
+"""``ssa train``: train a language model (any attention method) from scratch, or fine-tune a pretrained one.
 
 Settings come from TrainConfig's defaults, then ``--config FILE.yaml`` (keys = TrainConfig fields; SSA settings
 nested under ``ssa:``), then the options given on the command line (the SSA flags come from SSAConfig's fields:
-selective_attention.config.add_ssa_arguments). ``--nproc N`` re-launches the same run under ``torchrun`` with N
+``cli.ssa_flags``). ``--nproc N`` re-launches the same run under ``torchrun`` with N
 processes (DDP; ``--fsdp`` shards instead); ``torchrun ... -m selective_attention train ...`` works as well.
 """
 
@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from selective_attention.config import add_ssa_arguments, ssa_args_given
+from selective_attention.cli.ssa_flags import add_ssa_arguments, ssa_args_given
 from selective_attention.errors import UserError, first_line
+
+# Ctrl-C: the run directory keeps its checkpoints, and the same command continues from the newest one
+INTERRUPTED_HINT = "run the same command again to resume from the last checkpoint (if one was written)"
 
 # option -> (TrainConfig field, type, help); every default is None so that we can tell what was given
 OPTIONS: list[tuple[str, str, Any, str]] = [
