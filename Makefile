@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests scripts
+	$(PY) -m ruff format --check src tests scripts
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)
@@ -43,7 +44,8 @@ demo: $(STAMP)
 	$(VENV)/bin/ssa demo --out runs/demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests scripts
+	$(PY) -m ruff format --check src tests scripts
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -41,10 +41,12 @@ def report(ok: bool, name: str, detail: str = "") -> None:
 
 def _kernel_cases() -> list[tuple[str, dict]]:
     B, H = 2, 8
-    return [("causal self-attention T=512", dict(B=B, H=H, Hkv=H, Tq=512, Tk=512, grad_kv=True)),
-            ("GQA 8/2 heads T=512", dict(B=B, H=H, Hkv=2, Tq=512, Tk=512, grad_kv=True)),
-            ("cached decoding 1 new token, 511 cached", dict(B=B, H=H, Hkv=2, Tq=1, Tk=512, grad_kv=False)),
-            ("cached decoding chunk of 64, 448 cached", dict(B=B, H=H, Hkv=2, Tq=64, Tk=512, grad_kv=False))]
+    return [
+        ("causal self-attention T=512", dict(B=B, H=H, Hkv=H, Tq=512, Tk=512, grad_kv=True)),
+        ("GQA 8/2 heads T=512", dict(B=B, H=H, Hkv=2, Tq=512, Tk=512, grad_kv=True)),
+        ("cached decoding 1 new token, 511 cached", dict(B=B, H=H, Hkv=2, Tq=1, Tk=512, grad_kv=False)),
+        ("cached decoding chunk of 64, 448 cached", dict(B=B, H=H, Hkv=2, Tq=64, Tk=512, grad_kv=False)),
+    ]
 
 
 def check_kernels(_: argparse.Namespace) -> None:
@@ -76,8 +78,14 @@ def check_kernels(_: argparse.Namespace) -> None:
             try:
                 with sdpa_kernel([backend]):
                     # plain SDPA on the scaled copies: same inputs SSA hands to its kernel
-                    ref = F.scaled_dot_product_attention(apply_temperature(q, tau_q), k, apply_temperature(v, tau_v),
-                                                         attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+                    ref = F.scaled_dot_product_attention(
+                        apply_temperature(q, tau_q),
+                        k,
+                        apply_temperature(v, tau_v),
+                        attn_mask=mask,
+                        is_causal=causal,
+                        enable_gqa=gqa,
+                    )
                     ref_grads = torch.autograd.grad(ref.float().pow(2).sum(), leaves)
             except RuntimeError as e:
                 print(f"SKIP {label}: plain SDPA has no {backend.name} kernel here either ({str(e).splitlines()[0]})")
@@ -90,10 +98,13 @@ def check_kernels(_: argparse.Namespace) -> None:
                 report(False, label, f"SSA needs another kernel where plain SDPA does not: {str(e).splitlines()[0]}")
                 continue
             diff = (out.float() - ref.float()).abs().max().item()
-            gdiff = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
-                        for a, b in zip(grads, ref_grads))
-            ok = out.dtype == dt and diff <= 1e-2 and gdiff <= 2e-2 and all(bool(torch.isfinite(x).all())
-                                                                             for x in grads)
+            gdiff = max(
+                ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+                for a, b in zip(grads, ref_grads)
+            )
+            ok = (
+                out.dtype == dt and diff <= 1e-2 and gdiff <= 2e-2 and all(bool(torch.isfinite(x).all()) for x in grads)
+            )
             report(ok, label, f"max |out - sdpa| {diff:.2e}, max relative grad difference {gdiff:.2e}")
 
 
@@ -110,10 +121,16 @@ def check_documents(_: argparse.Namespace) -> None:
     B, H, Hkv, T = 2, 8, 2, 1024
     lengths = torch.randint(64, 320, (B, T), generator=g)
     ids = torch.stack([torch.repeat_interleave(torch.arange(T), lengths[b])[:T] for b in range(B)]).to(dev)
-    leaves = [(torch.randn(*s, generator=g) * sc + off).to(dev, dtype).requires_grad_()
-              for s, sc, off, dtype in (((B, H, T, 64), 1.0, 0.0, dt), ((B, Hkv, T, 64), 1.0, 0.0, dt),
-                                        ((B, Hkv, T, 64), 1.0, 0.0, dt), ((B, H, T), 0.2, 1.0, torch.float32),
-                                        ((B, Hkv, T), 0.2, 1.0, torch.float32))]
+    leaves = [
+        (torch.randn(*s, generator=g) * sc + off).to(dev, dtype).requires_grad_()
+        for s, sc, off, dtype in (
+            ((B, H, T, 64), 1.0, 0.0, dt),
+            ((B, Hkv, T, 64), 1.0, 0.0, dt),
+            ((B, Hkv, T, 64), 1.0, 0.0, dt),
+            ((B, H, T), 0.2, 1.0, torch.float32),
+            ((B, Hkv, T), 0.2, 1.0, torch.float32),
+        )
+    ]
     results = {}
     for backend in ("auto", "sdpa"):
         mask = document_mask(ids, backend=backend)
@@ -128,10 +145,14 @@ def check_documents(_: argparse.Namespace) -> None:
             return
     (a, ga), (b, gb) = results["auto"], results["sdpa"]
     diff = (a.float() - b.float()).abs().max().item()
-    gdiff = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-6)).item()
-                for x, y in zip(ga, gb))
-    report(diff <= 2e-2 and gdiff <= 3e-2, "documents flex vs boolean mask",
-           f"max |out diff| {diff:.2e}, max relative grad difference {gdiff:.2e}")
+    gdiff = max(
+        ((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-6)).item() for x, y in zip(ga, gb)
+    )
+    report(
+        diff <= 2e-2 and gdiff <= 3e-2,
+        "documents flex vs boolean mask",
+        f"max |out diff| {diff:.2e}, max relative grad difference {gdiff:.2e}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,13 +170,24 @@ def check_run(args: argparse.Namespace) -> None:
         report(False, name, "no run.json")
         return
     result = json.loads(rj.read_text())
-    losses = [json.loads(line).get("train_loss") for line in (run / "metrics.jsonl").read_text().splitlines()
-              if line.strip()] if (run / "metrics.jsonl").is_file() else []
+    losses = (
+        [
+            json.loads(line).get("train_loss")
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        if (run / "metrics.jsonl").is_file()
+        else []
+    )
     losses = [x for x in losses if x is not None]
     val = result.get("final_val_loss")
     ok = val is not None and math.isfinite(val) and all(math.isfinite(x) for x in losses)
-    report(ok, f"{name} loss finite", f"final val loss {val}, {len(losses)} train-loss lines, last "
-           f"{losses[-1] if losses else None}, {result.get('tokens_per_s', 0):,.0f} tokens/s")
+    report(
+        ok,
+        f"{name} loss finite",
+        f"final val loss {val}, {len(losses)} train-loss lines, last "
+        f"{losses[-1] if losses else None}, {result.get('tokens_per_s', 0):,.0f} tokens/s",
+    )
     if not (run / "final" / "config.json").is_file():
         report(False, f"{name} temperatures", "no final model (final/config.json)")
         return
@@ -167,19 +199,27 @@ def check_run(args: argparse.Namespace) -> None:
         return
     dtypes = {p.dtype for m in temps for p in m.parameters()}
     seen: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(out) if out is not None else None)
-             for m in temps]
+    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(out) if out is not None else None) for m in temps]
     ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         logits = model(input_ids=ids).logits
     for h in hooks:
         h.remove()
     tau_dtypes = {t.dtype for t in seen}
-    ok = (bool(seen) and tau_dtypes == {torch.float32} and all(bool(torch.isfinite(t).all()) for t in seen)
-          and bool(torch.isfinite(logits.float()).all()) and all(d.is_floating_point for d in dtypes))
+    ok = (
+        bool(seen)
+        and tau_dtypes == {torch.float32}
+        and all(bool(torch.isfinite(t).all()) for t in seen)
+        and bool(torch.isfinite(logits.float()).all())
+        and all(d.is_floating_point for d in dtypes)
+    )
     spread = max((t.float() - 1).abs().max().item() for t in seen) if seen else float("nan")
-    report(ok, f"{name} temperatures", f"{len(seen)} tau tensors of dtype {sorted(map(str, tau_dtypes))} under bf16 "
-           f"autocast (max |tau - 1| {spread:.4f}); parameters {sorted(map(str, dtypes))}")
+    report(
+        ok,
+        f"{name} temperatures",
+        f"{len(seen)} tau tensors of dtype {sorted(map(str, tau_dtypes))} under bf16 "
+        f"autocast (max |tau - 1| {spread:.4f}); parameters {sorted(map(str, dtypes))}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,8 +242,11 @@ class VanillaAttention(nn.Module):
 class Stack(nn.Module):
     def __init__(self, attention: str, d: int, heads: int, layers: int) -> None:
         super().__init__()
-        make = (lambda: VanillaAttention(d, heads)) if attention == "vanilla" else \
-            (lambda: SelectiveSelfAttention(d, heads, config=SSAConfig(init="scratch")))
+        make = (
+            (lambda: VanillaAttention(d, heads))
+            if attention == "vanilla"
+            else (lambda: SelectiveSelfAttention(d, heads, config=SSAConfig(init="scratch")))
+        )
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
         self.attns = nn.ModuleList(make() for _ in range(layers))
 
@@ -244,7 +287,8 @@ def check_memory(args: argparse.Namespace) -> None:
             saved = fn._recompute_scaled_inputs, temp._recomputed
             if mode == "eager-no-recompute":  # what the recompute trick saves: keep every scaled copy
                 fn._recompute_scaled_inputs = lambda scaled: torch.autograd.graph.saved_tensors_hooks(
-                    lambda t: t, lambda t: t)
+                    lambda t: t, lambda t: t
+                )
                 temp._recomputed = lambda f, *a: f(*a)
             try:
                 torch._dynamo.reset()
@@ -255,8 +299,10 @@ def check_memory(args: argparse.Namespace) -> None:
                 torch._dynamo.config.error_on_recompile = False
                 fn._recompute_scaled_inputs, temp._recomputed = saved
             model.zero_grad(set_to_none=True)
-    print(f"peak memory of forward+backward, {args.layers} layers d={args.d_model} heads={args.heads}, batch "
-          f"{args.batch} x {args.seq_len}, {args.dtype}, {device}, compiled with {backend}:")
+    print(
+        f"peak memory of forward+backward, {args.layers} layers d={args.d_model} heads={args.heads}, batch "
+        f"{args.batch} x {args.seq_len}, {args.dtype}, {device}, compiled with {backend}:"
+    )
     for k, v in rows.items():
         print(f"  {k:<24} {v / 2**20:9.1f} MiB   ({v / rows['vanilla eager']:.3f} x vanilla eager)")
     for mode in ("eager", "compiled"):
@@ -274,17 +320,26 @@ def check_ratios(args: argparse.Namespace) -> None:
             if "skipped" in r:
                 print(f"SKIP attention {r['dtype']}: {r['skipped']}")
                 continue
-            report(math.isfinite(r["ssa_time_ratio"]), f"bench attention {r['dtype']} T={r['T']}",
-                   f"SSA/SDPA time {r['ssa_time_ratio']:.3f}, memory {r['ssa_memory_ratio']:.3f}")
+            report(
+                math.isfinite(r["ssa_time_ratio"]),
+                f"bench attention {r['dtype']} T={r['T']}",
+                f"SSA/SDPA time {r['ssa_time_ratio']:.3f}, memory {r['ssa_memory_ratio']:.3f}",
+            )
             if "ssa_docs_time_ratio" in r:
-                report(math.isfinite(r["ssa_docs_time_ratio"]), f"bench attention documents {r['dtype']} T={r['T']}",
-                       f"packed / causal time: SSA {r['ssa_docs_time_ratio']:.3f}, plain "
-                       f"{r['sdpa_docs_time_ratio']:.3f}")
+                report(
+                    math.isfinite(r["ssa_docs_time_ratio"]),
+                    f"bench attention documents {r['dtype']} T={r['T']}",
+                    f"packed / causal time: SSA {r['ssa_docs_time_ratio']:.3f}, plain {r['sdpa_docs_time_ratio']:.3f}",
+                )
     elif data.get("benchmark") == "train":
         for r in data["rows"]:
             tps = r["tokens_per_s"]
-            report(tps["ssa"] > 0, f"bench train {r['size']}", f"SSA/vanilla time {tps['vanilla'] / tps['ssa']:.3f}, "
-                   f"memory {r['ssa_over_vanilla_memory']:.3f}, vanilla {tps['vanilla']:,.0f} tok/s")
+            report(
+                tps["ssa"] > 0,
+                f"bench train {r['size']}",
+                f"SSA/vanilla time {tps['vanilla'] / tps['ssa']:.3f}, "
+                f"memory {r['ssa_over_vanilla_memory']:.3f}, vanilla {tps['vanilla']:,.0f} tok/s",
+            )
     else:
         report(False, f"ratios {args.file}", "not an `ssa bench` result")
 
@@ -310,8 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("memory")
     m.add_argument("--device", default=None)
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    m.add_argument("--backend", default=None, help="torch.compile backend (default: inductor on CUDA, "
-                   "aot_eager_decomp_partition on CPU)")
+    m.add_argument(
+        "--backend",
+        default=None,
+        help="torch.compile backend (default: inductor on CUDA, aot_eager_decomp_partition on CPU)",
+    )
     m.add_argument("--layers", type=int, default=4)
     m.add_argument("--d-model", type=int, default=256)
     m.add_argument("--heads", type=int, default=4)

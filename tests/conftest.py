@@ -36,18 +36,45 @@ def _tiny(kind: str, seed: int = 0, **overrides) -> nn.Module:
 
     torch.manual_seed(seed)
     if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=HF_VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                         bos_token_id=0, eos_token_id=0, **overrides)
+        cfg = GPT2Config(
+            vocab_size=HF_VOCAB,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+            **overrides,
+        )
         model = GPT2LMHeadModel(cfg)
     elif kind == "neox":
-        cfg = GPTNeoXConfig(vocab_size=HF_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25,
-                            bos_token_id=0, eos_token_id=0, **overrides)
+        cfg = GPTNeoXConfig(
+            vocab_size=HF_VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            rotary_pct=0.25,
+            bos_token_id=0,
+            eos_token_id=0,
+            **overrides,
+        )
         model = GPTNeoXForCausalLM(cfg)
     elif kind == "llama":
-        cfg = LlamaConfig(vocab_size=HF_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                          bos_token_id=0, eos_token_id=0, pad_token_id=0, **overrides)
+        cfg = LlamaConfig(
+            vocab_size=HF_VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            **overrides,
+        )
         model = LlamaForCausalLM(cfg)
     else:
         raise ValueError(kind)
@@ -90,9 +117,18 @@ def _tiny_llama_257(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      bos_token_id=256, eos_token_id=256, pad_token_id=256)
+    cfg = LlamaConfig(
+        vocab_size=257,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=256,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -139,7 +175,7 @@ def _check_cached_decoding(model: nn.Module, x: torch.Tensor, full: torch.Tensor
         step = model(x[:, :start], past_key_values=cache, use_cache=True).logits
         torch.testing.assert_close(step, full[:, :start], atol=1e-4, rtol=0)
         for t in range(start, x.shape[1]):
-            step = model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            step = model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits
             torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
 
 
@@ -161,8 +197,12 @@ def corpus(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     rng = random.Random(0)
-    docs = [" ".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(rng.randint(2, 6))) for _ in range(120)]
+    docs = [
+        " ".join(
+            " ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "." for _ in range(rng.randint(2, 6))
+        )
+        for _ in range(120)
+    ]
     path.write_text("\n\n".join(docs) + "\n")
     return path
 
@@ -198,9 +238,21 @@ def cfg(corpus, tmp_path):
     """A few hundred tokens on the tiny model: 4 optimizer steps of 4 x 32 tokens."""
     from selective_attention.train import TrainConfig
 
-    return TrainConfig(data=str(corpus), size="tiny", vocab_size=300, seq_len=32, batch_size=4, max_tokens=512,
-                       eval_every=2, eval_tokens=128, log_every=1, out=str(tmp_path / "run"), progress=False,
-                       cache_dir=str(tmp_path.parent / "ssa-cache"), warmup=1)
+    return TrainConfig(
+        data=str(corpus),
+        size="tiny",
+        vocab_size=300,
+        seq_len=32,
+        batch_size=4,
+        max_tokens=512,
+        eval_every=2,
+        eval_tokens=128,
+        log_every=1,
+        out=str(tmp_path / "run"),
+        progress=False,
+        cache_dir=str(tmp_path.parent / "ssa-cache"),
+        warmup=1,
+    )
 
 
 @pytest.fixture
@@ -222,8 +274,32 @@ def metrics() -> Callable[[str | Path], list[dict]]:
 @pytest.fixture
 def cli_args() -> Callable[..., list[str]]:
     """cli_args(cfg, *extra): an `ssa train` command line for the tiny test run of ``cfg``."""
+
     def args(cfg, *extra: str) -> list[str]:
-        return ["train", "--data", cfg.data, "--size", "tiny", "--vocab-size", "300", "--seq-len", "32",
-                "--batch-size", "4", "--max-tokens", "256", "--eval-every", "0", "--eval-tokens", "64", "--cache-dir",
-                cfg.cache_dir, "--out", cfg.out, "--no-progress", *extra]
+        return [
+            "train",
+            "--data",
+            cfg.data,
+            "--size",
+            "tiny",
+            "--vocab-size",
+            "300",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--max-tokens",
+            "256",
+            "--eval-every",
+            "0",
+            "--eval-tokens",
+            "64",
+            "--cache-dir",
+            cfg.cache_dir,
+            "--out",
+            cfg.out,
+            "--no-progress",
+            *extra,
+        ]
+
     return args

@@ -48,6 +48,7 @@ def test_rows_share_the_base_weights_and_differ_in_the_attention():
 
 def test_row_configurations():
     """Each SSA row puts its temperatures (and terms) where its name says; the rules are the registry's."""
+
     def ssa(method):
         model, _ = A.build(method, "tiny", VOCAB, T, seed=0)
         return model.config.ssa
@@ -76,6 +77,7 @@ def test_every_row_trains_with_the_shared_loop_on_the_same_windows(monkeypatch):
         def recording(m):
             seen.append(batch(m))
             return seen[-1]
+
         out = real(model, optimizer, recording, step=step, lr_scale=lr_scale, **kw)
         calls.append((method, step, lr_scale, seen[0]))
         return out
@@ -115,9 +117,19 @@ def test_tiny_run_writes_results(tmp_path, monkeypatch):
     docs = load_documents("wiki", "train")[:80]
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    res = run_experiment("ablations", tmp_path / "out", seeds=1, progress=False, data=str(corpus), steps=2,
-                         seq_len=16, batch_size=2, eval_tokens=64, vocab_size=300,
-                         methods=("vanilla", "ssa-qv", "ssa-k", "yarn", "freq"))
+    res = run_experiment(
+        "ablations",
+        tmp_path / "out",
+        seeds=1,
+        progress=False,
+        data=str(corpus),
+        steps=2,
+        seq_len=16,
+        batch_size=2,
+        eval_tokens=64,
+        vocab_size=300,
+        methods=("vanilla", "ssa-qv", "ssa-k", "yarn", "freq"),
+    )
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["experiment"] == "ablations" and saved["seeds"] == [0]
     assert list(saved["methods"]) == ["vanilla", "ssa-qv", "ssa-k", "yarn", "freq"]

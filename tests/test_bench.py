@@ -30,8 +30,31 @@ def test_peak_memory_of_views_counted_once():
 
 def test_bench_attention_cli(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "attention", "--seq-lens", "16", "32", "--batch", "1", "--heads", "2", "--head-dim", "8",
-               "--repeats", "1", "--warmup", "0", "--dtypes", "float32", "--device", "cpu", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "attention",
+            "--seq-lens",
+            "16",
+            "32",
+            "--batch",
+            "1",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--dtypes",
+            "float32",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -52,8 +75,25 @@ def test_bench_bad_argument(capsys):
 
 def _bench_train(tmp_path, *extra: str) -> dict:
     out = tmp_path / "train.json"
-    rc = main(["bench", "train", "--sizes", "tiny", "--seq-len", "16", "--batch-size", "2", "--rounds", "1",
-               "--device", "cpu", "--out", str(out), *extra])
+    rc = main(
+        [
+            "bench",
+            "train",
+            "--sizes",
+            "tiny",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--rounds",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     assert rc == 0
     return json.loads(out.read_text())
 

@@ -18,8 +18,12 @@ WORDS = "the cat dog sat on mat ran far away home red blue big small tree house 
 
 def write_corpus(path, n_docs: int = 60, seed: int = 0):
     rng = random.Random(seed)
-    docs = [" ".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(rng.randint(2, 5))) for _ in range(n_docs)]
+    docs = [
+        " ".join(
+            " ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "." for _ in range(rng.randint(2, 5))
+        )
+        for _ in range(n_docs)
+    ]
     path.write_text("\n\n".join(docs) + "\n")
     return docs
 
@@ -60,8 +64,11 @@ def test_named_corpora():
 
 def test_local_txt_jsonl_and_folder(tmp_path):
     docs = write_corpus(tmp_path / "a.txt", 30)
-    got = set(load_documents(tmp_path / "a.txt", "train")) | set(load_documents(tmp_path / "a.txt", "val")) \
+    got = (
+        set(load_documents(tmp_path / "a.txt", "train"))
+        | set(load_documents(tmp_path / "a.txt", "val"))
         | set(load_documents(tmp_path / "a.txt", "test"))
+    )
     assert got == set(docs)
     lines = [json.dumps({"text": d}) if i % 2 else json.dumps(d) for i, d in enumerate(docs)]
     (tmp_path / "b.jsonl").write_text("\n".join(lines) + "\n")
@@ -73,12 +80,21 @@ def test_local_txt_jsonl_and_folder(tmp_path):
     assert sum(len(load_documents(folder, s)) for s in corpora.SPLITS) == 10
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "blank", "unknown", "suffix", "badjson", "emptydir", "split",
-                                  "two_docs"])
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "blank", "unknown", "suffix", "badjson", "emptydir", "split", "two_docs"]
+)
 def test_bad_corpora(tmp_path, case):
-    src = {"missing": tmp_path / "nope.txt", "empty": tmp_path / "e.txt", "blank": tmp_path / "b.txt",
-           "unknown": "wikipedia-de", "suffix": tmp_path / "c.csv", "badjson": tmp_path / "j.jsonl",
-           "emptydir": tmp_path / "d", "split": "wiki", "two_docs": tmp_path / "t.txt"}[case]
+    src = {
+        "missing": tmp_path / "nope.txt",
+        "empty": tmp_path / "e.txt",
+        "blank": tmp_path / "b.txt",
+        "unknown": "wikipedia-de",
+        "suffix": tmp_path / "c.csv",
+        "badjson": tmp_path / "j.jsonl",
+        "emptydir": tmp_path / "d",
+        "split": "wiki",
+        "two_docs": tmp_path / "t.txt",
+    }[case]
     (tmp_path / "e.txt").write_text("")
     (tmp_path / "b.txt").write_text("\n\n  \n")
     (tmp_path / "c.csv").write_text("a,b\n")
@@ -186,7 +202,7 @@ def test_prepare_rebuilds_a_garbled_array_of_the_right_size(tmp_path, capsys):
     tc = tokens.prepare(tmp_path / "a.txt", "gpt2", cache_dir=tmp_path / "c")
     want = tc.tokens("train").tolist()
     raw = bytearray((tc.root / "train.bin").read_bytes())
-    raw[len(raw) // 2: len(raw) // 2 + 8] = b"\xff" * 8  # same size, other tokens
+    raw[len(raw) // 2 : len(raw) // 2 + 8] = b"\xff" * 8  # same size, other tokens
     (tc.root / "train.bin").write_bytes(bytes(raw))
     capsys.readouterr()
     tc2 = tokens.prepare(tmp_path / "a.txt", "gpt2", cache_dir=tmp_path / "c")
@@ -204,7 +220,7 @@ def test_prepare_rebuilds_a_garbled_tokenizer(tmp_path, capsys):
     # valid JSON, a different vocabulary: loads fine, would tokenise differently
     i = text.index('"vocab"')
     j = text.index('":', i + 12)
-    path.write_text(text[:j - 1] + "Q" + text[j:])
+    path.write_text(text[: j - 1] + "Q" + text[j:])
     capsys.readouterr()
     tc2 = tokens.prepare(tmp_path / "a.txt", "bpe", vocab_size=300, cache_dir=tmp_path / "c")
     assert fingerprint(tc2.tokenizer) == fingerprint(tc.tokenizer)

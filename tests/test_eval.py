@@ -36,8 +36,9 @@ def _tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator((DOCS + [INTRO, FILLER * 4, NEEDLE.format(key="12345")]) * 5, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
@@ -46,8 +47,15 @@ def _llama(vocab: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -163,8 +171,14 @@ def test_perplexity_bad_input(tiny) -> None:
 # ------------------------------------------------------------------------------------------------ zero-shot
 
 
-EXPECTED = {"arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267,
-            "lambada": 5153}
+EXPECTED = {
+    "arc_easy": 570,
+    "arc_challenge": 299,
+    "hellaswag": 10042,
+    "piqa": 1838,
+    "winogrande": 1267,
+    "lambada": 5153,
+}
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -214,12 +228,15 @@ def test_zero_shot_accuracy_matches_hand_scoring(tiny, cache) -> None:
     n = 4
     res = zero_shot(model, tok, ["piqa", "winogrande"], limit=n)
     piqa = load_task_docs("piqa")[:n]
-    hits = [max(range(2), key=lambda c: _loglik(model, tok, d["query"], " " + d["choices"][c])) == d["gold"]
-            for d in piqa]
+    hits = [
+        max(range(2), key=lambda c: _loglik(model, tok, d["query"], " " + d["choices"][c])) == d["gold"] for d in piqa
+    ]
     assert res["piqa"]["acc"] == pytest.approx(sum(hits) / n, abs=1e-9)
     wino = load_task_docs("winogrande")[:n]
-    hits = [max(range(2), key=lambda c: _loglik(model, tok, d["contexts"][c], " " + d["continuation"])) == d["gold"]
-            for d in wino]
+    hits = [
+        max(range(2), key=lambda c: _loglik(model, tok, d["contexts"][c], " " + d["continuation"])) == d["gold"]
+        for d in wino
+    ]
     assert res["winogrande"]["acc"] == pytest.approx(sum(hits) / n, abs=1e-9)
 
 
@@ -230,8 +247,16 @@ def test_zero_shot_on_models_with_a_short_context(tiny, cache) -> None:
 
     _, tok, _ = tiny
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+        )
+    )
     r = zero_shot(llama, tok, ["piqa"], limit=2)
     assert r["piqa"]["n"] == 2 and r["piqa"]["max_length"] == 2048
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4, n_positions=16))
@@ -319,7 +344,7 @@ class InductionOracle(torch.nn.Module):
         logits = torch.zeros(1, len(ids), self.vocab)
         for t in range(1, len(ids)):
             for j in range(t - 1, 0, -1):
-                if not self.blind and ids[j - 1: j + 1] == ids[t - 1: t + 1]:
+                if not self.blind and ids[j - 1 : j + 1] == ids[t - 1 : t + 1]:
                     logits[0, t, ids[j + 1]] = 20.0
                     break
         return types.SimpleNamespace(logits=logits)
@@ -359,10 +384,34 @@ def test_cli_end_to_end_on_an_ssa_model(tiny, cache, tmp_path: Path, capsys) -> 
     corpus.write_text("\n\n".join(f"{DOCS[i % 5]} Line {i}." for i in range(100)))
     (tmp_path / "run.json").write_text(json.dumps({"config": {"split_seed": 3}}))  # as if mdir were RUN/final
     out = tmp_path / "res" / "eval.json"
-    rc = ssa_main(["eval", "--model", str(mdir), "--data", str(corpus), "--split", "test",
-                   "--tasks", "ppl,piqa", "winogrande", "passkey", "--limit", "2", "--seq-len", "32",
-                   "--passkey-lengths", "200", "--passkey-depths", "0,1", "--passkey-trials", "1",
-                   "--no-progress", "--out", str(out)])
+    rc = ssa_main(
+        [
+            "eval",
+            "--model",
+            str(mdir),
+            "--data",
+            str(corpus),
+            "--split",
+            "test",
+            "--tasks",
+            "ppl,piqa",
+            "winogrande",
+            "passkey",
+            "--limit",
+            "2",
+            "--seq-len",
+            "32",
+            "--passkey-lengths",
+            "200",
+            "--passkey-depths",
+            "0,1",
+            "--passkey-trials",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["attention"] == "ssa" and res["ssa"]["query"]
@@ -415,8 +464,9 @@ def test_cli_bad_input(tiny, cache, tmp_path: Path, capsys) -> None:
     _bad(["--model", str(mdir), "--data", str(tmp_path / "missing.txt")], out, capsys)
     (tmp_path / "empty.txt").write_text("\n\n")
     _bad(["--model", str(mdir), "--data", str(tmp_path / "empty.txt")], out, capsys)
-    assert "too short" in _bad(["--model", str(mdir), "--tasks", "piqa,passkey", "--passkey-lengths", "20"], out,
-                               capsys)
+    assert "too short" in _bad(
+        ["--model", str(mdir), "--tasks", "piqa,passkey", "--passkey-lengths", "20"], out, capsys
+    )
     assert "depths" in _bad(["--model", str(mdir), "--tasks", "passkey", "--passkey-depths", "0,2"], out, capsys)
     assert not (tmp_path / "r_passkey.png").exists() and not (tmp_path / "r.md").exists()
 
@@ -431,7 +481,7 @@ def test_cli_garbled_weights_are_an_error_not_nan(tiny, tmp_path: Path, capsys) 
     weights = mdir / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     mid = len(raw) // 2
-    raw[mid: mid + 4096] = b"\xff" * 4096  # 0xffffffff is a float32 NaN
+    raw[mid : mid + 4096] = b"\xff" * 4096  # 0xffffffff is a float32 NaN
     weights.write_bytes(bytes(raw))
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(DOCS * 4))

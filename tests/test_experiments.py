@@ -59,8 +59,9 @@ def test_aggregate_mean_std_and_overrides():
 
 def test_markdown_table_marks_metrics_a_method_did_not_measure():
     # the lm experiment mixes pre-training rows (no zero-shot) with fine-tuning rows (zero-shot accuracies)
-    table = common.markdown_table({"pre": {"ppl": 10.0, "ppl_std": 1.0}, "ft": {"ppl": 5.0, "acc": 0.5}},
-                                  ["ppl", "acc"], digits=2)
+    table = common.markdown_table(
+        {"pre": {"ppl": 10.0, "ppl_std": 1.0}, "ft": {"ppl": 5.0, "acc": 0.5}}, ["ppl", "acc"], digits=2
+    )
     lines = table.splitlines()
     assert lines[0] == "| method | ppl | acc |"
     assert lines[2].startswith("| pre | 10") and lines[2].endswith("| - |")
@@ -123,11 +124,11 @@ def test_denoise_bayes_estimator_matches_its_closed_form_risk():
     g = torch.Generator().manual_seed(0)
     tokens, types, mu = denoise.sample(cfg, 20000, g)
     est = denoise.bayes_estimate(cfg, tokens, types)
-    prec = torch.tensor([1 / s ** 2 for s in cfg.noise_sigmas] + [0.0])[types]
-    analytic = float((1 / (1 / cfg.prior_sigma ** 2 + prec.sum(1))).mean())
+    prec = torch.tensor([1 / s**2 for s in cfg.noise_sigmas] + [0.0])[types]
+    analytic = float((1 / (1 / cfg.prior_sigma**2 + prec.sum(1))).mean())
     assert abs(denoise.mse(est, mu) - analytic) / analytic < 0.03
     # any other weighting is worse: e.g. ignoring the prior (no shrinkage) or averaging everything
-    no_shrink = (prec[..., None] * tokens[..., :cfg.d]).sum(1) / prec.sum(1).clamp_min(1e-9)[:, None]
+    no_shrink = (prec[..., None] * tokens[..., : cfg.d]).sum(1) / prec.sum(1).clamp_min(1e-9)[:, None]
     assert denoise.mse(est, mu) < denoise.mse(no_shrink, mu)
 
 
@@ -188,6 +189,7 @@ def count_steps(monkeypatch) -> list[int]:
     def counting(*args, step, **kwargs):
         steps.append(step)
         return real(*args, step=step, **kwargs)
+
     monkeypatch.setattr(loop, "train_step", counting)
     return steps
 
@@ -247,8 +249,18 @@ def test_vanilla_tinylm_keeps_tau_one():
 
 
 def test_dilution_and_passkey_run_small(tmp_path):
-    res = run_experiment("dilution", tmp_path / "d", seeds=[0], progress=False, steps=10, seq_len=16, d=32,
-                         n_heads=2, eval_sequences=2, max_bytes=50_000)
+    res = run_experiment(
+        "dilution",
+        tmp_path / "d",
+        seeds=[0],
+        progress=False,
+        steps=10,
+        seq_len=16,
+        d=32,
+        n_heads=2,
+        eval_sequences=2,
+        max_bytes=50_000,
+    )
     check_files(tmp_path / "d", res, ["dilution.png"])
     curves = res["extra"]["curves"]["vanilla"]
     assert len(curves["entropy"]) == 64 and curves["entropy"][0] == pytest.approx(0.0, abs=1e-6)
@@ -256,8 +268,16 @@ def test_dilution_and_passkey_run_small(tmp_path):
         vals = res["methods"][method]
         assert vals["entropy_beyond"] > vals["entropy_within"]  # more keys visible -> higher entropy
         assert vals["max_weight_beyond"] < vals["max_weight_within"]  # and flatter rows: lower max weight
-    res = run_experiment("passkey", tmp_path / "p", seeds=[0], progress=False, steps=5, n_trials=4,
-                         depths=(0.2, 0.8), length_multipliers=(1, 2))
+    res = run_experiment(
+        "passkey",
+        tmp_path / "p",
+        seeds=[0],
+        progress=False,
+        steps=5,
+        n_trials=4,
+        depths=(0.2, 0.8),
+        length_multipliers=(1, 2),
+    )
     check_files(tmp_path / "p", res, ["passkey_heatmap.png"])
     assert set(res["methods"]["ssa"]) >= {"acc@1L_d0.2", "acc@2L_d0.8", "acc@1L", "acc@2L", "accuracy"}
     cfg = passkey_synthetic.Config(steps=5, n_trials=4, depths=(0.2, 0.8), length_multipliers=(1, 2))
@@ -271,8 +291,21 @@ def test_dilution_and_passkey_run_small(tmp_path):
 
 def test_cli_runs_and_rejects_bad_settings(tmp_path, capsys):
     out = tmp_path / "n"
-    rc = ssa_main(["experiment", "norm", "--out", str(out), "--seeds", "1", "--set", "max_weights=0.5,0.8",
-                   "--set", "steps=30", "--no-progress"])
+    rc = ssa_main(
+        [
+            "experiment",
+            "norm",
+            "--out",
+            str(out),
+            "--seeds",
+            "1",
+            "--set",
+            "max_weights=0.5,0.8",
+            "--set",
+            "steps=30",
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and json.loads((out / "results.json").read_text())["config"]["max_weights"] == [0.5, 0.8]
     capsys.readouterr()
     assert ssa_main(["experiment", "norm", "--out", str(out), "--set", "bogus=1"]) == 2

@@ -9,9 +9,18 @@ import pytest
 from selective_attention.experiments import finetune_study as fs
 from selective_attention.experiments import run_experiment
 
-TINY = {"base_tokens": 2_048, "base_eval_every": 4, "max_tokens": 1_024, "eval_every": 2, "eval_tokens": 1_024,
-        "length_windows": 1, "length_multipliers": (1, 2), "zero_shot_tasks": (), "checkpoint_every": 8,
-        "methods": ("vanilla", "ssa", "const")}
+TINY = {
+    "base_tokens": 2_048,
+    "base_eval_every": 4,
+    "max_tokens": 1_024,
+    "eval_every": 2,
+    "eval_tokens": 1_024,
+    "length_windows": 1,
+    "length_multipliers": (1, 2),
+    "zero_shot_tasks": (),
+    "checkpoint_every": 8,
+    "methods": ("vanilla", "ssa", "const"),
+}
 
 
 def test_study_pretrains_once_fine_tunes_pairs_and_rebuilds(tmp_path):
@@ -26,8 +35,10 @@ def test_study_pretrains_once_fine_tunes_pairs_and_rebuilds(tmp_path):
         info = json.loads((out / "runs" / "sotu" / f"{m}-seed{s}" / "run.json").read_text())
         assert info["config"]["init_from"].endswith("base/final") and info["seed"] == s
     methods = res["methods"]
-    diffs = [100 * (runs["ssa", s]["val_ppl"] - runs["vanilla", s]["val_ppl"]) / runs["vanilla", s]["val_ppl"]
-             for s in (0, 1)]
+    diffs = [
+        100 * (runs["ssa", s]["val_ppl"] - runs["vanilla", s]["val_ppl"]) / runs["vanilla", s]["val_ppl"]
+        for s in (0, 1)
+    ]
     assert methods["ssa"]["paired_percent"]["mean"] == pytest.approx(sum(diffs) / 2)
     t = methods["ssa"]["temperatures"]  # identity start, c at 1 x the fine-tuning temperature lr
     assert t["c_start"] == 0.0 and t["lr"] == 1e-2 and t["c_reach"] == pytest.approx(t["lr_sum"]) and t["moved"]
@@ -35,13 +46,18 @@ def test_study_pretrains_once_fine_tunes_pairs_and_rebuilds(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| ssa |" in summary and "Where the temperatures ended" in summary
     assert (out / "finetune-sotu-tokens-to-target.png").is_file() or all(
-        v is None for v in methods["ssa"]["speedup_per_seed"])
+        v is None for v in methods["ssa"]["speedup_per_seed"]
+    )
     # rerun: nothing trains again (the base and every fine-tune are reused), the same tables
     mtime = (out / "base" / "run.json").stat().st_mtime_ns
     again = run_experiment("finetune-study", out, seeds=2, budget="quick", progress=False, tables_only=True, **TINY)
     assert again["methods"]["ssa"]["paired_percent"] == methods["ssa"]["paired_percent"]
-    fs.run(out, dataclasses.replace(fs.Config(), **{**fs.BUDGETS["quick"], **TINY, "budget": "quick"}), [0, 1],
-           progress=False)
+    fs.run(
+        out,
+        dataclasses.replace(fs.Config(), **{**fs.BUDGETS["quick"], **TINY, "budget": "quick"}),
+        [0, 1],
+        progress=False,
+    )
     assert (out / "base" / "run.json").stat().st_mtime_ns == mtime
 
 

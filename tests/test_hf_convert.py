@@ -53,8 +53,9 @@ def test_every_temperature_parameter_gets_a_gradient(family: str, cfg: str, tiny
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-def test_cached_decoding_equals_full_forward(family: str, tiny, ids, randomise_temperatures,
-                                            check_cached_decoding) -> None:
+def test_cached_decoding_equals_full_forward(
+    family: str, tiny, ids, randomise_temperatures, check_cached_decoding
+) -> None:
     model = convert(tiny(family), CONFIGS["qkv" if family != "llama" else "shared"])
     randomise_temperatures(model)
     x = ids(B=2, T=12)
@@ -68,8 +69,7 @@ def test_generate_scores_match_full_forward(family: str, tiny, ids, randomise_te
     randomise_temperatures(model)
     x = ids(B=1, T=6)
     with torch.no_grad():
-        out = model.generate(x, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
+        out = model.generate(x, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
         seq = out.sequences
         assert seq.shape == (1, 12)
         full = model(seq).logits
@@ -85,14 +85,14 @@ def test_left_padded_batch_generates_like_each_alone(family: str, tiny, ids, ran
     batch = torch.zeros(2, T, dtype=torch.long)
     mask = torch.zeros(2, T, dtype=torch.long)
     for i, p in enumerate(prompts):
-        batch[i, T - len(p):] = p
-        mask[i, T - len(p):] = 1
+        batch[i, T - len(p) :] = p
+        mask[i, T - len(p) :] = 1
     kw = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         together = model.generate(batch, attention_mask=mask, **kw)
         for i, p in enumerate(prompts):
             alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kw)
-            assert torch.equal(together.sequences[i, T:], alone.sequences[0, len(p):])
+            assert torch.equal(together.sequences[i, T:], alone.sequences[0, len(p) :])
             for a, b in zip(together.logits, alone.logits):
                 torch.testing.assert_close(a[i], b[0], atol=1e-4, rtol=0)
 

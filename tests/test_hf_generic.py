@@ -11,14 +11,32 @@ from selective_attention import SSAConfig
 from selective_attention.hf import convert
 from selective_attention.hf.adapters import find_sites
 
-COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=0,
+)
 KWARGS = {
     "Phi3": COMMON,
     "Qwen3": COMMON,
     "Gemma2": COMMON,
-    "OPT": dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0),
+    "OPT": dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        pad_token_id=0,
+    ),
 }
 
 
@@ -29,8 +47,9 @@ def build(family: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("family", list(KWARGS))
-def test_generic_family_identity_and_cached_decoding(family: str, ids, randomise_temperatures,
-                                                     check_cached_decoding) -> None:
+def test_generic_family_identity_and_cached_decoding(
+    family: str, ids, randomise_temperatures, check_cached_decoding
+) -> None:
     model = build(family)
     x = ids(B=2, T=9)
     with torch.no_grad():

@@ -27,8 +27,9 @@ EOT = "<|endoftext|>"
 
 
 @pytest.mark.parametrize("sharing", ["shared", "mlp"])
-def test_save_load_restores_the_converted_model_exactly(tmp_path: Path, family: str, sharing: str, tiny, ids,
-                                                        randomise_temperatures) -> None:
+def test_save_load_restores_the_converted_model_exactly(
+    tmp_path: Path, family: str, sharing: str, tiny, ids, randomise_temperatures
+) -> None:
     model = convert(tiny(family), SSAConfig(sharing=sharing))  # mlp width sized from the model (mlp_growth)
     randomise_temperatures(model)
     model.save_pretrained(tmp_path)
@@ -67,14 +68,23 @@ def test_from_pretrained_loads_a_plain_model_and_rejects_a_bad_dir(tmp_path: Pat
 
 
 def _smollm2_135m_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
 
 
 @pytest.mark.parametrize("name", ["gpt2-124m", "smollm2-135m"])
 def test_parameter_budget_on_real_shapes(name: str) -> None:
-    make = {"gpt2-124m": lambda: GPT2LMHeadModel(GPT2Config()),
-            "smollm2-135m": lambda: LlamaForCausalLM(_smollm2_135m_config())}[name]
+    make = {
+        "gpt2-124m": lambda: GPT2LMHeadModel(GPT2Config()),
+        "smollm2-135m": lambda: LlamaForCausalLM(_smollm2_135m_config()),
+    }[name]
     expected_base = {"gpt2-124m": 124_439_808, "smollm2-135m": 134_515_008}[name]
     reports = {}
     for sharing in ("shared", "mlp"):
@@ -131,8 +141,9 @@ def test_temperatures_only_keeps_the_base_frozen(tiny, ids) -> None:
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
-def test_cli_convert_writes_a_loadable_model_and_reports(tmp_path: Path, capsys, ids, byte_tokenizer,
-                                                         tiny_llama_257) -> None:
+def test_cli_convert_writes_a_loadable_model_and_reports(
+    tmp_path: Path, capsys, ids, byte_tokenizer, tiny_llama_257
+) -> None:
     src = tmp_path / "plain"
     tiny_llama_257().save_pretrained(src)
     byte_tokenizer.save_pretrained(src)

@@ -34,12 +34,13 @@ def _loglik(model, tok, context: str, continuation: str) -> float:
     ctx, cont = tok(context).input_ids, tok(continuation).input_ids
     full = torch.tensor([ctx + cont])
     with torch.no_grad():
-        logp = model(full[:, :-1]).logits.log_softmax(-1)[0, len(ctx) - 1:]
+        logp = model(full[:, :-1]).logits.log_softmax(-1)[0, len(ctx) - 1 :]
     return logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
 
 
-def test_lm_eval_hflm_scores_a_converted_model(tmp_path: Path, randomise_temperatures, byte_tokenizer,
-                                               tiny_llama_257) -> None:
+def test_lm_eval_hflm_scores_a_converted_model(
+    tmp_path: Path, randomise_temperatures, byte_tokenizer, tiny_llama_257
+) -> None:
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
 
@@ -58,8 +59,12 @@ def test_lm_eval_hflm_scores_a_converted_model(tmp_path: Path, randomise_tempera
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "ssa_tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2)
-    res = lm_eval.simple_evaluate(model=lm, tasks=["ssa_tiny_mc"], log_samples=True,
-                                  task_manager=lm_eval.tasks.TaskManager(include_path=str(tmp_path)))
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["ssa_tiny_mc"],
+        log_samples=True,
+        task_manager=lm_eval.tasks.TaskManager(include_path=str(tmp_path)),
+    )
     assert res["results"]["ssa_tiny_mc"]["acc,none"] == 0.5
     # and each log-likelihood lm-eval used equals ours
     checked = 0

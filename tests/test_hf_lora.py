@@ -19,13 +19,15 @@ TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "neox": ["query_ke
 
 def _lora(family: str):
     # init_lora_weights=False: random B, so the LoRA delta is not zero and a missed delta shows
-    return peft.LoraConfig(target_modules=TARGETS[family], r=4, init_lora_weights=False,
-                           modules_to_save=["ssa_temperature"])
+    return peft.LoraConfig(
+        target_modules=TARGETS[family], r=4, init_lora_weights=False, modules_to_save=["ssa_temperature"]
+    )
 
 
 @pytest.mark.parametrize("order", ["convert_then_lora", "lora_then_convert"])
-def test_ssa_with_lora_equals_ssa_on_the_merged_model(family: str, order: str, tiny, ids,
-                                                      randomise_temperatures) -> None:
+def test_ssa_with_lora_equals_ssa_on_the_merged_model(
+    family: str, order: str, tiny, ids, randomise_temperatures
+) -> None:
     x = ids()
     if order == "convert_then_lora":
         model = convert(tiny(family), SSAConfig(key=family != "llama"))

@@ -12,17 +12,35 @@ from torch import nn
 from selective_attention import SSAConfig
 from selective_attention.hf import convert, ssa_state, ssa_temperatures
 
-SMALL = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-             max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=0,
+)
 
 
 def build(family: str) -> nn.Module:
     torch.manual_seed(0)
     if family == "Gemma3n":  # 4 layers, the last 2 reuse the keys / values of the first 2 (KV sharing)
         cfg = transformers.Gemma3nTextConfig(
-            **SMALL, vocab_size_per_layer_input=97, hidden_size_per_layer_input=4, num_hidden_layers=4, head_dim=8,
-            num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=16,
-            altup_num_inputs=2, laurel_rank=4, activation_sparsity_pattern=[0.0] * 4)
+            **SMALL,
+            vocab_size_per_layer_input=97,
+            hidden_size_per_layer_input=4,
+            num_hidden_layers=4,
+            head_dim=8,
+            num_kv_shared_layers=2,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            sliding_window=16,
+            altup_num_inputs=2,
+            laurel_rank=4,
+            activation_sparsity_pattern=[0.0] * 4,
+        )
         return transformers.Gemma3nForCausalLM(cfg).eval()
     cfg = getattr(transformers, f"{family}Config")(**SMALL, num_hidden_layers=2, qk_layernorm=True)
     return getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
@@ -37,8 +55,9 @@ def _randomise(model: nn.Module, target: str, layers: tuple[str, ...] = ()) -> N
                 p.copy_(torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize(("family", "target"), [("Gemma3n", "value"), ("Gemma3n", "key"), ("Phi", "key"),
-                                                 ("StableLm", "key")])
+@pytest.mark.parametrize(
+    ("family", "target"), [("Gemma3n", "value"), ("Gemma3n", "key"), ("Phi", "key"), ("StableLm", "key")]
+)
 def test_a_temperature_after_a_norm_takes_effect(family: str, target: str, ids, check_cached_decoding) -> None:
     x = ids(B=2, T=9)
     with torch.no_grad():

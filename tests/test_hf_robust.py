@@ -158,7 +158,8 @@ def test_force_never_removes_what_the_tool_did_not_write(tmp_path: Path, plain_m
 
 
 def test_force_replaces_an_earlier_conversion_only_while_it_holds_only_its_own_files(
-        tmp_path: Path, plain_model_dir: Path) -> None:
+    tmp_path: Path, plain_model_dir: Path
+) -> None:
     out = tmp_path / "ssa"
     assert ssa_main(["convert", "--model", str(plain_model_dir), "--out", str(out)]) == 0
     manifest = json.loads((out / "ssa-manifest.json").read_text())

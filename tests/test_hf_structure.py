@@ -35,8 +35,9 @@ def _hf_imports(path: Path) -> set[str]:
 
 def test_the_import_graph_of_hf_is_acyclic() -> None:
     modules = {_module_name(p): p for p in HF_DIR.rglob("*.py")}
-    assert {f"{PKG}.site", f"{PKG}.hooks", f"{PKG}.attention", f"{PKG}.adapters", f"{PKG}.adapters.common"} \
-        <= set(modules)
+    assert {f"{PKG}.site", f"{PKG}.hooks", f"{PKG}.attention", f"{PKG}.adapters", f"{PKG}.adapters.common"} <= set(
+        modules
+    )
     graph = {m: {d for d in _hf_imports(p) if d in modules and d != m} for m, p in modules.items()}
     # a package's __init__ may import its submodules; a submodule importing its package's __init__ is a cycle
     state: dict[str, int] = {}

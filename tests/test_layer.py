@@ -57,7 +57,7 @@ def test_cache_decoding_equals_full_forward(sharing, n_kv):
     taus = layer.temperatures(x)
     assert not torch.allclose(taus["query"], torch.ones_like(taus["query"]), atol=1e-2)
     cache = KVCache()
-    steps = torch.cat([layer(x[:, i:i + 1], cache=cache) for i in range(9)], dim=1)
+    steps = torch.cat([layer(x[:, i : i + 1], cache=cache) for i in range(9)], dim=1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
     cache = KVCache()
     chunks = torch.cat([layer(x[:, :4], cache=cache), layer(x[:, 4:], cache=cache)], dim=1)
@@ -132,8 +132,11 @@ def test_bf16_autocast_temperatures_are_float32(sharing):
     hook.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inspected = layer.temperatures(x)
-        projections = {"query": layer._split(layer.q_proj(x), 4), "key": layer._split(layer.k_proj(x), 2),
-                       "value": layer._split(layer.v_proj(x), 2)}
+        projections = {
+            "query": layer._split(layer.q_proj(x), 4),
+            "key": layer._split(layer.k_proj(x), 2),
+            "value": layer._split(layer.v_proj(x), 2),
+        }
     assert out.dtype == torch.bfloat16 and projections["value"].dtype == torch.bfloat16
     p = torch.arange(1, 7)
     for target, proj in projections.items():

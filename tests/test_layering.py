@@ -111,8 +111,11 @@ def test_every_import_follows_the_layering_rule():
 
 
 def test_only_the_entry_points_import_cli():
-    bad = sorted(m for m, deps in _graph().items() if _area(m) not in {"cli", "__main__"}
-                 and any(_area(d) == "cli" for d in deps))
+    bad = sorted(
+        m
+        for m, deps in _graph().items()
+        if _area(m) not in {"cli", "__main__"} and any(_area(d) == "cli" for d in deps)
+    )
     assert not bad, "modules that import selective_attention.cli (only the entry points may):\n" + "\n".join(bad)
 
 
@@ -129,7 +132,8 @@ def test_only_cli_parses_arguments():
     """Libraries expose plain functions with keyword arguments; argument parsing lives in cli/ alone."""
     found = {_module_name(p) for p in SRC.rglob("*.py") if _area(_module_name(p)) != "cli" and _imports_argparse(p)}
     assert found <= ARGPARSE_PENDING, "modules outside cli/ that import argparse:\n" + "\n".join(
-        sorted(found - ARGPARSE_PENDING))
+        sorted(found - ARGPARSE_PENDING)
+    )
     assert ARGPARSE_PENDING <= found, f"drop from ARGPARSE_PENDING (no argparse left): {ARGPARSE_PENDING - found}"
 
 
@@ -145,7 +149,7 @@ def test_no_import_cycle():
             if dep == node or (node.startswith(dep + ".") and dep in graph):
                 continue  # a package's own submodule importing the package's name: resolved by Python
             if state.get(dep) == 1:
-                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+                cycles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep, stack)
         stack.pop()

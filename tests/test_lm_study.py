@@ -41,13 +41,28 @@ def test_tokens_to_reach_interpolates_in_log_ppl():
 
 
 def test_plan_trains_vanilla_and_ssa_first_seed_major_then_the_baselines():
-    cfg = lm.Config(corpora=("wiki", "sotu"), methods=("vanilla", "ssa", "gated", "ssmax"),
-                    other_methods=("vanilla", "ssa", "gated"))
+    cfg = lm.Config(
+        corpora=("wiki", "sotu"),
+        methods=("vanilla", "ssa", "gated", "ssmax"),
+        other_methods=("vanilla", "ssa", "gated"),
+    )
     runs = [(r.corpus, r.method, r.seed) for r in lm.plan(lm.Path("/x"), cfg, [0, 1])]
-    assert runs == [("wiki", "vanilla", 0), ("wiki", "ssa", 0), ("sotu", "vanilla", 0), ("sotu", "ssa", 0),
-                    ("wiki", "vanilla", 1), ("wiki", "ssa", 1), ("sotu", "vanilla", 1), ("sotu", "ssa", 1),
-                    ("wiki", "gated", 0), ("wiki", "ssmax", 0), ("sotu", "gated", 0),
-                    ("wiki", "gated", 1), ("wiki", "ssmax", 1), ("sotu", "gated", 1)]
+    assert runs == [
+        ("wiki", "vanilla", 0),
+        ("wiki", "ssa", 0),
+        ("sotu", "vanilla", 0),
+        ("sotu", "ssa", 0),
+        ("wiki", "vanilla", 1),
+        ("wiki", "ssa", 1),
+        ("sotu", "vanilla", 1),
+        ("sotu", "ssa", 1),
+        ("wiki", "gated", 0),
+        ("wiki", "ssmax", 0),
+        ("sotu", "gated", 0),
+        ("wiki", "gated", 1),
+        ("wiki", "ssmax", 1),
+        ("sotu", "gated", 1),
+    ]
     assert str(lm.plan(lm.Path("/x"), cfg, [0, 1])[-1].path) == "/x/runs/sotu/gated-seed1"
 
 
@@ -74,8 +89,12 @@ def test_a_run_held_by_another_process_is_skipped_by_workers_and_refused_otherwi
 
 def test_dilution_splits_positions_at_the_training_length_and_late_improvement_is_the_plateau_criterion():
     att = {"position": [1, 2, 3, 4], "entropy": [1.0, 2.0, 3.0, 5.0], "max_weight": [0.9, 0.5, 0.4, 0.2]}
-    assert lm.dilution(att, 2) == {"entropy_within": 1.5, "entropy_beyond": 4.0, "max_weight_within": 0.7,
-                                   "max_weight_beyond": pytest.approx(0.3)}
+    assert lm.dilution(att, 2) == {
+        "entropy_within": 1.5,
+        "entropy_beyond": 4.0,
+        "max_weight_within": 0.7,
+        "max_weight_beyond": pytest.approx(0.3),
+    }
     assert lm.dilution(att, 4) == {"entropy_within": 2.75, "max_weight_within": pytest.approx(0.5)}  # no beyond
     assert lm.dilution(None, 4) is None
     # 100 -> 80 over the last 20 % of tokens (log-linear between validations) is a 20 % improvement
@@ -143,7 +162,7 @@ def corpora(tmp_path, monkeypatch):
     short = tmp_path / "short.jsonl"
     short.write_text("".join(json.dumps(d) + "\n" for d in docs))
     long_dir = tmp_path / "long.jsonl"
-    joined = [" ".join(docs[i: i + 30]) for i in range(0, 120, 6)]  # 20 documents of ~30 paragraphs each
+    joined = [" ".join(docs[i : i + 30]) for i in range(0, 120, 6)]  # 20 documents of ~30 paragraphs each
     long_dir.write_text("".join(json.dumps(d) + "\n" for d in joined))
     return short, long_dir
 
@@ -151,9 +170,19 @@ def corpora(tmp_path, monkeypatch):
 def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
     short, long = corpora
     out = tmp_path / "study"
-    settings = dict(budget="quick", corpora=(str(short),), length_corpus=str(long), seq_len=32, max_tokens=2048,
-                    eval_every=4, eval_tokens=1024, checkpoint_every=4, vocab_size=300, length_windows=2,
-                    methods=("vanilla", "ssa", "gated"))
+    settings = dict(
+        budget="quick",
+        corpora=(str(short),),
+        length_corpus=str(long),
+        seq_len=32,
+        max_tokens=2048,
+        eval_every=4,
+        eval_tokens=1024,
+        checkpoint_every=4,
+        vocab_size=300,
+        length_windows=2,
+        methods=("vanilla", "ssa", "gated"),
+    )
     res = run_experiment("lm", out, seeds=2, progress=False, **settings)
     saved = json.loads((out / "results.json").read_text())
     assert saved["complete"] and saved["pending"] == [] and res["methods"] == saved["methods"]
@@ -165,12 +194,18 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
         per_seed = d["val_ppl_per_seed"]
         assert d["val_ppl"] == pytest.approx(sum(per_seed) / 2)
         assert d["val_ppl_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / math.sqrt(2))
-    assert methods["vanilla"]["new_parameters"] == 0 < methods["ssa"]["new_parameters"] < methods["gated"][
-        "new_parameters"]
+    assert (
+        methods["vanilla"]["new_parameters"]
+        == 0
+        < methods["ssa"]["new_parameters"]
+        < methods["gated"]["new_parameters"]
+    )
     # the paired difference is computed seed by seed against vanilla's run of the same seed
     runs = {(r["method"], r["seed"]): r for r in saved["runs"]}
-    diffs = [100 * (runs["ssa", s]["val_ppl"] - runs["vanilla", s]["val_ppl"]) / runs["vanilla", s]["val_ppl"]
-             for s in (0, 1)]
+    diffs = [
+        100 * (runs["ssa", s]["val_ppl"] - runs["vanilla", s]["val_ppl"]) / runs["vanilla", s]["val_ppl"]
+        for s in (0, 1)
+    ]
     assert methods["ssa"]["paired_percent"]["mean"] == pytest.approx(sum(diffs) / 2)
     # the perplexity table, the temperature table and the mechanism table
     assert (out / "summary.md").read_text().count("| ssa |") == 3
@@ -252,12 +287,15 @@ def test_finetune_quick_budget_on_the_real_smollm2(tmp_path, monkeypatch):
     from selective_attention.utils.packages import smollm2_gguf
 
     pretrained = load_pretrained(smollm2_gguf(), dtype=torch.float32)[0].state_dict()
-    saved = {m: load_file(str(out / "runs" / f"{m}-seed0" / "final" / "model.safetensors"))
-             for m in ("vanilla", "ssa", "ssa-temps")}
+    saved = {
+        m: load_file(str(out / "runs" / f"{m}-seed0" / "final" / "model.safetensors"))
+        for m in ("vanilla", "ssa", "ssa-temps")
+    }
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(saved["ssa-temps"][name], pretrained[name])
-    assert not torch.equal(saved["ssa"][name], pretrained[name]) and not torch.equal(saved["vanilla"][name],
-                                                                                       pretrained[name])
+    assert not torch.equal(saved["ssa"][name], pretrained[name]) and not torch.equal(
+        saved["vanilla"][name], pretrained[name]
+    )
     summary = (out / "summary.md").read_text()
     assert summary.count("| ssa-temps |") == 2  # the results and where the temperatures ended
     assert "| base, before fine-tuning |" in summary and res["base"]["zero_shot"]["arc_easy"]["n"] == 8
@@ -300,17 +338,67 @@ def test_finetune_gpu_recipe_runs_a_few_steps_on_cpu(tmp_path, capsys):
     gguf = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout.strip()
     assert gguf.endswith(".gguf") and Path(gguf).is_file()
     out = tmp_path / "ft-ssa-s0"
-    small = ["--seq-len", "64", "--batch-size", "1", "--grad-accum", "2", "--max-tokens", "256", "--warmup", "1",
-             "--eval-every", "0", "--eval-tokens", "256", "--no-progress"]
-    assert main(["train", "--config", str(FINETUNE_RECIPE), "--init-from", gguf, "--attention", "ssa",
-                 "--out", str(out), *small]) == 0
+    small = [
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "2",
+        "--max-tokens",
+        "256",
+        "--warmup",
+        "1",
+        "--eval-every",
+        "0",
+        "--eval-tokens",
+        "256",
+        "--no-progress",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(FINETUNE_RECIPE),
+                "--init-from",
+                gguf,
+                "--attention",
+                "ssa",
+                "--out",
+                str(out),
+                *small,
+            ]
+        )
+        == 0
+    )
     run = json.loads((out / "run.json").read_text())
     assert run["tokens"] == 256 and run["parameters"]["new"] > 0 and run["config"]["data"] == "sotu"
     assert run["config"]["lr"] == 1e-5 and run["config"]["temperature_lr"] == 0.01
     capsys.readouterr()
     result = tmp_path / "ft-ssa-s0.json"
-    assert main(["eval", "--model", str(out / "final"), "--data", "sotu", "--tasks", "perplexity", "arc_easy",
-                 "--limit", "4", "--seq-len", "128", "--no-progress", "--out", str(result)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(out / "final"),
+                "--data",
+                "sotu",
+                "--tasks",
+                "perplexity",
+                "arc_easy",
+                "--limit",
+                "4",
+                "--seq-len",
+                "128",
+                "--no-progress",
+                "--out",
+                str(result),
+            ]
+        )
+        == 0
+    )
     res = json.loads(result.read_text())
     assert math.isfinite(res["perplexity"]["token_ppl"]) and res["zero_shot"]["arc_easy"]["n"] == 4
 
@@ -331,8 +419,12 @@ def test_confirmation_plan_trains_the_choice_on_seeds_it_was_not_chosen_on(tmp_p
     cfg = dataclasses.replace(lm.Config(), **{**lm.BUDGETS["confirm"], "budget": "confirm", "chosen": "ssa-c0-t10"})
     runs = lm.plan(tmp_path, cfg, [0, 1, 2])
     got = {(r.corpus, r.method, r.seed) for r in runs}
-    want = {(c, m, s + off) for c, off in (("wiki", 3), ("sotu", 0)) for m in ("vanilla", "ssa-c0-t10", "ssmax",
-                                                                              "llama4") for s in (0, 1, 2)}
+    want = {
+        (c, m, s + off)
+        for c, off in (("wiki", 3), ("sotu", 0))
+        for m in ("vanilla", "ssa-c0-t10", "ssmax", "llama4")
+        for s in (0, 1, 2)
+    }
     assert got == want and len(runs) == len(want)
     assert {r.method for r in runs[:12]} == {"vanilla", "ssa-c0-t10"}  # the headline pair trains first
     assert lm.method_settings("ssa-c0-t10", cfg.lr)["temperature_lr"] == pytest.approx(10 * cfg.lr)

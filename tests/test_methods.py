@@ -32,8 +32,6 @@ from selective_attention.train.optim import OptimConfig, build_optimizer, lr_fac
 VOCAB, T = 300, 24  # tiny Llama: 2 layers, d_model 128, 4 heads
 
 
-
-
 def tiny(method: str = "vanilla", **kw):
     model = build_model("tiny", VOCAB, T, "vanilla", None, seed=0)
     applied = apply_method(model, method, seq_len=T, **kw)
@@ -114,8 +112,10 @@ def test_gated_init_is_identity_and_gradient_reaches_the_gates():
         ref = model(input_ids=x).logits
         gates[0].proj.weight.fill_(-100.0)
         assert not torch.allclose(model(input_ids=x).logits, ref, atol=1e-3)
-    assert [k for k in model.state_dict() if "attn_gate" in k] == \
-        ["model.layers.0.self_attn.attn_gate.proj.weight", "model.layers.1.self_attn.attn_gate.proj.weight"]
+    assert [k for k in model.state_dict() if "attn_gate" in k] == [
+        "model.layers.0.self_attn.attn_gate.proj.weight",
+        "model.layers.1.self_attn.attn_gate.proj.weight",
+    ]
 
 
 def test_gated_refuses_a_model_without_o_proj():
@@ -124,9 +124,19 @@ def test_gated_refuses_a_model_without_o_proj():
         apply_method(model, "gated", seq_len=16)
 
 
-@pytest.mark.parametrize("method,new", [("vanilla", 0), ("ssa-pos-head", 2 * 4), ("ssa-official", 2),
-                                        ("const", 2 * 4), ("yarn", 0),
-                                        ("ssmax", 2 * 4), ("llama4", 0), ("gated", 2 * 128 * 4)])
+@pytest.mark.parametrize(
+    "method,new",
+    [
+        ("vanilla", 0),
+        ("ssa-pos-head", 2 * 4),
+        ("ssa-official", 2),
+        ("const", 2 * 4),
+        ("yarn", 0),
+        ("ssmax", 2 * 4),
+        ("llama4", 0),
+        ("gated", 2 * 128 * 4),
+    ],
+)
 def test_parameter_counts(method, new):
     model, applied = tiny(method)
     counts = parameter_counts(model, applied)
@@ -182,15 +192,26 @@ def test_unknown_method_and_option():
     with pytest.raises(UserError, match="must be a number"):
         TrainConfig(attention="yarn", method_options={"coefficient": "big"}).validate()
     TrainConfig(attention="llama4", method_options={"beta": 0.2, "floor_scale": 8}).validate()
-    assert set(METHODS) == {"vanilla", "ssa", "ssa-pos-head", "ssa-official", "const", "yarn", "ssmax", "freq",
-                            "llama4", "gated"}
+    assert set(METHODS) == {
+        "vanilla",
+        "ssa",
+        "ssa-pos-head",
+        "ssa-official",
+        "const",
+        "yarn",
+        "ssmax",
+        "freq",
+        "llama4",
+        "gated",
+    }
 
 
 @pytest.mark.parametrize("method", ["gated", "ssmax", "freq", "llama4", "ssa-official"])
 def test_saved_model_reloads_through_load_model(method, tmp_path):
     train_tokens = np.random.default_rng(0).integers(0, VOCAB, 5000)
-    model, applied = tiny(method, options={"floor_scale": 3} if method == "llama4" else None,
-                          train_tokens=train_tokens, vocab=VOCAB)
+    model, applied = tiny(
+        method, options={"floor_scale": 3} if method == "llama4" else None, train_tokens=train_tokens, vocab=VOCAB
+    )
     with torch.no_grad():  # move the new parameters away from their init
         for p in applied.new_parameters:
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
@@ -214,14 +235,23 @@ def test_saved_model_reloads_through_load_model(method, tmp_path):
 # ---- through train()
 
 
-
-
-
 @pytest.mark.parametrize("method", ["gated", "llama4"])
 def test_train_with_a_method_and_reload(method, corpus, tmp_path):
-    cfg = TrainConfig(data=str(corpus), size="tiny", vocab_size=300, seq_len=32, batch_size=4, max_tokens=256,
-                      eval_every=0, eval_tokens=128, out=str(tmp_path / method), progress=False,
-                      cache_dir=str(tmp_path.parent / "ssa-cache"), warmup=1, attention=method)
+    cfg = TrainConfig(
+        data=str(corpus),
+        size="tiny",
+        vocab_size=300,
+        seq_len=32,
+        batch_size=4,
+        max_tokens=256,
+        eval_every=0,
+        eval_tokens=128,
+        out=str(tmp_path / method),
+        progress=False,
+        cache_dir=str(tmp_path.parent / "ssa-cache"),
+        warmup=1,
+        attention=method,
+    )
     run = train(cfg)
     assert math.isfinite(run["final_val_loss"])
     assert run["parameters"]["new"] == {"gated": 2 * 128 * 4, "llama4": 0}[method]
@@ -230,8 +260,27 @@ def test_train_with_a_method_and_reload(method, corpus, tmp_path):
     from selective_attention.cli import main
 
     out = tmp_path / f"{method}-eval.json"
-    assert main(["eval", "--model", str(tmp_path / method / "final"), "--data", str(corpus), "--tasks",
-                 "perplexity", "--seq-len", "32", "--limit", "4", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / method / "final"),
+                "--data",
+                str(corpus),
+                "--tasks",
+                "perplexity",
+                "--seq-len",
+                "32",
+                "--limit",
+                "4",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ppl = json.loads(out.read_text())["perplexity"]["token_ppl"]
     assert math.isfinite(ppl) and 1.0 < ppl < 1000
     if method == "llama4":
@@ -242,9 +291,23 @@ def test_train_with_a_method_and_reload(method, corpus, tmp_path):
 @pytest.mark.parametrize("method,ssa", [("ssa", SSAConfig(init="identity")), ("ssa-official", None)])
 def test_run_records_where_the_temperatures_ended(method, ssa, corpus, tmp_path):
     # 8 steps at temperature lr 5e-2: c can move up to position_scale x sum of the rates
-    cfg = TrainConfig(data=str(corpus), size="tiny", vocab_size=300, seq_len=32, batch_size=4, max_tokens=1024,
-                      eval_every=0, eval_tokens=128, out=str(tmp_path / method), progress=False, temperature_lr=5e-2,
-                      cache_dir=str(tmp_path.parent / "ssa-cache"), warmup=1, attention=method, ssa=ssa)
+    cfg = TrainConfig(
+        data=str(corpus),
+        size="tiny",
+        vocab_size=300,
+        seq_len=32,
+        batch_size=4,
+        max_tokens=1024,
+        eval_every=0,
+        eval_tokens=128,
+        out=str(tmp_path / method),
+        progress=False,
+        temperature_lr=5e-2,
+        cache_dir=str(tmp_path.parent / "ssa-cache"),
+        warmup=1,
+        attention=method,
+        ssa=ssa,
+    )
     run = train(cfg)
     rec = run["temperatures"]
     factors = [lr_factor(s, 8, 1, cfg.min_lr_ratio) for s in range(8)]

@@ -73,8 +73,7 @@ def test_a_lock_file_removed_by_its_holder_is_never_locked_beside_a_new_one(tmp_
 # ---- the parent check of the training loop (where there is no PR_SET_PDEATHSIG)
 
 
-def test_a_run_whose_parent_is_gone_stops_before_its_next_step_and_resumes_exactly(cfg, weights, tmp_path,
-                                                                                 monkeypatch):
+def test_a_run_whose_parent_is_gone_stops_before_its_next_step_and_resumes_exactly(cfg, weights, tmp_path, monkeypatch):
     cfg.checkpoint_every = 1
     checks = iter([False, False, True])  # the parent dies during step 2
     monkeypatch.setattr(parent, "gone", lambda: next(checks, True))
@@ -153,8 +152,12 @@ def _logged_until(out: Path, step: int) -> list[dict]:
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1",
-            "SSA_CACHE_DIR": str(tmp_path.parent / "ssa-cache")}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(SRC),
+        "OMP_NUM_THREADS": "1",
+        "SSA_CACHE_DIR": str(tmp_path.parent / "ssa-cache"),
+    }
 
 
 def _resumed(out: Path, kept: list[dict]) -> None:
@@ -169,19 +172,51 @@ def test_sigkill_of_a_study_with_two_workers(corpus, tmp_path):
     multiprocessing's resource tracker) are gone within seconds, their run locks are free, and the same command
     resumes both runs and finishes the study."""
     out = tmp_path / "study"
-    sets = {"corpora": corpus, "length_corpus": corpus, "methods": "vanilla,ssa", "seq_len": 32, "vocab_size": 300,
-            "batch_size": 4, "max_tokens": 128 * 40, "eval_every": 20, "eval_tokens": 256, "checkpoint_every": 2,
-            "length_multipliers": 1, "length_windows": 1, "entropy_windows": 1, "passkey_trials": 0}
+    sets = {
+        "corpora": corpus,
+        "length_corpus": corpus,
+        "methods": "vanilla,ssa",
+        "seq_len": 32,
+        "vocab_size": 300,
+        "batch_size": 4,
+        "max_tokens": 128 * 40,
+        "eval_every": 20,
+        "eval_tokens": 256,
+        "checkpoint_every": 2,
+        "length_multipliers": 1,
+        "length_windows": 1,
+        "entropy_windows": 1,
+        "passkey_trials": 0,
+    }
     overrides = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    cmd = [sys.executable, "-m", "selective_attention", "experiment", "lm", "--budget", "quick", "--seeds", "1",
-           "--jobs", "2", "--out", str(out), "--no-progress", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "selective_attention",
+        "experiment",
+        "lm",
+        "--budget",
+        "quick",
+        "--seeds",
+        "1",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        *overrides,
+    ]
     runs = [r.path for r in lm.plan(out, lm.Config(corpora=(str(corpus),), methods=("vanilla", "ssa")), [0])]
     assert len(runs) == 2
     proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     children: list[psutil.Process] = []
     try:
-        _wait("training both runs", lambda: all((r / "checkpoints").is_dir() and _checkpoint_steps(r) for r in runs),
-              proc, 120)
+        _wait(
+            "training both runs",
+            lambda: all((r / "checkpoints").is_dir() and _checkpoint_steps(r) for r in runs),
+            proc,
+            120,
+        )
         children, took = _kill_parent(proc, expect=2)
         print(f"{len(children)} processes gone {took * 1000:.0f} ms after the study's SIGKILL")
         kept = {}
@@ -205,10 +240,41 @@ def test_sigkill_of_train_with_two_processes(corpus, tmp_path):
     """`ssa train --nproc 2` killed with SIGKILL mid-run: torchrun and both processes are gone within seconds,
     the run's lock is free, and the same command resumes from the checkpoint and finishes."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "selective_attention", "train", "--data", str(corpus), "--size", "tiny",
-           "--vocab-size", "300", "--seq-len", "32", "--batch-size", "2", "--max-tokens", str(128 * 40),
-           "--eval-every", "0", "--eval-tokens", "128", "--checkpoint-every", "2", "--keep-checkpoints", "1",
-           "--log-every", "1", "--warmup", "1", "--out", str(out), "--no-progress", "--nproc", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "selective_attention",
+        "train",
+        "--data",
+        str(corpus),
+        "--size",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-tokens",
+        str(128 * 40),
+        "--eval-every",
+        "0",
+        "--eval-tokens",
+        "128",
+        "--checkpoint-every",
+        "2",
+        "--keep-checkpoints",
+        "1",
+        "--log-every",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--nproc",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     children: list[psutil.Process] = []
     try:

@@ -148,14 +148,18 @@ def test_layer_packed_equals_each_document_alone():
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
     layer.zero_grad()
     for b, s, e in _segments(ids):
-        alone = layer(x[b:b + 1, s:e], positions=positions[b:b + 1, s:e])
-        torch.testing.assert_close(y[b:b + 1, s:e], alone, atol=1e-12, rtol=0)
-        (alone * w[b:b + 1, s:e]).sum().backward()
+        alone = layer(x[b : b + 1, s:e], positions=positions[b : b + 1, s:e])
+        torch.testing.assert_close(y[b : b + 1, s:e], alone, atol=1e-12, rtol=0)
+        (alone * w[b : b + 1, s:e]).sum().backward()
     for n, p in layer.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-10, rtol=0, msg=n)
     # positions default to in-document positions; a mask built once per batch gives the same output
-    torch.testing.assert_close(layer(x, document_ids=ids), layer(x, positions=document_positions(ids),
-                                                                  attn_mask=document_mask(ids)), atol=0, rtol=0)
+    torch.testing.assert_close(
+        layer(x, document_ids=ids),
+        layer(x, positions=document_positions(ids), attn_mask=document_mask(ids)),
+        atol=0,
+        rtol=0,
+    )
     taus = layer.temperatures(x, document_ids=ids)["query"]
     torch.testing.assert_close(taus[:1, :, 5:8], layer.temperatures(x[:1, 5:8])["query"], atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="KVCache"):
@@ -188,7 +192,7 @@ def test_sampler_positions_are_in_document_positions():
     w = s.windows(indices)
     assert torch.equal(x, w[:, :-1]) and torch.equal(y, w[:, 1:])  # the same windows as stitched
     for row, start in zip(pos, s.starts(indices)):
-        assert row.tolist() == truth[start: start + 24].tolist()
+        assert row.tolist() == truth[start : start + 24].tolist()
     assert (pos[:, 0] > 0).any()  # some windows start inside a document
     # a pure function of (seed, sample index): another sampler, or one index at a time, gives the same
     other = WindowSampler(tokens, 24, 5, boundary=EOT)
@@ -208,8 +212,15 @@ RULE_METHODS = list(METHODS)  # vanilla, ssa, ssa-pos-head, ssa-official, const,
 def _method_model(name: str, tokens: np.ndarray):
     model = build_model("tiny", VOCAB, 24, "vanilla", None, seed=0)
     options = {"floor_scale": 2} if name == "llama4" else {}  # tau then steps within a few tokens
-    applied = apply_method(model, name, ssa=SSAConfig(init="scratch", key=True), seq_len=24, options=options,
-                           train_tokens=tokens, vocab=VOCAB)
+    applied = apply_method(
+        model,
+        name,
+        ssa=SSAConfig(init="scratch", key=True),
+        seq_len=24,
+        options=options,
+        train_tokens=tokens,
+        vocab=VOCAB,
+    )
     from selective_attention.temperature import temperature_parameters
 
     g = torch.Generator().manual_seed(7)
@@ -255,8 +266,8 @@ def test_packed_batch_equals_each_document_alone(name, packed_batch):
     n_tokens, total = y.numel(), 0.0
     doc = (pos == 0).long().cumsum(-1)  # a new document at every position 0
     for b, s, e in _segments(doc):
-        seg_logits = logits_of(model(**model_inputs(x[b:b + 1, s:e], pos[b:b + 1, s:e])))
-        torch.testing.assert_close(logits[b:b + 1, s:e], seg_logits, atol=1e-5, rtol=0)
+        seg_logits = logits_of(model(**model_inputs(x[b : b + 1, s:e], pos[b : b + 1, s:e])))
+        torch.testing.assert_close(logits[b : b + 1, s:e], seg_logits, atol=1e-5, rtol=0)
         seg = torch.nn.functional.cross_entropy(seg_logits[0].float(), y[b, s:e], reduction="sum") / n_tokens
         seg.backward()
         total += float(seg.detach())
@@ -367,8 +378,29 @@ def test_eval_cli_packing_documents(tiny_llama_257, byte_tokenizer, corpus, tmp_
     out = {}
     for packing in ("stitched", "documents"):
         path = tmp_path / f"{packing}.json"
-        assert main(["eval", "--model", str(model_dir), "--data", str(corpus), "--tasks", "perplexity", "--limit",
-                     "3", "--seq-len", "32", "--packing", packing, "--no-progress", "--out", str(path)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    str(model_dir),
+                    "--data",
+                    str(corpus),
+                    "--tasks",
+                    "perplexity",
+                    "--limit",
+                    "3",
+                    "--seq-len",
+                    "32",
+                    "--packing",
+                    packing,
+                    "--no-progress",
+                    "--out",
+                    str(path),
+                ]
+            )
+            == 0
+        )
         out[packing] = json.loads(path.read_text())["perplexity"]
     assert out["documents"]["packing"] == "documents" and out["documents"]["context"] == "document"
     assert out["documents"]["tokens"] == out["stitched"]["tokens"]
@@ -380,8 +412,19 @@ def test_eval_cli_packing_documents(tiny_llama_257, byte_tokenizer, corpus, tmp_
 def test_bench_has_the_packed_documents_rows():
     from selective_attention.bench.attention import AttentionBenchConfig, run_attention_bench
 
-    res = run_attention_bench(AttentionBenchConfig(seq_lens=[32], batch=1, heads=2, head_dim=8, dtypes=["float32"],
-                                                   repeats=1, warmup=0, doc_len=8, naive_max_len=0))
+    res = run_attention_bench(
+        AttentionBenchConfig(
+            seq_lens=[32],
+            batch=1,
+            heads=2,
+            head_dim=8,
+            dtypes=["float32"],
+            repeats=1,
+            warmup=0,
+            doc_len=8,
+            naive_max_len=0,
+        )
+    )
     row = res["rows"][0]
     for m in ("sdpa_docs", "ssa_docs"):
         assert row[f"{m}_ms"] > 0 and row[f"{m}_time_ratio"] > 0 and "naive_ms" not in row

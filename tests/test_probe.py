@@ -49,8 +49,9 @@ def make_run(root: Path, attention: str, vocab_docs: list[str] | None = None) ->
     from selective_attention.temperature import temperature_modules
     from selective_attention.train.models import build_model
 
-    tok = build_tokenizer("bpe", documents=vocab_docs or [TEXT * 3, "The quick brown fox jumps over the dog. " * 4],
-                          vocab_size=300)
+    tok = build_tokenizer(
+        "bpe", documents=vocab_docs or [TEXT * 3, "The quick brown fox jumps over the dog. " * 4], vocab_size=300
+    )
     m = build_model("tiny", len(tok), 64, attention, SSAConfig(init="scratch"), seed=0)
     with torch.no_grad():
         for fn in temperature_modules(m):
@@ -59,8 +60,15 @@ def make_run(root: Path, attention: str, vocab_docs: list[str] | None = None) ->
     run = root / attention
     m.save_pretrained(run / "final")
     tok.save_pretrained(run / "final")
-    (run / "run.json").write_text(json.dumps({"attention": attention, "seed": 0, "config": {
-        "attention": attention, "seed": 0, "seq_len": 16, "data": "wiki"}}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "attention": attention,
+                "seed": 0,
+                "config": {"attention": attention, "seed": 0, "seq_len": 16, "data": "wiki"},
+            }
+        )
+    )
     metrics = [{"step": i, "tokens": 100 * i, "val_ppl": 50.0 - i, "val_loss": math.log(50.0 - i)} for i in (1, 2)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in metrics))
     return run

@@ -61,7 +61,7 @@ def _check_parse(commands: list[str]) -> None:
         argv = shlex.split(command)[1:]
         if "..." in argv:
             i = argv.index("...")
-            argv = argv[:i] + full.get(argv[0], []) + [a for a in argv[i + 1:] if a != "..."]
+            argv = argv[:i] + full.get(argv[0], []) + [a for a in argv[i + 1 :] if a != "..."]
         else:
             full[argv[0]] = argv[1:]
         assert _parse(argv).command == argv[0]
@@ -132,14 +132,20 @@ def test_gpu_check_script_commands_parse(tmp_path):
     gguf, log = tmp_path / "model.gguf", tmp_path / "calls.jsonl"
     gguf.touch()
     fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON.format(python=sys.executable, scripts=str(ROOT / "scripts"), log=str(log),
-                                       gguf=str(gguf)))
+    fake.write_text(
+        FAKE_PYTHON.format(python=sys.executable, scripts=str(ROOT / "scripts"), log=str(log), gguf=str(gguf))
+    )
     fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_OUT": str(tmp_path / "out"),
-           "PATH": f"{tmp_path}:{os.environ['PATH']}"}  # nvidia-smi is absent here; the script tolerates that
+    env = {
+        **os.environ,
+        "PYTHON": str(fake),
+        "GPU_CHECK_OUT": str(tmp_path / "out"),
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+    }  # nvidia-smi is absent here; the script tolerates that
     (tmp_path / "out").mkdir()
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0 and "ALL PASS" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     calls = log.read_text().splitlines()
     ssa = [c for c in calls if '"selective_attention"' in c]
@@ -303,8 +309,7 @@ def test_bundled_model_name_resolves_in_ssa_convert_and_ssa_eval(bundled, loads,
     from selective_attention.cli import main
 
     assert main(["convert", "--model", "smollm2-135m", "--out", "smol-ssa"]) == 2
-    assert main(["eval", "--model", "smollm2-135m", "--tasks", "arc_easy", "--no-progress",
-                 "--out", "eval.json"]) == 2
+    assert main(["eval", "--model", "smollm2-135m", "--tasks", "arc_easy", "--no-progress", "--out", "eval.json"]) == 2
     assert "stub: not loading" in capsys.readouterr().err
     assert loads == [bundled, bundled]
 

@@ -22,21 +22,44 @@ from selective_attention.report.builder import (
 from selective_attention.utils.stats import first_crossing as tokens_to_reach  # the report's tokens-to-target
 
 
-def write_run(d: Path, attention: str, seed: int, ppls: list[float], tokens_per_s: float = 1000.0,
-              sharing: str = "shared", every: int = 1000) -> Path:
+def write_run(
+    d: Path,
+    attention: str,
+    seed: int,
+    ppls: list[float],
+    tokens_per_s: float = 1000.0,
+    sharing: str = "shared",
+    every: int = 1000,
+) -> Path:
     d.mkdir(parents=True)
     lines = []
     for i, p in enumerate(ppls):
         t = (i + 1) * every
-        lines.append({"step": i + 1, "tokens": t, "lr": 1e-3, "train_loss": math.log(p) + 0.05,
-                      "tokens_per_s": tokens_per_s, "elapsed_s": t / tokens_per_s})
+        lines.append(
+            {
+                "step": i + 1,
+                "tokens": t,
+                "lr": 1e-3,
+                "train_loss": math.log(p) + 0.05,
+                "tokens_per_s": tokens_per_s,
+                "elapsed_s": t / tokens_per_s,
+            }
+        )
         lines.append({"step": i + 1, "tokens": t, "val_loss": math.log(p), "val_ppl": p})
     (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     new = 0 if attention == "vanilla" else 4
     params = {"base": 1000, "new": new, "total": 1000 + new, "percent": new / 10}
-    info = {"attention": attention, "size": "tiny", "seed": seed, "config": {"attention": attention, "sharing": sharing,
-            "seed": seed}, "parameters": params, "tokens_per_s": tokens_per_s, "final_val_loss": math.log(ppls[-1]),
-            "final_val_ppl": ppls[-1], "tokens": len(ppls) * every}
+    info = {
+        "attention": attention,
+        "size": "tiny",
+        "seed": seed,
+        "config": {"attention": attention, "sharing": sharing, "seed": seed},
+        "parameters": params,
+        "tokens_per_s": tokens_per_s,
+        "final_val_loss": math.log(ppls[-1]),
+        "final_val_ppl": ppls[-1],
+        "tokens": len(ppls) * every,
+    }
     (d / "run.json").write_text(json.dumps(info))
     return d
 
@@ -92,8 +115,11 @@ def test_summary_speedup_mean_std(tmp_path):
 
 
 def test_build_report_writes_html_md_json_and_valid_pngs(tmp_path):
-    dirs = [write_run(tmp_path / "runs" / f"{a}{i}", a, i, [80 - 10 * k - (5 if a == "ssa" else 0) for k in range(5)])
-            for a in ("vanilla", "ssa") for i in range(2)]
+    dirs = [
+        write_run(tmp_path / "runs" / f"{a}{i}", a, i, [80 - 10 * k - (5 if a == "ssa" else 0) for k in range(5)])
+        for a in ("vanilla", "ssa")
+        for i in range(2)
+    ]
     out = tmp_path / "rep"
     summary = build_report(dirs, out, title="test report")
     for name in ("report.html", "report.md", "report.json"):
@@ -151,19 +177,29 @@ def test_report_imports_only_utils_errors_stdlib_numpy_matplotlib(file_imports):
             if top == "selective_attention":
                 assert m.split(".")[1] in ("utils", "errors", "report"), f"report/{f.name} imports {m}"
             else:
-                assert top in sys.stdlib_module_names or top in ALLOWED or top == "__future__", \
+                assert top in sys.stdlib_module_names or top in ALLOWED or top == "__future__", (
                     f"report/{f.name} imports {m}"
+                )
 
 
 def probe_json(run: Path, tokens: list[str], tau: list[float], T: int = 8, entropy_scale: float = 1.0) -> dict:
-    probe = {"format": 1, "settings": {}, "tokens": tokens, "n_layers": 2,
-             "temperatures": {"query": {"mean": tau, "per_layer": [tau, tau]},
-                              "value": {"mean": [1.0] * len(tau), "per_layer": [[1.0] * len(tau)] * 2}},
-             "dilution": {"position": list(range(1, T + 1)),
-                          "entropy": [entropy_scale * math.log(p) for p in range(1, T + 1)],
-                          "max_weight": [1 / p for p in range(1, T + 1)],
-                          "uniform_entropy": [math.log(p) for p in range(1, T + 1)]},
-             "notes": []}
+    probe = {
+        "format": 1,
+        "settings": {},
+        "tokens": tokens,
+        "n_layers": 2,
+        "temperatures": {
+            "query": {"mean": tau, "per_layer": [tau, tau]},
+            "value": {"mean": [1.0] * len(tau), "per_layer": [[1.0] * len(tau)] * 2},
+        },
+        "dilution": {
+            "position": list(range(1, T + 1)),
+            "entropy": [entropy_scale * math.log(p) for p in range(1, T + 1)],
+            "max_weight": [1 / p for p in range(1, T + 1)],
+            "uniform_entropy": [math.log(p) for p in range(1, T + 1)],
+        },
+        "notes": [],
+    }
     (run / "probe.json").write_text(json.dumps(probe))
     return probe
 
@@ -183,28 +219,38 @@ def test_report_renders_probes_from_probe_json_without_model_code(tmp_path):
     ps = probe_json(s, ["The", " cat", " sat"], [0.9, 1.7, 1.2], entropy_scale=0.5)
     (s / "probe.json").write_text(json.dumps({**ps, "notes": ["dilution probe failed (X: y)."]}))
     out = tmp_path / "rep"
-    code = ("import sys, json; from selective_attention.report.builder import build_report; "
-            f"s = build_report([{str(v)!r}, {str(s)!r}], {str(out)!r}, title='t'); "
-            "bad = [m for m in sys.modules if m.split('.')[0] == 'transformers' or m.split('.')[:2] in "
-            "[['selective_attention', x] for x in ('hf', 'data', 'evaluate', 'train', 'experiments')]]; "
-            "assert not bad, bad; "
-            "print(json.dumps(s['figures']))")
+    code = (
+        "import sys, json; from selective_attention.report.builder import build_report; "
+        f"s = build_report([{str(v)!r}, {str(s)!r}], {str(out)!r}, title='t'); "
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'transformers' or m.split('.')[:2] in "
+        "[['selective_attention', x] for x in ('hf', 'data', 'evaluate', 'train', 'experiments')]]; "
+        "assert not bad, bad; "
+        "print(json.dumps(s['figures']))"
+    )
     src = str(Path(selective_attention.__file__).parents[1])
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src},
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     figures = json.loads(r.stdout)
     assert figures["dilution"] == "figures/dilution.png"
     assert figures["temperatures_ssa"] == "figures/temperatures_ssa.png"
     assert "temperatures_vanilla" not in figures
     html = (out / "report.html").read_text()
-    assert [t for t in ("tau=0.9000", "tau=1.7000", "tau=1.2000") if t in html] == ["tau=0.9000", "tau=1.7000",
-                                                                                    "tau=1.2000"]
+    assert [t for t in ("tau=0.9000", "tau=1.7000", "tau=1.2000") if t in html] == [
+        "tau=0.9000",
+        "tau=1.7000",
+        "tau=1.2000",
+    ]
     assert "ssa: dilution probe failed (X: y)." in html
     rep = json.loads((out / "report.json").read_text())
     assert rep["dilution"]["ssa"]["entropy"] == ps["dilution"]["entropy"]
-    assert rep["temperatures"]["ssa"] == {"tokens": ["The", " cat", " sat"], "values": [0.9, 1.7, 1.2],
-                                          "target": "query", "layer": "mean"}
+    assert rep["temperatures"]["ssa"] == {
+        "tokens": ["The", " cat", " sat"],
+        "values": [0.9, 1.7, 1.2],
+        "target": "query",
+        "layer": "mean",
+    }
     assert broken_images(out / "report.html")[1] == []
 
 
@@ -213,9 +259,11 @@ def test_report_notes_runs_without_a_probe(tmp_path):
     b = write_run(tmp_path / "b", "ssa", 0, [50, 45, 40])
     (b / "final").mkdir()
     s = build_report([a, b], tmp_path / "r")
-    assert s["notes"] == ["vanilla: no final/ model directory, so no dilution or temperature figure.",
-                          "ssa: its final/ model has not been probed (no probe.json; `ssa report` probes it), "
-                          "so no dilution or temperature figure."]
+    assert s["notes"] == [
+        "vanilla: no final/ model directory, so no dilution or temperature figure.",
+        "ssa: its final/ model has not been probed (no probe.json; `ssa report` probes it), "
+        "so no dilution or temperature figure.",
+    ]
     assert "dilution" not in s["figures"]
     probe_json(b, ["x"], [1.0])
     assert "dilution" not in build_report([a, b], tmp_path / "r2", probe=False)["figures"]

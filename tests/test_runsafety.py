@@ -121,8 +121,10 @@ def test_an_older_pickle_checkpoint_still_resumes(metrics, ref):
     for p in out.glob("checkpoints/*"):
         p.unlink()
     (out / "ssa-run.json").unlink()
-    torch.save({k: v for k, v in state.items() if k not in ("val_loss", "val_step")} | {"format": 1},
-               out / "checkpoints" / "step-00000002.pt")
+    torch.save(
+        {k: v for k, v in state.items() if k not in ("val_loss", "val_step")} | {"format": 1},
+        out / "checkpoints" / "step-00000002.pt",
+    )
     (out / "checkpoints" / "latest").write_text("step-00000002.pt\n")
     train(ref)
     same_weights(ref.out, ref.ref_out)
@@ -260,8 +262,10 @@ def test_a_second_run_into_the_same_directory_is_refused(cli_args, cfg, capsys):
     try:
         assert main(cli_args(cfg)) == 2
         err = capsys.readouterr().err.strip()
-        assert err == f"ssa train: error: --out {out.resolve()} is in use by another ssa train run (PID " \
-                      f"{os.getpid()}): wait for it to finish or choose another directory"
+        assert (
+            err == f"ssa train: error: --out {out.resolve()} is in use by another ssa train run (PID "
+            f"{os.getpid()}): wait for it to finish or choose another directory"
+        )
         assert [p.name for p in out.iterdir()] == [".lock"]
     finally:
         lock.release()
@@ -270,10 +274,18 @@ def test_a_second_run_into_the_same_directory_is_refused(cli_args, cfg, capsys):
 def test_the_lock_of_a_killed_run_is_released(cfg, tmp_path):
     out = Path(cfg.out)
     out.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
-                               f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True)\n"
-                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True)\n"
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match="PID 4242"):
@@ -340,8 +352,11 @@ def test_a_full_disk_names_the_path_and_the_space(ref, monkeypatch):
 
     real = files.free_bytes
     monkeypatch.setattr(files, "free_bytes", lambda path: 1000)
-    with pytest.raises(UserError, match=r"not enough disk space to write .*step-00000001\.safetensors: it needs "
-                                        r"about [0-9.]+ MB, 1000 B free"):
+    with pytest.raises(
+        UserError,
+        match=r"not enough disk space to write .*step-00000001\.safetensors: it needs "
+        r"about [0-9.]+ MB, 1000 B free",
+    ):
         train(ref)
     monkeypatch.setattr(files, "free_bytes", real)
 
@@ -360,9 +375,13 @@ def test_a_full_disk_names_the_path_and_the_space(ref, monkeypatch):
 def test_orphan_temporary_files_are_cleaned(ref):
     stopped(ref, 2)
     out = Path(ref.out)
-    orphans = [out / "checkpoints" / ".step-00000003.safetensors.abc123.tmp", out / "checkpoints" /
-               ".step-00000003.pt.k9x.tmp", out / ".run.json.x1.tmp", out / ".ssa-run.json.y2.tmp",
-               out / ".final.tmp" / "model.safetensors"]
+    orphans = [
+        out / "checkpoints" / ".step-00000003.safetensors.abc123.tmp",
+        out / "checkpoints" / ".step-00000003.pt.k9x.tmp",
+        out / ".run.json.x1.tmp",
+        out / ".ssa-run.json.y2.tmp",
+        out / ".final.tmp" / "model.safetensors",
+    ]
     for p in orphans:
         p.parent.mkdir(exist_ok=True)
         p.write_bytes(b"half")
@@ -380,8 +399,11 @@ def test_files_follow_the_umask(cfg):
         train(cfg)
     finally:
         os.umask(old)
-    wrong = {str(p.relative_to(cfg.out)): oct(p.stat().st_mode & 0o777) for p in Path(cfg.out).rglob("*")
-             if (p.stat().st_mode & 0o777) != (0o775 if p.is_dir() else 0o664)}
+    wrong = {
+        str(p.relative_to(cfg.out)): oct(p.stat().st_mode & 0o777)
+        for p in Path(cfg.out).rglob("*")
+        if (p.stat().st_mode & 0o777) != (0o775 if p.is_dir() else 0o664)
+    }
     assert not wrong
 
 
@@ -397,8 +419,11 @@ def test_stop_at_step_then_the_same_command_continues(ref, capsys):
 @pytest.mark.slow
 def test_a_failing_process_of_nproc_2_is_one_line(cli_args, cfg, capsys):
     """The processes fail in setup (a window longer than the train split): one line, the child's exit code."""
-    code = main(cli_args(cfg, "--nproc", "2", "--seq-len", "100000", "--max-tokens", "200000", "--batch-size",
-                         "1", "--warmup", "1"))
+    code = main(
+        cli_args(
+            cfg, "--nproc", "2", "--seq-len", "100000", "--max-tokens", "200000", "--batch-size", "1", "--warmup", "1"
+        )
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err, err
     assert err.startswith("ssa train: error: the train split has") and err.endswith("exited with code 2)")
@@ -411,8 +436,16 @@ def test_a_failing_process_of_nproc_2_is_one_line(cli_args, cfg, capsys):
 def test_temperatures_only_trains_only_the_temperatures(weights, cfg, tmp_path):
     runs = []
     for lr in (1e-3, 3e-3):
-        c = TrainConfig(**{**cfg.to_dict(), "attention": "ssa", "temperatures_only": True, "lr": lr,
-                           "out": str(tmp_path / f"lr{lr}"), "checkpoint_every": 4})
+        c = TrainConfig(
+            **{
+                **cfg.to_dict(),
+                "attention": "ssa",
+                "temperatures_only": True,
+                "lr": lr,
+                "out": str(tmp_path / f"lr{lr}"),
+                "checkpoint_every": 4,
+            }
+        )
         assert train(c)["config"]["temperatures_only"] is True
         state = read_checkpoint(tmp_path / f"lr{lr}" / "checkpoints" / "step-00000004.safetensors")
         assert [g["name"] for g in state["optimizer"]["param_groups"]] == ["temperature"]
@@ -431,10 +464,41 @@ def test_temperatures_only_trains_only_the_temperatures(weights, cfg, tmp_path):
 
 
 def _cmd(out: Path, c: TrainConfig) -> list[str]:
-    return [sys.executable, "-m", "selective_attention", "train", "--data", c.data, "--size", "tiny",
-            "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--max-tokens", str(8 * 128),
-            "--eval-every", "2", "--eval-tokens", "128", "--checkpoint-every", "1", "--keep-checkpoints", "2",
-            "--log-every", "1", "--warmup", "1", "--cache-dir", c.cache_dir, "--out", str(out), "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "selective_attention",
+        "train",
+        "--data",
+        c.data,
+        "--size",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-tokens",
+        str(8 * 128),
+        "--eval-every",
+        "2",
+        "--eval-tokens",
+        "128",
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+        "--log-every",
+        "1",
+        "--warmup",
+        "1",
+        "--cache-dir",
+        c.cache_dir,
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
 
 
 def _newest_intact_step(out: Path) -> int:
@@ -465,8 +529,7 @@ def test_sigkill_at_random_moments(cfg, tmp_path):
         out = tmp_path / f"s{seed}"
         best = 0
         for _ in range(4):
-            proc = subprocess.Popen(_cmd(out, cfg), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
+            proc = subprocess.Popen(_cmd(out, cfg), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
                 proc.wait(timeout=rng.uniform(0.3, 1.1) * duration)
             except subprocess.TimeoutExpired:

@@ -52,8 +52,15 @@ def _llama(config: SSAConfig | None, layers: int = 1) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=D_MODEL, intermediate_size=512, num_hidden_layers=layers,
-                      num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=T)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=D_MODEL,
+        intermediate_size=512,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=T,
+    )
     model = LlamaForCausalLM(cfg)
     return (model if config is None else hf.convert(model, config)).train()
 
@@ -62,8 +69,18 @@ def _gpt2(config: SSAConfig | None) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=T, n_embd=D_MODEL, n_layer=1, n_head=HEADS,
-                                               attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=256,
+            n_positions=T,
+            n_embd=D_MODEL,
+            n_layer=1,
+            n_head=HEADS,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        )
+    )
     return (model if config is None else hf.convert(model, config)).train()
 
 
@@ -85,14 +102,16 @@ def test_hf_llama_keeps_vanilla_plus_temperatures():
     assert 0 < extra <= SMALL * BHT, extra / 2**20
 
 
-@pytest.mark.xfail(strict=True, reason="a fused qkv projection (GPT-2's c_attn): the hook joins q, tau_k k, tau_v v "
-                   "into a new (B, T, 3 d) tensor, which the kernel keeps beside c_attn's output (held by the "
-                   "scaling and the token term): one qkv-sized copy more than vanilla (3 MiB here), not yet removed")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a fused qkv projection (GPT-2's c_attn): the hook joins q, tau_k k, tau_v v "
+    "into a new (B, T, 3 d) tensor, which the kernel keeps beside c_attn's output (held by the "
+    "scaling and the token term): one qkv-sized copy more than vanilla (3 MiB here), not yet removed",
+)
 def test_hf_gpt2_keeps_vanilla_plus_temperatures():
     # no RoPE: the pre-RoPE query is the one the attention keeps anyway (a view of c_attn's output)
     extra = _extra(_gpt2, SSAConfig())
     assert 0 < extra <= SMALL * BHT, extra / 2**20
-
 
 
 def _vanilla_layer(layer: SelectiveSelfAttention, x: torch.Tensor) -> torch.Tensor:
@@ -116,4 +135,3 @@ def test_layer_keeps_vanilla_plus_temperatures():
         ssa = saved_bytes(layer, lambda m=layer, x=x: m(x))
         extra = ssa - saved_bytes(layer, lambda m=layer, x=x: _vanilla_layer(m, x))
         assert 0 < extra <= (PRE_ROPE if rope else 0) + SMALL * BHT, (rope, extra / 2**20)
-

@@ -25,9 +25,7 @@ def test_mean_std_is_the_sample_std():
 
 
 def test_row_statistics_by_hand():
-    w = torch.tensor([[1.0, 0.0, 0.0],
-                      [0.5, 0.5, 0.0],
-                      [0.2, 0.3, 0.5]])
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
     st = row_statistics(w[None, None])
     ent3 = -(0.2 * math.log(0.2) + 0.3 * math.log(0.3) + 0.5 * math.log(0.5))
     assert st["entropy"].tolist() == pytest.approx([0.0, math.log(2), ent3], abs=1e-6)
@@ -65,8 +63,12 @@ def test_markdown_table_and_methods_table():
     with pytest.raises(ValueError, match="3 cells"):
         markdown_table(["a", "b"], [["1", "2", "3"]])
     t = methods_table({"ssa": {"ppl": 12.345678, "ppl_std": 0.123}, "van": {"acc": 0.5}}, ["ppl", "acc"])
-    assert t.splitlines() == ["| method | ppl | acc |", "|---|---|---|", "| ssa | 12.35 ± 0.12 | - |",
-                              "| van | - | 0.5 ± 0 |"]
+    assert t.splitlines() == [
+        "| method | ppl | acc |",
+        "|---|---|---|",
+        "| ssa | 12.35 ± 0.12 | - |",
+        "| van | - | 0.5 ± 0 |",
+    ]
 
 
 def test_cache_dir_has_one_variable(monkeypatch, tmp_path):

@@ -151,12 +151,17 @@ def test_param_groups():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"sharing": "lora"}, "sharing"), ({"init": "zeros"}, "init"),
-     ({"query": False, "value": False}, "at least one"),
-     ({"token_aware": False, "position_aware": False}, "token_aware"),
-     ({"token_aware": False}, "value temperature has no term"),
-     ({"mlp_hidden": 3}, "even"), ({"mlp_growth": 2.0}, "mlp_growth"), ({"position_init": math.inf}, "finite"),
-     ({"position_scale": 0.0}, "position_scale")],
+    [
+        ({"sharing": "lora"}, "sharing"),
+        ({"init": "zeros"}, "init"),
+        ({"query": False, "value": False}, "at least one"),
+        ({"token_aware": False, "position_aware": False}, "token_aware"),
+        ({"token_aware": False}, "value temperature has no term"),
+        ({"mlp_hidden": 3}, "even"),
+        ({"mlp_growth": 2.0}, "mlp_growth"),
+        ({"position_init": math.inf}, "finite"),
+        ({"position_scale": 0.0}, "position_scale"),
+    ],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

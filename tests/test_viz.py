@@ -24,8 +24,9 @@ def tiny_dirs(tmp_path_factory):
     from selective_attention.train.models import build_model
 
     root = tmp_path_factory.mktemp("viz")
-    tok = build_tokenizer("bpe", documents=[TEXT * 3, "The quick brown fox jumps over the lazy dog. " * 4],
-                          vocab_size=300)
+    tok = build_tokenizer(
+        "bpe", documents=[TEXT * 3, "The quick brown fox jumps over the lazy dog. " * 4], vocab_size=300
+    )
     dirs = {}
     for att in ("ssa", "vanilla"):
         m = build_model("tiny", len(tok), 64, att, SSAConfig(init="scratch"), seed=0)
@@ -60,8 +61,25 @@ def test_viz_html_colours_every_token_by_its_temperature(tiny_dirs, tmp_path, ca
 
 def test_viz_png_per_layer_and_value(tiny_dirs, tmp_path):
     out = tmp_path / "t.png"
-    assert main(["viz", "temperatures", "--model", str(tiny_dirs["ssa"]), "--text", TEXT, "--out", str(out),
-                 "--layer", "-1", "--target", "value"]) == 0
+    assert (
+        main(
+            [
+                "viz",
+                "temperatures",
+                "--model",
+                str(tiny_dirs["ssa"]),
+                "--text",
+                TEXT,
+                "--out",
+                str(out),
+                "--layer",
+                "-1",
+                "--target",
+                "value",
+            ]
+        )
+        == 0
+    )
     assert is_png(out) and out.stat().st_size > 5000
 
 
@@ -87,14 +105,29 @@ def test_viz_renders_a_probe_json_without_the_model(tiny_dirs, tmp_path, capsys)
     probe = probe_run(run, text=TEXT)
     a, b = tmp_path / "a.html", tmp_path / "b.html"
     assert main(["viz", "temperatures", "--probe", str(run), "--out", str(a), "--layer", "1"]) == 0
-    assert main(["viz", "temperatures", "--model", str(run / "final"), "--text", TEXT, "--out", str(b),
-                 "--layer", "1"]) == 0
+    assert (
+        main(["viz", "temperatures", "--model", str(run / "final"), "--text", TEXT, "--out", str(b), "--layer", "1"])
+        == 0
+    )
     titles = [float(x) for x in re.findall(r'title="tau=([0-9.]+)"', a.read_text())]
     assert titles == pytest.approx(probe["temperatures"]["query"]["per_layer"][1], abs=1e-4)
     assert re.findall(r'title="[^"]+"', a.read_text()) == re.findall(r'title="[^"]+"', b.read_text())
     capsys.readouterr()
-    assert main(["viz", "temperatures", "--probe", str(run / "probe.json"), "--text", "x",
-                 "--out", str(tmp_path / "c.html")]) == 2
+    assert (
+        main(
+            [
+                "viz",
+                "temperatures",
+                "--probe",
+                str(run / "probe.json"),
+                "--text",
+                "x",
+                "--out",
+                str(tmp_path / "c.html"),
+            ]
+        )
+        == 2
+    )
     assert "--text and --text-file need --model" in capsys.readouterr().err
     (run / "probe.json").write_text(json.dumps({**probe, "temperatures": None}))
     assert main(["viz", "temperatures", "--probe", str(run), "--out", str(tmp_path / "c.html")]) == 2

@@ -60,8 +60,10 @@ class SSAConfig:
         if not (self.token_aware or self.position_aware):
             raise ValueError("SSAConfig needs token_aware or position_aware (or both)")
         if self.value and not (self.token_aware or self.has_position_term("value")):
-            raise ValueError("the value temperature has no term: it takes the position term only with "
-                             "value_position_aware=True, so it needs token_aware or that")
+            raise ValueError(
+                "the value temperature has no term: it takes the position term only with "
+                "value_position_aware=True, so it needs token_aware or that"
+            )
         if self.mlp_hidden is not None and (self.mlp_hidden < 2 or self.mlp_hidden % 2):
             raise ValueError(f"mlp_hidden must be an even integer >= 2, got {self.mlp_hidden}")
         if not (0.0 < self.mlp_growth < 1.0):
@@ -115,8 +117,10 @@ def _map_legacy_alpha(d: dict[str, Any]) -> dict[str, Any]:
         return d
     d = {k: v for k, v in d.items() if k not in LEGACY_ALPHA_FIELDS}
     if legacy.get("identity_alpha", LEGACY_IDENTITY_ALPHA) != LEGACY_IDENTITY_ALPHA:
-        raise ValueError(f"identity_alpha {legacy['identity_alpha']} (the sigmoid form's offset) cannot be mapped: "
-                         f"only {LEGACY_IDENTITY_ALPHA} was ever used")
+        raise ValueError(
+            f"identity_alpha {legacy['identity_alpha']} (the sigmoid form's offset) cannot be mapped: "
+            f"only {LEGACY_IDENTITY_ALPHA} was ever used"
+        )
     scratch_alpha = float(legacy.get("scratch_alpha", 0.0))
     if d.get("init", "identity") == "scratch" and scratch_alpha != 0.0 and d.get("position_init") is None:
         d["position_init"] = 1.0 / (1.0 + math.exp(-scratch_alpha))

@@ -38,13 +38,21 @@ def verdict(results: dict[str, Any]) -> str:
         return f"{head} ({rel:+.2f} %), one seed: not evidence either way"
     longest = max(s["paired_percent_by_length"], key=int)
     q = s["paired_percent_by_length"][longest]
-    return (f"{head}: paired {p['mean']:+.2f} % [95 % CI {p['low']:+.2f}, {p['high']:+.2f}] over {p['n']} seeds: "
-            f"{CLAIMS[p['verdict']]}; at {longest} tokens (4x the training length) {q['mean']:+.2f} % "
-            f"[{q['low']:+.2f}, {q['high']:+.2f}]: {CLAIMS[q['verdict']]}")
+    return (
+        f"{head}: paired {p['mean']:+.2f} % [95 % CI {p['low']:+.2f}, {p['high']:+.2f}] over {p['n']} seeds: "
+        f"{CLAIMS[p['verdict']]}; at {longest} tokens (4x the training length) {q['mean']:+.2f} % "
+        f"[{q['low']:+.2f}, {q['high']:+.2f}]: {CLAIMS[q['verdict']]}"
+    )
 
 
-def run_demo(out: str | Path, quick: bool = False, seeds: int | None = None, seed: int = 0, progress: bool = True,
-             **overrides: Any) -> dict[str, Any]:
+def run_demo(
+    out: str | Path,
+    quick: bool = False,
+    seeds: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Run the demo budget of the LM study into ``out`` and write its report; returns results.json's content."""
     from selective_attention.evaluate.probe import probe_runs
     from selective_attention.experiments.registry import run_experiment
@@ -66,12 +74,19 @@ def run_demo(out: str | Path, quick: bool = False, seeds: int | None = None, see
 
     figures = [f for f in (f"lm-{label(corpus)}.png", f"lm-{label(corpus)}-paired.png") if (out / f).is_file()]
     summary_md = (out / "summary.md").read_text(encoding="utf-8")
-    extra_html = (f"<h2>Result</h2><p><b>{html.escape(results['verdict'])}</b></p>"
-                  + "".join(f'<p><img src="{f}" alt="{f}" style="max-width:100%"></p>' for f in figures)
-                  + f"<pre>{html.escape(summary_md)}</pre>")
-    build_report(runs, out, labels=[f"{r['method']}" for r in results["runs"]],
-                 title=f"ssa demo: SSA vs vanilla ({results['config']['size']}, {corpus}, "
-                       f"{results['config']['max_tokens']:,} tokens per run, seeds {results['seeds']})",
-                 extra_html=extra_html, extra_md="## Result\n\n" + results["verdict"] + "\n\n" + summary_md)
+    extra_html = (
+        f"<h2>Result</h2><p><b>{html.escape(results['verdict'])}</b></p>"
+        + "".join(f'<p><img src="{f}" alt="{f}" style="max-width:100%"></p>' for f in figures)
+        + f"<pre>{html.escape(summary_md)}</pre>"
+    )
+    build_report(
+        runs,
+        out,
+        labels=[f"{r['method']}" for r in results["runs"]],
+        title=f"ssa demo: SSA vs vanilla ({results['config']['size']}, {corpus}, "
+        f"{results['config']['max_tokens']:,} tokens per run, seeds {results['seeds']})",
+        extra_html=extra_html,
+        extra_md="## Result\n\n" + results["verdict"] + "\n\n" + summary_md,
+    )
     atomic_write_json(out / "results.json", results)
     return results

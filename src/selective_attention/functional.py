@@ -139,7 +139,8 @@ def _recompute_scaled_inputs(scaled: list[tuple[Tensor, Tensor, Tensor]]):
                     f"one of the variables needed for gradient computation has been modified by an inplace "
                     f"operation: the SSA attention {name} of shape {tuple(t.shape)} is at version "
                     f"{t._version}; expected version {version} instead (it was changed in place between "
-                    f"forward and backward, e.g. a KV cache written after the forward)")
+                    f"forward and backward, e.g. a KV cache written after the forward)"
+                )
         s = _scale(p.x, p.tau)  # (B, H, T, D)
         if s.stride() == p.stride:
             return s
@@ -165,8 +166,10 @@ def _check_tau(name: str, tau: Tensor | None, shape: tuple[int, int, int]) -> No
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, is_causal: bool) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor (B, H, T, D), got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+            raise ValueError(
+                f"{name} must be a 4-d tensor (B, H, T, D), got "
+                f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+            )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
@@ -201,8 +204,10 @@ def is_block_mask(mask: object) -> bool:
 def _document_ids(document_ids: Tensor, batch: int | None = None) -> Tensor:
     """document_ids (T,) or (B, T) of an integer dtype, as (B|1, T)."""
     if not isinstance(document_ids, Tensor) or document_ids.dim() not in (1, 2) or document_ids.is_floating_point():
-        raise ValueError("document_ids must be an integer tensor of shape (T,) or (B, T), got "
-                         f"{tuple(document_ids.shape) if isinstance(document_ids, Tensor) else type(document_ids)}")
+        raise ValueError(
+            "document_ids must be an integer tensor of shape (T,) or (B, T), got "
+            f"{tuple(document_ids.shape) if isinstance(document_ids, Tensor) else type(document_ids)}"
+        )
     ids = document_ids[None] if document_ids.dim() == 1 else document_ids
     if batch is not None and ids.shape[0] not in (1, batch):
         raise ValueError(f"document_ids of shape {tuple(document_ids.shape)} do not match batch size {batch}")
@@ -240,7 +245,7 @@ def document_mask(document_ids: Tensor, q_len: int | None = None, *, backend: st
         raise ValueError(f"q_len must be in [1, {Tk}], got {q_len}")
     if backend == "flex" or (backend == "auto" and flex_available(ids.device)):
         return _flex_document_mask(ids, Tq)
-    same = ids[:, None, Tk - Tq:, None] == ids[:, None, None, :]  # (B, 1, Tq, Tk)
+    same = ids[:, None, Tk - Tq :, None] == ids[:, None, None, :]  # (B, 1, Tq, Tk)
     return same & torch.ones(Tq, Tk, dtype=torch.bool, device=ids.device).tril(Tk - Tq)
 
 
@@ -271,8 +276,9 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float | None
             _compiled_flex = torch.compile(flex_attention)
         fn = _compiled_flex
     if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise ValueError("flex attention has no backward on CPU: build the mask with document_mask(..., "
-                         "backend='sdpa')")
+        raise ValueError(
+            "flex attention has no backward on CPU: build the mask with document_mask(..., backend='sdpa')"
+        )
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
@@ -323,8 +329,13 @@ def selective_attention(
         elif is_block_mask(attn_mask):
             raise ValueError("pass either document_ids or a BlockMask, not both")
         else:  # the caller's mask AND the documents' (the documents' already holds the causal part)
-            attn_mask = attn_mask & docs if attn_mask.dtype == torch.bool else \
-                torch.where(docs, attn_mask, torch.tensor(-math.inf, dtype=attn_mask.dtype, device=attn_mask.device))
+            attn_mask = (
+                attn_mask & docs
+                if attn_mask.dtype == torch.bool
+                else torch.where(
+                    docs, attn_mask, torch.tensor(-math.inf, dtype=attn_mask.dtype, device=attn_mask.device)
+                )
+            )
         is_causal = False
     if attn_mask is not None and is_block_mask(attn_mask):
         if dropout_p:
@@ -354,9 +365,16 @@ def selective_attention(
         elif Tq > 1:
             attn_mask = causal_lower_right(Tq, Tk)  # a lazy bias object, not a dense matrix
         # Tq == 1 < Tk: the single new query sees every cached key, no mask needed
+
     def attend() -> Tensor:
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal_flag, scale=scale,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=causal_flag,
+            scale=scale,
             enable_gqa=H != Hkv,
         )
 
@@ -397,8 +415,7 @@ def reference_attention(
         causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         logits = logits.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
-        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-            else logits + attn_mask
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
     weights = torch.softmax(logits, dim=-1)
     if tau_v is not None:
         v_full = v_full * tau_v.to(v.dtype).expand(B, Hkv, Tk).repeat_interleave(rep, 1).unsqueeze(-1)

@@ -60,9 +60,18 @@ class SelectiveSelfAttention(nn.Module):
     build the mask once per batch, ``attn_mask=functional.document_mask(ids)``, and pass it with ``positions``.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
-                 config: SSAConfig | None = None, *, bias: bool = False, rope: bool = False,
-                 rope_base: float = 10000.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        config: SSAConfig | None = None,
+        *,
+        bias: bool = False,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
@@ -98,11 +107,11 @@ class SelectiveSelfAttention(nn.Module):
 
     def _taus(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor) -> dict[str, Tensor | None]:
         inputs = {"query": q, "key": k, "value": v}
-        return {t: self.temperature(t, projection=inputs[t], hidden=x, positions=p)
-                for t in ("query", "key", "value")}
+        return {t: self.temperature(t, projection=inputs[t], hidden=x, positions=p) for t in ("query", "key", "value")}
 
-    def temperatures(self, x: Tensor, positions: Tensor | None = None,
-                     document_ids: Tensor | None = None) -> dict[str, Tensor]:
+    def temperatures(
+        self, x: Tensor, positions: Tensor | None = None, document_ids: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Query and value temperatures (B, H, T) for inspection (value heads repeated for GQA);
         a target without a temperature reports ones. ``document_ids``: positions restart in each document."""
         B, T, _ = x.shape
@@ -124,8 +133,14 @@ class SelectiveSelfAttention(nn.Module):
             out[t] = tau
         return out
 
-    def forward(self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
-                attn_mask: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (B, T, {self.d_model}), got {tuple(x.shape)}")
         past = 0 if cache is None else cache.length
@@ -133,8 +148,9 @@ class SelectiveSelfAttention(nn.Module):
             if cache is not None:  # the cache would need every past token's document too
                 raise ValueError("document_ids with a KVCache: decode each document with its own cache")
             if document_ids.shape[-1] != x.shape[1]:
-                raise ValueError(f"document_ids of shape {tuple(document_ids.shape)} do not cover the "
-                                 f"T={x.shape[1]} tokens")
+                raise ValueError(
+                    f"document_ids of shape {tuple(document_ids.shape)} do not cover the T={x.shape[1]} tokens"
+                )
             if positions is None:
                 positions = document_positions(document_ids.to(x.device))  # restarting at 1 in each document
         p = self._positions(x, positions, past)
@@ -152,8 +168,17 @@ class SelectiveSelfAttention(nn.Module):
             k = apply_rope(k, p - 1, self.rope_base)
         if cache is not None:
             k, v = cache.append(k, v)
-        y = selective_attention(q, k, v, taus["query"], tau_v, tau_k, attn_mask=attn_mask, is_causal=True,
-                                dropout_p=self.dropout if self.training else 0.0,
-                                document_ids=document_ids)  # (B, H, T, hs)
+        y = selective_attention(
+            q,
+            k,
+            v,
+            taus["query"],
+            tau_v,
+            tau_k,
+            attn_mask=attn_mask,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+            document_ids=document_ids,
+        )  # (B, H, T, hs)
         B, _, T, _ = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -86,8 +86,15 @@ class TemperatureFunction(_FloatParameters):
 
     Returns (B, n_heads, T) in float32 (float64 for float64 inputs)."""
 
-    def __init__(self, n_heads: int, head_dim: int, d_model: int, config: SSAConfig,
-                 mlp_hidden: int | None = None, target: str = "query") -> None:
+    def __init__(
+        self,
+        n_heads: int,
+        head_dim: int,
+        d_model: int,
+        config: SSAConfig,
+        mlp_hidden: int | None = None,
+        target: str = "query",
+    ) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.d_model = n_heads, head_dim, d_model
         self.token_aware = config.token_aware
@@ -141,12 +148,14 @@ class TemperatureFunction(_FloatParameters):
         h = self.fc_in.out_features // 2
         dt = _compute_dtype(hidden, self.fc_in.weight)
         x, w1, b1, w2 = (t.to(dt) for t in (hidden, self.fc_in.weight, self.fc_in.bias, self.fc_out.weight))
-        f = (F.linear(F.gelu(F.linear(x, w1[:h], b1[:h])), w2[:, :h])
-             + F.linear(F.gelu(F.linear(x, w1[h:], b1[h:])), w2[:, h:]))  # (B, T, H)
+        f = F.linear(F.gelu(F.linear(x, w1[:h], b1[:h])), w2[:, :h]) + F.linear(
+            F.gelu(F.linear(x, w1[h:], b1[h:])), w2[:, h:]
+        )  # (B, T, H)
         return f.transpose(1, 2)  # (B, H, T)
 
-    def forward(self, *, projection: Tensor | None = None, hidden: Tensor | None = None,
-                positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self, *, projection: Tensor | None = None, hidden: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
         """projection (B, n_heads, T, D) pre-RoPE [shared]; hidden (B, T, d_model) [mlp];
         positions (T,) or (B, T), 1-indexed absolute [position-aware]. Returns tau (B|1, n_heads, T) in float32
         (float64 for float64 inputs), also under autocast."""
@@ -156,8 +165,9 @@ class TemperatureFunction(_FloatParameters):
             if projection is None:
                 raise ValueError("the shared token term needs the per-head projection (B, H, T, D)")
             if projection.shape[1] != self.n_heads or projection.shape[-1] != self.head_dim:
-                raise ValueError(f"projection shape {tuple(projection.shape)} does not match "
-                                 f"(B, {self.n_heads}, T, {self.head_dim})")
+                raise ValueError(
+                    f"projection shape {tuple(projection.shape)} does not match (B, {self.n_heads}, T, {self.head_dim})"
+                )
         if self.token_aware and self.sharing == "mlp" and hidden is None:
             raise ValueError("the mlp token term needs the hidden state (B, T, d_model)")
         device = next(t for t in (projection, hidden, positions) if t is not None).device
@@ -182,8 +192,9 @@ class TemperatureFunction(_FloatParameters):
         return 1.0 + tau
 
 
-def legacy_alpha_to_coefficient(state: dict[str, Tensor], identity: bool, position_scale: float,
-                                prefix: str = "") -> None:
+def legacy_alpha_to_coefficient(
+    state: dict[str, Tensor], identity: bool, position_scale: float, prefix: str = ""
+) -> None:
     """In place: every ``<prefix>...alpha`` of the older sigmoid form becomes the ``coefficient`` giving the same c
     (c = sigmoid(alpha) - sigmoid(-4) if the model was built with init="identity", else sigmoid(alpha))."""
     for key in [k for k in state if k.startswith(prefix) and k.endswith("alpha")]:
@@ -199,15 +210,21 @@ def legacy_alpha_to_coefficient(state: dict[str, Tensor], identity: bool, positi
 class SSATemperatures(_FloatParameters):
     """The temperature functions of one attention layer, one per target in ``config.targets``."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, config: SSAConfig,
-                 mlp_hidden: int | None = None) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        config: SSAConfig,
+        mlp_hidden: int | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         heads = {"query": n_heads, "key": n_kv_heads, "value": n_kv_heads}
-        self.fns = nn.ModuleDict({
-            t: TemperatureFunction(heads[t], head_dim, d_model, config, mlp_hidden, target=t)
-            for t in config.targets
-        })
+        self.fns = nn.ModuleDict(
+            {t: TemperatureFunction(heads[t], head_dim, d_model, config, mlp_hidden, target=t) for t in config.targets}
+        )
 
     def __contains__(self, target: str) -> bool:
         return target in self.fns
@@ -225,8 +242,11 @@ class SSATemperatures(_FloatParameters):
 def temperature_modules(model: nn.Module) -> list[TemperatureFunction]:
     """The temperature functions that run: a PEFT ``modules_to_save`` wrapper keeps a frozen ``original_module``
     copy beside the trained one, which must be neither trained nor counted."""
-    return [m for name, m in model.named_modules()
-            if isinstance(m, TemperatureFunction) and "original_module" not in name.split(".")]
+    return [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, TemperatureFunction) and "original_module" not in name.split(".")
+    ]
 
 
 def temperature_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -241,8 +261,13 @@ def temperature_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def param_groups(model: nn.Module, lr: float, temperature_lr: float | None = None,
-                 weight_decay: float = 0.0, temperatures_only: bool = False) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    temperature_lr: float | None = None,
+    weight_decay: float = 0.0,
+    temperatures_only: bool = False,
+) -> list[dict]:
     """Optimizer parameter groups: base weights (decay on matrices only) and temperature parameters with
     their own learning rate (default: ``lr`` itself) and no weight decay. ``temperatures_only`` freezes the base.
 

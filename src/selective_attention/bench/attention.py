@@ -61,8 +61,9 @@ def dtype_supported(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-def _steps(T: int, cfg: AttentionBenchConfig, dtype: torch.dtype, device: torch.device
-           ) -> dict[str, Callable[[], None]]:
+def _steps(
+    T: int, cfg: AttentionBenchConfig, dtype: torch.dtype, device: torch.device
+) -> dict[str, Callable[[], None]]:
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     shape = (cfg.batch, cfg.heads, T, cfg.head_dim)
 
@@ -80,6 +81,7 @@ def _steps(T: int, cfg: AttentionBenchConfig, dtype: torch.dtype, device: torch.
             for t in leaves:
                 t.grad = None
             fn().float().sum().backward()
+
         return step
 
     steps = {

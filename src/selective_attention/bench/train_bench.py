@@ -35,9 +35,18 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def measure(size: str = "small", vocab: int = 8192, seq_len: int = 256, batch_size: int = 8, rounds: int = 5,
-            steps: int = 3, device: str | torch.device = "cpu", seed: int = 0, memory: bool = False,
-            compile: bool = False) -> dict:
+def measure(
+    size: str = "small",
+    vocab: int = 8192,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    rounds: int = 5,
+    steps: int = 3,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    memory: bool = False,
+    compile: bool = False,
+) -> dict:
     """{"size", ..., "parameters": {att: counts}, "eager": MODE[, "compiled": MODE]} with
     MODE = {"tokens_per_s": {att: median}, "all_rounds", "ssa_over_vanilla"[, "peak_mb", "ssa_over_vanilla_memory"]};
     the eager mode's keys are also at the top level (the layout of earlier results)."""
@@ -49,20 +58,35 @@ def measure(size: str = "small", vocab: int = 8192, seq_len: int = 256, batch_si
         opts[att] = build_optimizer(m, OptimConfig(lr=1e-3, weight_decay=0.1), dev)
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(dev)
-    out = {"size": size, "seq_len": seq_len, "batch_size": batch_size, "device": str(dev),
-           "threads": torch.get_num_threads(), "parameters": {a: parameter_report(m) for a, m in models.items()}}
+    out = {
+        "size": size,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "parameters": {a: parameter_report(m) for a, m in models.items()},
+    }
     out["eager"] = _measure_mode(models, models, opts, x, rounds, steps, dev, memory)
     out.update(out["eager"])
     if compile:
         # the CPU peak tracker is a dispatch mode, under which dynamo runs the model eagerly: a "compiled" peak
         # would silently be the eager one again, so compiled memory is measured on CUDA only (allocator stats)
-        out["compiled"] = _measure_mode({a: compiled(m) for a, m in models.items()}, models, opts, x, rounds, steps,
-                                        dev, memory and dev.type == "cuda")
+        out["compiled"] = _measure_mode(
+            {a: compiled(m) for a, m in models.items()},
+            models,
+            opts,
+            x,
+            rounds,
+            steps,
+            dev,
+            memory and dev.type == "cuda",
+        )
     return out
 
 
-def _measure_mode(forward: dict, models: dict, opts: dict, x: torch.Tensor, rounds: int, steps: int,
-                  dev: torch.device, memory: bool) -> dict:
+def _measure_mode(
+    forward: dict, models: dict, opts: dict, x: torch.Tensor, rounds: int, steps: int, dev: torch.device, memory: bool
+) -> dict:
     B, T = x.shape[0], x.shape[1] - 1
 
     def step(att: str) -> None:
@@ -115,15 +139,41 @@ def run(args: argparse.Namespace) -> int:
         for size in args.sizes:
             status.update(f"benchmarking {size}")
             seq_len = args.seq_len or SEQ_LEN.get(size, 256)
-            results.append(measure(size, vocab=VOCAB[size], seq_len=seq_len, batch_size=args.batch_size,
-                                   rounds=args.rounds, steps=args.steps, device=device, memory=True,
-                                   compile=args.compile))
-    atomic_write_json(args.out, {"benchmark": "train", "device": str(device), "torch": torch.__version__,
-                                 "compile": args.compile, "rows": results})
-    table = Table(title=f"training step (fwd+bwd+AdamW), batch {args.batch_size}, {device}; "
-                        f"medians of {args.rounds}")
-    for col in ("size", "T", "mode", "params", "SSA new %", "vanilla tok/s", "SSA tok/s", "SSA/vanilla time",
-                "SSA/vanilla mem"):
+            results.append(
+                measure(
+                    size,
+                    vocab=VOCAB[size],
+                    seq_len=seq_len,
+                    batch_size=args.batch_size,
+                    rounds=args.rounds,
+                    steps=args.steps,
+                    device=device,
+                    memory=True,
+                    compile=args.compile,
+                )
+            )
+    atomic_write_json(
+        args.out,
+        {
+            "benchmark": "train",
+            "device": str(device),
+            "torch": torch.__version__,
+            "compile": args.compile,
+            "rows": results,
+        },
+    )
+    table = Table(title=f"training step (fwd+bwd+AdamW), batch {args.batch_size}, {device}; medians of {args.rounds}")
+    for col in (
+        "size",
+        "T",
+        "mode",
+        "params",
+        "SSA new %",
+        "vanilla tok/s",
+        "SSA tok/s",
+        "SSA/vanilla time",
+        "SSA/vanilla mem",
+    ):
         table.add_column(col, justify="right")
     for r in results:
         for mode in ("eager", "compiled"):
@@ -131,10 +181,17 @@ def run(args: argparse.Namespace) -> int:
                 continue
             d = r[mode]
             tps = d["tokens_per_s"]
-            table.add_row(r["size"], str(r["seq_len"]), mode, f"{r['parameters']['vanilla']['total'] / 1e6:.1f}M",
-                          f"{r['parameters']['ssa']['percent']:.3f}", f"{tps['vanilla']:,.0f}", f"{tps['ssa']:,.0f}",
-                          f"{tps['vanilla'] / tps['ssa']:.3f}",
-                          f"{d['ssa_over_vanilla_memory']:.3f}" if "ssa_over_vanilla_memory" in d else "- (CUDA only)")
+            table.add_row(
+                r["size"],
+                str(r["seq_len"]),
+                mode,
+                f"{r['parameters']['vanilla']['total'] / 1e6:.1f}M",
+                f"{r['parameters']['ssa']['percent']:.3f}",
+                f"{tps['vanilla']:,.0f}",
+                f"{tps['ssa']:,.0f}",
+                f"{tps['vanilla'] / tps['ssa']:.3f}",
+                f"{d['ssa_over_vanilla_memory']:.3f}" if "ssa_over_vanilla_memory" in d else "- (CUDA only)",
+            )
     Console().print(table)
     print(f"wrote {args.out}")
     return 0

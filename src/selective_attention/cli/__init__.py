@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SSA_DEBUG"):
             raise
         msg = first_line(e)
-        print(f"ssa {args.command}: error: {type(e).__name__}: {msg} (SSA_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(
+            f"ssa {args.command}: error: {type(e).__name__}: {msg} (SSA_DEBUG=1 shows the traceback)", file=sys.stderr
+        )
         return 1
 
 

@@ -10,19 +10,27 @@ from selective_attention.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory, .gguf file, or smollm2-135m (the "
-                   "bundled SmolLM2-135M; offline)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face model directory, .gguf file, or smollm2-135m (the bundled SmolLM2-135M; offline)",
+    )
     p.add_argument("--out", required=True, help="output directory (safetensors + config.json with 'ssa')")
     add_ssa_arguments(p)
     p.add_argument("--report", action="store_true", help="print base / new parameter counts")
-    p.add_argument("--force", action="store_true",
-                   help="replace an --out directory that an earlier 'ssa convert' wrote (nothing else is removed)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an --out directory that an earlier 'ssa convert' wrote (nothing else is removed)",
+    )
 
 
 def format_report(rep: dict, name: str = "") -> str:
     head = f"{name}: " if name else ""
-    return (f"{head}base {rep['base']:,} parameters, SSA adds {rep['new']:,} "
-            f"({rep['percent']:.3f} %), total {rep['total']:,}")
+    return (
+        f"{head}base {rep['base']:,} parameters, SSA adds {rep['new']:,} "
+        f"({rep['percent']:.3f} %), total {rep['total']:,}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,12 +34,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--seeds must be at least 1")
     from selective_attention.demo import run_demo
 
-    results = run_demo(args.out, quick=args.quick, seeds=args.seeds, seed=args.seed, progress=not args.no_progress,
-                       **overrides)
+    results = run_demo(
+        args.out, quick=args.quick, seeds=args.seeds, seed=args.seed, progress=not args.no_progress, **overrides
+    )
     console = Console()
     console.width = max(console.width, 120)
     console.print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     console.print(f"[bold]{results['verdict']}[/bold]")
-    console.print(f"results: {Path(args.out) / 'results.json'}   report: {Path(args.out) / 'report.html'}   "
-                  f"({results['elapsed_s']:.0f} s)")
+    console.print(
+        f"results: {Path(args.out) / 'results.json'}   report: {Path(args.out) / 'report.html'}   "
+        f"({results['elapsed_s']:.0f} s)"
+    )
     return 0

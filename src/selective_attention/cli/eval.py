@@ -18,30 +18,55 @@ from selective_attention.utils.device import choose_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF format, SSA-converted or plain), .gguf file, or "
-                   "smollm2-135m (the bundled SmolLM2-135M)")
-    p.add_argument("--data", default="wiki", help="corpus for perplexity: wiki (default), sotu, a .txt/.jsonl file "
-                                                  "or a folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (HF format, SSA-converted or plain), .gguf file, or "
+        "smollm2-135m (the bundled SmolLM2-135M)",
+    )
+    p.add_argument(
+        "--data", default="wiki", help="corpus for perplexity: wiki (default), sotu, a .txt/.jsonl file or a folder"
+    )
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="corpus split (default test)")
-    p.add_argument("--tasks", nargs="+", default=["perplexity"],
-                   help=f"any of {', '.join(MODES)}, or zero_shot / arc / all (comma or space separated)")
-    p.add_argument("--limit", type=str, default=None,
-                   help="at most N examples per zero-shot task and N documents for perplexity (quick runs)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["perplexity"],
+        help=f"any of {', '.join(MODES)}, or zero_shot / arc / all (comma or space separated)",
+    )
+    p.add_argument(
+        "--limit",
+        type=str,
+        default=None,
+        help="at most N examples per zero-shot task and N documents for perplexity (quick runs)",
+    )
     p.add_argument("--out", required=True, help="results JSON (the passkey heatmap goes beside it as *_passkey.png)")
     p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: model context, max 1024)")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: chunked windows)")
-    p.add_argument("--packing", default="stitched", choices=["stitched", "documents"],
-                   help="perplexity context: windows across the stream of documents (stitched, default) or each "
-                        "document alone, at its in-document positions (documents)")
+    p.add_argument(
+        "--packing",
+        default="stitched",
+        choices=["stitched", "documents"],
+        help="perplexity context: windows across the stream of documents (stitched, default) or each "
+        "document alone, at its in-document positions (documents)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None,
-                   help="longest input for the zero-shot tasks (default: the model's context; >= 2048 for RoPE)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="longest input for the zero-shot tasks (default: the model's context; >= 2048 for RoPE)",
+    )
     p.add_argument("--passkey-lengths", default="256,512,1024", help="context lengths in tokens (comma separated)")
     p.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1", help="key depths in [0, 1] (comma separated)")
     p.add_argument("--passkey-trials", type=int, default=5, help="trials per length x depth cell")
     p.add_argument("--seed", type=int, default=0, help="seed of the passkey keys")
-    p.add_argument("--split-seed", type=int, default=None,
-                   help="corpus split seed; default: the training run's (DIR/../run.json), else 0")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="corpus split seed; default: the training run's (DIR/../run.json), else 0",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -159,12 +184,28 @@ def run(args: argparse.Namespace) -> int:
         from selective_attention.evaluate.passkey import check_lengths
 
         check_lengths(tok, lengths)
-    result = evaluate_model(model, tok, tasks, name=str(args.model), dtype=args.dtype, limit=limit,
-                            documents=documents, data=str(args.data), split=args.split, split_seed=split_seed,
-                            packing=args.packing, seq_len=args.seq_len, stride=args.stride,
-                            batch_size=args.batch_size, max_length=args.max_length, passkey_lengths=lengths,
-                            passkey_depths=depths, passkey_trials=args.passkey_trials, seed=args.seed,
-                            progress=not args.no_progress)
+    result = evaluate_model(
+        model,
+        tok,
+        tasks,
+        name=str(args.model),
+        dtype=args.dtype,
+        limit=limit,
+        documents=documents,
+        data=str(args.data),
+        split=args.split,
+        split_seed=split_seed,
+        packing=args.packing,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        passkey_lengths=lengths,
+        passkey_depths=depths,
+        passkey_trials=args.passkey_trials,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     png = None
     if "passkey" in result:
         png = out.with_name(out.stem + "_passkey.png")

@@ -18,12 +18,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories (metrics.jsonl, run.json)")
     p.add_argument("--out", default=None, help="output folder (default: REPORT beside the runs' common parent)")
     p.add_argument("--title", default="SSA vs vanilla attention", help="report title")
-    p.add_argument("--labels", default=None,
-                   help="comma-separated method label per run dir (default: from run.json: vanilla, ssa, ssa-mlp)")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated method label per run dir (default: from run.json: vanilla, ssa, ssa-mlp)",
+    )
     p.add_argument("--baseline", default=None, help="the method speed-ups are measured against (default vanilla)")
     p.add_argument("--text", default=None, help="sample text for the per-token temperature picture")
-    p.add_argument("--no-probe", action="store_true",
-                   help="skip loading the final models (no temperature or dilution figure)")
+    p.add_argument(
+        "--no-probe", action="store_true", help="skip loading the final models (no temperature or dilution figure)"
+    )
 
 
 def check_runs(runs: list[str]) -> None:
@@ -50,8 +54,9 @@ def render(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(os.path.commonpath([os.path.abspath(d) for d in args.runs])) / "report"
     if len(args.runs) == 1 and not args.out:
         out = Path(args.runs[0]) / "report"
-    summary = build_report(args.runs, out, title=args.title, labels=labels, baseline=args.baseline,
-                           probe=not args.no_probe)
+    summary = build_report(
+        args.runs, out, title=args.title, labels=labels, baseline=args.baseline, probe=not args.no_probe
+    )
     print(summary_table(summary))
     for n in summary["notes"]:
         print(f"note: {n}")

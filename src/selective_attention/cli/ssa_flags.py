@@ -25,8 +25,12 @@ SSA_FLAGS: dict[str, tuple[str, str]] = {
 _CHOICES = {"sharing": ("shared", "mlp"), "init": ("identity", "scratch")}
 
 
-def add_ssa_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, prefix: str = "ssa_",
-                      help_overrides: dict[str, str] | None = None) -> None:
+def add_ssa_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    prefix: str = "ssa_",
+    help_overrides: dict[str, str] | None = None,
+) -> None:
     """Add one flag per SSAConfig field in ``SSA_FLAGS`` (dest ``prefix + field``, default None = not given),
     so that ``ssa_config_from_args`` can tell a given flag from a default."""
     help_overrides = help_overrides or {}
@@ -48,8 +52,9 @@ def ssa_args_given(args: argparse.Namespace, prefix: str = "ssa_") -> dict[str, 
     return {name: getattr(args, prefix + name) for name in SSA_FLAGS if getattr(args, prefix + name, None) is not None}
 
 
-def ssa_config_from_args(args: argparse.Namespace, *, prefix: str = "ssa_", base: SSAConfig | None = None,
-                         **overrides: Any) -> SSAConfig:
+def ssa_config_from_args(
+    args: argparse.Namespace, *, prefix: str = "ssa_", base: SSAConfig | None = None, **overrides: Any
+) -> SSAConfig:
     """SSAConfig from ``base`` (default: SSAConfig()), then ``overrides``, then the flags that were given.
     An invalid combination raises ValueError (CLIs turn it into a UserError)."""
     d = (base or SSAConfig()).to_dict()

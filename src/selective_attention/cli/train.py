@@ -23,23 +23,40 @@ INTERRUPTED_HINT = "run the same command again to resume from the last checkpoin
 # option -> (TrainConfig field, type, help); every default is None so that we can tell what was given
 OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--data", "data", str, "corpus: wiki (default), sotu, a .txt/.jsonl file, a folder, or hf:NAME[:CONFIG]"),
-    ("--attention", "attention", str, "attention method: vanilla (default), ssa, ssa-pos, const, yarn, ssmax, freq, "
-     "llama4, gated"),
+    (
+        "--attention",
+        "attention",
+        str,
+        "attention method: vanilla (default), ssa, ssa-pos, const, yarn, ssmax, freq, llama4, gated",
+    ),
     ("--size", "size", str, "model size: tiny (default), small, gpt2-124m, pythia-160m"),
     ("--max-tokens", "max_tokens", int, "training tokens (default 1,000,000)"),
     ("--seed", "seed", int, "seed of the initialisation and the data order (default 0)"),
     ("--out", "out", str, "run directory (metrics.jsonl, checkpoints/, final/, run.json)"),
-    ("--init-from", "init_from", str, "fine-tune a pretrained model: a Hugging Face folder, a .gguf file, or "
-     "smollm2-135m (the bundled SmolLM2-135M)"),
+    (
+        "--init-from",
+        "init_from",
+        str,
+        "fine-tune a pretrained model: a Hugging Face folder, a .gguf file, or smollm2-135m (the bundled SmolLM2-135M)",
+    ),
     ("--nproc", "nproc", int, "processes (torchrun; gloo on CPU, NCCL on GPU); default 1"),
     ("--seq-len", "seq_len", int, "tokens per sequence (default 256)"),
-    ("--packing", "packing", str, "stitched (default: windows run across documents) or documents (attention and "
-     "positions restart at every document of a window)"),
+    (
+        "--packing",
+        "packing",
+        str,
+        "stitched (default: windows run across documents) or documents (attention and "
+        "positions restart at every document of a window)",
+    ),
     ("--batch-size", "batch_size", int, "sequences per micro-batch per process (default 8)"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
     ("--lr", "lr", float, "peak learning rate (default 1e-3)"),
-    ("--temperature-lr", "temperature_lr", float,
-     "learning rate of the SSA temperature parameters (default: lr from scratch, 1e-2 with --init-from)"),
+    (
+        "--temperature-lr",
+        "temperature_lr",
+        float,
+        "learning rate of the SSA temperature parameters (default: lr from scratch, 1e-2 with --init-from)",
+    ),
     ("--min-lr-ratio", "min_lr_ratio", float, "final learning rate / peak (cosine; default 0.1)"),
     ("--warmup", "warmup", int, "warmup optimizer steps (default 5%% of the steps)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay of the matrices (default 0.1)"),
@@ -61,10 +78,16 @@ SWITCHES: list[tuple[str, str, str]] = [
     ("compile", "compile", "torch.compile the model for the training steps (default off)"),
     ("fsdp", "fsdp", "shard with FSDP instead of DDP (with --nproc > 1)"),
     ("progress", "progress", "progress bar (default on)"),
-    ("overwrite", "overwrite", "replace an earlier run in --out: delete the files it wrote (default: resume it, "
-     "or refuse if it differs)"),
-    ("temperatures-only", "temperatures_only", "train only the SSA temperature parameters; the base weights stay "
-     "frozen (default off)"),
+    (
+        "overwrite",
+        "overwrite",
+        "replace an earlier run in --out: delete the files it wrote (default: resume it, or refuse if it differs)",
+    ),
+    (
+        "temperatures-only",
+        "temperatures_only",
+        "train only the SSA temperature parameters; the base weights stay frozen (default off)",
+    ),
 ]
 
 
@@ -78,12 +101,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, dest, typ, help_text in OPTIONS:
         parser.add_argument(flag, dest=dest, type=typ, default=None, help=help_text)
     for name, dest, help_text in SWITCHES:
-        parser.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                            help=help_text)
-    parser.add_argument("--method-option", dest="method_options", action="append", metavar="KEY=VALUE",
-                        default=None, help="an option of the attention method (repeatable), e.g. beta=0.2")
-    add_ssa_arguments(parser.add_argument_group("SSA temperatures (methods ssa, ssa-pos)"), help_overrides={
-        "init": "identity or scratch (default: scratch from scratch, identity with --init-from)"})
+        parser.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    parser.add_argument(
+        "--method-option",
+        dest="method_options",
+        action="append",
+        metavar="KEY=VALUE",
+        default=None,
+        help="an option of the attention method (repeatable), e.g. beta=0.2",
+    )
+    add_ssa_arguments(
+        parser.add_argument_group("SSA temperatures (methods ssa, ssa-pos)"),
+        help_overrides={"init": "identity or scratch (default: scratch from scratch, identity with --init-from)"},
+    )
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -156,11 +186,16 @@ def run(args: argparse.Namespace) -> int:
                 return 2 if isinstance(e, UserError) else 1
         raise
     if "stopped_at_step" in result:
-        print(f"stopped after step {result['stopped_at_step']} of {result['total_steps']}: run the same command "
-              "again to continue", file=sys.stderr)
+        print(
+            f"stopped after step {result['stopped_at_step']} of {result['total_steps']}: run the same command "
+            "again to continue",
+            file=sys.stderr,
+        )
         return 0
     if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("SSA_LAUNCHED"):
-        print(f"{cfg.out}: {result['attention']} {result['size']}, {result['tokens']:,} tokens, "
-              f"val loss {result['final_val_loss']:.4f} (ppl {result['final_val_ppl']:.2f}), "
-              f"{result['tokens_per_s']:,.0f} tokens/s; model in {Path(cfg.out) / 'final'}")
+        print(
+            f"{cfg.out}: {result['attention']} {result['size']}, {result['tokens']:,} tokens, "
+            f"val loss {result['final_val_loss']:.4f} (ppl {result['final_val_ppl']:.2f}), "
+            f"{result['tokens_per_s']:,.0f} tokens/s; model in {Path(cfg.out) / 'final'}"
+        )
     return 0

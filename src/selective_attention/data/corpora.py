@@ -71,8 +71,7 @@ def resolve_source(source: str | Path) -> Source:
     if not p.exists():
         if looks_like_path:
             raise UserError(f"corpus not found: {s}")
-        raise UserError(f"unknown corpus {s!r}: use one of {', '.join(NAMED)}, a .txt/.jsonl file, a folder "
-                        "or hf:NAME")
+        raise UserError(f"unknown corpus {s!r}: use one of {', '.join(NAMED)}, a .txt/.jsonl file, a folder or hf:NAME")
     p = p.resolve()
     if p.is_dir():
         paths = tuple(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (".txt", ".jsonl")))
@@ -112,8 +111,7 @@ def _hf_documents(name: str) -> list[str]:
 
         ds = datasets.load_dataset(repo, config or None, split="train")
     except Exception as e:  # offline, unknown name, ...
-        raise UserError(f"could not load Hugging Face dataset {repo!r}: {type(e).__name__}: "
-                        f"{first_line(e)}") from None
+        raise UserError(f"could not load Hugging Face dataset {repo!r}: {type(e).__name__}: {first_line(e)}") from None
     if "text" not in ds.column_names:
         raise UserError(f"Hugging Face dataset {repo!r} has no 'text' column (columns: {ds.column_names})")
     return [t.strip() for t in ds["text"]]
@@ -158,7 +156,7 @@ def split_documents(documents: list[str] | tuple[str, ...], seed: int = 0) -> di
     key = [hashlib.sha256(f"{seed}:{d}".encode()).digest() for d in docs]
     order = sorted(range(len(docs)), key=key.__getitem__)
     val = set(order[: sizes["val"]])
-    test = set(order[sizes["val"]: sizes["val"] + sizes["test"]])
+    test = set(order[sizes["val"] : sizes["val"] + sizes["test"]])
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
     for i, d in enumerate(docs):
         out["val" if i in val else "test" if i in test else "train"].append(d)

@@ -23,8 +23,7 @@ MIN_VOCAB = 257  # 256 bytes + the end-of-text token
 
 
 def _wrap(tok, eos: str = EOT) -> PreTrainedTokenizerFast:
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos,
-                                   pad_token=eos)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos)
     fast.model_max_length = 1_000_000_000  # documents are packed by the trainer; no length warnings
     return fast
 
@@ -40,13 +39,20 @@ def train_bpe(documents: list[str], vocab_size: int = 8192) -> PreTrainedTokeniz
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(documents, trainer=trainer)
     got = tok.get_vocab_size()
     if got < vocab_size:
-        raise UserError(f"the corpus supports a vocabulary of only {got} tokens (merges of pairs seen twice), "
-                        f"fewer than the {vocab_size} asked for: use --vocab-size {got} or less, or more text")
+        raise UserError(
+            f"the corpus supports a vocabulary of only {got} tokens (merges of pairs seen twice), "
+            f"fewer than the {vocab_size} asked for: use --vocab-size {got} or less, or more text"
+        )
     return _wrap(tok)
 
 
@@ -82,8 +88,7 @@ def pretrained_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot load a tokenizer from {model_path}: {type(e).__name__}: "
-                        f"{first_line(e)}") from None
+        raise UserError(f"cannot load a tokenizer from {model_path}: {type(e).__name__}: {first_line(e)}") from None
     if tok.eos_token is None:
         raise UserError(f"the tokenizer of {model_path} has no end-of-text token")
     if tok.pad_token is None:
@@ -91,8 +96,9 @@ def pretrained_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_tokenizer(kind: str, documents: list[str] | None = None, vocab_size: int = 8192,
-                    model_path: str | Path | None = None) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    kind: str, documents: list[str] | None = None, vocab_size: int = 8192, model_path: str | Path | None = None
+) -> PreTrainedTokenizerFast:
     """``kind`` in {"bpe", "gpt2", "pretrained"}: "bpe" trains on ``documents``; "pretrained" reads ``model_path``."""
     if kind == "bpe":
         return train_bpe(list(documents or []), vocab_size)

@@ -91,8 +91,9 @@ def _load_cached_bpe(folder: Path) -> PreTrainedTokenizerFast | None:
         from selective_attention.data.tokenizers import EOT
 
         try:
-            tok = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=EOT, eos_token=EOT, unk_token=EOT,
-                                          pad_token=EOT)
+            tok = PreTrainedTokenizerFast(
+                tokenizer_file=str(path), bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT
+            )
             tok.model_max_length = 1_000_000_000
             return tok
         except Exception as e:  # the checksum matched a file this library cannot read
@@ -106,22 +107,27 @@ def _save_bpe(folder: Path, tok: PreTrainedTokenizerFast) -> None:
     atomic_write_json(folder / "manifest.json", file_checksum(path))  # written last: its presence vouches
 
 
-def _write_split(path: Path, tokenizer: PreTrainedTokenizerFast, docs: list[str], dtype: np.dtype
-                 ) -> dict[str, object]:
+def _write_split(path: Path, tokenizer: PreTrainedTokenizerFast, docs: list[str], dtype: np.dtype) -> dict[str, object]:
     """Write the packed tokens; return {"tokens", "bytes", "sha256"} for the manifest."""
     eot = tokenizer.eos_token_id
     chunks = []
     for i in range(0, len(docs), 512):  # batches keep the memory of the Python lists bounded
-        for ids in tokenizer(docs[i: i + 512], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(docs[i : i + 512], add_special_tokens=False)["input_ids"]:
             chunks.append(np.asarray(ids + [eot], dtype=dtype))
     arr = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
     atomic_write(path, lambda tmp: arr.tofile(tmp))
     return {"tokens": int(arr.size), "bytes": int(arr.nbytes), "sha256": hashlib.sha256(arr).hexdigest()}
 
 
-def prepare(source: str | Path = "wiki", tokenizer: str = "bpe", vocab_size: int = 8192,
-            model_path: str | Path | None = None, seed: int = 0, cache_dir: str | Path | None = None,
-            splits: tuple[str, ...] = corpora.SPLITS) -> TokenizedCorpus:
+def prepare(
+    source: str | Path = "wiki",
+    tokenizer: str = "bpe",
+    vocab_size: int = 8192,
+    model_path: str | Path | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    splits: tuple[str, ...] = corpora.SPLITS,
+) -> TokenizedCorpus:
     """Tokenise ``splits`` of ``source`` (or reuse earlier arrays) and return them with the tokenizer."""
     if tokenizer not in KINDS:
         raise UserError(f"unknown tokenizer {tokenizer!r}: use one of {', '.join(KINDS)}")
@@ -155,8 +161,15 @@ def prepare(source: str | Path = "wiki", tokenizer: str = "bpe", vocab_size: int
 
     out = TokenizedCorpus(root=root, tokenizer=tok)
     for split in splits:
-        want = {"format": FORMAT, "source": src.name, "source_hash": src.hash, "split": split, "seed": seed,
-                "tokenizer": {**tok_spec, "fingerprint": fp, "vocab": len(tok)}, "dtype": dtype.name}
+        want = {
+            "format": FORMAT,
+            "source": src.name,
+            "source_hash": src.hash,
+            "split": split,
+            "seed": seed,
+            "tokenizer": {**tok_spec, "fingerprint": fp, "vocab": len(tok)},
+            "dtype": dtype.name,
+        }
         mpath, bpath = root / f"{split}.json", root / f"{split}.bin"
         manifest = None
         if mpath.is_file() and bpath.is_file():
@@ -170,8 +183,10 @@ def prepare(source: str | Path = "wiki", tokenizer: str = "bpe", vocab_size: int
                 if why is None and m.get("bytes") == m.get("tokens", -1) * dtype.itemsize:
                     manifest = m
                 else:
-                    warn(f"token cache {bpath} is corrupt ({why or 'its size does not match its token count'}); "
-                         "rebuilding it")
+                    warn(
+                        f"token cache {bpath} is corrupt ({why or 'its size does not match its token count'}); "
+                        "rebuilding it"
+                    )
         if manifest is None:
             d = documents()[split]
             manifest = {**want, "documents": len(d), **_write_split(bpath, tok, d, dtype)}

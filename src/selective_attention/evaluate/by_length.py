@@ -34,7 +34,7 @@ def document_ids(tokenizer, documents: Sequence[str]) -> list[list[int]]:
 
 def length_windows(docs: Sequence[Sequence[int]], length: int, max_windows: int) -> list[list[int]]:
     """Up to ``max_windows`` spans of length + 1 tokens, each inside one document, drawn round robin."""
-    spans_per_doc = [[d[s: s + length + 1] for s in range(0, len(d) - length, length)] for d in docs]
+    spans_per_doc = [[d[s : s + length + 1] for s in range(0, len(d) - length, length)] for d in docs]
     out: list[list[int]] = []
     i = 0
     while len(out) < max_windows and any(i < len(s) for s in spans_per_doc):
@@ -46,8 +46,14 @@ def length_windows(docs: Sequence[Sequence[int]], length: int, max_windows: int)
 
 
 @torch.no_grad()
-def perplexity_by_length(model, docs: Sequence[Sequence[int]], lengths: Sequence[int], max_windows: int = 16,
-                         batch_size: int = 2, buckets: int = 8) -> dict[str, dict]:
+def perplexity_by_length(
+    model,
+    docs: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    max_windows: int = 16,
+    batch_size: int = 2,
+    buckets: int = 8,
+) -> dict[str, dict]:
     """{str(L): {"ppl", "loss", "windows", "tokens", "loss_by_position": [buckets floats]}} for each L.
 
     Raises UserError when the documents are too short for a requested length (no silent shrinking)."""
@@ -60,11 +66,13 @@ def perplexity_by_length(model, docs: Sequence[Sequence[int]], lengths: Sequence
             wins = length_windows(docs, int(L), max_windows)
             if not wins:
                 longest = max((len(d) for d in docs), default=0)
-                raise UserError(f"no document is longer than {L} tokens (longest: {longest}): choose a corpus with "
-                                "longer documents or smaller lengths")
+                raise UserError(
+                    f"no document is longer than {L} tokens (longest: {longest}): choose a corpus with "
+                    "longer documents or smaller lengths"
+                )
             per_pos = torch.zeros(int(L), dtype=torch.float64)
             for i in range(0, len(wins), batch_size):
-                x = torch.tensor(wins[i: i + batch_size], dtype=torch.long, device=device)  # (B, L + 1)
+                x = torch.tensor(wins[i : i + batch_size], dtype=torch.long, device=device)  # (B, L + 1)
                 out = model(input_ids=x[:, :-1])
                 logits = (out.logits if hasattr(out, "logits") else out).float()  # (B, L, V)
                 nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (B, L)
@@ -75,7 +83,10 @@ def perplexity_by_length(model, docs: Sequence[Sequence[int]], lengths: Sequence
             loss = float(per_pos.mean())
             edges = np.linspace(0, int(L), buckets + 1).astype(int)
             result[str(int(L))] = {
-                "ppl": math.exp(loss), "loss": loss, "windows": len(wins), "tokens": len(wins) * int(L),
+                "ppl": math.exp(loss),
+                "loss": loss,
+                "windows": len(wins),
+                "tokens": len(wins) * int(L),
                 "loss_by_position": [float(per_pos[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])],
                 "position_edges": [int(e) for e in edges],
             }

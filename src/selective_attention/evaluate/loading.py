@@ -37,8 +37,10 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float
         raise UserError(f"model directory has no tokenizer: {p}")
     bad = nonfinite_weights(model)
     if bad:
-        raise UserError(f"cannot evaluate {p}: {len(bad)} weight tensor(s) hold NaN or inf ({short_list(bad)}); "
-                        "the weights file is corrupt")
+        raise UserError(
+            f"cannot evaluate {p}: {len(bad)} weight tensor(s) hold NaN or inf ({short_list(bad)}); "
+            "the weights file is corrupt"
+        )
     model.to(device=torch.device(device), dtype=getattr(torch, dtype))
     model.eval()
     return model, tok

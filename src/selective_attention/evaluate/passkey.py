@@ -20,8 +20,10 @@ import torch
 from selective_attention.errors import UserError
 from selective_attention.utils.stats import mean_std
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-         "I will quiz you about the important information there.")
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
@@ -62,8 +64,15 @@ def make_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt
         n_filler -= 1
         text, before = build(n_filler)
     prefix = INTRO + FILLER * before
-    return PasskeyPrompt(text=text, key=key, n_tokens=_n_tokens(tokenizer, text),
-                         key_token=_n_tokens(tokenizer, prefix), depth=depth, n_before=before, n_filler=n_filler)
+    return PasskeyPrompt(
+        text=text,
+        key=key,
+        n_tokens=_n_tokens(tokenizer, text),
+        key_token=_n_tokens(tokenizer, prefix),
+        depth=depth,
+        n_before=before,
+        n_filler=n_filler,
+    )
 
 
 def check_lengths(tokenizer, lengths: Sequence[int]) -> None:
@@ -84,14 +93,26 @@ def _generate(model, tokenizer, text: str, max_new_tokens: int) -> str:
     device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
     ids = ids.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=pad)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def passkey(model, tokenizer, lengths: Sequence[int] = (256, 512, 1024),
-            depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), n_trials: int = 5, seed: int = 0,
-            max_new_tokens: int = 8, progress: bool = False) -> dict:
+def passkey(
+    model,
+    tokenizer,
+    lengths: Sequence[int] = (256, 512, 1024),
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    n_trials: int = 5,
+    seed: int = 0,
+    max_new_tokens: int = 8,
+    progress: bool = False,
+) -> dict:
     """Accuracy by context length (tokens) x depth.
 
     Returns {"table": [{"length", "depth", "accuracy", "n", "mean_tokens"}, ...], "accuracy": overall mean,
@@ -127,23 +148,52 @@ def passkey(model, tokenizer, lengths: Sequence[int] = (256, 512, 1024),
                 ok = answer == key
                 correct += ok
                 toks += p.n_tokens
-                trials.append({"length": length, "depth": depth, "key": key, "answer": answer, "output": output,
-                               "correct": ok, "tokens": p.n_tokens})
+                trials.append(
+                    {
+                        "length": length,
+                        "depth": depth,
+                        "key": key,
+                        "answer": answer,
+                        "output": output,
+                        "correct": ok,
+                        "tokens": p.n_tokens,
+                    }
+                )
                 if bar is not None:
                     bar.update(1)
-            table.append({"length": length, "depth": depth, "accuracy": correct / n_trials, "n": n_trials,
-                          "mean_tokens": toks / n_trials})
+            table.append(
+                {
+                    "length": length,
+                    "depth": depth,
+                    "accuracy": correct / n_trials,
+                    "n": n_trials,
+                    "mean_tokens": toks / n_trials,
+                }
+            )
     if bar is not None:
         bar.close()
     if hasattr(model, "train"):
         model.train(was_training)
-    return {"table": table, "accuracy": sum(t["correct"] for t in trials) / len(trials), "lengths": lengths,
-            "depths": depths, "n_trials": n_trials, "seed": seed, "trials": trials}
+    return {
+        "table": table,
+        "accuracy": sum(t["correct"] for t in trials) / len(trials),
+        "lengths": lengths,
+        "depths": depths,
+        "n_trials": n_trials,
+        "seed": seed,
+        "trials": trials,
+    }
 
 
 @torch.no_grad()
-def key_likelihood(model, tokenizer, lengths: Sequence[int], depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
-                   n_trials: int = 8, seed: int = 0) -> dict:
+def key_likelihood(
+    model,
+    tokenizer,
+    lengths: Sequence[int],
+    depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    n_trials: int = 8,
+    seed: int = 0,
+) -> dict:
     """Teacher-forced passkey retrieval: a graded measure for models too small to write the key themselves.
 
     For each trial, the answer " <key>" is scored after the question (mean negative log-likelihood per answer
@@ -166,7 +216,7 @@ def key_likelihood(model, tokenizer, lengths: Sequence[int], depths: Sequence[fl
 
     def answer_nll(prompt: str, answer: list[int]) -> float:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + answer
-        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -len(answer) - 1: -1].float()
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -len(answer) - 1 : -1].float()
         return float(torch.nn.functional.cross_entropy(logits, torch.tensor(answer, device=device)))
 
     by_length = {}
@@ -184,8 +234,13 @@ def key_likelihood(model, tokenizer, lengths: Sequence[int], depths: Sequence[fl
                     nlls.append(nll)
                     controls.append(control)
             gain, gain_std = mean_std(gains)
-            by_length[str(length)] = {"gain": gain, "gain_std": gain_std, "nll": mean_std(nlls)[0],
-                                      "nll_control": mean_std(controls)[0], "n": len(gains)}
+            by_length[str(length)] = {
+                "gain": gain,
+                "gain_std": gain_std,
+                "nll": mean_std(nlls)[0],
+                "nll_control": mean_std(controls)[0],
+                "n": len(gains),
+            }
     finally:
         model.train(was_training)
     return {"by_length": by_length, "depths": [float(d) for d in depths], "n_trials": n_trials, "seed": seed}

@@ -93,7 +93,7 @@ def perplexity(
         raise UserError("no non-empty documents to evaluate perplexity on")
 
     spans = []
-    for stream in ([[d] for d in documents] if alone else [documents]):  # one token stream per document, or one
+    for stream in [[d] for d in documents] if alone else [documents]:  # one token stream per document, or one
         ids, is_target = token_stream(tokenizer, stream)
         ids_t, tgt_t = torch.tensor(ids, dtype=torch.long), torch.tensor(is_target, dtype=torch.bool)
         spans.extend((ids_t, tgt_t, *w) for w in windows(len(ids), seq_len, stride))
@@ -111,8 +111,9 @@ def document_perplexity(model, tokenizer, documents: Sequence[str], **kwargs) ->
 Span = tuple[torch.Tensor, torch.Tensor, int, int, int]  # (ids, is_target, begin, first, end) of one window
 
 
-def _score(model, tokenizer, spans: list[Span], batch_size: int, progress: bool, document_positions: bool
-           ) -> tuple[float, int]:
+def _score(
+    model, tokenizer, spans: list[Span], batch_size: int, progress: bool, document_positions: bool
+) -> tuple[float, int]:
     """(summed NLL, scored targets) over the windows ``spans``, right-padded into batches. ``document_positions``:
     pass each window's positions inside its own token stream (a document alone) as position_ids."""
     device = next(model.parameters()).device
@@ -123,7 +124,7 @@ def _score(model, tokenizer, spans: list[Span], batch_size: int, progress: bool,
     scored = 0
     bar = _progress(len(spans), progress)
     for i in range(0, len(spans), batch_size):
-        chunk = spans[i: i + batch_size]
+        chunk = spans[i : i + batch_size]
         T = max(end - begin for _, _, begin, _, end in chunk)
         x = torch.full((len(chunk), T), pad, dtype=torch.long)  # (B, T), right-padded
         mask = torch.zeros(len(chunk), T, dtype=torch.long)
@@ -134,7 +135,7 @@ def _score(model, tokenizer, spans: list[Span], batch_size: int, progress: bool,
             x[b, :L] = ids[begin:end]
             mask[b, :L] = 1
             pos[b] = torch.arange(begin, begin + T)  # the pads continue it: a restart would read as a new document
-            score[b, first - begin: L] = is_target[first:end]  # earlier tokens are context only
+            score[b, first - begin : L] = is_target[first:end]  # earlier tokens are context only
         x, mask, score = x.to(device), mask.to(device), score.to(device)
         kw = {"position_ids": pos.to(device)} if document_positions else {}
         logits = model(input_ids=x, attention_mask=mask, **kw).logits.float()  # (B, T, V)

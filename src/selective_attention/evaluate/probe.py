@@ -37,12 +37,15 @@ from selective_attention.utils.stats import row_statistics
 
 FORMAT = 1
 PROBE_FILE = "probe.json"
-SAMPLE_TEXT = ("The committee met in the old library on Tuesday. After a long debate about the budget, "
-               "the chair proposed a compromise: the museum would stay open, but the new wing would wait "
-               "until next year. Everyone agreed, and the meeting ended early.")
+SAMPLE_TEXT = (
+    "The committee met in the old library on Tuesday. After a long debate about the budget, "
+    "the chair proposed a compromise: the museum would stay open, but the new wing would wait "
+    "until next year. Everyone agreed, and the meeting ended early."
+)
 
 
 # ----------------------------------------------------------------------------------------------- attention
+
 
 @contextlib.contextmanager
 def capture_attention(rows: list[Tensor]) -> Iterator[None]:
@@ -50,10 +53,28 @@ def capture_attention(rows: list[Tensor]) -> Iterator[None]:
     ``rows`` and still returns the real kernel's output."""
     real = F.scaled_dot_product_attention
 
-    def probe(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-              is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, **kw):
-        out = real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                   enable_gqa=enable_gqa, **kw)
+    def probe(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        **kw,
+    ):
+        out = real(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+            **kw,
+        )
         rows.append(_probabilities(q, k, attn_mask, is_causal, scale))
         return out
 
@@ -109,11 +130,16 @@ def dilution_curves(model, input_ids: Tensor) -> dict[str, list[float]] | None:
     ent = torch.stack([s["entropy"] for s in stats]).mean(0)
     mx = torch.stack([s["max_weight"] for s in stats]).mean(0)
     T = input_ids.shape[1]
-    return {"position": list(range(1, T + 1)), "entropy": ent.tolist(), "max_weight": mx.tolist(),
-            "uniform_entropy": [math.log(p) for p in range(1, T + 1)]}
+    return {
+        "position": list(range(1, T + 1)),
+        "entropy": ent.tolist(),
+        "max_weight": mx.tolist(),
+        "uniform_entropy": [math.log(p) for p in range(1, T + 1)],
+    }
 
 
 # ----------------------------------------------------------------------------------------------- temperatures
+
 
 @torch.no_grad()
 def token_temperatures(model, tokenizer, text: str, max_tokens: int = 256) -> dict[str, Any]:
@@ -131,8 +157,11 @@ def token_temperatures(model, tokenizer, text: str, max_tokens: int = 256) -> di
     for target in ("query", "value"):
         per_layer = taus[target].float()[:, 0].mean(1)  # (L, T)
         temps[target] = {"mean": per_layer.mean(0).tolist(), "per_layer": per_layer.tolist()}
-    return {"tokens": [tokenizer.decode([int(t)]) for t in ids[0]], "n_layers": len(temps["query"]["per_layer"]),
-            "temperatures": temps}
+    return {
+        "tokens": [tokenizer.decode([int(t)]) for t in ids[0]],
+        "n_layers": len(temps["query"]["per_layer"]),
+        "temperatures": temps,
+    }
 
 
 def has_temperatures(model) -> bool:
@@ -141,8 +170,9 @@ def has_temperatures(model) -> bool:
     return bool(temperature_parameters(model))
 
 
-def probe_model(model, tokenizer, text: str = SAMPLE_TEXT, dilution_ids: Tensor | None = None,
-                max_tokens: int = 256) -> dict[str, Any]:
+def probe_model(
+    model, tokenizer, text: str = SAMPLE_TEXT, dilution_ids: Tensor | None = None, max_tokens: int = 256
+) -> dict[str, Any]:
     """Probe a loaded model: its per-token temperatures on ``text`` (None for a vanilla model) and, given
     ``dilution_ids`` (B, T), its dilution curves. Whatever cannot be measured becomes a line in "notes"."""
     out: dict[str, Any] = {"tokens": None, "n_layers": None, "temperatures": None, "dilution": None, "notes": []}
@@ -162,6 +192,7 @@ def probe_model(model, tokenizer, text: str = SAMPLE_TEXT, dilution_ids: Tensor 
 
 
 # ----------------------------------------------------------------------------------------------- runs
+
 
 def validation_batch(tok, data: str, n_seqs: int, T: int, fallback: str | None) -> Tensor:
     """(n, T) token ids from the validation split of the run's corpus (the sample text repeated if absent)."""
@@ -195,8 +226,9 @@ def read_probe(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) and obj.get("format") == FORMAT else None
 
 
-def probe_run(run_dir: str | os.PathLike, text: str | None = None, n_seqs: int = 4, seq_len: int = 128,
-              force: bool = False) -> dict[str, Any]:
+def probe_run(
+    run_dir: str | os.PathLike, text: str | None = None, n_seqs: int = 4, seq_len: int = 128, force: bool = False
+) -> dict[str, Any]:
     """Probe RUN/final and write RUN/probe.json (see the module docstring); reuse an existing probe.json made
     with the same settings from the same model files unless ``force``. A model that does not load gives a
     probe.json with a note (the report says why it has no figure) rather than an error."""
@@ -222,8 +254,13 @@ def probe_run(run_dir: str | os.PathLike, text: str | None = None, n_seqs: int =
         model.eval()
         tok = AutoTokenizer.from_pretrained(str(final))
     except Exception as e:
-        result: dict[str, Any] = {"tokens": None, "n_layers": None, "temperatures": None, "dilution": None,
-                                  "notes": [f"could not load {final} ({type(e).__name__}: {e})."]}
+        result: dict[str, Any] = {
+            "tokens": None,
+            "n_layers": None,
+            "temperatures": None,
+            "dilution": None,
+            "notes": [f"could not load {final} ({type(e).__name__}: {e})."],
+        }
     else:
         T = min(seq_len, int(cfg.get("seq_len") or seq_len))
         ids = validation_batch(tok, cfg.get("data") or "wiki", n_seqs, T, text)

@@ -33,9 +33,11 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
     if "perplexity" in result:
         p = result["perplexity"]
         where = f"{p['data']}/{p['split']}" + (" (documents alone)" if p.get("packing") == "documents" else "")
-        rows += [(f"perplexity {where}", "token ppl", f"{p['token_ppl']:.3f}"),
-                 (f"perplexity {where}", "word ppl", f"{p['word_ppl']:.3f}"),
-                 (f"perplexity {where}", "tokens / words", f"{p['tokens']} / {p['words']}")]
+        rows += [
+            (f"perplexity {where}", "token ppl", f"{p['token_ppl']:.3f}"),
+            (f"perplexity {where}", "word ppl", f"{p['word_ppl']:.3f}"),
+            (f"perplexity {where}", "tokens / words", f"{p['tokens']} / {p['words']}"),
+        ]
     for task, r in result.get("zero_shot", {}).items():
         rows.append((task, "acc", f"{r['acc']:.4f} ± {r['acc_stderr']:.4f} (n={r['n']})"))
         if "acc_norm" in r:
@@ -57,13 +59,16 @@ def passkey_grid(pk: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Evaluation of `{result['model']}` ({result['attention']})", "", "| benchmark | metric | value |",
-             "|---|---|---|"]
+    lines = [
+        f"# Evaluation of `{result['model']}` ({result['attention']})",
+        "",
+        "| benchmark | metric | value |",
+        "|---|---|---|",
+    ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(result)]
     if "passkey" in result:
         header, body = passkey_grid(result["passkey"])
-        lines += ["", "## Passkey retrieval accuracy", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)]
+        lines += ["", "## Passkey retrieval accuracy", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
         lines += ["", f"![passkey heatmap]({result['passkey']['heatmap']})"]
     return "\n".join(lines) + "\n"

@@ -36,14 +36,15 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "arc_easy": TaskSpec("hf_datasets/ai2_arc/ARC-Easy/validation", "mc", "ARC-Easy (validation, 570)"),
-    "arc_challenge": TaskSpec("hf_datasets/ai2_arc/ARC-Challenge/validation", "mc",
-                              "ARC-Challenge (validation, 299)"),
+    "arc_challenge": TaskSpec("hf_datasets/ai2_arc/ARC-Challenge/validation", "mc", "ARC-Challenge (validation, 299)"),
     "hellaswag": TaskSpec("hf_datasets/hellaswag/none/validation", "mc", "HellaSwag (validation, 10,042)"),
     "piqa": TaskSpec("hf_datasets/piqa/plain_text/validation", "mc", "PIQA (validation, 1,838)"),
-    "winogrande": TaskSpec("hf_datasets/winogrande/winogrande_xl/validation", "partial",
-                           "Winogrande XL (validation, 1,267)"),
-    "lambada": TaskSpec("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "loglikelihood",
-                        "LAMBADA OpenAI (test, 5,153)"),
+    "winogrande": TaskSpec(
+        "hf_datasets/winogrande/winogrande_xl/validation", "partial", "Winogrande XL (validation, 1,267)"
+    ),
+    "lambada": TaskSpec(
+        "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "loglikelihood", "LAMBADA OpenAI (test, 5,153)"
+    ),
 }
 
 
@@ -77,20 +78,32 @@ def _hellaswag_clean(text: str) -> str:  # lm-eval's hellaswag preprocessing (Wi
 def _convert_row(task: str, row: dict) -> dict:
     if task in ("arc_easy", "arc_challenge"):
         labels = list(row["choices"]["label"])
-        return {"query": f"Question: {row['question']}\nAnswer:", "choices": list(row["choices"]["text"]),
-                "gold": labels.index(row["answerKey"])}
+        return {
+            "query": f"Question: {row['question']}\nAnswer:",
+            "choices": list(row["choices"]["text"]),
+            "gold": labels.index(row["answerKey"]),
+        }
     if task == "hellaswag":
         ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
-        return {"query": _hellaswag_clean(row["activity_label"] + ": " + ctx),
-                "choices": [_hellaswag_clean(e) for e in row["endings"]], "gold": int(row["label"])}
+        return {
+            "query": _hellaswag_clean(row["activity_label"] + ": " + ctx),
+            "choices": [_hellaswag_clean(e) for e in row["endings"]],
+            "gold": int(row["label"]),
+        }
     if task == "piqa":
-        return {"query": f"Question: {row['goal']}\nAnswer:", "choices": [row["sol1"], row["sol2"]],
-                "gold": int(row["label"])}
+        return {
+            "query": f"Question: {row['goal']}\nAnswer:",
+            "choices": [row["sol1"], row["sol2"]],
+            "gold": int(row["label"]),
+        }
     if task == "winogrande":
         s = row["sentence"]
         i = s.index("_")
-        return {"gold": int(row["answer"]) - 1, "contexts": [s[:i] + row["option1"], s[:i] + row["option2"]],
-                "continuation": s[i + 1 :].strip()}
+        return {
+            "gold": int(row["answer"]) - 1,
+            "contexts": [s[:i] + row["option1"], s[:i] + row["option2"]],
+            "continuation": s[i + 1 :].strip(),
+        }
     if task == "lambada":
         req = row["request"]
         return {"context": req["context"], "continuation": req["continuation"]}
@@ -126,16 +139,32 @@ def _task_yaml(task: str, data_file: Path) -> dict:
     }
     # plain feature names: lm-eval then returns the field itself (an int stays an int), no templating
     if kind == "mc":
-        cfg.update(output_type="multiple_choice", doc_to_text="query", doc_to_choice="choices", doc_to_target="gold",
-                   metric_list=[_metric("acc"), _metric("acc_norm")])
+        cfg.update(
+            output_type="multiple_choice",
+            doc_to_text="query",
+            doc_to_choice="choices",
+            doc_to_target="gold",
+            metric_list=[_metric("acc"), _metric("acc_norm")],
+        )
     elif kind == "partial":  # doc_to_text an int -> lm-eval's "multiple inputs" mode
-        cfg.update(output_type="multiple_choice", doc_to_text="gold", doc_to_choice="contexts",
-                   doc_to_target="continuation", metric_list=[_metric("acc")])
+        cfg.update(
+            output_type="multiple_choice",
+            doc_to_text="gold",
+            doc_to_choice="contexts",
+            doc_to_target="continuation",
+            metric_list=[_metric("acc")],
+        )
     else:
-        cfg.update(output_type="loglikelihood", doc_to_text="context", doc_to_target="continuation",
-                   target_delimiter="",  # the continuation carries its own leading space
-                   metric_list=[{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
-                                _metric("acc")])
+        cfg.update(
+            output_type="loglikelihood",
+            doc_to_text="context",
+            doc_to_target="continuation",
+            target_delimiter="",  # the continuation carries its own leading space
+            metric_list=[
+                {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                _metric("acc"),
+            ],
+        )
     return cfg
 
 
@@ -174,15 +203,30 @@ def lm_max_length(model, requested: int | None = None) -> int:
     if requested is not None:
         return int(requested)
     cfg = model.config
-    ctx = next((n for n in (getattr(cfg, a, None) for a in ("max_position_embeddings", "n_positions", "n_ctx"))
-                if isinstance(n, int) and n > 0), 2048)
-    rotary = any(getattr(cfg, a, None) is not None for a in ("rope_parameters", "rope_theta", "rotary_pct",
-                                                              "rotary_dim", "rope_scaling"))
+    ctx = next(
+        (
+            n
+            for n in (getattr(cfg, a, None) for a in ("max_position_embeddings", "n_positions", "n_ctx"))
+            if isinstance(n, int) and n > 0
+        ),
+        2048,
+    )
+    rotary = any(
+        getattr(cfg, a, None) is not None
+        for a in ("rope_parameters", "rope_theta", "rotary_pct", "rotary_dim", "rope_scaling")
+    )
     return max(ctx, 2048) if rotary else ctx
 
 
-def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
-              root: Path | None = None, max_length: int | None = None) -> dict:
+def zero_shot(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None = None,
+    batch_size: int = 8,
+    root: Path | None = None,
+    max_length: int | None = None,
+) -> dict:
     """Zero-shot accuracy with lm-eval: {task: {"acc", "acc_stderr", ["acc_norm"], ["perplexity"], "n"}}."""
     import logging
 
@@ -213,15 +257,19 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
             verbosity="ERROR",
         )
     except AssertionError as e:  # lm-eval asserts that each answer fits the context
-        raise UserError(f"a benchmark answer does not fit the model's context of {max_length} tokens "
-                        f"(lm-eval: {e or 'assertion failed'}); pass a larger max_length if the model can run longer"
-                        ) from e
+        raise UserError(
+            f"a benchmark answer does not fit the model's context of {max_length} tokens "
+            f"(lm-eval: {e or 'assertion failed'}); pass a larger max_length if the model can run longer"
+        ) from e
     results = {}
     for task in tasks:
         r = out["results"][lm_eval_name(task)]
         n = int(out["n-samples"][lm_eval_name(task)]["effective"])
-        row = {k.split(",")[0]: float(v) for k, v in r.items() if "," in k and "stderr" not in k
-               and isinstance(v, (int, float))}
+        row = {
+            k.split(",")[0]: float(v)
+            for k, v in r.items()
+            if "," in k and "stderr" not in k and isinstance(v, (int, float))
+        }
         acc = row["acc"]
         row["acc_stderr"] = (acc * (1 - acc) / (n - 1)) ** 0.5 if n > 1 else float("nan")
         row["n"] = n

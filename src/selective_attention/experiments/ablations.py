@@ -75,8 +75,9 @@ class Config:
     device: str = "auto"
 
 
-def build(method: str, size: str, vocab: int, seq_len: int, seed: int,
-          train_tokens: np.ndarray | None = None) -> tuple[nn.Module, Applied]:
+def build(
+    method: str, size: str, vocab: int, seq_len: int, seed: int, train_tokens: np.ndarray | None = None
+) -> tuple[nn.Module, Applied]:
     """The model of one row (initialised from ``seed``) and what its method added. ``train_tokens``: the train
     split, for the freq rule's table (over ``vocab`` ids)."""
     from selective_attention.train.models import build_model
@@ -94,8 +95,9 @@ def schedule(cfg: Config) -> Callable[[int], float]:
     return lambda step: warmup_times_cosine(step, cfg.warmup, cfg.steps - 1, 0.1)
 
 
-def train_one(method: str, cfg: Config, seed: int, train_tokens: np.ndarray, val_tokens: np.ndarray,
-              vocab: int) -> dict[str, float]:
+def train_one(
+    method: str, cfg: Config, seed: int, train_tokens: np.ndarray, val_tokens: np.ndarray, vocab: int
+) -> dict[str, float]:
     """Train one row for ``cfg.steps`` steps; return val loss / ppl, parameter counts and speed."""
     T, B = cfg.seq_len, cfg.batch_size
     if len(val_tokens) - 1 < T:
@@ -105,17 +107,28 @@ def train_one(method: str, cfg: Config, seed: int, train_tokens: np.ndarray, val
 
     def batches(i: int) -> torch.Tensor:  # (B, T + 1) random windows of the train split
         starts = torch.randint(0, len(train_tokens) - T - 1, (B,), generator=g)
-        return torch.stack([torch.from_numpy(train_tokens[s: s + T + 1].astype(np.int64)) for s in starts.tolist()])
+        return torch.stack([torch.from_numpy(train_tokens[s : s + T + 1].astype(np.int64)) for s in starts.tolist()])
 
-    optim = OptimConfig(lr=cfg.lr, temperature_lr=cfg.temperature_lr, weight_decay=0.1, betas=(0.9, 0.95),
-                        clip=1.0)
-    result = fit(model, batches, cfg.steps, optim, device=cfg.device, schedule=schedule(cfg),
-                 temperature_params=applied.temperature_parameters,
-                 evaluate=lambda m: evaluate_loss(m, val_tokens, T, B, cfg.eval_tokens))
+    optim = OptimConfig(lr=cfg.lr, temperature_lr=cfg.temperature_lr, weight_decay=0.1, betas=(0.9, 0.95), clip=1.0)
+    result = fit(
+        model,
+        batches,
+        cfg.steps,
+        optim,
+        device=cfg.device,
+        schedule=schedule(cfg),
+        temperature_params=applied.temperature_parameters,
+        evaluate=lambda m: evaluate_loss(m, val_tokens, T, B, cfg.eval_tokens),
+    )
     val = result.evals[-1][1]
     counts = parameter_counts(model, applied)
-    return {"val_loss": val, "val_ppl": math.exp(val), "new_parameters": float(counts["new"]),
-            "overhead_percent": counts["percent"], "tokens_per_s": result.tokens_per_s}
+    return {
+        "val_loss": val,
+        "val_ppl": math.exp(val),
+        "new_parameters": float(counts["new"]),
+        "overhead_percent": counts["percent"],
+        "tokens_per_s": result.tokens_per_s,
+    }
 
 
 def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> dict[str, Any]:
@@ -152,9 +165,13 @@ def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> d
 def summary(results: dict[str, Any]) -> str:
     methods = results["methods"]
     cfg = results["config"]
-    lines = [f"# Ablations ({cfg['size']} on {cfg['data']}, {cfg['steps']} steps x {cfg['batch_size']} x "
-             f"{cfg['seq_len']} tokens, seeds {results['seeds']})", "",
-             common.markdown_table(methods, ["val_ppl", "val_loss", "overhead_percent", "tokens_per_s"]), ""]
+    lines = [
+        f"# Ablations ({cfg['size']} on {cfg['data']}, {cfg['steps']} steps x {cfg['batch_size']} x "
+        f"{cfg['seq_len']} tokens, seeds {results['seeds']})",
+        "",
+        common.markdown_table(methods, ["val_ppl", "val_loss", "overhead_percent", "tokens_per_s"]),
+        "",
+    ]
     if "vanilla" in methods:
         v = methods["vanilla"]["val_ppl"]
         best = min(methods, key=lambda m: methods[m]["val_ppl"])

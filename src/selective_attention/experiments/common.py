@@ -58,11 +58,21 @@ def aggregate(per_seed: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict
     return methods
 
 
-def results_dict(name: str, config: Any, seeds: Sequence[int], per_seed: Sequence[dict[str, dict[str, float]]],
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def results_dict(
+    name: str,
+    config: Any,
+    seeds: Sequence[int],
+    per_seed: Sequence[dict[str, dict[str, float]]],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    out: dict[str, Any] = {"experiment": name, "config": cfg, "seeds": list(seeds),
-                           "methods": aggregate(per_seed), "per_seed": list(per_seed)}
+    out: dict[str, Any] = {
+        "experiment": name,
+        "config": cfg,
+        "seeds": list(seeds),
+        "methods": aggregate(per_seed),
+        "per_seed": list(per_seed),
+    }
     if extra:
         out["extra"] = extra
     return out
@@ -76,8 +86,12 @@ def write_summary(out: str | Path, text: str) -> Path:
     return atomic_write_text(Path(out) / "summary.md", text.rstrip() + "\n")
 
 
-def finish(out: str | Path, results: dict[str, Any], figures: Callable[[Path, dict[str, Any]], None],
-           summary: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+def finish(
+    out: str | Path,
+    results: dict[str, Any],
+    figures: Callable[[Path, dict[str, Any]], None],
+    summary: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
     """The common end of every experiment: results.json, its figures, summary.md; returns ``results``."""
     write_results(out, results)
     figures(Path(out), results)

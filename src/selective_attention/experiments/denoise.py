@@ -68,9 +68,9 @@ def sample(cfg: Config, n: int, g: torch.Generator) -> tuple[Tensor, Tensor, Ten
 
 
 def bayes_estimate(cfg: Config, tokens: Tensor, types: Tensor) -> Tensor:
-    prec = torch.tensor([1.0 / s ** 2 for s in cfg.noise_sigmas] + [0.0])[types]  # (n, T); pure noise -> 0
-    obs = tokens[..., :cfg.d]
-    return (prec[..., None] * obs).sum(1) / (1.0 / cfg.prior_sigma ** 2 + prec.sum(1))[:, None]
+    prec = torch.tensor([1.0 / s**2 for s in cfg.noise_sigmas] + [0.0])[types]  # (n, T); pure noise -> 0
+    obs = tokens[..., : cfg.d]
+    return (prec[..., None] * obs).sum(1) / (1.0 / cfg.prior_sigma**2 + prec.sum(1))[:, None]
 
 
 class Readout(nn.Module):
@@ -83,8 +83,14 @@ class Readout(nn.Module):
         self.o_proj = nn.Linear(D, cfg.d)
         self.temperature = None
         if value_temperature:
-            tcfg = SSAConfig(query=False, value=True, token_aware=True, position_aware=False, sharing=cfg.sharing,
-                             mlp_hidden=16 if cfg.sharing == "mlp" else None)
+            tcfg = SSAConfig(
+                query=False,
+                value=True,
+                token_aware=True,
+                position_aware=False,
+                sharing=cfg.sharing,
+                mlp_hidden=16 if cfg.sharing == "mlp" else None,
+            )
             self.temperature = TemperatureFunction(1, D, D, tcfg)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -123,10 +129,12 @@ def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict
         for seed in seeds:
             eval_g = torch.Generator().manual_seed(1_000_000 + seed)
             tokens, types, mu = sample(cfg, cfg.eval_samples, eval_g)
-            row = {"naive_average": {"mse": mse(tokens[..., :cfg.d].mean(1), mu)},
-                   "bayes_optimal": {"mse": mse(bayes_estimate(cfg, tokens, types), mu)}}
-            prec = torch.tensor([1.0 / s ** 2 for s in cfg.noise_sigmas] + [0.0])[types]
-            row["bayes_optimal"]["mse_analytic"] = float((1.0 / (1.0 / cfg.prior_sigma ** 2 + prec.sum(1))).mean())
+            row = {
+                "naive_average": {"mse": mse(tokens[..., : cfg.d].mean(1), mu)},
+                "bayes_optimal": {"mse": mse(bayes_estimate(cfg, tokens, types), mu)},
+            }
+            prec = torch.tensor([1.0 / s**2 for s in cfg.noise_sigmas] + [0.0])[types]
+            row["bayes_optimal"]["mse_analytic"] = float((1.0 / (1.0 / cfg.prior_sigma**2 + prec.sum(1))).mean())
             for method in ("vanilla", "value_selective"):
                 model = train_one(cfg, method == "value_selective", seed)
                 with torch.no_grad():
@@ -158,8 +166,12 @@ def figures(out: Path, results: dict[str, Any]) -> None:
     m = results["methods"]
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
     ax = axes[0]
-    ax.bar(range(len(METHODS)), [m[k]["mse"] for k in METHODS], yerr=[m[k]["mse_std"] for k in METHODS],
-           color=["tab:green", "tab:red", "0.6", "tab:blue"])
+    ax.bar(
+        range(len(METHODS)),
+        [m[k]["mse"] for k in METHODS],
+        yerr=[m[k]["mse_std"] for k in METHODS],
+        color=["tab:green", "tab:red", "0.6", "tab:blue"],
+    )
     ax.set_xticks(range(len(METHODS)), METHODS, rotation=15)
     ax.set_ylabel("MSE per coordinate")
     ax.set_yscale("log")
@@ -179,20 +191,20 @@ def summary(results: dict[str, Any]) -> str:
     tau_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in tau.items())
     return f"""# denoise: value temperature suppresses noisy tokens
 
-Task: mu ~ N(0, {cfg['prior_sigma']}^2 I_{cfg['d']}); {cfg['n_tokens']} context tokens, each of a type drawn uniformly
-from noise levels sigma in {tuple(cfg['noise_sigmas'])} or "pure noise" (x = {cfg['pure_noise_sigma']} eps, no mu);
+Task: mu ~ N(0, {cfg["prior_sigma"]}^2 I_{cfg["d"]}); {cfg["n_tokens"]} context tokens, each of a type drawn uniformly
+from noise levels sigma in {tuple(cfg["noise_sigmas"])} or "pure noise" (x = {cfg["pure_noise_sigma"]} eps, no mu);
 x_j = mu + sigma_j eps_j, and each token shows its type. Counts per type vary across samples.
 
 Bayes-optimal estimator: the informative tokens are independent Gaussian measurements of mu, so the posterior
 is Gaussian with mean  sum_j p_j x_j / (p_0 + sum_j p_j)  and covariance I / (p_0 + sum_j p_j), where
 p_j = 1/sigma_j^2 (0 for pure noise) and p_0 = 1/sigma_0^2: inverse-variance weighting plus shrinkage to
-the prior mean. Its risk E[1/(p_0 + sum p_j)] = {m['bayes_optimal']['mse_analytic']:.4f} (analytic) vs
-{m['bayes_optimal']['mse']:.4f} (measured) per coordinate.
+the prior mean. Its risk E[1/(p_0 + sum p_j)] = {m["bayes_optimal"]["mse_analytic"]:.4f} (analytic) vs
+{m["bayes_optimal"]["mse"]:.4f} (measured) per coordinate.
 
 Models: one attention head with a learned read-out query over the context (no sink token: with one, vanilla
 attention could emulate the prior term itself); vanilla vs the same head with the library's value temperature
-(token-aware, sharing={cfg['sharing']}). Adam, {cfg['steps']} steps of {cfg['batch_size']} fresh samples; test on
-{cfg['eval_samples']} held-out samples. Seeds {results['seeds']}.
+(token-aware, sharing={cfg["sharing"]}). Adam, {cfg["steps"]} steps of {cfg["batch_size"]} fresh samples; test on
+{cfg["eval_samples"]} held-out samples. Seeds {results["seeds"]}.
 
 {common.markdown_table({k: {"mse": v["mse"], "mse_std": v["mse_std"]} for k, v in m.items()}, ["mse"])}
 
@@ -203,9 +215,9 @@ Learned value temperature per token type (mean over tokens and seeds):
 {tau_rows}
 
 Paper's claim: value-selective < vanilla < naive averaging, Bayes-optimal the floor.
-- value-selective below vanilla: {common.verdict(c['value_selective_below_vanilla'])}
-- vanilla below naive averaging: {common.verdict(c['vanilla_below_naive'])}
-- Bayes-optimal is the floor: {common.verdict(c['bayes_is_floor'])}
+- value-selective below vanilla: {common.verdict(c["value_selective_below_vanilla"])}
+- vanilla below naive averaging: {common.verdict(c["vanilla_below_naive"])}
+- Bayes-optimal is the floor: {common.verdict(c["bayes_is_floor"])}
 
 Figure: denoise.png.
 """

@@ -74,7 +74,7 @@ def load_bytes(cfg: Config, split: str) -> torch.Tensor:
 def windows(data: torch.Tensor, n: int, length: int, g: torch.Generator) -> torch.Tensor:
     """(n, length + 1) random windows of ``data``."""
     start = torch.randint(0, len(data) - length - 1, (n,), generator=g)
-    return torch.stack([data[s: s + length + 1] for s in start.tolist()])
+    return torch.stack([data[s : s + length + 1] for s in start.tolist()])
 
 
 def schedule(cfg: Config) -> Callable[[int], float]:
@@ -85,8 +85,14 @@ def schedule(cfg: Config) -> Callable[[int], float]:
 def train_one(cfg: Config, method: str, seed: int, data: torch.Tensor) -> TinyLM:
     g = common.seed_everything(seed)
     model = TinyLM(256, cfg.d, cfg.n_layers, cfg.n_heads, method, rope=True, token_aware=cfg.ssa_token_term)
-    fit(model, lambda i: windows(data, cfg.batch_size, cfg.seq_len, g), cfg.steps, optim_config(cfg.lr),
-        device=choose_device(cfg.device), schedule=schedule(cfg))
+    fit(
+        model,
+        lambda i: windows(data, cfg.batch_size, cfg.seq_len, g),
+        cfg.steps,
+        optim_config(cfg.lr),
+        device=choose_device(cfg.device),
+        schedule=schedule(cfg),
+    )
     return model
 
 
@@ -99,8 +105,10 @@ def measure(cfg: Config, model: TinyLM, data: torch.Tensor, seed: int) -> tuple[
     logits = model(x)
     maps = [m.cpu() for m in model.attention_maps(x)]
     curves = {s: torch.stack([row_statistics(w)[s] for w in maps]).mean(0) for s in STATS}  # (TL,) each
-    metrics = {"loss_within": float(lm_loss(logits[:, :T], y[:, :T])),
-               "loss_beyond": float(lm_loss(logits[:, T:], y[:, T:]))}
+    metrics = {
+        "loss_within": float(lm_loss(logits[:, :T], y[:, :T])),
+        "loss_beyond": float(lm_loss(logits[:, T:], y[:, T:])),
+    }
     for s in STATS:
         metrics[f"{s}_within"] = float(curves[s][:T].mean())
         metrics[f"{s}_beyond"] = float(curves[s][T:].mean())
@@ -158,22 +166,22 @@ def summary(results: dict[str, Any]) -> str:
     cols = [f"{s}_{w}" for s in STATS for w in ("within", "beyond")] + ["loss_within", "loss_beyond"]
     return f"""# dilution: attention sharpness vs query position, within and beyond the training length
 
-Byte-level LMs ({cfg['n_layers']} layers, d={cfg['d']}, {cfg['n_heads']} heads, RoPE) trained {cfg['steps']} steps x
-{cfg['batch_size']} x {cfg['seq_len']} bytes on `{cfg['data']}` (train split); measured on {cfg['eval_sequences']}
-held-out sequences of {cfg['eval_multiplier']} x {cfg['seq_len']} bytes. vanilla = tau 1;
-ssa = query temperature 1 + c log p (+ tanh(f(x)): {cfg['ssa_token_term']}), c learned from sigmoid(0) = 0.5.
+Byte-level LMs ({cfg["n_layers"]} layers, d={cfg["d"]}, {cfg["n_heads"]} heads, RoPE) trained {cfg["steps"]} steps x
+{cfg["batch_size"]} x {cfg["seq_len"]} bytes on `{cfg["data"]}` (train split); measured on {cfg["eval_sequences"]}
+held-out sequences of {cfg["eval_multiplier"]} x {cfg["seq_len"]} bytes. vanilla = tau 1;
+ssa = query temperature 1 + c log p (+ tanh(f(x)): {cfg["ssa_token_term"]}), c learned from sigmoid(0) = 0.5.
 Means over layers, heads, sequences;
-within = positions 1..{cfg['seq_len']}, beyond = {cfg['seq_len'] + 1}..{cfg['seq_len'] * cfg['eval_multiplier']}.
-Seeds {results['seeds']}.
+within = positions 1..{cfg["seq_len"]}, beyond = {cfg["seq_len"] + 1}..{cfg["seq_len"] * cfg["eval_multiplier"]}.
+Seeds {results["seeds"]}.
 
-{common.markdown_table(results['methods'], cols, digits=3)}
+{common.markdown_table(results["methods"], cols, digits=3)}
 
 The paper argues the position term counters dilution (rows flatten as the context grows).
-- SSA spikier beyond T: {common.verdict(c['ssa_spikier_beyond_T'])}
-- SSA lower entropy beyond T: {common.verdict(c['ssa_lower_entropy_beyond_T'])}
-- SSA higher max weight beyond T: {common.verdict(c['ssa_higher_max_weight_beyond_T'])}
-- SSA lower next-byte loss beyond T: {common.verdict(c['ssa_lower_loss_beyond_T'])}
-- vanilla entropy higher beyond T than within (dilution exists): {common.verdict(c['vanilla_entropy_grows_beyond_T'])}
+- SSA spikier beyond T: {common.verdict(c["ssa_spikier_beyond_T"])}
+- SSA lower entropy beyond T: {common.verdict(c["ssa_lower_entropy_beyond_T"])}
+- SSA higher max weight beyond T: {common.verdict(c["ssa_higher_max_weight_beyond_T"])}
+- SSA lower next-byte loss beyond T: {common.verdict(c["ssa_lower_loss_beyond_T"])}
+- vanilla entropy higher beyond T than within (dilution exists): {common.verdict(c["vanilla_entropy_grows_beyond_T"])}
 
 Figure: dilution.png (curves vs query position, log x axis; dashed line = training length).
 """

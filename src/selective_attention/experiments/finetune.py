@@ -50,8 +50,14 @@ class Config:
 
 
 BUDGETS: dict[str, dict[str, Any]] = {
-    "quick": {"steps": 2, "seq_len": 64, "batch_size": 2, "eval_tokens": 1_024, "zero_shot_tasks": ("arc_easy",),
-              "zero_shot_limit": 8},
+    "quick": {
+        "steps": 2,
+        "seq_len": 64,
+        "batch_size": 2,
+        "eval_tokens": 1_024,
+        "zero_shot_tasks": ("arc_easy",),
+        "zero_shot_limit": 8,
+    },
     "default": {},
     "full": {"steps": 300, "zero_shot_limit": 0},
     # the CPU version of the question: 2 seeds x 3 rows x 100 steps of 4 x 256 tokens (~10 s a step on 2
@@ -99,18 +105,30 @@ def _evaluate(run_dir: Path, config: Config, model_dir: str | None = None) -> di
     from selective_attention.evaluate import perplexity, zero_shot
     from selective_attention.hf import load_pretrained
 
-    settings = {"eval_tokens": config.eval_tokens, "tasks": list(config.zero_shot_tasks),
-                "limit": config.zero_shot_limit, "seq_len": config.seq_len, "data": config.data}
+    settings = {
+        "eval_tokens": config.eval_tokens,
+        "tasks": list(config.zero_shot_tasks),
+        "limit": config.zero_shot_limit,
+        "seq_len": config.seq_len,
+        "data": config.data,
+    }
     path = run_dir / EVAL_FILE
     if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
         return json.loads(path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_pretrained(model_dir or str(run_dir / "final"))
     model.eval()
-    ev = perplexity(model, tok, _val_documents(config.data, tok, config.eval_tokens), seq_len=config.seq_len,
-                    batch_size=4)
-    result: dict[str, Any] = {"settings": settings, "val_ppl": ev["token_ppl"], "val_loss": ev["loss"],
-                              "word_ppl": ev["word_ppl"], "eval_tokens": ev["tokens"], "zero_shot": {}}
+    ev = perplexity(
+        model, tok, _val_documents(config.data, tok, config.eval_tokens), seq_len=config.seq_len, batch_size=4
+    )
+    result: dict[str, Any] = {
+        "settings": settings,
+        "val_ppl": ev["token_ppl"],
+        "val_loss": ev["loss"],
+        "word_ppl": ev["word_ppl"],
+        "eval_tokens": ev["tokens"],
+        "zero_shot": {},
+    }
     if config.zero_shot_tasks:
         zs = zero_shot(model, tok, list(config.zero_shot_tasks), limit=config.zero_shot_limit or None)
         for task, res in zs.items():
@@ -140,20 +158,48 @@ def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> d
     for seed in seeds:
         for m in config.methods:
             d = out / "runs" / f"{m}-seed{seed}"
-            info = train(TrainConfig(data=config.data, init_from=init, max_tokens=tokens, seed=seed, out=str(d),
-                                     seq_len=config.seq_len, batch_size=config.batch_size, lr=config.lr,
-                                     temperature_lr=config.temperature_lr, warmup=max(1, config.steps // 10),
-                                     eval_every=max(1, config.steps // 4),
-                                     eval_tokens=min(8192, config.eval_tokens), progress=False,
-                                     checkpoint_every=config.checkpoint_every, keep_checkpoints=1, **_method(m)))
+            info = train(
+                TrainConfig(
+                    data=config.data,
+                    init_from=init,
+                    max_tokens=tokens,
+                    seed=seed,
+                    out=str(d),
+                    seq_len=config.seq_len,
+                    batch_size=config.batch_size,
+                    lr=config.lr,
+                    temperature_lr=config.temperature_lr,
+                    warmup=max(1, config.steps // 10),
+                    eval_every=max(1, config.steps // 4),
+                    eval_tokens=min(8192, config.eval_tokens),
+                    progress=False,
+                    checkpoint_every=config.checkpoint_every,
+                    keep_checkpoints=1,
+                    **_method(m),
+                )
+            )
             ev = _evaluate(d, config)
-            records.append({"method": m, "seed": seed, "tokens_per_s": float(info["tokens_per_s"]),
-                            "new_parameters": int(info["parameters"]["new"]),
-                            "temperatures": info.get("temperatures"), **ev})
+            records.append(
+                {
+                    "method": m,
+                    "seed": seed,
+                    "tokens_per_s": float(info["tokens_per_s"]),
+                    "new_parameters": int(info["parameters"]["new"]),
+                    "temperatures": info.get("temperatures"),
+                    **ev,
+                }
+            )
             bar.update(1)
     bar.close()
-    results = {"experiment": "finetune", "config": dataclasses.asdict(config), "seeds": list(seeds),
-               "model": Path(init).name, "base": base, "methods": _aggregate(records), "runs": records}
+    results = {
+        "experiment": "finetune",
+        "config": dataclasses.asdict(config),
+        "seeds": list(seeds),
+        "model": Path(init).name,
+        "base": base,
+        "methods": _aggregate(records),
+        "runs": records,
+    }
     return common.finish(out, results, lambda out, res: None, summary)
 
 
@@ -163,18 +209,27 @@ def _aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for m in dict.fromkeys(r["method"] for r in records):
         rows = [r for r in records if r["method"] == m]
         mean, std = common.mean_std([r["val_ppl"] for r in rows])
-        d: dict[str, Any] = {"val_ppl": mean, "val_ppl_std": std, "seeds": [r["seed"] for r in rows],
-                             "val_ppl_per_seed": [r["val_ppl"] for r in rows],
-                             "new_parameters": rows[0]["new_parameters"], "zero_shot": {},
-                             "temperatures": lm.temperature_row(rows) if all("temperatures" in r for r in rows)
-                             else None}
+        d: dict[str, Any] = {
+            "val_ppl": mean,
+            "val_ppl_std": std,
+            "seeds": [r["seed"] for r in rows],
+            "val_ppl_per_seed": [r["val_ppl"] for r in rows],
+            "new_parameters": rows[0]["new_parameters"],
+            "zero_shot": {},
+            "temperatures": lm.temperature_row(rows) if all("temperatures" in r for r in rows) else None,
+        }
         for task in rows[0]["zero_shot"]:
             n = sum(r["zero_shot"][task]["n"] for r in rows)
             acc = sum(r["zero_shot"][task]["acc"] * r["zero_shot"][task]["n"] for r in rows) / max(n, 1)
             d["zero_shot"][task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
         if m != "vanilla":
-            d["paired_percent"] = paired([100 * (r["val_ppl"] - vanilla[r["seed"]]["val_ppl"])
-                                          / vanilla[r["seed"]]["val_ppl"] for r in rows if r["seed"] in vanilla])
+            d["paired_percent"] = paired(
+                [
+                    100 * (r["val_ppl"] - vanilla[r["seed"]]["val_ppl"]) / vanilla[r["seed"]]["val_ppl"]
+                    for r in rows
+                    if r["seed"] in vanilla
+                ]
+            )
         methods[m] = d
     return methods
 
@@ -182,21 +237,44 @@ def _aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def summary(results: dict[str, Any]) -> str:
     cfg = results["config"]
     tasks = list(cfg["zero_shot_tasks"])
-    lines = [f"# Fine-tuning {results['model']} on {cfg['data']} (budget {cfg['budget']}: {cfg['steps']} steps of "
-             f"{cfg['batch_size']} x {cfg['seq_len']} tokens, seeds {results['seeds']})", "",
-             "| method | new params | val ppl | vs vanilla, paired [95 % CI] | "
-             + " | ".join(f"{t} acc ± se (n)" for t in tasks) + " |", "|---" * (4 + len(tasks)) + "|"]
+    lines = [
+        f"# Fine-tuning {results['model']} on {cfg['data']} (budget {cfg['budget']}: {cfg['steps']} steps of "
+        f"{cfg['batch_size']} x {cfg['seq_len']} tokens, seeds {results['seeds']})",
+        "",
+        "| method | new params | val ppl | vs vanilla, paired [95 % CI] | "
+        + " | ".join(f"{t} acc ± se (n)" for t in tasks)
+        + " |",
+        "|---" * (4 + len(tasks)) + "|",
+    ]
     base = results.get("base")
     if base:
-        zs = [f"{base['zero_shot'][t]['acc']:.3f} ± {base['zero_shot'][t]['stderr']:.3f} ({base['zero_shot'][t]['n']})"
-              if t in base["zero_shot"] else "-" for t in tasks]
+        zs = [
+            f"{base['zero_shot'][t]['acc']:.3f} ± {base['zero_shot'][t]['stderr']:.3f} ({base['zero_shot'][t]['n']})"
+            if t in base["zero_shot"]
+            else "-"
+            for t in tasks
+        ]
         lines.append(f"| base, before fine-tuning | 0 | {base['val_ppl']:.3f} | - | " + " | ".join(zs) + " |")
     for m, d in results["methods"].items():
         p = d.get("paired_percent")
-        pp = "-" if not p else (f"{p['mean']:+.2f} % (1 seed)" if p["low"] is None else
-                                f"{p['mean']:+.2f} % [{p['low']:+.2f}, {p['high']:+.2f}] {p['verdict']}")
-        zs = [f"{d['zero_shot'][t]['acc']:.3f} ± {d['zero_shot'][t]['stderr']:.3f} ({d['zero_shot'][t]['n']})"
-              if t in d["zero_shot"] else "-" for t in tasks]
-        lines.append(f"| {m} | {d['new_parameters']:,} | {d['val_ppl']:.3f} ± {d['val_ppl_std']:.3f} | {pp} | "
-                     + " | ".join(zs) + " |")
+        pp = (
+            "-"
+            if not p
+            else (
+                f"{p['mean']:+.2f} % (1 seed)"
+                if p["low"] is None
+                else f"{p['mean']:+.2f} % [{p['low']:+.2f}, {p['high']:+.2f}] {p['verdict']}"
+            )
+        )
+        zs = [
+            f"{d['zero_shot'][t]['acc']:.3f} ± {d['zero_shot'][t]['stderr']:.3f} ({d['zero_shot'][t]['n']})"
+            if t in d["zero_shot"]
+            else "-"
+            for t in tasks
+        ]
+        lines.append(
+            f"| {m} | {d['new_parameters']:,} | {d['val_ppl']:.3f} ± {d['val_ppl_std']:.3f} | {pp} | "
+            + " | ".join(zs)
+            + " |"
+        )
     return "\n".join(lines + lm.temperature_lines(results["methods"]))

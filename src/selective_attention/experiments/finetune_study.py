@@ -70,10 +70,22 @@ class Config:
 
 
 BUDGETS: dict[str, dict[str, Any]] = {
-    "quick": {"size": "tiny", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "base_tokens": 16_384,
-              "base_eval_every": 16, "max_tokens": 8_192, "eval_every": 8, "eval_tokens": 4_096,
-              "checkpoint_every": 32, "length_windows": 2, "methods": ("vanilla", "ssa", "const"),
-              "zero_shot_tasks": ("arc_easy",), "zero_shot_limit": 8},
+    "quick": {
+        "size": "tiny",
+        "vocab_size": 512,
+        "seq_len": 64,
+        "batch_size": 4,
+        "base_tokens": 16_384,
+        "base_eval_every": 16,
+        "max_tokens": 8_192,
+        "eval_every": 8,
+        "eval_tokens": 4_096,
+        "checkpoint_every": 32,
+        "length_windows": 2,
+        "methods": ("vanilla", "ssa", "const"),
+        "zero_shot_tasks": ("arc_easy",),
+        "zero_shot_limit": 8,
+    },
     "full": {},
 }
 BUDGET_SEEDS = {"quick": 2, "full": 3}
@@ -82,9 +94,13 @@ BUDGET_SEEDS = {"quick": 2, "full": 3}
 def row_settings(row: str, config: Config) -> dict[str, Any]:
     """TrainConfig fields of one fine-tuning row (besides the shared ones)."""
     t = {"temperature_lr": config.temperature_lr}
-    rows = {"vanilla": {"attention": "vanilla"}, "ssa": {"attention": "ssa", **t},
-            "ssa-temps": {"attention": "ssa", "temperatures_only": True, **t},
-            "ssa-official": {"attention": "ssa-official", **t}, "const": {"attention": "const", **t}}
+    rows = {
+        "vanilla": {"attention": "vanilla"},
+        "ssa": {"attention": "ssa", **t},
+        "ssa-temps": {"attention": "ssa", "temperatures_only": True, **t},
+        "ssa-official": {"attention": "ssa-official", **t},
+        "const": {"attention": "const", **t},
+    }
     if row not in rows:
         raise UserError(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
     return rows[row]
@@ -92,12 +108,24 @@ def row_settings(row: str, config: Config) -> dict[str, Any]:
 
 def _lm_config(config: Config) -> lm.Config:
     """The LM study's evaluation settings for these runs (perplexity by length on the fine-tuning corpus)."""
-    return lm.Config(budget=config.budget, size=config.size, vocab_size=config.vocab_size, seq_len=config.seq_len,
-                     batch_size=config.batch_size, lr=config.lr, max_tokens=config.max_tokens,
-                     eval_tokens=config.eval_tokens, corpora=(config.data,), methods=tuple(config.methods),
-                     length_corpus=config.data, length_multipliers=config.length_multipliers,
-                     length_windows=config.length_windows, entropy_windows=config.entropy_windows,
-                     passkey_trials=0, split_seed=config.split_seed)
+    return lm.Config(
+        budget=config.budget,
+        size=config.size,
+        vocab_size=config.vocab_size,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        max_tokens=config.max_tokens,
+        eval_tokens=config.eval_tokens,
+        corpora=(config.data,),
+        methods=tuple(config.methods),
+        length_corpus=config.data,
+        length_multipliers=config.length_multipliers,
+        length_windows=config.length_windows,
+        entropy_windows=config.entropy_windows,
+        passkey_trials=0,
+        split_seed=config.split_seed,
+    )
 
 
 def base_dir(out: Path) -> Path:
@@ -107,27 +135,55 @@ def base_dir(out: Path) -> Path:
 def _base_config(out: Path, config: Config):
     from selective_attention.train import TrainConfig
 
-    return TrainConfig(data=config.base_data, size=config.size, max_tokens=config.base_tokens, seed=config.base_seed,
-                       out=str(base_dir(out)), seq_len=config.seq_len, batch_size=config.batch_size, lr=config.base_lr,
-                       eval_every=config.base_eval_every, eval_tokens=config.eval_tokens,
-                       vocab_size=config.vocab_size, checkpoint_every=config.checkpoint_every, keep_checkpoints=1,
-                       split_seed=config.split_seed, progress=False, attention="vanilla")
+    return TrainConfig(
+        data=config.base_data,
+        size=config.size,
+        max_tokens=config.base_tokens,
+        seed=config.base_seed,
+        out=str(base_dir(out)),
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        lr=config.base_lr,
+        eval_every=config.base_eval_every,
+        eval_tokens=config.eval_tokens,
+        vocab_size=config.vocab_size,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=1,
+        split_seed=config.split_seed,
+        progress=False,
+        attention="vanilla",
+    )
 
 
 def _finetune_config(run: lm.Run, out: Path, config: Config):
     from selective_attention.train import TrainConfig
 
-    return TrainConfig(data=config.data, init_from=str(base_dir(out) / "final"), max_tokens=config.max_tokens,
-                       seed=run.seed, out=str(run.path), seq_len=config.seq_len, batch_size=config.batch_size,
-                       lr=config.lr, eval_every=config.eval_every, eval_tokens=config.eval_tokens,
-                       checkpoint_every=config.checkpoint_every, keep_checkpoints=1, split_seed=config.split_seed,
-                       progress=False, **row_settings(run.method, config))
+    return TrainConfig(
+        data=config.data,
+        init_from=str(base_dir(out) / "final"),
+        max_tokens=config.max_tokens,
+        seed=run.seed,
+        out=str(run.path),
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        eval_every=config.eval_every,
+        eval_tokens=config.eval_tokens,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=1,
+        split_seed=config.split_seed,
+        progress=False,
+        **row_settings(run.method, config),
+    )
 
 
 def plan(out: Path, config: Config, seeds: list[int]) -> list[lm.Run]:
     """The fine-tunes in training order: seed by seed, every row (so a stopped study holds complete pairs)."""
-    return [lm.Run(config.data, m, s, out / "runs" / lm.label(config.data) / f"{m}-seed{s}")
-            for s in seeds for m in config.methods]
+    return [
+        lm.Run(config.data, m, s, out / "runs" / lm.label(config.data) / f"{m}-seed{s}")
+        for s in seeds
+        for m in config.methods
+    ]
 
 
 def zero_shot_of(model_dir: Path, config: Config) -> dict[str, Any]:
@@ -146,8 +202,9 @@ def zero_shot_of(model_dir: Path, config: Config) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if config.zero_shot_tasks:
         model, tok = load_model(model_dir).eval(), AutoTokenizer.from_pretrained(str(model_dir))
-        for task, res in zero_shot(model, tok, list(config.zero_shot_tasks),
-                                   limit=config.zero_shot_limit or None, max_length=config.seq_len).items():
+        for task, res in zero_shot(
+            model, tok, list(config.zero_shot_tasks), limit=config.zero_shot_limit or None, max_length=config.seq_len
+        ).items():
             acc, n = float(res["acc"]), int(res.get("n", 0) or 0)
             result[task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
     atomic_write_json(path, {"settings": settings, "zero_shot": result})
@@ -163,8 +220,9 @@ def validate(config: Config, seeds: list[int]) -> None:
         row_settings(m, config)
 
 
-def run(out: Path, config: Config, seeds: list[int], progress: bool = True, tables_only: bool = False
-        ) -> dict[str, Any]:
+def run(
+    out: Path, config: Config, seeds: list[int], progress: bool = True, tables_only: bool = False
+) -> dict[str, Any]:
     """Pre-train the base (once), fine-tune every row and seed, evaluate, rebuild the tables from disk."""
     from selective_attention.train import train
 
@@ -199,8 +257,9 @@ def _unigram_ppl(out: Path, config: Config) -> float | None:
     final = base_dir(out) / "final"
     if not (final / "config.json").is_file():
         return None
-    data = prepare(config.data, "pretrained", config.vocab_size, str(final), config.split_seed, None,
-                   splits=("train", "val"))
+    data = prepare(
+        config.data, "pretrained", config.vocab_size, str(final), config.split_seed, None, splits=("train", "val")
+    )
     train, val = np.asarray(data.tokens("train")), np.asarray(data.tokens("val"))[: config.eval_tokens + 1]
     counts = np.bincount(train, minlength=len(data.tokenizer)).astype(np.float64) + 1.0
     return float(math.exp(-np.log(counts / counts.sum())[val[1:]].mean()))
@@ -223,15 +282,28 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
     if base_run.is_file():
         info = json.loads(base_run.read_text())
         zs = base_dir(out) / ZERO_SHOT_FILE
-        base = {"dir": str(base_dir(out)), "data": config.base_data, "tokens": info["tokens"],
-                "val_ppl_own_corpus": info["final_val_ppl"],
-                "zero_shot": json.loads(zs.read_text())["zero_shot"] if zs.is_file() else None}
+        base = {
+            "dir": str(base_dir(out)),
+            "data": config.base_data,
+            "tokens": info["tokens"],
+            "val_ppl_own_corpus": info["final_val_ppl"],
+            "zero_shot": json.loads(zs.read_text())["zero_shot"] if zs.is_file() else None,
+        }
     done = {(r["method"], r["seed"]) for r in records}
     pending = [f"{r.method}-seed{r.seed}" for r in runs if (r.method, r.seed) not in done]
     cfg = {**dataclasses.asdict(config), "length_corpus": config.data}
     corpora = {config.data: {"methods": methods, "unigram_ppl": _unigram_ppl(out, config)}} if methods else {}
-    return {"experiment": "finetune-study", "config": cfg, "seeds": list(seeds), "base": base, "methods": methods,
-            "corpora": corpora, "runs": records, "pending": pending, "complete": not pending and bool(base)}
+    return {
+        "experiment": "finetune-study",
+        "config": cfg,
+        "seeds": list(seeds),
+        "base": base,
+        "methods": methods,
+        "corpora": corpora,
+        "runs": records,
+        "pending": pending,
+        "complete": not pending and bool(base),
+    }
 
 
 def _pooled_zero_shot(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -255,21 +327,33 @@ def _zero_shot_lines(results: dict[str, Any]) -> list[str]:
     rows += [(m, d.get("zero_shot")) for m, d in results["methods"].items()]
     if not tasks or not any(zs for _, zs in rows):
         return []
-    lines = ["", "Zero-shot accuracy (lm-eval, the bundled sets; pooled over seeds: acc ± binomial se (n)):", "",
-             "| model | " + " | ".join(tasks) + " |", "|---" * (1 + len(tasks)) + "|"]
+    lines = [
+        "",
+        "Zero-shot accuracy (lm-eval, the bundled sets; pooled over seeds: acc ± binomial se (n)):",
+        "",
+        "| model | " + " | ".join(tasks) + " |",
+        "|---" * (1 + len(tasks)) + "|",
+    ]
     for name, zs in rows:
-        cells = [f"{zs[t]['acc']:.3f} ± {zs[t]['stderr']:.3f} ({zs[t]['n']})" if zs and t in zs and zs[t]["stderr"]
-                 is not None else "-" for t in tasks]
+        cells = [
+            f"{zs[t]['acc']:.3f} ± {zs[t]['stderr']:.3f} ({zs[t]['n']})"
+            if zs and t in zs and zs[t]["stderr"] is not None
+            else "-"
+            for t in tasks
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
 def summary(results: dict[str, Any]) -> str:
     cfg, base = results["config"], results.get("base") or {}
-    lines = [f"# Fine-tuning study (budget {cfg['budget']}): a vanilla `{cfg['size']}` base pre-trained on "
-             f"{cfg['base_data']} ({cfg['base_tokens']:,} tokens), fine-tuned on {cfg['data']} for "
-             f"{cfg['max_tokens']:,} tokens at lr {cfg['lr']:g} (temperatures {cfg['temperature_lr']:g}), "
-             f"seeds {results['seeds']}", ""]
+    lines = [
+        f"# Fine-tuning study (budget {cfg['budget']}): a vanilla `{cfg['size']}` base pre-trained on "
+        f"{cfg['base_data']} ({cfg['base_tokens']:,} tokens), fine-tuned on {cfg['data']} for "
+        f"{cfg['max_tokens']:,} tokens at lr {cfg['lr']:g} (temperatures {cfg['temperature_lr']:g}), "
+        f"seeds {results['seeds']}",
+        "",
+    ]
     if base:
         lines += [f"Base: val ppl {base['val_ppl_own_corpus']:.2f} on its own corpus ({base['data']}).", ""]
     body = lm.summary({**results, "config": {**cfg, "budget": cfg["budget"]}})
@@ -295,6 +379,8 @@ def _figures(out: Path, results: dict[str, Any]) -> None:
         ax.axvline(1.0, color="k", lw=1)
         ax.set_yticks(range(len(rows)), [m for m, _ in rows])
         ax.invert_yaxis()
-        ax.set(xlabel="vanilla's tokens / the row's tokens to reach vanilla's final ppl (> 1: fewer tokens)",
-               title=f"{corpus}: tokens-to-target per seed")
+        ax.set(
+            xlabel="vanilla's tokens / the row's tokens to reach vanilla's final ppl (> 1: fewer tokens)",
+            title=f"{corpus}: tokens-to-target per seed",
+        )
         common.save_figure(fig, out / f"finetune-{lm.label(corpus)}-tokens-to-target.png")

@@ -99,10 +99,21 @@ class Config:
 
 BUDGETS: dict[str, dict[str, Any]] = {
     # CI: the whole machinery on a tiny model in a few minutes
-    "quick": {"size": "tiny", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "max_tokens": 16_384,
-              "eval_every": 16, "eval_tokens": 4_096, "checkpoint_every": 32, "corpora": ("wiki",),
-              "methods": ("vanilla", "ssa", "gated"), "length_windows": 4, "entropy_windows": 1,
-              "passkey_trials": 0},
+    "quick": {
+        "size": "tiny",
+        "vocab_size": 512,
+        "seq_len": 64,
+        "batch_size": 4,
+        "max_tokens": 16_384,
+        "eval_every": 16,
+        "eval_tokens": 4_096,
+        "checkpoint_every": 32,
+        "corpora": ("wiki",),
+        "methods": ("vanilla", "ssa", "gated"),
+        "length_windows": 4,
+        "entropy_windows": 1,
+        "passkey_trials": 0,
+    },
     # about an hour on 2 cores: vanilla vs SSA on both corpora
     "default": {},
     # the study: every baseline, several CPU-hours, meant to be run over several sittings
@@ -110,17 +121,39 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "full": {"max_tokens": 4_000_000, "methods": METHODS, "eval_every": 50, "length_windows": 32},
     # the pre-registered configuration search (see SEARCH): default budget, wiki only, 3 seeds; no passkey and a
     # lighter by-length evaluation (the choice rule reads validation perplexity only)
-    "search": {"corpora": ("wiki",), "methods": SEARCH, "passkey_trials": 0, "length_windows": 8,
-               "entropy_windows": 1},
+    "search": {"corpora": ("wiki",), "methods": SEARCH, "passkey_trials": 0, "length_windows": 8, "entropy_windows": 1},
     # the confirmation of the search's choice (``--set chosen=LABEL``): the full budget on wiki seeds 3-5 and sotu
     # seeds 0-2 (seeds it was not chosen on), against vanilla, Scalable-Softmax and Llama-4 tuning
-    "confirm": {"max_tokens": 4_000_000, "eval_every": 50, "length_windows": 32, "corpora": ("wiki", "sotu"),
-                "methods": CONFIRM_ROWS, "other_methods": CONFIRM_ROWS, "seed_offsets": (3, 0)},
+    "confirm": {
+        "max_tokens": 4_000_000,
+        "eval_every": 50,
+        "length_windows": 32,
+        "corpora": ("wiki", "sotu"),
+        "methods": CONFIRM_ROWS,
+        "other_methods": CONFIRM_ROWS,
+        "seed_offsets": (3, 0),
+    },
     # `ssa demo`: the study's design (body-heavy model, 512 tokens, long documents) at <= 10 minutes on 2 cores
-    "demo": {"corpora": ("sotu",), "max_tokens": 400_000, "eval_every": 20, "eval_tokens": 32_768,
-             "checkpoint_every": 50, "length_windows": 8, "entropy_windows": 1, "passkey_trials": 0},
-    "demo-quick": {"corpora": ("sotu",), "max_tokens": 81_920, "eval_every": 5, "eval_tokens": 16_384,
-                   "checkpoint_every": 50, "length_windows": 4, "entropy_windows": 1, "passkey_trials": 0},
+    "demo": {
+        "corpora": ("sotu",),
+        "max_tokens": 400_000,
+        "eval_every": 20,
+        "eval_tokens": 32_768,
+        "checkpoint_every": 50,
+        "length_windows": 8,
+        "entropy_windows": 1,
+        "passkey_trials": 0,
+    },
+    "demo-quick": {
+        "corpora": ("sotu",),
+        "max_tokens": 81_920,
+        "eval_every": 5,
+        "eval_tokens": 16_384,
+        "checkpoint_every": 50,
+        "length_windows": 4,
+        "entropy_windows": 1,
+        "passkey_trials": 0,
+    },
 }
 BUDGET_SEEDS = {"quick": 2, "default": 3, "full": 3, "demo": 2, "demo-quick": 1, "search": 3, "confirm": 3}
 
@@ -142,10 +175,15 @@ def plan(out: Path, config: Config, seeds: list[int]) -> list[Run]:
     """Every run of the study in the order it trains: first vanilla and SSA on every corpus, seed by seed (the
     headline comparison), then the other baselines seed by seed, so an interrupted study already holds complete
     paired comparisons of what matters most."""
+
     def runs_where(keep) -> list[tuple[str, str, int]]:
-        return [(corpus, method, seed + corpus_offset(config, i)) for seed in seeds
-                for i, corpus in enumerate(config.corpora)
-                for method in corpus_rows(config, i) if keep(method)]
+        return [
+            (corpus, method, seed + corpus_offset(config, i))
+            for seed in seeds
+            for i, corpus in enumerate(config.corpora)
+            for method in corpus_rows(config, i)
+            if keep(method)
+        ]
 
     first = (*PRIMARY, config.chosen)  # the headline pair (a confirmation's: vanilla and the chosen row)
     ordered = runs_where(lambda m: m in first) + runs_where(lambda m: m not in first)
@@ -196,8 +234,12 @@ def _search_settings(label: str, lr: float) -> dict[str, Any]:
     if form == "ssa-official":
         return {"attention": "ssa-official", **t_lr}
     kind, c = ("ssa-tok", None) if form == "ssa-tok" else (form.rsplit("-c", 1)[0], float(form.rsplit("-c", 1)[1]))
-    fields = {"ssa": {}, "ssa-pos": {"token_aware": False, "value": False}, "ssa-tok": {"position_aware": False},
-              "ssa-q": {"value": False}}[kind]
+    fields = {
+        "ssa": {},
+        "ssa-pos": {"token_aware": False, "value": False},
+        "ssa-tok": {"position_aware": False},
+        "ssa-q": {"value": False},
+    }[kind]
     return {"attention": "ssa", "ssa": SSAConfig(init="identity", position_init=c, **fields), **t_lr}
 
 
@@ -209,19 +251,36 @@ def choose(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     best = min(d["paired_percent"]["mean"] for _, d in rows)
     tied = [(m, d) for m, d in rows if d["paired_percent"]["mean"] <= best + TIE_MARGIN]
     m, d = min(tied, key=lambda md: (md[1]["new_parameters"], md[1]["paired_percent"]["mean"]))
-    return {"method": m, "paired_percent": d["paired_percent"], "new_parameters": d["new_parameters"],
-            "tied_with": [t for t, _ in tied if t != m], "rule": f"lowest mean paired difference; within "
-            f"{TIE_MARGIN} pp a tie, broken by fewer new parameters"}
+    return {
+        "method": m,
+        "paired_percent": d["paired_percent"],
+        "new_parameters": d["new_parameters"],
+        "tied_with": [t for t, _ in tied if t != m],
+        "rule": f"lowest mean paired difference; within {TIE_MARGIN} pp a tie, broken by fewer new parameters",
+    }
 
 
 def _train_config(run: Run, config: Config, progress: bool):
     from selective_attention.train import TrainConfig
 
-    return TrainConfig(data=run.corpus, size=config.size, max_tokens=config.max_tokens, seed=run.seed,
-                       out=str(run.path), seq_len=config.seq_len, batch_size=config.batch_size, lr=config.lr,
-                       eval_every=config.eval_every, eval_tokens=config.eval_tokens, vocab_size=config.vocab_size,
-                       checkpoint_every=config.checkpoint_every, keep_checkpoints=1, split_seed=config.split_seed,
-                       progress=progress, **method_settings(run.method, config.lr))
+    return TrainConfig(
+        data=run.corpus,
+        size=config.size,
+        max_tokens=config.max_tokens,
+        seed=run.seed,
+        out=str(run.path),
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        eval_every=config.eval_every,
+        eval_tokens=config.eval_tokens,
+        vocab_size=config.vocab_size,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=1,
+        split_seed=config.split_seed,
+        progress=progress,
+        **method_settings(run.method, config.lr),
+    )
 
 
 def validate(config: Config, seeds: list[int]) -> None:
@@ -230,8 +289,10 @@ def validate(config: Config, seeds: list[int]) -> None:
     if not config.corpora:
         raise UserError("no corpora to run")
     if CHOSEN in (*config.methods, *config.other_methods) and config.chosen not in SEARCH:
-        raise UserError(f"--budget {config.budget} confirms the search's choice: pass --set chosen=LABEL with a "
-                        f"search label (the 'choice' of the search's results.json), got {config.chosen!r}")
+        raise UserError(
+            f"--budget {config.budget} confirms the search's choice: pass --set chosen=LABEL with a "
+            f"search label (the 'choice' of the search's results.json), got {config.chosen!r}"
+        )
     for i in range(len(config.corpora)):
         for m in corpus_rows(config, i):
             method_settings(m)
@@ -247,9 +308,14 @@ def validate(config: Config, seeds: list[int]) -> None:
 
 
 def _eval_settings(config: Config) -> dict[str, Any]:
-    return {"length_corpus": config.length_corpus, "lengths": [config.seq_len * m for m in config.length_multipliers],
-            "length_windows": config.length_windows, "entropy_windows": config.entropy_windows,
-            "split_seed": config.split_seed, "passkey_trials": config.passkey_trials}
+    return {
+        "length_corpus": config.length_corpus,
+        "lengths": [config.seq_len * m for m in config.length_multipliers],
+        "length_windows": config.length_windows,
+        "entropy_windows": config.entropy_windows,
+        "split_seed": config.split_seed,
+        "passkey_trials": config.passkey_trials,
+    }
 
 
 def _length_docs(config: Config, tokenizer) -> list[list[int]]:
@@ -290,15 +356,22 @@ def evaluate_run(run: Run, config: Config) -> dict[str, Any]:
     entropy = None
     if curves:
         # 5 decimals: a curve per position of every run lands in results.json, full float digits would triple it
-        entropy = {"position": curves[0]["position"],
-                   "entropy": np.round(np.mean([c["entropy"] for c in curves], axis=0), 5).tolist(),
-                   "max_weight": np.round(np.mean([c["max_weight"] for c in curves], axis=0), 5).tolist()}
+        entropy = {
+            "position": curves[0]["position"],
+            "entropy": np.round(np.mean([c["entropy"] for c in curves], axis=0), 5).tolist(),
+            "max_weight": np.round(np.mean([c["max_weight"] for c in curves], axis=0), 5).tolist(),
+        }
     passkey = None
     if config.passkey_trials:
         # the prompt's fixed seed: every model of the study is asked the same keys at the same depths
         passkey = key_likelihood(model, tokenizer, settings["lengths"], n_trials=config.passkey_trials)["by_length"]
-    result = {"settings": settings, "ppl_by_length": by_length, "attention_by_position": entropy,
-              "passkey": passkey, "length_documents": length_distribution(docs)}
+    result = {
+        "settings": settings,
+        "ppl_by_length": by_length,
+        "attention_by_position": entropy,
+        "passkey": passkey,
+        "length_documents": length_distribution(docs),
+    }
     from selective_attention.utils.io import atomic_write_json
 
     atomic_write_json(path, result)
@@ -380,18 +453,28 @@ def _run_record(run: Run, train_length: int) -> dict[str, Any] | None:
     info = json.loads((run.path / "run.json").read_text())
     ev = json.loads((run.path / EVAL_FILE).read_text())
     tokens, ppl = _curve(run.path)
-    return {"corpus": run.corpus, "method": run.method, "seed": run.seed, "dir": str(run.path),
-            "val_ppl": float(info["final_val_ppl"]), "val_loss": float(info["final_val_loss"]),
-            "tokens_per_s": float(info["tokens_per_s"]), "train_time_s": float(info["train_time_s"]),
-            "tokens": int(info["tokens"]), "parameters": info["parameters"], "curve": {"tokens": tokens, "ppl": ppl},
-            "ppl_by_length": {k: v["ppl"] for k, v in ev["ppl_by_length"].items()},
-            "windows_by_length": {k: v["windows"] for k, v in ev["ppl_by_length"].items()},
-            "loss_by_position": {k: v["loss_by_position"] for k, v in ev["ppl_by_length"].items()},
-            "attention_by_position": ev["attention_by_position"], "length_documents": ev["length_documents"],
-            "dilution": dilution(ev["attention_by_position"], train_length),
-            "passkey_gain": {k: v["gain"] for k, v in ev["passkey"].items()} if ev.get("passkey") else None,
-            "late_improvement_percent": late_improvement(ppl, tokens) if len(ppl) > 1 else None,
-            "temperatures": info.get("temperatures")}
+    return {
+        "corpus": run.corpus,
+        "method": run.method,
+        "seed": run.seed,
+        "dir": str(run.path),
+        "val_ppl": float(info["final_val_ppl"]),
+        "val_loss": float(info["final_val_loss"]),
+        "tokens_per_s": float(info["tokens_per_s"]),
+        "train_time_s": float(info["train_time_s"]),
+        "tokens": int(info["tokens"]),
+        "parameters": info["parameters"],
+        "curve": {"tokens": tokens, "ppl": ppl},
+        "ppl_by_length": {k: v["ppl"] for k, v in ev["ppl_by_length"].items()},
+        "windows_by_length": {k: v["windows"] for k, v in ev["ppl_by_length"].items()},
+        "loss_by_position": {k: v["loss_by_position"] for k, v in ev["ppl_by_length"].items()},
+        "attention_by_position": ev["attention_by_position"],
+        "length_documents": ev["length_documents"],
+        "dilution": dilution(ev["attention_by_position"], train_length),
+        "passkey_gain": {k: v["gain"] for k, v in ev["passkey"].items()} if ev.get("passkey") else None,
+        "late_improvement_percent": late_improvement(ppl, tokens) if len(ppl) > 1 else None,
+        "temperatures": info.get("temperatures"),
+    }
 
 
 def temperature_row(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -404,12 +487,20 @@ def temperature_row(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     cs = [v for rec in recs for m in rec["modules"] for v in m.get("c", [])]
     reach = [m["c_reach"] for rec in recs for m in rec["modules"] if "c_reach" in m]
     start = [m["c_start"] for rec in recs for m in rec["modules"] if "c_start" in m]
-    spread = {t: float(np.mean([np.mean(rec["token_spread"][t]) for rec in recs if rec.get("token_spread")]))
-              for t in ("query", "value") if all(rec.get("token_spread") for rec in recs)}
-    return {"lr": recs[0]["lr"], "lr_sum": recs[0]["lr_sum"], "c_reach": reach[0] if reach else None,
-            "c_start": start[0] if start else None,
-            "c_end": {"mean": float(np.mean(cs)), "min": float(np.min(cs)), "max": float(np.max(cs))} if cs else None,
-            "token_spread": spread or None, "moved": all(rec["moved"] for rec in recs)}
+    spread = {
+        t: float(np.mean([np.mean(rec["token_spread"][t]) for rec in recs if rec.get("token_spread")]))
+        for t in ("query", "value")
+        if all(rec.get("token_spread") for rec in recs)
+    }
+    return {
+        "lr": recs[0]["lr"],
+        "lr_sum": recs[0]["lr_sum"],
+        "c_reach": reach[0] if reach else None,
+        "c_start": start[0] if start else None,
+        "c_end": {"mean": float(np.mean(cs)), "min": float(np.min(cs)), "max": float(np.max(cs))} if cs else None,
+        "token_spread": spread or None,
+        "moved": all(rec["moved"] for rec in recs),
+    }
 
 
 def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str, Any]]:
@@ -420,12 +511,16 @@ def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str,
     for method in dict.fromkeys(r["method"] for r in rows):
         runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
         mean, std = common.mean_std([r["val_ppl"] for r in runs])
-        d: dict[str, Any] = {"val_ppl": mean, "val_ppl_std": std, "seeds": [r["seed"] for r in runs],
-                             "val_ppl_per_seed": [r["val_ppl"] for r in runs],
-                             "tokens_per_s": common.mean_std([r["tokens_per_s"] for r in runs])[0],
-                             "new_parameters": int(runs[0]["parameters"]["new"]),
-                             "parameters": int(runs[0]["parameters"]["total"]),
-                             "parameter_percent": float(runs[0]["parameters"]["percent"])}
+        d: dict[str, Any] = {
+            "val_ppl": mean,
+            "val_ppl_std": std,
+            "seeds": [r["seed"] for r in runs],
+            "val_ppl_per_seed": [r["val_ppl"] for r in runs],
+            "tokens_per_s": common.mean_std([r["tokens_per_s"] for r in runs])[0],
+            "new_parameters": int(runs[0]["parameters"]["new"]),
+            "parameters": int(runs[0]["parameters"]["total"]),
+            "parameter_percent": float(runs[0]["parameters"]["percent"]),
+        }
         by_length = {L: common.mean_std([r["ppl_by_length"][L] for r in runs]) for L in runs[0]["ppl_by_length"]}
         lengths = list(by_length)
         d["ppl_by_length"] = {L: m for L, (m, _) in by_length.items()}
@@ -436,21 +531,30 @@ def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str,
         if all(r["dilution"] for r in runs):
             d["dilution"] = {k: common.mean_std([r["dilution"][k] for r in runs])[0] for k in runs[0]["dilution"]}
         if all(r["passkey_gain"] for r in runs):
-            d["passkey_gain"] = {L: common.mean_std([r["passkey_gain"][L] for r in runs])[0]
-                                 for L in runs[0]["passkey_gain"]}
+            d["passkey_gain"] = {
+                L: common.mean_std([r["passkey_gain"][L] for r in runs])[0] for L in runs[0]["passkey_gain"]
+            }
         pairs = [(r, vanilla[r["seed"]]) for r in runs if r["seed"] in vanilla]
         if method != "vanilla" and pairs:
-            if all("entropy_beyond" in (r["dilution"] or {}) and "entropy_beyond" in (v["dilution"] or {})
-                   for r, v in pairs):
-                d["paired_entropy_beyond"] = paired([r["dilution"]["entropy_beyond"] - v["dilution"]["entropy_beyond"]
-                                                     for r, v in pairs])
+            if all(
+                "entropy_beyond" in (r["dilution"] or {}) and "entropy_beyond" in (v["dilution"] or {})
+                for r, v in pairs
+            ):
+                d["paired_entropy_beyond"] = paired(
+                    [r["dilution"]["entropy_beyond"] - v["dilution"]["entropy_beyond"] for r, v in pairs]
+                )
             if all(r["passkey_gain"] and v["passkey_gain"] for r, v in pairs):
-                d["paired_passkey_gain"] = {L: paired([r["passkey_gain"][L] - v["passkey_gain"][L] for r, v in pairs])
-                                            for L in pairs[0][0]["passkey_gain"]}
+                d["paired_passkey_gain"] = {
+                    L: paired([r["passkey_gain"][L] - v["passkey_gain"][L] for r, v in pairs])
+                    for L in pairs[0][0]["passkey_gain"]
+                }
             d["paired_percent"] = paired([100 * (r["val_ppl"] - v["val_ppl"]) / v["val_ppl"] for r, v in pairs])
             d["paired_percent_by_length"] = {
-                L: paired([100 * (r["ppl_by_length"][L] - v["ppl_by_length"][L]) / v["ppl_by_length"][L]
-                           for r, v in pairs]) for L in lengths}
+                L: paired(
+                    [100 * (r["ppl_by_length"][L] - v["ppl_by_length"][L]) / v["ppl_by_length"][L] for r, v in pairs]
+                )
+                for L in lengths
+            }
             speedups, equal_time = [], []
             for r, v in pairs:
                 # both sides measured the same way: the first time each curve reaches vanilla's final ppl
@@ -458,8 +562,9 @@ def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str,
                 own = tokens_to_reach(v["curve"]["tokens"], v["curve"]["ppl"], v["val_ppl"]) or v["tokens"]
                 speedups.append(None if reach is None else own / reach)
                 at = v["train_time_s"] * r["tokens_per_s"]  # the method's tokens after vanilla's training time
-                equal_time.append(100 * (ppl_at_tokens(r["curve"]["tokens"], r["curve"]["ppl"], at) - v["val_ppl"])
-                                  / v["val_ppl"])
+                equal_time.append(
+                    100 * (ppl_at_tokens(r["curve"]["tokens"], r["curve"]["ppl"], at) - v["val_ppl"]) / v["val_ppl"]
+                )
             reached = [s for s in speedups if s is not None]
             d["speedup"] = common.mean_std(reached)[0] if len(reached) == len(speedups) else None
             d["speedup_reached"] = f"{len(reached)}/{len(speedups)}"
@@ -481,8 +586,16 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
     finished = {(r["corpus"], r["method"], r["seed"]) for r in records}
     pending = [f"{r.corpus}/{r.method}-seed{r.seed}" for r in runs if (r.corpus, r.method, r.seed) not in finished]
     primary = corpora.get(config.corpora[0], {}).get("methods", {})
-    out_ = {"experiment": "lm", "config": dataclasses.asdict(config), "seeds": list(seeds), "methods": primary,
-            "corpora": corpora, "runs": records, "pending": pending, "complete": not pending}
+    out_ = {
+        "experiment": "lm",
+        "config": dataclasses.asdict(config),
+        "seeds": list(seeds),
+        "methods": primary,
+        "corpora": corpora,
+        "runs": records,
+        "pending": pending,
+        "complete": not pending,
+    }
     if config.budget == "search":
         out_["choice"] = choose(primary)
     return out_
@@ -528,8 +641,9 @@ def _worker(out: Path, config: Config, seeds: list[int], threads: int, parent: i
     torch.set_num_threads(threads)
 
     def say(r: Run, what: str) -> None:
-        print(f"lm study [worker {os.getpid()}]: {r.corpus}/{r.method}-seed{r.seed} {what}", file=sys.stderr,
-              flush=True)
+        print(
+            f"lm study [worker {os.getpid()}]: {r.corpus}/{r.method}-seed{r.seed} {what}", file=sys.stderr, flush=True
+        )
 
     for r in plan(out, config, seeds):
         if parent_process.gone():  # the study was stopped: do not start another run
@@ -547,8 +661,9 @@ def _worker(out: Path, config: Config, seeds: list[int], threads: int, parent: i
             say(r, "done")
 
 
-def run(out: Path, config: Config, seeds: list[int], progress: bool = True, jobs: int = 1,
-        tables_only: bool = False) -> dict[str, Any]:
+def run(
+    out: Path, config: Config, seeds: list[int], progress: bool = True, jobs: int = 1, tables_only: bool = False
+) -> dict[str, Any]:
     """Train and evaluate every run of the plan, then rebuild the tables. ``jobs`` > 1 trains that many runs at
     once in separate processes, each with its share of the CPU threads (small models train faster as several
     single-threaded processes than as one multi-threaded one). Several invocations of the same command, on one
@@ -565,8 +680,10 @@ def run(out: Path, config: Config, seeds: list[int], progress: bool = True, jobs
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         ctx = multiprocessing.get_context("spawn")
-        workers = [ctx.Process(target=_worker, args=(out, config, seeds, threads, os.getpid()), daemon=True)
-                   for _ in range(jobs)]
+        workers = [
+            ctx.Process(target=_worker, args=(out, config, seeds, threads, os.getpid()), daemon=True)
+            for _ in range(jobs)
+        ]
         for w in workers:
             w.start()
         for w in workers:
@@ -607,17 +724,33 @@ def _mechanism_lines(methods: dict[str, Any], train_length: int) -> list[str]:
     if not any("dilution" in d or "passkey_gain" in d for d in methods.values()):
         return []
     lengths = next((list(d["passkey_gain"]) for d in methods.values() if "passkey_gain" in d), [])
-    lines = [f"Dilution and passkey retrieval (attention over positions <= {train_length} vs beyond; passkey gain = "
-             "how much more likely the key is after the question when the needle holds it than when it holds "
-             "another key, nats per answer token, 5 depths):", "",
-             "| " + " | ".join(["method", "entropy within / beyond", "max weight within / beyond",
-                               "entropy beyond vs vanilla, paired", *(f"passkey gain @{L}" for L in lengths),
-                               *([f"passkey gain @{lengths[-1]} vs vanilla, paired"] if lengths else [])]) + " |",
-             "|---" * (4 + len(lengths) + bool(lengths)) + "|"]
+    lines = [
+        f"Dilution and passkey retrieval (attention over positions <= {train_length} vs beyond; passkey gain = "
+        "how much more likely the key is after the question when the needle holds it than when it holds "
+        "another key, nats per answer token, 5 depths):",
+        "",
+        "| "
+        + " | ".join(
+            [
+                "method",
+                "entropy within / beyond",
+                "max weight within / beyond",
+                "entropy beyond vs vanilla, paired",
+                *(f"passkey gain @{L}" for L in lengths),
+                *([f"passkey gain @{lengths[-1]} vs vanilla, paired"] if lengths else []),
+            ]
+        )
+        + " |",
+        "|---" * (4 + len(lengths) + bool(lengths)) + "|",
+    ]
     for m, d in methods.items():
         dil = d.get("dilution")
-        cells = [m] + [f"{dil[f'{k}_within']:.3f} / " + (f"{dil[f'{k}_beyond']:.3f}" if f"{k}_beyond" in dil else "-")
-                       if dil else "-" for k in ("entropy", "max_weight")]
+        cells = [m] + [
+            f"{dil[f'{k}_within']:.3f} / " + (f"{dil[f'{k}_beyond']:.3f}" if f"{k}_beyond" in dil else "-")
+            if dil
+            else "-"
+            for k in ("entropy", "max_weight")
+        ]
         pe = d.get("paired_entropy_beyond")
         cells.append(f"{_fmt_interval(pe, ' nats', 3)}: {_direction(pe, 'sharper', 'flatter')}" if pe else "-")
         gains = d.get("passkey_gain", {})
@@ -636,75 +769,116 @@ def _length_basis(results: dict[str, Any], corpus: str) -> str:
         return ""
     docs = rec["length_documents"]
     wins = rec.get("windows_by_length") or {}
-    return (f"Perplexity by length: windows inside one document of {results['config']['length_corpus']} val "
-            f"({docs['documents']} documents of {docs['min']:,.0f} / {docs['median']:,.0f} / {docs['max']:,.0f} "
-            "tokens min / median / max)" + ("; windows per length: " + ", ".join(f"{L}: {n}" for L, n in wins.items())
-                                             if wins else "") + ".")
+    return (
+        f"Perplexity by length: windows inside one document of {results['config']['length_corpus']} val "
+        f"({docs['documents']} documents of {docs['min']:,.0f} / {docs['median']:,.0f} / {docs['max']:,.0f} "
+        "tokens min / median / max)"
+        + ("; windows per length: " + ", ".join(f"{L}: {n}" for L, n in wins.items()) if wins else "")
+        + "."
+    )
 
 
 def temperature_lines(methods: dict[str, Any]) -> list[str]:
     rows = [(m, d["temperatures"]) for m, d in methods.items() if d.get("temperatures")]
     if not rows:
         return []
-    lines = ["", "Where the temperatures ended (c over seeds, layers and heads; reach = how far c could move under "
-             "the schedule, position_scale x the sum of the temperature learning rates; token spread = std over "
-             "tokens of the token term at a position, mean over layers):", "",
-             "| row | temperature lr | c start | c reach | c at end: mean [min, max] | token spread q / v | moved |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "Where the temperatures ended (c over seeds, layers and heads; reach = how far c could move under "
+        "the schedule, position_scale x the sum of the temperature learning rates; token spread = std over "
+        "tokens of the token term at a position, mean over layers):",
+        "",
+        "| row | temperature lr | c start | c reach | c at end: mean [min, max] | token spread q / v | moved |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m, t in rows:
         c = t["c_end"]
         sp = t["token_spread"]
-        lines.append(f"| {m} | {t['lr']:.3g} | " + ("-" if t["c_start"] is None else f"{t['c_start']:g}") + " | "
-                     + ("-" if t["c_reach"] is None else f"{t['c_reach']:.3g}") + " | "
-                     + (f"{c['mean']:.3f} [{c['min']:.3f}, {c['max']:.3f}]" if c else "-") + " | "
-                     + (f"{sp.get('query', 0):.3f} / {sp.get('value', 0):.3f}" if sp else "-") + " | "
-                     + ("yes" if t["moved"] else "**no: the row's temperatures did not move**") + " |")
+        lines.append(
+            f"| {m} | {t['lr']:.3g} | "
+            + ("-" if t["c_start"] is None else f"{t['c_start']:g}")
+            + " | "
+            + ("-" if t["c_reach"] is None else f"{t['c_reach']:.3g}")
+            + " | "
+            + (f"{c['mean']:.3f} [{c['min']:.3f}, {c['max']:.3f}]" if c else "-")
+            + " | "
+            + (f"{sp.get('query', 0):.3f} / {sp.get('value', 0):.3f}" if sp else "-")
+            + " | "
+            + ("yes" if t["moved"] else "**no: the row's temperatures did not move**")
+            + " |"
+        )
     return lines
 
 
 def summary(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    lines = [f"# Language-model study (budget {cfg['budget']}: {cfg['size']}, seq {cfg['seq_len']}, "
-             f"{cfg['max_tokens']:,} tokens per run, seeds {results['seeds']})", ""]
+    lines = [
+        f"# Language-model study (budget {cfg['budget']}: {cfg['size']}, seq {cfg['seq_len']}, "
+        f"{cfg['max_tokens']:,} tokens per run, seeds {results['seeds']})",
+        "",
+    ]
     if results["pending"]:
-        lines += [f"**Incomplete**: {len(results['pending'])} run(s) still to train or evaluate "
-                  f"(rerun the same command): {', '.join(results['pending'])}", ""]
+        lines += [
+            f"**Incomplete**: {len(results['pending'])} run(s) still to train or evaluate "
+            f"(rerun the same command): {', '.join(results['pending'])}",
+            "",
+        ]
     if results.get("choice"):
         ch = results["choice"]
-        lines += [f"**Choice** ({ch['rule']}; {'final' if results['complete'] else 'provisional: runs pending'}): "
-                  f"`{ch['method']}`, {_fmt_interval(ch['paired_percent'])} vs vanilla"
-                  + (f", tied with {', '.join(ch['tied_with'])}" if ch["tied_with"] else ""), ""]
+        lines += [
+            f"**Choice** ({ch['rule']}; {'final' if results['complete'] else 'provisional: runs pending'}): "
+            f"`{ch['method']}`, {_fmt_interval(ch['paired_percent'])} vs vanilla"
+            + (f", tied with {', '.join(ch['tied_with'])}" if ch["tied_with"] else ""),
+            "",
+        ]
     for corpus, c in results["corpora"].items():
         methods = c["methods"]
         lengths = list(next(iter(methods.values()))["ppl_by_length"])
-        lines += [f"## {corpus} (unigram perplexity floor {c['unigram_ppl']:.1f})", "",
-                  "| method | new params | val ppl | per seed | vs vanilla, paired [95 % CI] | verdict | "
-                  "speed-up to vanilla's ppl | equal wall-clock vs vanilla | tokens/s | "
-                  + " | ".join(f"ppl @{L}" for L in lengths) + " |",
-                  "|---" * (9 + len(lengths)) + "|"]
+        lines += [
+            f"## {corpus} (unigram perplexity floor {c['unigram_ppl']:.1f})",
+            "",
+            "| method | new params | val ppl | per seed | vs vanilla, paired [95 % CI] | verdict | "
+            "speed-up to vanilla's ppl | equal wall-clock vs vanilla | tokens/s | "
+            + " | ".join(f"ppl @{L}" for L in lengths)
+            + " |",
+            "|---" * (9 + len(lengths)) + "|",
+        ]
         for m, d in methods.items():
             pp = d.get("paired_percent")
             sp = d.get("speedup")
-            cells = [m, f"{d['new_parameters']:,} ({d['parameter_percent']:.2f} %)",
-                     f"{d['val_ppl']:.2f} ± {d['val_ppl_std']:.2f}",
-                     " / ".join(f"{v:.2f}" for v in d["val_ppl_per_seed"]),
-                     _fmt_interval(pp), pp["verdict"] if pp else "-",
-                     "-" if m == "vanilla" else (f"not reached ({d['speedup_reached']} seeds)" if sp is None
-                                                 else f"{sp:.2f}x"),
-                     _fmt_interval(d.get("paired_percent_equal_time")), f"{d['tokens_per_s']:,.0f}"]
+            cells = [
+                m,
+                f"{d['new_parameters']:,} ({d['parameter_percent']:.2f} %)",
+                f"{d['val_ppl']:.2f} ± {d['val_ppl_std']:.2f}",
+                " / ".join(f"{v:.2f}" for v in d["val_ppl_per_seed"]),
+                _fmt_interval(pp),
+                pp["verdict"] if pp else "-",
+                "-"
+                if m == "vanilla"
+                else (f"not reached ({d['speedup_reached']} seeds)" if sp is None else f"{sp:.2f}x"),
+                _fmt_interval(d.get("paired_percent_equal_time")),
+                f"{d['tokens_per_s']:,.0f}",
+            ]
             cells += [f"{d['ppl_by_length'][L]:.2f}" for L in lengths]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", _length_basis(results, corpus)]
         lines += ["", "Paired change of perplexity vs vanilla by evaluation length (95 % CI):", ""]
         for m, d in methods.items():
             if m != "vanilla" and "paired_percent_by_length" in d:
-                lines.append(f"- {m}: " + "; ".join(f"@{L}: {_fmt_interval(p)} ({p['verdict']})"
-                                                     for L, p in d["paired_percent_by_length"].items()))
+                lines.append(
+                    f"- {m}: "
+                    + "; ".join(
+                        f"@{L}: {_fmt_interval(p)} ({p['verdict']})" for L, p in d["paired_percent_by_length"].items()
+                    )
+                )
         lines += temperature_lines(methods)
         late = methods.get("vanilla", {}).get("late_improvement_percent")
         if late is not None:
-            lines += ["", f"Vanilla's validation perplexity fell {late:.1f} % over its last 20 % of tokens (mean over "
-                      f"seeds; a plateau would be < 2 %{': it has not plateaued' if late >= 2 else ''})."]
+            lines += [
+                "",
+                f"Vanilla's validation perplexity fell {late:.1f} % over its last 20 % of tokens (mean over "
+                f"seeds; a plateau would be < 2 %{': it has not plateaued' if late >= 2 else ''}).",
+            ]
         lines.append("")
         lines += _mechanism_lines(methods, cfg["seq_len"])
     return "\n".join(lines)
@@ -734,11 +908,21 @@ def _figures(out: Path, results: dict[str, Any]) -> None:
         ax = axes[0]
         for m in methods:
             for i, r in enumerate(r for r in records if r["method"] == m):
-                ax.plot(r["curve"]["tokens"], r["curve"]["ppl"], color=f"C{methods.index(m)}", alpha=0.7,
-                        label=m if i == 0 else None)
+                ax.plot(
+                    r["curve"]["tokens"],
+                    r["curve"]["ppl"],
+                    color=f"C{methods.index(m)}",
+                    alpha=0.7,
+                    label=m if i == 0 else None,
+                )
         ax.axhline(c["unigram_ppl"], color="k", ls=":", lw=1, label="unigram floor")
-        ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="validation perplexity",
-               title=f"{corpus}: validation curves (every seed)")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="training tokens",
+            ylabel="validation perplexity",
+            title=f"{corpus}: validation curves (every seed)",
+        )
         for axis in (ax.xaxis, ax.yaxis):  # 200k, 500k, 1M / 50, 100, 200: labels that fit, not 2 x 10^5
             axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             axis.set_major_formatter(FuncFormatter(short_count))
@@ -748,10 +932,21 @@ def _figures(out: Path, results: dict[str, Any]) -> None:
         for i, m in enumerate(methods):
             d = c["methods"][m]
             xs = [int(L) for L in d["ppl_by_length"]]
-            ax.errorbar(xs, list(d["ppl_by_length"].values()), yerr=list(d["ppl_by_length_std"].values()),
-                        marker="o", capsize=3, color=f"C{i}", label=m)
-        ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
-               title=f"perplexity by length ({results['config']['length_corpus']} val)")
+            ax.errorbar(
+                xs,
+                list(d["ppl_by_length"].values()),
+                yerr=list(d["ppl_by_length_std"].values()),
+                marker="o",
+                capsize=3,
+                color=f"C{i}",
+                label=m,
+            )
+        ax.set(
+            xscale="log",
+            xlabel="evaluation length (tokens)",
+            ylabel="perplexity",
+            title=f"perplexity by length ({results['config']['length_corpus']} val)",
+        )
         lengths = sorted({int(L) for m in methods for L in c["methods"][m]["ppl_by_length"]})
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -763,8 +958,12 @@ def _figures(out: Path, results: dict[str, Any]) -> None:
                 ent = np.mean([cv["entropy"] for cv in curves], axis=0)  # over seeds, per position
                 ax.plot(*log_binned(curves[0]["position"], ent), color=f"C{i}", label=m)
         ax.axvline(results["config"]["seq_len"], color="k", ls="--", lw=1, label="training length")
-        ax.set(xscale="log", xlabel="query position", ylabel="attention entropy (nats)",
-               title="attention entropy by position (log-binned mean)")
+        ax.set(
+            xscale="log",
+            xlabel="query position",
+            ylabel="attention entropy (nats)",
+            title="attention entropy by position (log-binned mean)",
+        )
         ax.legend(fontsize=8)
         common.save_figure(fig, out / f"lm-{label(corpus)}.png")
         # paired differences with their intervals: the figure a claim rests on
@@ -774,11 +973,19 @@ def _figures(out: Path, results: dict[str, Any]) -> None:
             for y, (m, p) in enumerate(rows):
                 lo = p["low"] if p["low"] is not None else p["mean"]
                 hi = p["high"] if p["high"] is not None else p["mean"]
-                ax.errorbar(p["mean"], y, xerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="o", capsize=3,
-                            color=f"C{methods.index(m)}")
+                ax.errorbar(
+                    p["mean"],
+                    y,
+                    xerr=[[p["mean"] - lo], [hi - p["mean"]]],
+                    fmt="o",
+                    capsize=3,
+                    color=f"C{methods.index(m)}",
+                )
             ax.axvline(0, color="k", lw=1)
             ax.set_yticks(range(len(rows)), [m for m, _ in rows])
             ax.invert_yaxis()
-            ax.set(xlabel="validation perplexity vs vanilla, paired (%), 95 % CI (left of 0: better)",
-                   title=f"{corpus}: paired differences to vanilla")
+            ax.set(
+                xlabel="validation perplexity vs vanilla, paired (%), 95 % CI (left of 0: better)",
+                title=f"{corpus}: paired differences to vanilla",
+            )
             common.save_figure(fig, out / f"lm-{label(corpus)}-paired.png")

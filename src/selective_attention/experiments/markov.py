@@ -78,8 +78,15 @@ class MarkovAttention(nn.Module):
         self.register_buffer("V", torch.eye(K, d))  # value of key token j = e_j, padded to d
         self.temperature = None
         if ssa:
-            tcfg = SSAConfig(query=True, value=False, token_aware=True, position_aware=False,
-                             sharing=cfg.sharing, init="identity", mlp_hidden=16 if cfg.sharing == "mlp" else None)
+            tcfg = SSAConfig(
+                query=True,
+                value=False,
+                token_aware=True,
+                position_aware=False,
+                sharing=cfg.sharing,
+                init="identity",
+                mlp_hidden=16 if cfg.sharing == "mlp" else None,
+            )
             self.temperature = TemperatureFunction(1, d, d, tcfg)
 
     def forward(self) -> tuple[Tensor, Tensor]:
@@ -106,7 +113,7 @@ def cross_entropy(P_star: Tensor, P_hat: Tensor) -> Tensor:
 
 def spikiness(P_hat: Tensor) -> Tensor:
     """Mean over rows of 1 / (L * sum_j s_j^2), L = number of keys (1 = uniform, 1/L = one-hot)."""
-    return (1.0 / (P_hat.shape[-1] * (P_hat ** 2).sum(-1))).mean()
+    return (1.0 / (P_hat.shape[-1] * (P_hat**2).sum(-1))).mean()
 
 
 def train_one(cfg: Config, P_star: Tensor, ssa: bool, seed: int) -> tuple[MarkovAttention, list[float]]:
@@ -189,8 +196,10 @@ def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict
     bar.close()
     ssa_taus = [d["ssa"]["tau"] for d in details]
     deg_stats = degree_statistics(degrees, ssa_taus)
-    tau_by_degree = {str(k): common.mean_std([t[i] for t in ssa_taus for i in range(len(degrees))
-                                              if degrees[i] == k])[0] for k in sorted(set(degrees))}
+    tau_by_degree = {
+        str(k): common.mean_std([t[i] for t in ssa_taus for i in range(len(degrees)) if degrees[i] == k])[0]
+        for k in sorted(set(degrees))
+    }
     extra = {
         "P_star": P_star.tolist(),
         "out_degrees": degrees,
@@ -199,8 +208,9 @@ def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict
         "P_hat_seed0": {m: details[0][m]["P_hat"] for m in ("vanilla", "ssa")},
         "tau_per_seed": ssa_taus,
         "w_norm_per_seed": {m: [d[m]["metrics"]["w_norm"] for d in details] for m in ("vanilla", "ssa")},
-        "max_objective_change_last_100_steps": max(d[m]["final_objective_change"] for d in details
-                                                   for m in ("vanilla", "ssa")),
+        "max_objective_change_last_100_steps": max(
+            d[m]["final_objective_change"] for d in details for m in ("vanilla", "ssa")
+        ),
     }
     results = common.results_dict("markov", cfg, seeds, per_seed, extra)
     results["claims"] = claims(results)
@@ -235,9 +245,14 @@ def figures(out: Path, results: dict[str, Any]) -> None:
     for x in range(K):
         for y in range(K):
             if P_star[x, y] > 0:
-                ax.annotate("", xy=xy[y].tolist(), xytext=xy[x].tolist(),
-                            arrowprops=dict(arrowstyle="-|>", color="0.4", lw=0.8, shrinkA=11, shrinkB=11,
-                                            connectionstyle="arc3,rad=0.12"))
+                ax.annotate(
+                    "",
+                    xy=xy[y].tolist(),
+                    xytext=xy[x].tolist(),
+                    arrowprops=dict(
+                        arrowstyle="-|>", color="0.4", lw=0.8, shrinkA=11, shrinkB=11, connectionstyle="arc3,rad=0.12"
+                    ),
+                )
     for x in range(K):
         ax.scatter(*xy[x].tolist(), s=420, color="tab:blue", zorder=3)
         ax.text(*xy[x].tolist(), f"{x}\n(d={degrees[x]})", ha="center", va="center", color="w", fontsize=7, zorder=4)
@@ -249,8 +264,11 @@ def figures(out: Path, results: dict[str, Any]) -> None:
     common.save_figure(fig, out / "graph.png")
 
     # (b, c) P*, P^ vanilla, P^ SSA (seed 0)
-    mats = [("(b) P*", P_star), ("(c) P^ vanilla", torch.tensor(ex["P_hat_seed0"]["vanilla"])),
-            ("(c) P^ SSA", torch.tensor(ex["P_hat_seed0"]["ssa"]))]
+    mats = [
+        ("(b) P*", P_star),
+        ("(c) P^ vanilla", torch.tensor(ex["P_hat_seed0"]["vanilla"])),
+        ("(c) P^ SSA", torch.tensor(ex["P_hat_seed0"]["ssa"])),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
     for ax, (title, M) in zip(axes, mats):
         im = ax.imshow(M.numpy(), vmin=0, vmax=1, cmap="viridis")
@@ -275,8 +293,12 @@ def figures(out: Path, results: dict[str, Any]) -> None:
     # Figure 2: effective norm tau_q(x) ||W|| (SSA, per token) vs ||W|| (vanilla)
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     van = [w for w in ex["w_norm_per_seed"]["vanilla"] for _ in range(K)]
-    ssa = [t * w for t, w in zip([x for t in ex["tau_per_seed"] for x in t],
-                                 [w for w in ex["w_norm_per_seed"]["ssa"] for _ in range(K)])]
+    ssa = [
+        t * w
+        for t, w in zip(
+            [x for t in ex["tau_per_seed"] for x in t], [w for w in ex["w_norm_per_seed"]["ssa"] for _ in range(K)]
+        )
+    ]
     ssa_w = ex["w_norm_per_seed"]["ssa"]
     bins = 20
     ax.hist(van, bins=bins, alpha=0.6, color="tab:green", label="vanilla ||W||")
@@ -293,19 +315,22 @@ def summary(results: dict[str, Any]) -> str:
     m, ex, c, cfg = results["methods"], results["extra"], results["claims"], results["config"]
     tau_rows = "\n".join(f"| {k} | {ex['tau_by_degree'][k]:.4f} |" for k in sorted(ex["tau_by_degree"], key=int))
     ratio = m["vanilla"]["w_norm"] / m["ssa"]["w_norm"]
-    return f"""# markov: Markov chain on {cfg['vocab']} tokens (paper Figure 3, Figure 2)
+    return f"""# markov: Markov chain on {cfg["vocab"]} tokens (paper Figure 3, Figure 2)
 
-One attention head; query = current token, keys = all {cfg['vocab']} vocabulary tokens, so the attention row is
-P^. Out-degrees {tuple(ex['out_degrees'])}, P* uniform over out-neighbours. Both models minimise the exact
-expected cross-entropy + the same L2 penalty {cfg['weight_decay']}/2 ||theta||^2 (W_q, W_k; temperature
-parameters too: {cfg['decay_temperature']}), full batch, Adam,
-{cfg['steps']} steps (objective change over the last 100 steps <= {ex['max_objective_change_last_100_steps']:.2g}).
-SSA = the library's query temperature (token-aware, sharing={cfg['sharing']}, tau = 1 + tanh(f) in (0, 2)).
-Seeds {results['seeds']} (embeddings and W init per seed; the same for both methods). The embeddings are
+One attention head; query = current token, keys = all {cfg["vocab"]} vocabulary tokens, so the attention row is
+P^. Out-degrees {tuple(ex["out_degrees"])}, P* uniform over out-neighbours. Both models minimise the exact
+expected cross-entropy + the same L2 penalty {cfg["weight_decay"]}/2 ||theta||^2 (W_q, W_k; temperature
+parameters too: {cfg["decay_temperature"]}), full batch, Adam,
+{cfg["steps"]} steps (objective change over the last 100 steps <= {ex["max_objective_change_last_100_steps"]:.2g}).
+SSA = the library's query temperature (token-aware, sharing={cfg["sharing"]}, tau = 1 + tanh(f) in (0, 2)).
+Seeds {results["seeds"]} (embeddings and W init per seed; the same for both methods). The embeddings are
 orthonormal, so a seed only rotates the problem: every seed converges to the same optimum (std ~ 0).
 
-{common.markdown_table(m, ["cross_entropy", "excess_cross_entropy", "l1_error", "spikiness", "w_norm",
-                           "effective_norm"])}
+{
+        common.markdown_table(
+            m, ["cross_entropy", "excess_cross_entropy", "l1_error", "spikiness", "w_norm", "effective_norm"]
+        )
+    }
 
 Paper: cross-entropy 0.009 (SSA) vs 0.0126 (vanilla); l1 error 0.358 vs 0.543; vanilla norm ~3x SSA's;
 spikiness 0.26 (SSA) vs 0.39 (vanilla). Here: vanilla / SSA norm ratio = {ratio:.2f}.
@@ -318,18 +343,18 @@ Learned query temperature per out-degree (mean over nodes and seeds):
 |---|---|
 {tau_rows}
 
-corr(tau, degree) = {ex['tau_degree_correlation']:.3f}; mean |tau_x - tau_y| for equal-degree pairs
-{ex['tau_gap_equal_degree']:.4f} vs different-degree pairs {ex['tau_gap_different_degree']:.4f}.
+corr(tau, degree) = {ex["tau_degree_correlation"]:.3f}; mean |tau_x - tau_y| for equal-degree pairs
+{ex["tau_gap_equal_degree"]:.4f} vs different-degree pairs {ex["tau_gap_different_degree"]:.4f}.
 
 Claims:
-- SSA lower cross-entropy: {common.verdict(c['ssa_lower_cross_entropy'])}
-- SSA lower l1 error: {common.verdict(c['ssa_lower_l1_error'])}
-- SSA spikier rows (lower spikiness score): {common.verdict(c['ssa_spikier'])}
-- SSA smaller ||W_q W_k^T||: {common.verdict(c['ssa_smaller_w_norm'])}
-- equal degree -> (closer) equal temperature: {common.verdict(c['equal_degree_closer_temperature'])}
+- SSA lower cross-entropy: {common.verdict(c["ssa_lower_cross_entropy"])}
+- SSA lower l1 error: {common.verdict(c["ssa_lower_l1_error"])}
+- SSA spikier rows (lower spikiness score): {common.verdict(c["ssa_spikier"])}
+- SSA smaller ||W_q W_k^T||: {common.verdict(c["ssa_smaller_w_norm"])}
+- equal degree -> (closer) equal temperature: {common.verdict(c["equal_degree_closer_temperature"])}
 - fewer neighbours -> larger inverse temperature (monotone mean, negative correlation):
-  {common.verdict(c['fewer_neighbours_larger_temperature'])}
+  {common.verdict(c["fewer_neighbours_larger_temperature"])}
 
-Figures: graph.png, transitions.png (P*, P^ per method, seed {results['seeds'][0]}), temperature_vs_degree.png,
+Figures: graph.png, transitions.png (P*, P^ per method, seed {results["seeds"][0]}), temperature_vs_degree.png,
 norm_histogram.png.
 """

@@ -52,8 +52,8 @@ def problem(cfg: Config, m: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
         raise ValueError(f"need 1 <= n_pairs <= n_keys/2, 0 <= cosine < 1 and 1/n_keys < m < 1 (m={m})")
     basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     a = basis[:P]  # (P, d) orthonormal specific tokens
-    perp = basis[P:2 * P]
-    b = cfg.cosine * a + math.sqrt(1 - cfg.cosine ** 2) * perp  # unit norm, cos(a_i, b_i) = cosine
+    perp = basis[P : 2 * P]
+    b = cfg.cosine * a + math.sqrt(1 - cfg.cosine**2) * perp  # unit norm, cos(a_i, b_i) = cosine
     spec = torch.full((P, n), (1 - m) / (n - 1), dtype=torch.float64)
     spec[torch.arange(P), torch.arange(P)] = m
     gen = torch.full((P, n), 1.0 / n, dtype=torch.float64)
@@ -66,8 +66,9 @@ class Fit(nn.Module):
         self.W = nn.Parameter(torch.randn(d, d) * 0.01)
         self.temperature = None
         if ssa:  # f reads the token's identity (one-hot), so each token can pick its own temperature
-            tcfg = SSAConfig(query=True, value=False, token_aware=True, position_aware=False, sharing="mlp",
-                             mlp_hidden=16)
+            tcfg = SSAConfig(
+                query=True, value=False, token_aware=True, position_aware=False, sharing="mlp", mlp_hidden=16
+            )
             self.temperature = TemperatureFunction(1, d, n_queries, tcfg)
 
     def forward(self, queries: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,8 +91,9 @@ def smallest_norm(cfg: Config, queries: Tensor, targets: Tensor, ssa: bool) -> d
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     for _ in range(cfg.steps):
         rows, _ = model(queries)
-        loss = torch.linalg.matrix_norm(model.W, ord=2) + cfg.penalty * torch.relu(kl_rows(targets, rows)
-                                                                                   - cfg.tol).sum()
+        loss = (
+            torch.linalg.matrix_norm(model.W, ord=2) + cfg.penalty * torch.relu(kl_rows(targets, rows) - cfg.tol).sum()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -99,9 +101,12 @@ def smallest_norm(cfg: Config, queries: Tensor, targets: Tensor, ssa: bool) -> d
     with torch.no_grad():
         rows, tau = model(queries)
         P = cfg.n_pairs
-        return {"w_norm": float(torch.linalg.matrix_norm(model.W, ord=2)),
-                "max_kl": float(kl_rows(targets, rows).max()),
-                "tau_specific": float(tau[:P].mean()), "tau_general": float(tau[P:].mean())}
+        return {
+            "w_norm": float(torch.linalg.matrix_norm(model.W, ord=2)),
+            "max_kl": float(kl_rows(targets, rows).max()),
+            "tau_specific": float(tau[:P].mean()),
+            "tau_general": float(tau[P:].mean()),
+        }
 
 
 def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict[str, Any]:
@@ -136,8 +141,9 @@ def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict
     results["claims"] = {
         "constraints_met": feasible,
         "ssa_needs_smaller_norm_at_every_sparsity": all(r > 1.0 for r in ratios),
-        "vanilla_norm_grows_with_sparsity": all(mv[f"w_norm@{x}"] < mv[f"w_norm@{y}"]
-                                                for x, y in zip(cfg.max_weights, cfg.max_weights[1:])),
+        "vanilla_norm_grows_with_sparsity": all(
+            mv[f"w_norm@{x}"] < mv[f"w_norm@{y}"] for x, y in zip(cfg.max_weights, cfg.max_weights[1:])
+        ),
         "gap_grows_with_sparsity": ratios[-1] > ratios[0],
     }
     return common.finish(out, results, figures, summary)
@@ -150,8 +156,15 @@ def figures(out: Path, results: dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for method, color in (("vanilla", "tab:green"), ("ssa", "tab:red")):
         vals = results["methods"][method]
-        ax.errorbar(xs, [vals[f"w_norm@{m}"] for m in xs], yerr=[vals[f"w_norm@{m}_std"] for m in xs],
-                    marker="o", color=color, label=method, capsize=3)
+        ax.errorbar(
+            xs,
+            [vals[f"w_norm@{m}"] for m in xs],
+            yerr=[vals[f"w_norm@{m}_std"] for m in xs],
+            marker="o",
+            color=color,
+            label=method,
+            capsize=3,
+        )
     ax.set_xlabel("target weight of the specific token's key (sparsity)")
     ax.set_ylabel("smallest ||W_q W_k^T||_2")
     ax.set_title(f"cos(specific, general) = {cfg['cosine']}")
@@ -165,14 +178,16 @@ def summary(results: dict[str, Any]) -> str:
     rows = "\n".join(
         f"| {m} | {mv[f'w_norm@{m}']:.3f} ± {mv[f'w_norm@{m}_std']:.2g} | {ms[f'w_norm@{m}']:.3f} ± "
         f"{ms[f'w_norm@{m}_std']:.2g} | {mv[f'w_norm@{m}'] / ms[f'w_norm@{m}']:.2f} | "
-        f"{ms[f'tau_specific@{m}']:.2f} / {ms[f'tau_general@{m}']:.2f} |" for m in cfg["max_weights"])
+        f"{ms[f'tau_specific@{m}']:.2f} / {ms[f'tau_general@{m}']:.2f} |"
+        for m in cfg["max_weights"]
+    )
     return f"""# norm: the smallest ||W_q W_k^T|| for targets of growing sparsity (Lemma 1 / Proposition 1)
 
-{cfg['n_keys']} orthonormal keys; {cfg['n_pairs']} pairs of query tokens: a specific token that must put weight m
-on its key and a general token (cosine {cfg['cosine']} to it) that must attend uniformly. Smallest ||W||_2 with
-every row within KL <= {cfg['tol']} (penalty method, Adam, {cfg['steps']} steps; largest remaining KL:
-vanilla {mv['max_kl']:.4f}, SSA {ms['max_kl']:.4f}). SSA = the library's query temperature
-(1 + tanh(MLP(token id)), in (0, 2)). Seeds {results['seeds']} (token embeddings).
+{cfg["n_keys"]} orthonormal keys; {cfg["n_pairs"]} pairs of query tokens: a specific token that must put weight m
+on its key and a general token (cosine {cfg["cosine"]} to it) that must attend uniformly. Smallest ||W||_2 with
+every row within KL <= {cfg["tol"]} (penalty method, Adam, {cfg["steps"]} steps; largest remaining KL:
+vanilla {mv["max_kl"]:.4f}, SSA {ms["max_kl"]:.4f}). SSA = the library's query temperature
+(1 + tanh(MLP(token id)), in (0, 2)). Seeds {results["seeds"]} (token embeddings).
 
 | target m | vanilla ||W|| | SSA ||W|| | ratio | SSA tau specific / general |
 |---|---|---|---|---|
@@ -180,10 +195,10 @@ vanilla {mv['max_kl']:.4f}, SSA {ms['max_kl']:.4f}). SSA = the library's query t
 
 Paper: the vanilla layer's norm is about 3x SSA's (Figure 2, language model tokens); Lemma 1: without a
 temperature the norm must grow to make a specific token spiky while a similar general token stays flat.
-- constraints met (max KL <= 2 tol): {common.verdict(c['constraints_met'])}
-- SSA needs a smaller norm at every sparsity: {common.verdict(c['ssa_needs_smaller_norm_at_every_sparsity'])}
-- vanilla's norm grows with sparsity: {common.verdict(c['vanilla_norm_grows_with_sparsity'])}
-- the gap (ratio) grows with sparsity: {common.verdict(c['gap_grows_with_sparsity'])}
+- constraints met (max KL <= 2 tol): {common.verdict(c["constraints_met"])}
+- SSA needs a smaller norm at every sparsity: {common.verdict(c["ssa_needs_smaller_norm_at_every_sparsity"])}
+- vanilla's norm grows with sparsity: {common.verdict(c["vanilla_norm_grows_with_sparsity"])}
+- the gap (ratio) grows with sparsity: {common.verdict(c["gap_grows_with_sparsity"])}
 
 Figure: norm.png.
 """

@@ -59,8 +59,9 @@ def vocab_size(cfg: Config) -> int:
     return cfg.n_filler + cfg.n_values + 2  # filler, values, KEY, QUERY
 
 
-def make_batch(cfg: Config, n: int, length: int, g: torch.Generator,
-               depth: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(
+    cfg: Config, n: int, length: int, g: torch.Generator, depth: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx (n, length), passkey (n,)); depth None = uniform random per sequence."""
     if length < 4:
         raise ValueError("passkey sequences need length >= 4")
@@ -83,10 +84,17 @@ def make_batch(cfg: Config, n: int, length: int, g: torch.Generator,
 
 def train_one(cfg: Config, method: str, seed: int) -> TinyLM:
     g = common.seed_everything(seed)  # same init (except the temperature parameters) and the same data
-    model = TinyLM(vocab_size(cfg), cfg.d, cfg.n_layers, cfg.n_heads, method, rope=cfg.rope,
-                   token_aware=cfg.ssa_token_term)
-    fit(model, lambda i: training_pair(cfg, g), cfg.steps, optim_config(cfg.lr), device=choose_device(cfg.device),
-        schedule=lambda s: 1.0)  # constant lr
+    model = TinyLM(
+        vocab_size(cfg), cfg.d, cfg.n_layers, cfg.n_heads, method, rope=cfg.rope, token_aware=cfg.ssa_token_term
+    )
+    fit(
+        model,
+        lambda i: training_pair(cfg, g),
+        cfg.steps,
+        optim_config(cfg.lr),
+        device=choose_device(cfg.device),
+        schedule=lambda s: 1.0,
+    )  # constant lr
     return model
 
 
@@ -124,13 +132,15 @@ def run(out: Path, cfg: Config, seeds: list[int], progress: bool = True) -> dict
                 model = train_one(cfg, method, seed).eval()
                 row[method] = accuracy_table(cfg, model, seed)
                 row[method]["accuracy"] = sum(row[method][f"acc@{m}L"] for m in cfg.length_multipliers) / len(
-                    cfg.length_multipliers)
+                    cfg.length_multipliers
+                )
                 bar.update(1)
             per_seed.append(row)
     bar.close()
     results = common.results_dict("passkey", cfg, seeds, per_seed)
     mv = results["methods"]["vanilla"]
     longest = max(cfg.length_multipliers)
+
     # "better" must hold for every seed (paired: same data and init), not just on the mean of a noisy table
     def paired(key: str) -> list[float]:
         return [s["ssa"][key] - s["vanilla"][key] for s in per_seed]
@@ -156,8 +166,10 @@ def figures(out: Path, results: dict[str, Any]) -> None:
             for j, v in enumerate(r):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(cfg["depths"])), [str(d) for d in cfg["depths"]])
-        ax.set_yticks(range(len(cfg["length_multipliers"])),
-                      [f"{m}L={m * cfg['train_length']}" for m in cfg["length_multipliers"]])
+        ax.set_yticks(
+            range(len(cfg["length_multipliers"])),
+            [f"{m}L={m * cfg['train_length']}" for m in cfg["length_multipliers"]],
+        )
         ax.set_xlabel("passkey depth")
         ax.set_title(f"{method}: accuracy {vals['accuracy']:.3f}")
     fig.colorbar(im, ax=axes, shrink=0.8)
@@ -175,23 +187,23 @@ def summary(results: dict[str, Any]) -> str:
     table = common.markdown_table(results["methods"], [f"acc@{m}L" for m in mults] + ["accuracy"], digits=3)
     return f"""# passkey: retrieval when testing beyond the training length
 
-Tiny {cfg['n_layers']}-layer models (d={cfg['d']}, {cfg['n_heads']} heads, RoPE={cfg['rope']}) trained for
-{cfg['steps']} steps x {cfg['batch_size']} on passkey sequences of length L={cfg['train_length']} (random filler from
-{cfg['n_filler']} tokens with {cfg['decoy_rate']:.0%} decoy passkey tokens, `KEY v` at a random depth, `QUERY` last,
-{cfg['n_values']} possible passkeys); tested at
-{', '.join(f'{m}L' for m in mults)} and depths {tuple(cfg['depths'])}, {cfg['n_trials']} trials per cell.
+Tiny {cfg["n_layers"]}-layer models (d={cfg["d"]}, {cfg["n_heads"]} heads, RoPE={cfg["rope"]}) trained for
+{cfg["steps"]} steps x {cfg["batch_size"]} on passkey sequences of length L={cfg["train_length"]} (random filler from
+{cfg["n_filler"]} tokens with {cfg["decoy_rate"]:.0%} decoy passkey tokens, `KEY v` at a random depth, `QUERY` last,
+{cfg["n_values"]} possible passkeys); tested at
+{", ".join(f"{m}L" for m in mults)} and depths {tuple(cfg["depths"])}, {cfg["n_trials"]} trials per cell.
 vanilla = tau 1 (temperatures frozen at identity); ssa = query temperature 1 + c log p
-(+ tanh(f(x)): {cfg['ssa_token_term']}), c learned from sigmoid(0).
-Seeds {results['seeds']}.
+(+ tanh(f(x)): {cfg["ssa_token_term"]}), c learned from sigmoid(0).
+Seeds {results["seeds"]}.
 
 {table}
 
 Paper (secondary source): passkey retrieval 56.9 % (vanilla) -> 74.4 % (SSA) on real LLMs; this is a toy proxy.
-Paired SSA - vanilla differences per seed: accuracy {fmt_list(pd['accuracy'])}, at {longest}L
-{fmt_list(pd[f'acc@{longest}L'])}.
-- SSA better overall (every seed): {common.verdict(c['ssa_better_overall'])}
-- SSA better at the longest length (every seed): {common.verdict(c['ssa_better_at_longest'])}
-- vanilla degrades with length (dilution): {common.verdict(c['vanilla_degrades_with_length'])}
+Paired SSA - vanilla differences per seed: accuracy {fmt_list(pd["accuracy"])}, at {longest}L
+{fmt_list(pd[f"acc@{longest}L"])}.
+- SSA better overall (every seed): {common.verdict(c["ssa_better_overall"])}
+- SSA better at the longest length (every seed): {common.verdict(c["ssa_better_at_longest"])}
+- vanilla degrades with length (dilution): {common.verdict(c["vanilla_degrades_with_length"])}
 
 Figure: passkey_heatmap.png (accuracy per length x depth).
 """

@@ -21,24 +21,40 @@ from selective_attention.errors import UserError
 
 # name -> (module, one-line help). Other parts (e.g. lm, ablations) register here.
 EXPERIMENTS: dict[str, tuple[str, str]] = {
-    "markov": ("selective_attention.experiments.markov",
-               "Figure 3: Markov chain on 8 tokens, vanilla vs query temperature (CE, l1, spikiness, ||W||)"),
-    "denoise": ("selective_attention.experiments.denoise",
-                "value temperature on a denoising task vs naive averaging and the Bayes-optimal estimator"),
-    "dilution": ("selective_attention.experiments.dilution",
-                 "attention entropy / spikiness / max weight vs query position, small LMs, within and beyond T"),
-    "passkey": ("selective_attention.experiments.passkey_synthetic",
-                "tiny models trained on passkey sequences at length L, tested at L, 2L, 4L and several depths"),
-    "norm": ("selective_attention.experiments.norm",
-             "Lemma 1 in numbers: the smallest ||W_q W_k^T|| for targets of growing sparsity, vanilla vs SSA"),
+    "markov": (
+        "selective_attention.experiments.markov",
+        "Figure 3: Markov chain on 8 tokens, vanilla vs query temperature (CE, l1, spikiness, ||W||)",
+    ),
+    "denoise": (
+        "selective_attention.experiments.denoise",
+        "value temperature on a denoising task vs naive averaging and the Bayes-optimal estimator",
+    ),
+    "dilution": (
+        "selective_attention.experiments.dilution",
+        "attention entropy / spikiness / max weight vs query position, small LMs, within and beyond T",
+    ),
+    "passkey": (
+        "selective_attention.experiments.passkey_synthetic",
+        "tiny models trained on passkey sequences at length L, tested at L, 2L, 4L and several depths",
+    ),
+    "norm": (
+        "selective_attention.experiments.norm",
+        "Lemma 1 in numbers: the smallest ||W_q W_k^T|| for targets of growing sparsity, vanilla vs SSA",
+    ),
     "ablations": ("selective_attention.experiments.ablations", "temperatures on Q/K/V, token vs position, other rules"),
-    "lm": ("selective_attention.experiments.lm",
-           "LM study: vanilla vs SSA vs baselines from scratch, paired over seeds, perplexity by length (--budget)"),
-    "finetune-study": ("selective_attention.experiments.finetune_study",
-                       "a vanilla base of our own, pre-trained then fine-tuned: vanilla vs SSA vs temperatures only vs "
-                       "the official form vs a constant per head, paired over seeds (--budget quick|full)"),
-    "finetune": ("selective_attention.experiments.finetune",
-                 "SmolLM2-135M fine-tuned: vanilla vs convert + fine-tune vs temperatures only (--budget)"),
+    "lm": (
+        "selective_attention.experiments.lm",
+        "LM study: vanilla vs SSA vs baselines from scratch, paired over seeds, perplexity by length (--budget)",
+    ),
+    "finetune-study": (
+        "selective_attention.experiments.finetune_study",
+        "a vanilla base of our own, pre-trained then fine-tuned: vanilla vs SSA vs temperatures only vs "
+        "the official form vs a constant per head, paired over seeds (--budget quick|full)",
+    ),
+    "finetune": (
+        "selective_attention.experiments.finetune",
+        "SmolLM2-135M fine-tuned: vanilla vs convert + fine-tune vs temperatures only (--budget)",
+    ),
 }
 
 
@@ -60,9 +76,17 @@ def budget_overrides(mod: ModuleType, budget: str | None) -> dict[str, Any]:
     return {**budgets[budget], "budget": budget}
 
 
-def run_experiment(name: str, out: str | Path, seeds: int | list[int] | None = None, seed: int = 0,
-                   progress: bool = True, budget: str | None = None, jobs: int = 1, tables_only: bool = False,
-                   **overrides: Any) -> dict[str, Any]:
+def run_experiment(
+    name: str,
+    out: str | Path,
+    seeds: int | list[int] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    budget: str | None = None,
+    jobs: int = 1,
+    tables_only: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Run experiment ``name`` into ``out``; ``seeds`` is a count (seeds seed..seed+N-1) or an explicit list;
     ``budget`` picks a preset of the experiment's Config and ``overrides`` replace fields on top of it; ``jobs``
     runs that many of its runs at once and ``tables_only`` rebuilds the tables from finished runs without running

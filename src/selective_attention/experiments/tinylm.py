@@ -43,8 +43,9 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    def __init__(self, vocab: int, d: int, n_layers: int, n_heads: int, method: str, rope: bool = True,
-                 token_aware: bool = True) -> None:
+    def __init__(
+        self, vocab: int, d: int, n_layers: int, n_heads: int, method: str, rope: bool = True, token_aware: bool = True
+    ) -> None:
         super().__init__()
         self.method = method
         config = ssa_config(method, token_aware)
@@ -93,4 +94,3 @@ def layer_weights(attn: SelectiveSelfAttention, x: Tensor) -> Tensor:
         q, k = apply_rope(q, p - 1, attn.rope_base), apply_rope(k, p - 1, attn.rope_base)
     _, w = reference_attention(q, k, v, tau_q=tau_q, tau_k=tau_k, is_causal=True, return_weights=True)
     return w
-

@@ -11,5 +11,14 @@ from selective_attention.hf.pretrained import from_pretrained, load_pretrained
 from selective_attention.hf.readout import model_temperatures, parameter_report
 from selective_attention.hf.state import is_converted, ssa_state, ssa_temperatures
 
-__all__ = ["convert", "is_converted", "from_pretrained", "load_pretrained", "model_temperatures",
-           "parameter_report", "register", "ssa_state", "ssa_temperatures"]
+__all__ = [
+    "convert",
+    "is_converted",
+    "from_pretrained",
+    "load_pretrained",
+    "model_temperatures",
+    "parameter_report",
+    "register",
+    "ssa_state",
+    "ssa_temperatures",
+]

@@ -57,8 +57,9 @@ def _moved_from(t: Tensor, node: Any, depth: int = 8) -> bool:
     return False
 
 
-def _scaled_inputs(module: nn.Module, query: Tensor, key: Tensor,
-                   value: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+def _scaled_inputs(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor
+) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
     """query times tau_q, and the (s, x, tau) of every kernel input that is a scaled product, for
     ``functional.recomputing``: the kernel then keeps q / k / v as vanilla does, not tau * q / k / v beside them.
     A key or value counts when it is the hooks' product itself or a same-shaped copy of it (the KV cache
@@ -81,8 +82,10 @@ def _scaled_inputs(module: nn.Module, query: Tensor, key: Tensor,
     return q, scaled
 
 
-PACKED_HINT = ("call the model with use_cache=False and no attention_mask (transformers then builds the packed "
-               "documents' mask from position_ids for sdpa and eager)")
+PACKED_HINT = (
+    "call the model with use_cache=False and no attention_mask (transformers then builds the packed "
+    "documents' mask from position_ids for sdpa and eager)"
+)
 
 
 def check_documents_apart(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> None:
@@ -92,8 +95,13 @@ def check_documents_apart(module: nn.Module, query: Tensor, key: Tensor, attenti
     st = getattr(module, STATE_ATTR, None)
     pos = None if st is None else st.positions  # (B|1, T) 1-indexed
     B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
-    if pos is None or not getattr(st, "positions_given", True) or Tq < 2 or pos.shape[-1] != Tq or \
-            torch.compiler.is_compiling():
+    if (
+        pos is None
+        or not getattr(st, "positions_given", True)
+        or Tq < 2
+        or pos.shape[-1] != Tq
+        or torch.compiler.is_compiling()
+    ):
         return  # positions the hooks counted themselves never restart
     # p == 1 after the first token: a sequence begins there (left padding's pads sit at p = 2, not 1)
     rows, cols = torch.nonzero(pos.expand(B, -1)[:, 1:] == 1, as_tuple=True)  # (n,) each
@@ -105,20 +113,26 @@ def check_documents_apart(module: nn.Module, query: Tensor, key: Tensor, attenti
     elif not isinstance(attention_mask, Tensor):  # a BlockMask (flex): not ours to read, sdpa / eager only
         return
     else:
-        m = attention_mask.reshape(-1, *attention_mask.shape[-2:]) if attention_mask.dim() != 4 else \
-            attention_mask[:, 0]  # (B|1, Tq, Tk): one mask for every head
+        m = (
+            attention_mask.reshape(-1, *attention_mask.shape[-2:])
+            if attention_mask.dim() != 4
+            else attention_mask[:, 0]
+        )  # (B|1, Tq, Tk): one mask for every head
         r, kv = rows if m.shape[0] > 1 else torch.zeros_like(rows), Tk - Tq + cols  # kv: the key of query cols
         seen = m[r, cols, kv - 1], m[r, cols, kv]  # the key before it, and itself (blocked: a padding query)
         leaks = [t if t.dtype == torch.bool else t > -1e4 for t in seen]  # an additive mask blocks with ~finfo.min
         leaks = leaks[0] & leaks[1]
     if bool(leaks.any()):
         i = int(torch.nonzero(leaks)[0])
-        raise UserError(f"SSA: position_ids restart at token {int(cols[i])} of row {int(rows[i])} (packed "
-                        f"documents), but the attention mask lets it see the document before it: {PACKED_HINT}")
+        raise UserError(
+            f"SSA: position_ids restart at token {int(cols[i])} of row {int(rows[i])} (packed "
+            f"documents), but the attention mask lets it see the document before it: {PACKED_HINT}"
+        )
 
 
-def ssa_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                       attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def ssa_sdpa_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
     """q/k/v (B, H, T, D) after RoPE and the cache update; v (and k) already carry their temperatures."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -128,8 +142,9 @@ def ssa_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def ssa_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                        attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def ssa_eager_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
     check_documents_apart(module, query, key, attention_mask)
     query, scaled = _scaled_inputs(module, query, key, value)
     with recomputing(scaled):
@@ -158,8 +173,10 @@ def ssa_implementation(requested: str) -> str:
     if requested in BACKENDS.values():
         return requested
     if requested not in BACKENDS:
-        raise ValueError(f"an SSA-converted model runs with attn_implementation 'sdpa' or 'eager' (its "
-                         f"temperatures live in those kernels), got {requested!r}")
+        raise ValueError(
+            f"an SSA-converted model runs with attn_implementation 'sdpa' or 'eager' (its "
+            f"temperatures live in those kernels), got {requested!r}"
+        )
     return BACKENDS[requested]
 
 

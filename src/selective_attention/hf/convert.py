@@ -40,11 +40,14 @@ def check_site(site: Site, config: SSAConfig) -> None:
         if site.fused is not None:
             unknown += [n for n in norm_like_children(site.attn) if n in known]
         if unknown and target not in site.norms:
-            raise ValueError(f"SSA {target} temperature: {where} has {unknown[0]!r}, a normalisation SSA does not "
-                             f"know how to follow, which would cancel it (drop the {target} temperature)")
+            raise ValueError(
+                f"SSA {target} temperature: {where} has {unknown[0]!r}, a normalisation SSA does not "
+                f"know how to follow, which would cancel it (drop the {target} temperature)"
+            )
     if site.fused is None:
-        scaled_at = [site.separate[t] for t in config.targets if t != "query" and t not in site.norms
-                     and t in site.separate]
+        scaled_at = [
+            site.separate[t] for t in config.targets if t != "query" and t not in site.norms and t in site.separate
+        ]
         if len(scaled_at) != len(set(scaled_at)):
             raise ValueError(f"SSA: {where}: the key and value temperatures would both scale {scaled_at[0]}")
 

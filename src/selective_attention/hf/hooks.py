@@ -105,14 +105,16 @@ class _NormHook:
         st = ssa_state(self.attn)
         tau = st.pending.pop(self.target, None)
         if tau is None:
-            raise RuntimeError(f"SSA: {st.site.name or type(self.attn).__name__}: the {self.target} norm ran "
-                               "without its projection")
+            raise RuntimeError(
+                f"SSA: {st.site.name or type(self.attn).__name__}: the {self.target} norm ran without its projection"
+            )
         heads, T = st.site.heads(self.target), tau.shape[-1]
         layout = FLAT if out.dim() == 3 else self.layout
         expect = {FLAT: (T, heads * st.head_dim), BTHD: (T, heads), BHTD: (heads, T)}[layout]
         if tuple(out.shape[1:3]) != expect:
-            raise RuntimeError(f"SSA: {st.site.name}: the {self.target} norm's output {tuple(out.shape)} is not "
-                               f"laid out as {layout}")
+            raise RuntimeError(
+                f"SSA: {st.site.name}: the {self.target} norm's output {tuple(out.shape)} is not laid out as {layout}"
+            )
         return _scale(st, self.target, out, tau, layout, heads, st.head_dim)
 
 
@@ -126,8 +128,10 @@ class _FusedHook:
         st = ssa_state(self.attn)
         temps = ssa_temperatures(self.attn)
         q, k, v = st.site.split(out)  # (B, T, heads, D) each
-        taus = {t: _compute(self.attn, st, t, x.transpose(1, 2)) if t in temps else None
-                for t, x in (("query", q), ("key", k), ("value", v))}
+        taus = {
+            t: _compute(self.attn, st, t, x.transpose(1, 2)) if t in temps else None
+            for t, x in (("query", q), ("key", k), ("value", v))
+        }
         for t, tau in taus.items():
             _note(st, t, tau)
         st.tau_q = taus["query"]
@@ -174,14 +178,18 @@ class _Release:
         st.hidden = st.positions = st.tau_q = None
         st.pending, st.scaled = {}, {}
         if unapplied:
-            raise RuntimeError(f"SSA: {st.site.name or type(module).__name__}: the {', '.join(unapplied)} "
-                               "temperature waits for a normalisation that did not run in this forward: it was "
-                               "not applied")
+            raise RuntimeError(
+                f"SSA: {st.site.name or type(module).__name__}: the {', '.join(unapplied)} "
+                "temperature waits for a normalisation that did not run in this forward: it was "
+                "not applied"
+            )
         if missed:
             impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
-            raise RuntimeError(f"SSA: {st.site.name or type(module).__name__} ran with attention implementation "
-                               f"{impl!r}, which drops the query temperature: use set_attn_implementation('sdpa' "
-                               "or 'eager') on the converted model")
+            raise RuntimeError(
+                f"SSA: {st.site.name or type(module).__name__} ran with attention implementation "
+                f"{impl!r}, which drops the query temperature: use set_attn_implementation('sdpa' "
+                "or 'eager') on the converted model"
+            )
 
 
 def _unhook(module: nn.Module, hook: Any) -> None:

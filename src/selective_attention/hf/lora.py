@@ -70,8 +70,9 @@ def save_lora(peft_model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_lora(base: str | os.PathLike, adapter: str | os.PathLike, *, is_trainable: bool = False,
-              **load_kwargs: Any) -> nn.Module:
+def load_lora(
+    base: str | os.PathLike, adapter: str | os.PathLike, *, is_trainable: bool = False, **load_kwargs: Any
+) -> nn.Module:
     """The PEFT model saved by ``save_lora``: the base (a plain or SSA-converted dir, or a .gguf), converted with
     the saved SSA config when it is plain, then the adapters and trained temperatures."""
     peft = _peft()

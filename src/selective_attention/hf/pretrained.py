@@ -59,8 +59,10 @@ def from_pretrained(path: str | os.PathLike, *, attn_implementation: str | None 
     record = json.loads(cfg_file.read_text())
     method = record.get("ssa_method")  # methods.METHOD_ATTR: a model of another method (gated, ...)
     if isinstance(method, dict):
-        raise UserError(f"{path}: a model of the attention method {method.get('name')!r}, which this loader would "
-                        "silently drop: load it with selective_attention.methods.load_model")
+        raise UserError(
+            f"{path}: a model of the attention method {method.get('name')!r}, which this loader would "
+            "silently drop: load it with selective_attention.methods.load_model"
+        )
     ssa = record.get("ssa")
     if ssa is None:
         if attn_implementation is not None:
@@ -84,8 +86,7 @@ def from_pretrained(path: str | os.PathLike, *, attn_implementation: str | None 
     expected = {k for k in model.state_dict() if f".{TEMPERATURE_ATTR}." in k}
     if set(saved) != expected:
         missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
-        raise ValueError(f"{path}: SSA tensors do not match the config (missing {missing[:3]}, unexpected "
-                         f"{extra[:3]})")
+        raise ValueError(f"{path}: SSA tensors do not match the config (missing {missing[:3]}, unexpected {extra[:3]})")
     result = model.load_state_dict(saved, strict=False)
     assert not result.unexpected_keys
     return model
@@ -119,8 +120,9 @@ def _load(p: Path, dtype: torch.dtype | None, kwargs: dict[str, Any]) -> tuple[n
     if p.is_file():
         if p.suffix != ".gguf":
             raise UserError(f"expected a model directory or a .gguf file, got {p}")
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                     dtype=dtype or torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p.parent), gguf_file=p.name, dtype=dtype or torch.float32, **kwargs
+        )
         _drop_dequantised_gguf_quantizer(model)
         tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     else:
@@ -136,8 +138,9 @@ def _load(p: Path, dtype: torch.dtype | None, kwargs: dict[str, Any]) -> tuple[n
     return model, tok
 
 
-def load_pretrained(path_or_gguf: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                    **kwargs: Any) -> tuple[nn.Module, Any]:
+def load_pretrained(
+    path_or_gguf: str | os.PathLike, *, dtype: torch.dtype | None = None, **kwargs: Any
+) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a Hugging Face dir (SSA-converted or plain), a .gguf file or the name of a bundled
     model (``"smollm2-135m"``: utils.packages.resolve_model), offline. The tokenizer is None when the directory
     has none.

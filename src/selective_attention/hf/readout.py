@@ -20,8 +20,7 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def model_temperatures(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None
-                       ) -> dict[str, Tensor]:
+def model_temperatures(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
     """Per-layer query and value temperatures {"query": (L, B, H, T), "value": (L, B, H, T)} in float32 for one
     forward pass (value heads repeated for GQA; a target without a temperature reports ones). Positions follow
     the attention mask (left padding), as in ``generate``."""

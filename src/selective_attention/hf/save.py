@@ -49,8 +49,10 @@ def check_output(out: Path, force: bool) -> None:
     if not force:
         raise UserError(f"--out {out} exists and is not empty (use --force to overwrite)")
     if not written_by_us(out):
-        raise UserError(f"--out {out} exists and was not written by ssa convert (no matching {MANIFEST}): "
-                        "refusing to overwrite it, remove it yourself or choose another --out")
+        raise UserError(
+            f"--out {out} exists and was not written by ssa convert (no matching {MANIFEST}): "
+            "refusing to overwrite it, remove it yourself or choose another --out"
+        )
 
 
 def write_model_dir(out: Path, write: Callable[[Path], None], *, force: bool = False) -> None:

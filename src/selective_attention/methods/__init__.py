@@ -59,17 +59,35 @@ from selective_attention.temperature import SSATemperatures, temperature_paramet
 METHOD_ATTR = "ssa_method"  # model.config.ssa_method = {"name": ..., "options": {...}} for the non-SSA methods
 QUERY_CARRIER = SSAConfig(init="scratch", value=False, token_aware=False)  # hooks that carry a query rule
 
-__all__ = ["METHODS", "ALIASES", "Applied", "Method", "MethodContext", "apply_method", "get_method", "load_model",
-           "parameter_counts", "install_rule", "install_gates", "frequency_table", "HeadGate", "ConstantTemperature",
-           "FrequencyTemperature", "Llama4Temperature", "OfficialPositionTemperature", "ScalableSoftmaxTemperature",
-           "YarnTemperature"]
+__all__ = [
+    "METHODS",
+    "ALIASES",
+    "Applied",
+    "Method",
+    "MethodContext",
+    "apply_method",
+    "get_method",
+    "load_model",
+    "parameter_counts",
+    "install_rule",
+    "install_gates",
+    "frequency_table",
+    "HeadGate",
+    "ConstantTemperature",
+    "FrequencyTemperature",
+    "Llama4Temperature",
+    "OfficialPositionTemperature",
+    "ScalableSoftmaxTemperature",
+    "YarnTemperature",
+]
 
 
 RULES = ("const", "yarn", "ssmax", "freq", "llama4", "ssa-official")
 
 
-def install_rule(model: nn.Module, rule: str, seq_len: int, freq_table: Tensor | None = None,
-                 options: dict[str, Any] | None = None) -> list[nn.Module]:
+def install_rule(
+    model: nn.Module, rule: str, seq_len: int, freq_table: Tensor | None = None, options: dict[str, Any] | None = None
+) -> list[nn.Module]:
     """Replace the query temperature of every SSA layer in a converted ``model`` by ``rule``. Returns the new
     modules (their parameters belong in the temperature optimizer group)."""
     opts = {**METHODS[rule].options_for(seq_len), **(options or {})} if rule in METHODS else {}
@@ -98,10 +116,10 @@ def install_rule(model: nn.Module, rule: str, seq_len: int, freq_table: Tensor |
         temps.fns["query"] = fn
         new.append(fn)
     if rule == "freq":
-        model.register_forward_pre_hook(_StashInputIds([m for m in new if isinstance(m, FrequencyTemperature)]),
-                                        with_kwargs=True)
+        model.register_forward_pre_hook(
+            _StashInputIds([m for m in new if isinstance(m, FrequencyTemperature)]), with_kwargs=True
+        )
     return new
-
 
 
 # ------------------------------------------------------------------------------------------- the registry
@@ -183,13 +201,18 @@ def _rule(name: str) -> Callable[[nn.Module, MethodContext], Applied]:
         table = None
         if name == "freq":
             if ctx.train_tokens is not None:
-                table = frequency_table(ctx.train_tokens, ctx.vocab or model.get_input_embeddings().num_embeddings,
-                                        ctx.options["lo"], ctx.options["hi"])
+                table = frequency_table(
+                    ctx.train_tokens,
+                    ctx.vocab or model.get_input_embeddings().num_embeddings,
+                    ctx.options["lo"],
+                    ctx.options["hi"],
+                )
             else:  # loading a saved model: the saved table replaces this placeholder
                 table = torch.ones(ctx.vocab or model.get_input_embeddings().num_embeddings)
         new = install_rule(model, name, ctx.seq_len, table, ctx.options)
         params = [p for m in new for p in m.parameters()]
         return Applied(params, params)
+
     return apply
 
 
@@ -198,20 +221,31 @@ def _gated(model: nn.Module, ctx: MethodContext) -> Applied:
     return Applied([p for g in gates for p in g.parameters()], [])
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("vanilla", _vanilla),
-    Method("ssa", _ssa, uses_ssa=True),
-    Method("ssa-pos-head", _ssa_pos, uses_ssa=True),
-    Method("ssa-official", _rule("ssa-official"), options={"beta": 2.0}),
-    Method("const", _rule("const")),
-    Method("yarn", _rule("yarn"), options={"coefficient": 0.1}),
-    Method("ssmax", _rule("ssmax"), options={"s_init": None},
-           derived=lambda seq_len: {"s_init": ScalableSoftmaxTemperature.default_s(seq_len)}),
-    Method("freq", _rule("freq"), options={"lo": 0.25, "hi": 4.0}, needs_train_tokens=True),
-    Method("llama4", _rule("llama4"), options={"beta": 0.1, "floor_scale": None},
-           derived=lambda seq_len: {"floor_scale": max(1, seq_len // 16)}),
-    Method("gated", _gated, options={"scale": 2.0}),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("vanilla", _vanilla),
+        Method("ssa", _ssa, uses_ssa=True),
+        Method("ssa-pos-head", _ssa_pos, uses_ssa=True),
+        Method("ssa-official", _rule("ssa-official"), options={"beta": 2.0}),
+        Method("const", _rule("const")),
+        Method("yarn", _rule("yarn"), options={"coefficient": 0.1}),
+        Method(
+            "ssmax",
+            _rule("ssmax"),
+            options={"s_init": None},
+            derived=lambda seq_len: {"s_init": ScalableSoftmaxTemperature.default_s(seq_len)},
+        ),
+        Method("freq", _rule("freq"), options={"lo": 0.25, "hi": 4.0}, needs_train_tokens=True),
+        Method(
+            "llama4",
+            _rule("llama4"),
+            options={"beta": 0.1, "floor_scale": None},
+            derived=lambda seq_len: {"floor_scale": max(1, seq_len // 16)},
+        ),
+        Method("gated", _gated, options={"scale": 2.0}),
+    )
+}
 
 
 ALIASES = {"ssa-pos": "ssa-pos-head"}  # older names, kept so that saved runs and configs load
@@ -224,9 +258,16 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def apply_method(model: nn.Module, name: str, *, ssa: SSAConfig | None = None, seq_len: int,
-                 options: dict[str, Any] | None = None, train_tokens: np.ndarray | None = None,
-                 vocab: int | None = None) -> Applied:
+def apply_method(
+    model: nn.Module,
+    name: str,
+    *,
+    ssa: SSAConfig | None = None,
+    seq_len: int,
+    options: dict[str, Any] | None = None,
+    train_tokens: np.ndarray | None = None,
+    vocab: int | None = None,
+) -> Applied:
     """Apply method ``name`` to ``model`` in place; non-SSA methods record themselves in model.config."""
     method = get_method(name)
     opts = method.options_for(seq_len, options)

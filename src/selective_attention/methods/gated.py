@@ -71,8 +71,10 @@ def install_gates(model: nn.Module, scale: float = 2.0) -> list[HeadGate]:
         raise UserError(f"gated attention: {e}") from None
     missing = [type(s.attn).__name__ for s in sites if not isinstance(getattr(s.attn, "o_proj", None), nn.Module)]
     if missing:
-        raise UserError(f"gated attention needs Llama-style attention modules with o_proj; {missing[0]} has none "
-                        f"(model {type(model).__name__})")
+        raise UserError(
+            f"gated attention needs Llama-style attention modules with o_proj; {missing[0]} has none "
+            f"(model {type(model).__name__})"
+        )
     gates = []
     for s in sites:
         ref = next(s.attn.parameters())
@@ -82,5 +84,3 @@ def install_gates(model: nn.Module, scale: float = 2.0) -> list[HeadGate]:
         s.attn.o_proj.register_forward_pre_hook(_ApplyGate(gate))
         gates.append(gate)
     return gates
-
-

@@ -133,5 +133,3 @@ class _StashInputIds:
         ids = kwargs.get("input_ids", args[0] if args else None)
         for m in self.modules:
             m.input_ids = ids
-
-

@@ -50,16 +50,22 @@ class Run:
         return self.info.get("seed", self.info.get("config", {}).get("seed"))
 
     def val_curve(self) -> tuple[np.ndarray, np.ndarray]:
-        pts = sorted((float(m["tokens"]), float(m["val_ppl"])) for m in self.metrics
-                     if "val_ppl" in m and m.get("tokens") is not None and is_finite(m["val_ppl"]))
+        pts = sorted(
+            (float(m["tokens"]), float(m["val_ppl"]))
+            for m in self.metrics
+            if "val_ppl" in m and m.get("tokens") is not None and is_finite(m["val_ppl"])
+        )
         if not pts:
             return np.zeros(0), np.zeros(0)
         t, p = zip(*pts)
         return np.asarray(t), np.asarray(p)
 
     def train_curve(self) -> tuple[np.ndarray, np.ndarray]:
-        pts = [(float(m["tokens"]), float(m["train_loss"])) for m in self.metrics
-               if "train_loss" in m and m.get("tokens") is not None and is_finite(m["train_loss"])]
+        pts = [
+            (float(m["tokens"]), float(m["train_loss"]))
+            for m in self.metrics
+            if "train_loss" in m and m.get("tokens") is not None and is_finite(m["train_loss"])
+        ]
         if not pts:
             return np.zeros(0), np.zeros(0)
         t, p = zip(*sorted(pts))
@@ -148,7 +154,7 @@ def summarise(groups: dict[str, list[Run]], baseline: str | None = None) -> dict
         for key in ("final_val_ppl", "final_val_loss", "tokens_per_s", "tokens"):
             vals = [r.info.get(key) for r in rs]
             if key.startswith("final_val"):  # fall back on the last validation line of metrics.jsonl
-                vals = [v if is_finite(v) else _last_metric(r, key[len("final_"):]) for v, r in zip(vals, rs)]
+                vals = [v if is_finite(v) else _last_metric(r, key[len("final_") :]) for v, r in zip(vals, rs)]
             d[key], d[key + "_std"] = _mean_std(vals)
         params = next((r.info["parameters"] for r in rs if isinstance(r.info.get("parameters"), dict)), None)
         d["parameters"] = params
@@ -162,8 +168,12 @@ def summarise(groups: dict[str, list[Run]], baseline: str | None = None) -> dict
         d["tokens_to_target"] = reach
         d["speedup"] = (base_tokens / reach) if (reach and base_tokens) else None
         d["reached_target"] = reach is not None
-    return {"baseline": baseline, "target_val_ppl": target, "baseline_tokens_to_target": base_tokens,
-            "methods": methods}
+    return {
+        "baseline": baseline,
+        "target_val_ppl": target,
+        "baseline_tokens_to_target": base_tokens,
+        "methods": methods,
+    }
 
 
 def _last_metric(run: Run, key: str) -> float | None:
@@ -174,6 +184,7 @@ def _last_metric(run: Run, key: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------- figures
+
 
 def plot_curves(groups: dict[str, list[Run]], path: Path, target: float | None = None) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
@@ -191,7 +202,7 @@ def plot_curves(groups: dict[str, list[Run]], path: Path, target: float | None =
         if len(tt):
             k = max(1, len(tl) // 50)  # moving average for a readable training curve
             sm = np.convolve(tl, np.ones(k) / k, mode="valid")
-            ax_t.plot(tt[k - 1:], sm, color=c, lw=1.5, label=m)
+            ax_t.plot(tt[k - 1 :], sm, color=c, lw=1.5, label=m)
     if target is not None:
         ax_v.axhline(target, color="grey", ls="--", lw=1, label=f"baseline final ({target:.2f})")
     ax_v.set(xlabel="training tokens", ylabel="validation perplexity", title="Validation perplexity")
@@ -216,8 +227,9 @@ def plot_dilution(curves: dict[str, dict[str, list[float]]], path: Path) -> Path
     if curves:
         c0 = next(iter(curves.values()))
         axes[0].plot(c0["position"], c0["uniform_entropy"], color="grey", ls="--", lw=1, label="uniform row (log p)")
-    axes[0].set(xlabel="query position p", ylabel="attention entropy (nats)",
-                title="Row entropy vs position (lower = sparser)")
+    axes[0].set(
+        xlabel="query position p", ylabel="attention entropy (nats)", title="Row entropy vs position (lower = sparser)"
+    )
     axes[1].set(xlabel="query position p", ylabel="max attention weight", title="Max weight vs position")
     axes[1].set_xscale("log")
     axes[1].set_yscale("log")
@@ -281,8 +293,10 @@ def collect_probes(groups: dict[str, list[Run]]) -> Probes:
         found = next(((r, p) for r in rs if (p := read_probe(r)) is not None), None)
         if found is None:
             if any((r.path / "final").is_dir() for r in rs):
-                out.notes.append(f"{m}: its final/ model has not been probed (no {PROBE_FILE}; `ssa report` "
-                                 "probes it), so no dilution or temperature figure.")
+                out.notes.append(
+                    f"{m}: its final/ model has not been probed (no {PROBE_FILE}; `ssa report` "
+                    "probes it), so no dilution or temperature figure."
+                )
             else:
                 out.notes.append(f"{m}: no final/ model directory, so no dilution or temperature figure.")
             continue
@@ -292,12 +306,17 @@ def collect_probes(groups: dict[str, list[Run]]) -> Probes:
             out.dilution[m] = probe["dilution"]
         temps = probe.get("temperatures")
         if temps and probe.get("tokens"):
-            out.temperatures[m] = {"tokens": probe["tokens"], "values": temps["query"]["mean"], "target": "query",
-                                   "layer": "mean"}
+            out.temperatures[m] = {
+                "tokens": probe["tokens"],
+                "values": temps["query"]["mean"],
+                "target": "query",
+                "layer": "mean",
+            }
     return out
 
 
 # ----------------------------------------------------------------------------------------------- writers
+
 
 def _fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
     if mean is None:
@@ -325,16 +344,35 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     rows = []
     for m, d in summary["methods"].items():
         total, new, pct = _params(d.get("parameters"))
-        rows.append([m, str(d["runs"]), _fmt(d["final_val_ppl"], d["final_val_ppl_std"]),
-                     _fmt(d["final_val_loss"], d["final_val_loss_std"], 4),
-                     _fmt(d["tokens_per_s"], d["tokens_per_s_std"], 0),
-                     "n/a" if d["tokens_to_target"] is None else f"{d['tokens_to_target']:,.0f}",
-                     _speed(d, summary["baseline"], m), total, new, pct])
+        rows.append(
+            [
+                m,
+                str(d["runs"]),
+                _fmt(d["final_val_ppl"], d["final_val_ppl_std"]),
+                _fmt(d["final_val_loss"], d["final_val_loss_std"], 4),
+                _fmt(d["tokens_per_s"], d["tokens_per_s_std"], 0),
+                "n/a" if d["tokens_to_target"] is None else f"{d['tokens_to_target']:,.0f}",
+                _speed(d, summary["baseline"], m),
+                total,
+                new,
+                pct,
+            ]
+        )
     return rows
 
 
-HEADER = ["method", "seeds", "val ppl (mean ± std)", "val loss", "tokens/s", "tokens to target",
-          "speed-up", "parameters", "new", "overhead"]
+HEADER = [
+    "method",
+    "seeds",
+    "val ppl (mean ± std)",
+    "val loss",
+    "tokens/s",
+    "tokens to target",
+    "speed-up",
+    "parameters",
+    "new",
+    "overhead",
+]
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -355,9 +393,17 @@ code { background: #f4f4f4; padding: 1px 4px; }
 """
 
 
-def build_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, *, title: str = "SSA vs vanilla",
-                 labels: list[str] | None = None, baseline: str | None = None, probe: bool = True,
-                 extra_html: str = "", extra_md: str = "") -> dict[str, Any]:
+def build_report(
+    run_dirs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    title: str = "SSA vs vanilla",
+    labels: list[str] | None = None,
+    baseline: str | None = None,
+    probe: bool = True,
+    extra_html: str = "",
+    extra_md: str = "",
+) -> dict[str, Any]:
     """Write OUT/report.html, OUT/report.md, OUT/report.json and OUT/figures/*.png; return the JSON summary.
 
     Reads only the run directories' JSON. The temperature and dilution figures come from each run's
@@ -389,14 +435,25 @@ def build_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, *, t
     temp_frags = []
     for m, t in probes.temperatures.items():
         name = f"temperatures_{_slug(m)}.png"
-        write_temperature_png(figdir / name, t["tokens"], t["values"],
-                              title=f"{m}: query inverse temperature tau_q per token (mean over layers and heads)")
+        write_temperature_png(
+            figdir / name,
+            t["tokens"],
+            t["values"],
+            title=f"{m}: query inverse temperature tau_q per token (mean over layers and heads)",
+        )
         figures[f"temperatures_{m}"] = f"figures/{name}"
         temp_frags.append((m, name, temperature_html_fragment(t["tokens"], t["values"])))
-    summary.update({"title": title, "figures": figures, "notes": notes,
-                    "dilution": probes.dilution,
-                    "temperatures": {m: {k: t[k] for k in ("tokens", "values", "target", "layer")}
-                                     for m, t in probes.temperatures.items()}})
+    summary.update(
+        {
+            "title": title,
+            "figures": figures,
+            "notes": notes,
+            "dilution": probes.dilution,
+            "temperatures": {
+                m: {k: t[k] for k in ("tokens", "values", "target", "layer")} for m, t in probes.temperatures.items()
+            },
+        }
+    )
     atomic_write_json(out / "report.json", summary)
     atomic_write_text(out / "report.md", _markdown(summary, figures, extra_md))
     atomic_write_text(out / "report.html", _html(summary, figures, temp_frags, extra_html, CSS + FRAGMENT_CSS))
@@ -412,25 +469,33 @@ def _speedup_sentences(summary: dict[str, Any]) -> list[str]:
     if tgt is None:
         return ["No validation curve: no speed-up can be computed."]
     bt = summary["baseline_tokens_to_target"]
-    out = [f"Target: the baseline ({b}) final validation perplexity {tgt:.3f}, first reached by {b} after "
-           f"{bt:,.0f} tokens." if bt else f"Target: {b}'s final validation perplexity {tgt:.3f}."]
+    out = [
+        f"Target: the baseline ({b}) final validation perplexity {tgt:.3f}, first reached by {b} after "
+        f"{bt:,.0f} tokens."
+        if bt
+        else f"Target: {b}'s final validation perplexity {tgt:.3f}."
+    ]
     for m, d in summary["methods"].items():
         if m == b:
             continue
         if d["tokens_to_target"] is None:
             out.append(f"{m}: did not reach {tgt:.3f} within its budget (not reached).")
         else:
-            out.append(f"{m}: reached it after {d['tokens_to_target']:,.0f} tokens, "
-                       f"a {d['speedup']:.2f}x tokens-to-target speed-up.")
+            out.append(
+                f"{m}: reached it after {d['tokens_to_target']:,.0f} tokens, "
+                f"a {d['speedup']:.2f}x tokens-to-target speed-up."
+            )
     return out
 
 
 def _markdown(summary: dict[str, Any], figures: dict[str, str], extra: str) -> str:
     parts = [f"# {summary['title']}", "", summary_table(summary), ""]
     parts += [f"- {s}" for s in _speedup_sentences(summary)] + [""]
-    captions = {"val_ppl": "Validation perplexity and training loss vs tokens",
-                "dilution": "Attention dilution: row entropy and max weight vs query position",
-                "parameters": "Parameter overhead"}
+    captions = {
+        "val_ppl": "Validation perplexity and training loss vs tokens",
+        "dilution": "Attention dilution: row entropy and max weight vs query position",
+        "parameters": "Parameter overhead",
+    }
     for k, rel in figures.items():
         parts += [f"![{captions.get(k, k)}]({rel})", ""]
     if summary["notes"]:
@@ -440,18 +505,23 @@ def _markdown(summary: dict[str, Any], figures: dict[str, str], extra: str) -> s
     return "\n".join(parts)
 
 
-def _html(summary: dict[str, Any], figures: dict[str, str], temp_frags: list[tuple[str, str, str]],
-          extra: str, css: str) -> str:
+def _html(
+    summary: dict[str, Any], figures: dict[str, str], temp_frags: list[tuple[str, str, str]], extra: str, css: str
+) -> str:
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in HEADER)
     body_rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in table_rows(summary))
-    parts = [f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(summary['title'])}"
-             f"</title><style>{css}</style></head><body>", f"<h1>{e(summary['title'])}</h1>",
-             "<h2>Results</h2>", f"<table><tr>{head}</tr>{body_rows}</table>",
-             "<p>Mean ± standard deviation over seeds (sample std; 0 with one seed). Speed-up: tokens the baseline "
-             "needs to reach its own final validation perplexity / tokens the method needs to reach that same "
-             "perplexity (first crossing, linear interpolation between evaluations).</p>",
-             "<ul>" + "".join(f"<li>{e(s)}</li>" for s in _speedup_sentences(summary)) + "</ul>"]
+    parts = [
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(summary["title"])}'
+        f"</title><style>{css}</style></head><body>",
+        f"<h1>{e(summary['title'])}</h1>",
+        "<h2>Results</h2>",
+        f"<table><tr>{head}</tr>{body_rows}</table>",
+        "<p>Mean ± standard deviation over seeds (sample std; 0 with one seed). Speed-up: tokens the baseline "
+        "needs to reach its own final validation perplexity / tokens the method needs to reach that same "
+        "perplexity (first crossing, linear interpolation between evaluations).</p>",
+        "<ul>" + "".join(f"<li>{e(s)}</li>" for s in _speedup_sentences(summary)) + "</ul>",
+    ]
     if extra:
         parts.append(extra)
     parts += ["<h2>Training curves</h2>", f'<img src="{figures["val_ppl"]}" alt="validation perplexity vs tokens">']
@@ -460,10 +530,12 @@ def _html(summary: dict[str, Any], figures: dict[str, str], temp_frags: list[tup
         for m, name, frag in temp_frags:
             parts += [f"<h3>{e(m)}</h3>", f'<img src="figures/{name}" alt="temperatures of {e(m)}">', frag]
     if "dilution" in figures:
-        parts += ["<h2>Attention dilution</h2>",
-                  "<p>Mean over layers, heads and validation sequences. A uniform row over p keys has entropy "
-                  "log p; dilution is the entropy following that line.</p>",
-                  f'<img src="{figures["dilution"]}" alt="attention dilution">']
+        parts += [
+            "<h2>Attention dilution</h2>",
+            "<p>Mean over layers, heads and validation sequences. A uniform row over p keys has entropy "
+            "log p; dilution is the entropy following that line.</p>",
+            f'<img src="{figures["dilution"]}" alt="attention dilution">',
+        ]
     if "parameters" in figures:
         parts += ["<h2>Parameter overhead</h2>", f'<img src="{figures["parameters"]}" alt="parameter overhead">']
     if summary["notes"]:
@@ -492,6 +564,9 @@ def broken_images(report_html: str | os.PathLike) -> tuple[list[str], list[str]]
 
     report_html = Path(report_html)
     srcs = re.findall(r'<img[^>]*\bsrc="([^"]+)"', report_html.read_text(encoding="utf-8"))
-    bad = [s for s in srcs if s.startswith(("/", "http:", "https:", "file:", "data:"))
-           or not is_png(report_html.parent / s)]
+    bad = [
+        s
+        for s in srcs
+        if s.startswith(("/", "http:", "https:", "file:", "data:")) or not is_png(report_html.parent / s)
+    ]
     return srcs, bad

@@ -43,13 +43,17 @@ def temperature_html_fragment(tokens: list[str], values: list[float], caption: s
     for tok, v, x in zip(tokens, values, norm):
         r, g, b = _rgb(x)
         fg = "#fff" if x > 0.55 else "#000"
-        spans.append(f'<span class="tok" style="background:rgb({r},{g},{b});color:{fg}" '
-                     f'title="tau={v:.4f}">{html.escape(_visible(tok))}</span>')
+        spans.append(
+            f'<span class="tok" style="background:rgb({r},{g},{b});color:{fg}" '
+            f'title="tau={v:.4f}">{html.escape(_visible(tok))}</span>'
+        )
     lo_rgb, hi_rgb = _rgb(0.0), _rgb(1.0)
-    legend = (f'<div class="legend">tau {lo:.3f} <span class="bar" style="background:linear-gradient(90deg,'
-              f'rgb{lo_rgb},rgb{hi_rgb})"></span> {hi:.3f} &nbsp; (darker = larger inverse temperature = '
-              f'sparser attention)</div>')
-    cap = f"<p class=\"caption\">{html.escape(caption)}</p>" if caption else ""
+    legend = (
+        f'<div class="legend">tau {lo:.3f} <span class="bar" style="background:linear-gradient(90deg,'
+        f'rgb{lo_rgb},rgb{hi_rgb})"></span> {hi:.3f} &nbsp; (darker = larger inverse temperature = '
+        f"sparser attention)</div>"
+    )
+    cap = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
     return f'<div class="temps">{"".join(spans)}</div>{legend}{cap}'
 
 
@@ -63,19 +67,23 @@ FRAGMENT_CSS = """
 """
 
 
-def write_temperature_html(path: str | Path, tokens: list[str], values: list[float], title: str,
-                           caption: str = "") -> Path:
+def write_temperature_html(
+    path: str | Path, tokens: list[str], values: list[float], title: str, caption: str = ""
+) -> Path:
     from selective_attention.utils.io import atomic_write_text
 
     body = temperature_html_fragment(tokens, values, caption)
-    doc = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-           f"<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}{FRAGMENT_CSS}</style></head>"
-           f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+    doc = (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}{FRAGMENT_CSS}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    )
     return atomic_write_text(path, doc)
 
 
-def write_temperature_png(path: str | Path, tokens: list[str], values: list[float], title: str = "",
-                          width_chars: int = 90) -> Path:
+def write_temperature_png(
+    path: str | Path, tokens: list[str], values: list[float], title: str = "", width_chars: int = 90
+) -> Path:
     """Tokens laid out as wrapped text, each on a box coloured by tau, with a colour bar."""
     from selective_attention.utils.io import atomic_write
 
@@ -113,8 +121,16 @@ def write_temperature_png(path: str | Path, tokens: list[str], values: list[floa
         for part, x in line:
             r, g, b = _rgb(x)
             ax.add_patch(plt.Rectangle((col, row + 0.1), len(part), 0.8, color=(r / 255, g / 255, b / 255), lw=0))
-            ax.text(col, row + 0.5, part, va="center", ha="left", family="monospace", fontsize=fs,
-                    color="white" if x > 0.55 else "black")
+            ax.text(
+                col,
+                row + 0.5,
+                part,
+                va="center",
+                ha="left",
+                family="monospace",
+                fontsize=fs,
+                color="white" if x > 0.55 else "black",
+            )
             col += len(part)
     if title:
         ax.set_title(title, fontsize=10, loc="left")
@@ -148,8 +164,9 @@ def select_temperatures(probe: dict, target: str = "query", layer: int | str = "
     return list(per_layer[int(layer)])
 
 
-def render_temperatures(probe: dict, out: str | Path, target: str = "query", layer: int | str = "mean",
-                        source: str = "") -> str:
+def render_temperatures(
+    probe: dict, out: str | Path, target: str = "query", layer: int | str = "mean", source: str = ""
+) -> str:
     """Write the probe's tokens coloured by one temperature row to ``out`` (.html or .png); return a one-line
     summary of what was written."""
     out = Path(out)

@@ -1,12 +1,12 @@
 """Training: ``train(TrainConfig(...))`` for ``ssa train`` runs, and the pieces experiments reuse.
 
-    config   TrainConfig (+ validation, older layouts)      data     WindowSampler
-    optim    OptimConfig, build_optimizer, lr_factor          loss     lm_loss, evaluate_loss
-    loop     train_step, fit (no run directory)               methods  attention methods by name
-    rundir   run directory: manifest, plan, resume, writes    models   named sizes, loading
-    checkpoint  safetensors + JSON checkpoint files           lock     one run per directory (flock)
-    limits   settings that cannot fit (data, memory)          launch   torchrun
-    trainer  train = setup / run_steps / finish
+config   TrainConfig (+ validation, older layouts)      data     WindowSampler
+optim    OptimConfig, build_optimizer, lr_factor          loss     lm_loss, evaluate_loss
+loop     train_step, fit (no run directory)               methods  attention methods by name
+rundir   run directory: manifest, plan, resume, writes    models   named sizes, loading
+checkpoint  safetensors + JSON checkpoint files           lock     one run per directory (flock)
+limits   settings that cannot fit (data, memory)          launch   torchrun
+trainer  train = setup / run_steps / finish
 """
 
 from selective_attention.train.config import TrainConfig

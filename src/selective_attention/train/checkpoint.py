@@ -57,8 +57,12 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], seen: dict[tuple, str], 
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: _encode(v, tensors, seen, f"{key}/{k}") for k, v in obj.items()}
-        return {"__items__": [[_encode(k, tensors, seen, f"{key}/#k{i}"), _encode(v, tensors, seen, f"{key}/{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__items__": [
+                [_encode(k, tensors, seen, f"{key}/#k{i}"), _encode(v, tensors, seen, f"{key}/{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, tensors, seen, f"{key}/{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -113,6 +117,7 @@ def nbytes(state: dict[str, Any]) -> int:
         elif isinstance(o, (list, tuple)):
             for v in o:
                 walk(v)
+
     walk(state)
     return total
 
@@ -123,8 +128,16 @@ def write(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     meta = _encode(state, tensors, {}, "s")
-    save_file(tensors, str(path), metadata={"format": FORMAT, "version": str(VERSION), "state": json.dumps(meta),
-                                            "content_sha256": content_sha256(tensors)})
+    save_file(
+        tensors,
+        str(path),
+        metadata={
+            "format": FORMAT,
+            "version": str(VERSION),
+            "state": json.dumps(meta),
+            "content_sha256": content_sha256(tensors),
+        },
+    )
     fsync_file(path)
 
 
@@ -139,8 +152,9 @@ def read(path: str | os.PathLike, expect: dict[str, Any] | None = None, verify: 
     if expect:
         size = path.stat().st_size
         if expect.get("size") is not None and size != expect["size"]:
-            raise CheckpointError(f"{path}: {size} bytes, the run manifest recorded {expect['size']} (truncated or "
-                                  "overwritten)")
+            raise CheckpointError(
+                f"{path}: {size} bytes, the run manifest recorded {expect['size']} (truncated or overwritten)"
+            )
         if expect.get("sha256") and sha256_file(path) != expect["sha256"]:
             raise CheckpointError(f"{path}: sha256 differs from the one recorded when it was written (corrupt)")
     from safetensors import safe_open
@@ -152,8 +166,10 @@ def read(path: str | os.PathLike, expect: dict[str, Any] | None = None, verify: 
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path}: not a checkpoint of ssa train (no {FORMAT} header)")
         if int(meta.get("version", 0)) > VERSION:
-            raise CheckpointError(f"{path}: checkpoint format {meta['version']} is newer than this version reads "
-                                  f"({VERSION}): update selective-attention")
+            raise CheckpointError(
+                f"{path}: checkpoint format {meta['version']} is newer than this version reads "
+                f"({VERSION}): update selective-attention"
+            )
         tensors = load_file(str(path))
         if verify and content_sha256(tensors) != meta.get("content_sha256"):
             raise CheckpointError(f"{path}: its contents do not match their checksum (corrupt)")
@@ -202,8 +218,10 @@ def _read_legacy(path: Path) -> dict[str, Any]:
         if "Unsupported global" in text or "weights_only" in text.lower() or "Weights only" in text:
             what = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
             what = what.split("Unsupported global:", 1)[-1].split(" was not", 1)[0].strip() if what else "an object"
-            raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values ({what}); "
-                                  "checkpoints are never unpickled") from None
+            raise CheckpointError(
+                f"{path}: refused, it holds more than tensors and plain values ({what}); "
+                "checkpoints are never unpickled"
+            ) from None
         msg = first_line(e) or type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {msg})") from None
     if not isinstance(state, dict) or not {"model", "optimizer", "step", "config"} <= set(state):

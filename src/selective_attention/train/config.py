@@ -27,9 +27,17 @@ FINETUNE_POSITION_SCALE = 1.0
 RESUME_FREE = {"progress", "overwrite", "stop_at_step", "cache_dir", "keep_checkpoints", "nproc", "log_every", "out"}
 PATH_FIELDS = ("data", "init_from")  # compared resolved (a run records them in its manifest)
 # older flat key -> SSAConfig field
-LEGACY_SSA_KEYS = {"sharing": "sharing", "query": "query", "value": "value", "key": "key",
-                   "token_aware": "token_aware", "position_aware": "position_aware",
-                   "value_position_aware": "value_position_aware", "ssa_init": "init", "mlp_hidden": "mlp_hidden"}
+LEGACY_SSA_KEYS = {
+    "sharing": "sharing",
+    "query": "query",
+    "value": "value",
+    "key": "key",
+    "token_aware": "token_aware",
+    "position_aware": "position_aware",
+    "value_position_aware": "value_position_aware",
+    "ssa_init": "init",
+    "mlp_hidden": "mlp_hidden",
+}
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -132,8 +140,11 @@ class TrainConfig:
     def ssa_config(self) -> SSAConfig:
         """``ssa`` resolved: the default init follows init_from (identity fine-tuning, scratch from scratch)."""
         if self.ssa is None:
-            return SSAConfig(init="identity", position_scale=FINETUNE_POSITION_SCALE) if self.init_from else \
-                SSAConfig(init="scratch")
+            return (
+                SSAConfig(init="identity", position_scale=FINETUNE_POSITION_SCALE)
+                if self.init_from
+                else SSAConfig(init="scratch")
+            )
         if isinstance(self.ssa, dict):
             return _ssa_from_dict(self.ssa, self.init_from)
         return self.ssa
@@ -174,30 +185,51 @@ class TrainConfig:
             if not ok:
                 raise UserError(msg)
 
-        need(self.attention in _method_names(),
-             f"--attention must be one of {', '.join(_method_names())}, got {self.attention!r}")
-        need(self.init_from is not None or self.size in SIZES,
-             f"unknown --size {self.size!r}: use one of {', '.join(SIZES)}")
-        for name in ("max_tokens", "seq_len", "batch_size", "grad_accum", "nproc", "vocab_size", "log_every",
-                     "keep_checkpoints", "eval_tokens"):
+        need(
+            self.attention in _method_names(),
+            f"--attention must be one of {', '.join(_method_names())}, got {self.attention!r}",
+        )
+        need(
+            self.init_from is not None or self.size in SIZES,
+            f"unknown --size {self.size!r}: use one of {', '.join(SIZES)}",
+        )
+        for name in (
+            "max_tokens",
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "nproc",
+            "vocab_size",
+            "log_every",
+            "keep_checkpoints",
+            "eval_tokens",
+        ):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                 f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                f"--{name.replace('_', '-')} must be a positive integer, got {v!r}",
+            )
         for name in ("lr", "clip"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"--{name} must be > 0, got {v!r}")
-        need(self.temperature_lr is None or (math.isfinite(self.temperature_lr) and self.temperature_lr >= 0),
-             f"--temperature-lr must be >= 0, got {self.temperature_lr!r}")
+        need(
+            self.temperature_lr is None or (math.isfinite(self.temperature_lr) and self.temperature_lr >= 0),
+            f"--temperature-lr must be >= 0, got {self.temperature_lr!r}",
+        )
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(self.warmup is None or self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
         need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
         need(self.stop_at_step is None or self.stop_at_step >= 1, "--stop-at-step must be >= 1")
-        need(isinstance(self.temperatures_only, bool), f"temperatures_only must be true or false, got "
-             f"{self.temperatures_only!r}")
-        need(not (self.temperatures_only and self.attention == "vanilla"),
-             "--temperatures-only trains only the SSA temperatures: --attention vanilla has none (use ssa)")
+        need(
+            isinstance(self.temperatures_only, bool),
+            f"temperatures_only must be true or false, got {self.temperatures_only!r}",
+        )
+        need(
+            not (self.temperatures_only and self.attention == "vanilla"),
+            "--temperatures-only trains only the SSA temperatures: --attention vanilla has none (use ssa)",
+        )
         need(self.packing in PACKINGS, f"--packing must be {' or '.join(PACKINGS)}, got {self.packing!r}")
         need(self.precision in PRECISIONS, f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
@@ -206,19 +238,25 @@ class TrainConfig:
         tok = self.tokenizer_kind
         need(tok in ("bpe", "gpt2", "pretrained"), f"--tokenizer must be bpe, gpt2 or pretrained, got {tok!r}")
         need(tok != "pretrained" or self.init_from is not None, "--tokenizer pretrained needs --init-from")
-        need(self.init_from is None or tok == "pretrained",
-             "--init-from fine-tunes a pretrained model with its own tokenizer: drop --tokenizer")
-        need(self.ssa is None or isinstance(self.ssa, (SSAConfig, dict)), f"ssa: expected SSAConfig fields, got "
-             f"{self.ssa!r}")
+        need(
+            self.init_from is None or tok == "pretrained",
+            "--init-from fine-tunes a pretrained model with its own tokenizer: drop --tokenizer",
+        )
+        need(
+            self.ssa is None or isinstance(self.ssa, (SSAConfig, dict)),
+            f"ssa: expected SSAConfig fields, got {self.ssa!r}",
+        )
         self.ssa_config()
         get_method(self.attention).check_options(self.method_options)
         if self.init_from is not None and not resolve_model(self.init_from).exists():  # a bundled name resolves
             raise UserError(f"--init-from: not found: {self.init_from}")
         steps = self.total_steps()
-        need(self.warmup is None or self.warmup <= steps,
-             f"--warmup {self.warmup} is longer than the run ({steps} optimizer steps of "
-             f"{self.batch_size * self.grad_accum * self.nproc * self.seq_len:,} tokens for --max-tokens "
-             f"{self.max_tokens:,}): lower --warmup or raise --max-tokens")
+        need(
+            self.warmup is None or self.warmup <= steps,
+            f"--warmup {self.warmup} is longer than the run ({steps} optimizer steps of "
+            f"{self.batch_size * self.grad_accum * self.nproc * self.seq_len:,} tokens for --max-tokens "
+            f"{self.max_tokens:,}): lower --warmup or raise --max-tokens",
+        )
 
     @property
     def tokenizer_kind(self) -> str:

@@ -29,8 +29,9 @@ class DocumentIndex:
 
     def __init__(self, tokens: np.ndarray, boundary: int) -> None:
         self.tokens, self.boundary = tokens, int(boundary)
-        starts = [np.flatnonzero(np.asarray(tokens[i: i + _CHUNK]) == boundary) + i
-                  for i in range(0, len(tokens), _CHUNK)]
+        starts = [
+            np.flatnonzero(np.asarray(tokens[i : i + _CHUNK]) == boundary) + i for i in range(0, len(tokens), _CHUNK)
+        ]
         self.starts = np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, dtype=np.int64)
 
     def longest(self) -> int:
@@ -42,7 +43,7 @@ class DocumentIndex:
         """0-indexed in-document positions (length,) of tokens[start: start + length]."""
         j = int(np.searchsorted(self.starts, start, side="right")) - 1
         first = int(self.starts[j]) if j >= 0 else 0  # where the document holding tokens[start] began
-        window = np.asarray(self.tokens[start: start + length])
+        window = np.asarray(self.tokens[start : start + length])
         idx = np.arange(len(window), dtype=np.int64)
         last = np.maximum.accumulate(np.where(window == self.boundary, idx, -1))  # the latest start in the window
         return np.where(last >= 0, idx - last, start - first + idx)
@@ -62,8 +63,10 @@ class WindowSampler:
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, boundary: int | None = None) -> None:
         n = len(tokens)
         if n < seq_len + 1:
-            raise UserError(f"the train split has {n} tokens, fewer than --seq-len + 1 = {seq_len + 1}: "
-                            "use a larger corpus or a smaller --seq-len")
+            raise UserError(
+                f"the train split has {n} tokens, fewer than --seq-len + 1 = {seq_len + 1}: "
+                "use a larger corpus or a smaller --seq-len"
+            )
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.max_phase = seq_len if n >= 2 * seq_len else 1  # a random phase only if it keeps >= 1 window
         self.n_windows = (n - self.max_phase) // seq_len
@@ -86,7 +89,7 @@ class WindowSampler:
         return out
 
     def windows(self, indices: range) -> torch.Tensor:
-        rows = [np.asarray(self.tokens[s: s + self.seq_len + 1], dtype=np.int64) for s in self.starts(indices)]
+        rows = [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in self.starts(indices)]
         return torch.from_numpy(np.stack(rows))  # (n, seq_len + 1)
 
     def samples(self, indices: range) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,8 +98,9 @@ class WindowSampler:
         if self.documents is None:
             return self.windows(indices)
         starts = self.starts(indices)
-        w = torch.from_numpy(np.stack([np.asarray(self.tokens[s: s + self.seq_len + 1], dtype=np.int64)
-                                       for s in starts]))  # (n, seq_len + 1)
+        w = torch.from_numpy(
+            np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        )  # (n, seq_len + 1)
         return w[:, :-1], w[:, 1:], self.documents.batch_positions(starts, self.seq_len)
 
     def batches(self, batch_size: int):

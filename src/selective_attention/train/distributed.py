@@ -114,8 +114,9 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) \
-        else model
+    return (
+        model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    )
 
 
 def no_sync(model: nn.Module, info: DistInfo, sync: bool):
@@ -178,8 +179,18 @@ def launch(nproc: int, config_file: str, out: Path | None = None) -> tuple[int, 
     from selective_attention.train.lock import ENV_HELD
     from selective_attention.utils.parent import ENV_PARENT
 
-    cmd = [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "selective_attention", "train", "--config", config_file]
+    cmd = [
+        sys.executable,
+        "-c",
+        TORCHRUN,
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "selective_attention",
+        "train",
+        "--config",
+        config_file,
+    ]
     env = dict(os.environ)
     env["SSA_LAUNCHED"] = "1"  # the parent prints the summary, not rank 0 as well
     env[ENV_PARENT] = str(os.getpid())  # torchrun, and through it the processes, stop when this process dies
@@ -202,6 +213,5 @@ def report_error(message: str) -> bool:
     folder = os.environ.get(ENV_ERRORS)
     if not folder or not Path(folder).is_dir():
         return False
-    (Path(folder) / f"rank-{os.environ.get('RANK', '0')}.txt").write_text(message.replace("\n", " "),
-                                                                          encoding="utf-8")
+    (Path(folder) / f"rank-{os.environ.get('RANK', '0')}.txt").write_text(message.replace("\n", " "), encoding="utf-8")
     return True

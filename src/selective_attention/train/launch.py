@@ -23,8 +23,15 @@ def launch(cfg: TrainConfig) -> dict:
         if plan.kind == "done":
             return plan.result  # type: ignore[return-value]
         plan.state = None  # the children read the checkpoint themselves
-        prepare(cfg.data, cfg.tokenizer_kind, cfg.vocab_size, cfg.init_from, cfg.split_seed, cfg.cache_dir,
-                splits=("train", "val"))  # a bad corpus fails here too; fills the token cache once for all
+        prepare(
+            cfg.data,
+            cfg.tokenizer_kind,
+            cfg.vocab_size,
+            cfg.init_from,
+            cfg.split_seed,
+            cfg.cache_dir,
+            splits=("train", "val"),
+        )  # a bad corpus fails here too; fills the token cache once for all
         import yaml
 
         with tempfile.TemporaryDirectory(prefix="ssa-train-") as tmp:

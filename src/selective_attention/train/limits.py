@@ -40,16 +40,21 @@ def activation_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
     return total
 
 
-def check_fits(model: nn.Module, device: torch.device, batch: int, seq_len: int, step_tokens: int,
-               train_tokens: int) -> None:
+def check_fits(
+    model: nn.Module, device: torch.device, batch: int, seq_len: int, step_tokens: int, train_tokens: int
+) -> None:
     """UserError when one optimizer step needs more tokens than the train split holds, or a micro-batch more
     memory than the device has."""
     if step_tokens > train_tokens:
-        raise UserError(f"one optimizer step takes {step_tokens:,} tokens (--batch-size x --grad-accum x processes x "
-                        f"(--seq-len + 1)), more than the whole train split ({train_tokens:,} tokens): lower "
-                        "--seq-len or --batch-size")
+        raise UserError(
+            f"one optimizer step takes {step_tokens:,} tokens (--batch-size x --grad-accum x processes x "
+            f"(--seq-len + 1)), more than the whole train split ({train_tokens:,} tokens): lower "
+            "--seq-len or --batch-size"
+        )
     need, have = activation_bytes(model, batch, seq_len), device_memory(device)
     if have is not None and need > have:
-        raise UserError(f"--seq-len {seq_len} with --batch-size {batch} needs at least {human_bytes(need)} of "
-                        f"activations per micro-batch, more than the {human_bytes(have)} of {device.type} memory: "
-                        "lower --seq-len or --batch-size (--grad-accum keeps the tokens per step)")
+        raise UserError(
+            f"--seq-len {seq_len} with --batch-size {batch} needs at least {human_bytes(need)} of "
+            f"activations per micro-batch, more than the {human_bytes(have)} of {device.type} memory: "
+            "lower --seq-len or --batch-size (--grad-accum keeps the tokens per step)"
+        )

@@ -49,8 +49,10 @@ class RunLock:
             except OSError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise RunInUse(f"--out {self.path.parent} is in use by another ssa train run (PID {holder}): wait "
-                                "for it to finish or choose another directory") from None
+                raise RunInUse(
+                    f"--out {self.path.parent} is in use by another ssa train run (PID {holder}): wait "
+                    "for it to finish or choose another directory"
+                ) from None
             if self._is_current(fd):
                 break
             os.close(fd)  # its holder removed that file after we opened it: lock the one at the path now

@@ -42,11 +42,11 @@ class Diverged(UserError):
 
 def autocast_for(device: torch.device, precision: str = "auto") -> Callable[[], AbstractContextManager]:
     """A factory of the forward's autocast context: bf16 for "bf16", or "auto" on a CUDA device with bf16."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda"
-                                       and torch.cuda.is_bf16_supported())
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 
     def autocast() -> AbstractContextManager:
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
     return autocast
 
 
@@ -72,12 +72,21 @@ def batch_positions(batch: Batch) -> torch.Tensor | None:
     return batch[2] if isinstance(batch, tuple) and len(batch) == 3 else None
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Callable[[int], Batch], *,
-               step: int, lr_scale: float = 1.0, grad_accum: int = 1, clip: float | None = 1.0,
-               autocast: Callable[[], AbstractContextManager] = nullcontext,
-               no_sync: Callable[[int], AbstractContextManager] | None = None,
-               reduce: Callable[[torch.Tensor], Any] | None = None, world: int = 1,
-               params: Iterable[nn.Parameter] | None = None) -> tuple[float, float]:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Callable[[int], Batch],
+    *,
+    step: int,
+    lr_scale: float = 1.0,
+    grad_accum: int = 1,
+    clip: float | None = 1.0,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    no_sync: Callable[[int], AbstractContextManager] | None = None,
+    reduce: Callable[[torch.Tensor], Any] | None = None,
+    world: int = 1,
+    params: Iterable[nn.Parameter] | None = None,
+) -> tuple[float, float]:
     """One optimizer step at (0-indexed) ``step``: lr = base_lr * lr_scale, ``grad_accum`` micro-batches
     ``batch(m)`` (B, T + 1) (or an (inputs, targets) pair) on the model's device, mean loss, gradient clipping,
     AdamW step.
@@ -129,12 +138,23 @@ class FitResult:
         return self.tokens / max(self.train_time_s, 1e-9)
 
 
-def fit(model: nn.Module, batches: Callable[[int], Batch], steps: int, optim: OptimConfig | None = None, *,
-        device: str | torch.device | None = None, grad_accum: int = 1, precision: str = "fp32",
-        temperature_params: Iterable[nn.Parameter] = (), schedule: Callable[[int], float] | None = None,
-        evaluate: Callable[[nn.Module], Any] | None = None, eval_every: int = 0, compile: bool = False,
-        optimizer: torch.optim.Optimizer | None = None,
-        on_step: Callable[[int, float], None] | None = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    batches: Callable[[int], Batch],
+    steps: int,
+    optim: OptimConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    grad_accum: int = 1,
+    precision: str = "fp32",
+    temperature_params: Iterable[nn.Parameter] = (),
+    schedule: Callable[[int], float] | None = None,
+    evaluate: Callable[[nn.Module], Any] | None = None,
+    eval_every: int = 0,
+    compile: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> FitResult:
     """Train ``model`` for ``steps`` optimizer steps on ``batches`` with no run directory.
 
     - ``batches(i)``: micro-batch i = step * grad_accum + m, a (B, T + 1) long tensor or an (inputs, targets)
@@ -147,8 +167,11 @@ def fit(model: nn.Module, batches: Callable[[int], Batch], steps: int, optim: Op
     - ``compile``: torch.compile the forward; ``on_step(step, loss)``: after each step (1-indexed step).
     """
     optim = optim or OptimConfig()
-    dev = next(model.parameters()).device if device is None else (
-        device if isinstance(device, torch.device) else choose_device(device))
+    dev = (
+        next(model.parameters()).device
+        if device is None
+        else (device if isinstance(device, torch.device) else choose_device(device))
+    )
     model.to(dev).train()
     if optimizer is None:
         optimizer = build_optimizer(model, optim, dev, temperature_params)
@@ -162,13 +185,25 @@ def fit(model: nn.Module, batches: Callable[[int], Batch], steps: int, optim: Op
 
         def batch(m: int, step: int = step, n_inputs: list[int] = n_inputs) -> Batch:
             w = batches(step * grad_accum + m)
-            w = w.to(dev, non_blocking=True) if isinstance(w, torch.Tensor) else tuple(
-                t.to(dev, non_blocking=True) for t in w)
+            w = (
+                w.to(dev, non_blocking=True)
+                if isinstance(w, torch.Tensor)
+                else tuple(t.to(dev, non_blocking=True) for t in w)
+            )
             n_inputs.append(inputs_targets(w)[0].numel())
             return w
 
-        loss, _ = train_step(run_model, optimizer, batch, step=step, lr_scale=scale(step), grad_accum=grad_accum,
-                             clip=optim.clip, autocast=autocast, params=model.parameters())
+        loss, _ = train_step(
+            run_model,
+            optimizer,
+            batch,
+            step=step,
+            lr_scale=scale(step),
+            grad_accum=grad_accum,
+            clip=optim.clip,
+            autocast=autocast,
+            params=model.parameters(),
+        )
         result.train_time_s += time.perf_counter() - t0
         result.steps, result.train_loss = step + 1, loss
         result.tokens += sum(n_inputs)

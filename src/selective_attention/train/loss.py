@@ -35,9 +35,16 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int,
-                  info: D.DistInfo | None = None, autocast: Callable[[], Any] = nullcontext,
-                  documents: DocumentIndex | None = None) -> float:
+def evaluate_loss(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int,
+    info: D.DistInfo | None = None,
+    autocast: Callable[[], Any] = nullcontext,
+    documents: DocumentIndex | None = None,
+) -> float:
     """Mean next-token loss over the first ``max_tokens`` tokens of ``tokens`` in non-overlapping windows
     (windows split across the processes of ``info``; None: one process on the model's device). ``documents``
     (the index of ``tokens``): packed documents, as in training with them - the same windows, attention and
@@ -54,10 +61,10 @@ def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batc
     per_rank = math.ceil(n_win / info.world_size)
     n_batches = math.ceil(per_rank / batch_size)
     for b in range(n_batches):
-        idx = mine[b * batch_size: (b + 1) * batch_size]
+        idx = mine[b * batch_size : (b + 1) * batch_size]
         pad = not idx
         idx = idx or [0]
-        w = torch.from_numpy(np.stack([np.asarray(tokens[i * L: i * L + L + 1], dtype=np.int64) for i in idx]))
+        w = torch.from_numpy(np.stack([np.asarray(tokens[i * L : i * L + L + 1], dtype=np.int64) for i in idx]))
         w = w.to(info.device)
         pos = None if documents is None else documents.batch_positions([i * L for i in idx], L).to(info.device)
         with autocast():

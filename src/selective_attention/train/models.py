@@ -30,22 +30,40 @@ from selective_attention.utils.packages import resolve_model
 
 def _llama(d: int, layers: int, heads: int, ffn: int) -> Callable[[int, int], PretrainedConfig]:
     def build(vocab: int, seq_len: int) -> PretrainedConfig:
-        return LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
-                           num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq_len,
-                           tie_word_embeddings=True, rms_norm_eps=1e-5, initializer_range=0.02)
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=d,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=seq_len,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+            initializer_range=0.02,
+        )
+
     return build
 
 
 def _gpt2(vocab: int, seq_len: int) -> PretrainedConfig:
-    return GPT2Config(vocab_size=vocab, n_positions=max(seq_len, 1024), n_embd=768, n_layer=12, n_head=12,
-                      tie_word_embeddings=True)
+    return GPT2Config(
+        vocab_size=vocab, n_positions=max(seq_len, 1024), n_embd=768, n_layer=12, n_head=12, tie_word_embeddings=True
+    )
 
 
 def _pythia(vocab: int, seq_len: int) -> PretrainedConfig:
-    return GPTNeoXConfig(vocab_size=vocab, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                         intermediate_size=3072, max_position_embeddings=max(seq_len, 2048),
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-                         use_parallel_residual=True, tie_word_embeddings=False)
+    return GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=max(seq_len, 2048),
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+    )
 
 
 SIZES: dict[str, Callable[[int, int], PretrainedConfig]] = {
@@ -64,8 +82,9 @@ def model_config(size: str, vocab_size: int, seq_len: int) -> PretrainedConfig:
     return SIZES[size](vocab, seq_len)
 
 
-def build_model(size: str, vocab_size: int, seq_len: int, attention: str = "vanilla",
-                ssa: SSAConfig | None = None, seed: int = 0) -> torch.nn.Module:
+def build_model(
+    size: str, vocab_size: int, seq_len: int, attention: str = "vanilla", ssa: SSAConfig | None = None, seed: int = 0
+) -> torch.nn.Module:
     """A randomly initialised causal LM of a named size (float32), SSA-converted when ``attention == "ssa"``."""
     from transformers import AutoModelForCausalLM
 

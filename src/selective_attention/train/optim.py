@@ -41,8 +41,12 @@ def warmup_times_cosine(step: int, warmup: int, span: int, min_ratio: float) -> 
     return ramp * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, span) / max(1, span))))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | str = "cpu",
-                    temperature_params: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    cfg: OptimConfig,
+    device: torch.device | str = "cpu",
+    temperature_params: Iterable[nn.Parameter] = (),
+) -> torch.optim.AdamW:
     """AdamW over ``temperature.param_groups(model, ...)``; ``temperature_params`` (a method's own temperature
     parameters, e.g. a query rule's) join the temperature group. Each group keeps its ``base_lr`` for the schedule.
     The fused kernel on CUDA."""

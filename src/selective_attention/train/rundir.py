@@ -57,8 +57,11 @@ def checkpoint_files(out: Path) -> list[tuple[int, Path]]:
     d = out / "checkpoints"
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), m.group(2) == "safetensors", p) for p in d.iterdir()
-             if (m := CKPT_RE.match(p.name)) and p.is_file()]
+    found = [
+        (int(m.group(1)), m.group(2) == "safetensors", p)
+        for p in d.iterdir()
+        if (m := CKPT_RE.match(p.name)) and p.is_file()
+    ]
     return [(s, p) for s, _, p in sorted(found, key=lambda x: (x[0], x[1]), reverse=True)]
 
 
@@ -74,8 +77,10 @@ def read_manifest(out: Path) -> tuple[dict | None, str | None]:
     if not isinstance(m, dict) or m.get("format") != "ssa-run" or not isinstance(m.get("files"), dict):
         return None, f"{path}: not a run manifest of ssa train"
     if int(m.get("version", 0)) > MANIFEST_FORMAT:
-        raise UserError(f"{path}: run format {m['version']} is newer than this version of ssa train reads "
-                        f"({MANIFEST_FORMAT}): update selective-attention")
+        raise UserError(
+            f"{path}: run format {m['version']} is newer than this version of ssa train reads "
+            f"({MANIFEST_FORMAT}): update selective-attention"
+        )
     return m, None
 
 
@@ -106,10 +111,17 @@ def own_files(out: Path, manifest: dict | None) -> tuple[list[Path], list[Path]]
             continue
         rel = p.relative_to(out)
         top = rel.parts[0]
-        mine = (p in listed or (len(rel.parts) == 1 and (p.name in OWN_NAMES or TEMP_RE.match(p.name)))
-                or (top == "checkpoints" and len(rel.parts) == 2 and (CKPT_RE.match(p.name) or p.name == "latest"
-                                                                      or TEMP_RE.match(p.name)))
-                or top == FINAL_TMP or (manifest is None and top == "final"))
+        mine = (
+            p in listed
+            or (len(rel.parts) == 1 and (p.name in OWN_NAMES or TEMP_RE.match(p.name)))
+            or (
+                top == "checkpoints"
+                and len(rel.parts) == 2
+                and (CKPT_RE.match(p.name) or p.name == "latest" or TEMP_RE.match(p.name))
+            )
+            or top == FINAL_TMP
+            or (manifest is None and top == "final")
+        )
         (ours if mine else other).append(p)
     return ours, other
 
@@ -188,15 +200,16 @@ def _differences(saved: dict, paths: dict | None, cfg: TrainConfig, out: Path) -
     try:
         saved_c = TrainConfig.from_saved(saved).comparable(paths)
     except UserError as e:
-        raise UserError(f"--out {out} holds a run whose settings cannot be read ({e}): choose another directory "
-                        "or pass --overwrite") from None
+        raise UserError(
+            f"--out {out} holds a run whose settings cannot be read ({e}): choose another directory or pass --overwrite"
+        ) from None
     current = cfg.comparable()
-    return [f"{k}: {saved_c.get(k)!r} there, {current[k]!r} now" for k in sorted(current)
-            if saved_c.get(k) != current[k]]
+    return [
+        f"{k}: {saved_c.get(k)!r} there, {current[k]!r} now" for k in sorted(current) if saved_c.get(k) != current[k]
+    ]
 
 
-def newest_intact(out: Path, manifest: dict | None, report: bool = True) -> tuple[Path | None, dict | None,
-                                                                                list[str]]:
+def newest_intact(out: Path, manifest: dict | None, report: bool = True) -> tuple[Path | None, dict | None, list[str]]:
     """The newest checkpoint that passes its checks (manifest size + sha256, else its own content checksum)
     with its state, and the problems of the newer ones (each warned about, naming the file)."""
     files = (manifest or {}).get("files", {})
@@ -259,26 +272,34 @@ def _plan(cfg: TrainConfig, plan: Plan, main: bool) -> None:
     plan.manifest = manifest
     if cfg.overwrite:
         if not ours:
-            raise UserError(f"--out {cfg.out} is not empty and holds no run of ours: --overwrite only replaces "
-                            "a run's own files; choose another directory")
+            raise UserError(
+                f"--out {cfg.out} is not empty and holds no run of ours: --overwrite only replaces "
+                "a run's own files; choose another directory"
+            )
         _, other = own_files(out, manifest)
         if other:
             names = ", ".join(str(p.relative_to(out)) for p in other[:3]) + (" ..." if len(other) > 3 else "")
-            raise UserError(f"--out {cfg.out} holds files that ssa train did not write ({names}): --overwrite "
-                            "only removes a run's own files; move them or choose another directory")
+            raise UserError(
+                f"--out {cfg.out} holds files that ssa train did not write ({names}): --overwrite "
+                "only removes a run's own files; move them or choose another directory"
+            )
         plan.restart = True
         return
     if not ours:
-        raise UserError(problem + ": choose another directory (or --overwrite)" if problem else
-                        f"--out {cfg.out} is not empty and holds no run of ours: choose another directory "
-                        "(or --overwrite)")
+        raise UserError(
+            problem + ": choose another directory (or --overwrite)"
+            if problem
+            else f"--out {cfg.out} is not empty and holds no run of ours: choose another directory (or --overwrite)"
+        )
     if problem and main:
         warn(f"{problem}; recognising the run by its checkpoints")
     saved, paths = _saved_settings(out, manifest, ckpts)
     diff = _differences(saved, paths, cfg, out)
     if diff:
-        raise UserError(f"--out {cfg.out} holds a run with other settings ({'; '.join(diff)}): choose another "
-                        "directory, or pass --overwrite to delete that run")
+        raise UserError(
+            f"--out {cfg.out} holds a run with other settings ({'; '.join(diff)}): choose another "
+            "directory, or pass --overwrite to delete that run"
+        )
     result, why = read_result(out)
     if result is not None:
         plan.kind, plan.result = "done", result
@@ -290,8 +311,10 @@ def _plan(cfg: TrainConfig, plan: Plan, main: bool) -> None:
         plan.kind, plan.checkpoint, plan.state = "resume", path, state
         return
     if problems:
-        raise UserError(f"no intact checkpoint in {out / 'checkpoints'} ({'; '.join(problems)}): pass --overwrite "
-                        "to start the run again")
+        raise UserError(
+            f"no intact checkpoint in {out / 'checkpoints'} ({'; '.join(problems)}): pass --overwrite "
+            "to start the run again"
+        )
     plan.restart = True  # our run, stopped before its first checkpoint: start it again
 
 
@@ -322,8 +345,7 @@ class RunDir:
             if plan.kind == "resume":  # an older run directory: adopt its files (checked by their own format)
                 for _, p in checkpoint_files(out):
                     manifest["files"][str(p.relative_to(out))] = {"size": p.stat().st_size}
-        manifest.update({"config": cfg.to_dict(), "paths": cfg.resolved_paths(), "state": "running",
-                         "updated": _now()})
+        manifest.update({"config": cfg.to_dict(), "paths": cfg.resolved_paths(), "state": "running", "updated": _now()})
         manifest["paths"]["out"] = str(out)
         manifest["files"]["metrics.jsonl"] = {}
         rd = cls(out, manifest)
@@ -368,7 +390,7 @@ class RunDir:
 
         _write(path, lambda: atomic_write(path, write), needed, what)
         self.record(path, {**record, "step": state["step"]})
-        old = [p for _, p in checkpoint_files(self.out) if p != path][max(keep - 1, 0):]
+        old = [p for _, p in checkpoint_files(self.out) if p != path][max(keep - 1, 0) :]
         for p in old:
             self.record(p, None)
         self.write_manifest()  # before the deletions: a kill in between leaves unlisted files of ours, not holes
@@ -392,6 +414,7 @@ class RunDir:
             follow_umask(files)  # safetensors creates its files 0o600
             for p in files:
                 fsync_file(p)
+
         _write(tmp, write, needed)
         for rel in [k for k in self.manifest["files"] if k.startswith("final/")]:
             self.manifest["files"].pop(rel)

@@ -21,15 +21,22 @@ NOT_MOVED_FRACTION = 0.05
 def temperature_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every query / key / value temperature of a converted model (SSA's and the query rules'
     that carry parameters), in model order."""
-    return [(n, m) for n, m in model.named_modules()
-            if n.split(".")[-2:-1] == ["fns"] and any(True for _ in m.parameters(recurse=False))
-            and "original_module" not in n.split(".")]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if n.split(".")[-2:-1] == ["fns"]
+        and any(True for _ in m.parameters(recurse=False))
+        and "original_module" not in n.split(".")
+    ]
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
     """The temperature parameters' values now (the start of the run), by parameter name."""
-    return {f"{n}.{pn}": p.detach().float().cpu().clone() for n, m in temperature_modules(model)
-            for pn, p in m.named_parameters(recurse=False)}
+    return {
+        f"{n}.{pn}": p.detach().float().cpu().clone()
+        for n, m in temperature_modules(model)
+        for pn, p in m.named_parameters(recurse=False)
+    }
 
 
 def lr_sum(lr: float, total_steps: int, warmup: int, min_lr_ratio: float) -> float:
@@ -45,8 +52,15 @@ def _coefficient(m: nn.Module) -> Tensor | None:
         return fn().detach().float().cpu()
 
 
-def summary(model: nn.Module, start: dict[str, Tensor], *, temperature_lr: float, total_steps: int, warmup: int,
-            min_lr_ratio: float) -> dict[str, Any]:
+def summary(
+    model: nn.Module,
+    start: dict[str, Tensor],
+    *,
+    temperature_lr: float,
+    total_steps: int,
+    warmup: int,
+    min_lr_ratio: float,
+) -> dict[str, Any]:
     """{"lr", "lr_sum", "modules": [{name, target, c, c_reach, params: {name: {moved, start_norm, end_norm}}}],
     "moved": bool}: c per head (per layer for the official form), and for every parameter its largest change
     against the schedule's bound."""
@@ -70,8 +84,13 @@ def summary(model: nn.Module, start: dict[str, Tensor], *, temperature_lr: float
             params[pn] = {"max_change": change, "moved": moved, "end_norm": float(end.norm())}
         rec["params"] = params
         modules.append(rec)
-    return {"lr": temperature_lr, "lr_sum": bound, "not_moved_below": NOT_MOVED_FRACTION * bound,
-            "modules": modules, "moved": any_moved if modules else None}
+    return {
+        "lr": temperature_lr,
+        "lr_sum": bound,
+        "not_moved_below": NOT_MOVED_FRACTION * bound,
+        "modules": modules,
+        "moved": any_moved if modules else None,
+    }
 
 
 @torch.no_grad()

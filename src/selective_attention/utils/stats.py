@@ -43,7 +43,7 @@ def row_statistics(w: Tensor) -> dict[str, Tensor]:
     p = w.new_ones(Tq).cumsum(0) + (Tk - Tq)  # (Tq,) visible keys per query, exact integers
     dims = tuple(range(w.dim() - 2))
     ent = -(w * w.clamp_min(1e-30).log()).sum(-1)  # (..., Tq)
-    spk = 1.0 / (p * (w ** 2).sum(-1))
+    spk = 1.0 / (p * (w**2).sum(-1))
     stats = {"entropy": ent, "spikiness": spk, "max_weight": w.amax(-1)}
     return {k: v.mean(dims) if dims else v for k, v in stats.items()}  # mean(()) would reduce every axis
 
@@ -78,9 +78,11 @@ def methods_table(methods: dict[str, dict[str, float]], metrics: Iterable[str], 
     """| method | metric (mean ± std) | ... | from {method: {metric: mean, metric_std: std}}; a metric a method
     did not measure shows as "-"."""
     metrics = list(metrics)
-    rows = [[method] + [f"{fmt(vals[m], digits)} ± {fmt(vals.get(m + '_std', 0.0), 2)}" if m in vals else "-"
-                        for m in metrics]
-            for method, vals in methods.items()]
+    rows = [
+        [method]
+        + [f"{fmt(vals[m], digits)} ± {fmt(vals.get(m + '_std', 0.0), 2)}" if m in vals else "-" for m in metrics]
+        for method, vals in methods.items()
+    ]
     return markdown_table(["method", *metrics], rows)
 
 

@@ -20,6 +20,8 @@ def find_sites(model: nn.Module) -> list[Site]:
             sites = adapter.sites(model)
             if sites:
                 return sites
-    raise ValueError(f"SSA convert: unsupported model class {type(model).__name__}: supported are GPT-2, GPT-NeoX, "
-                     "Llama-style (q_proj/k_proj/v_proj) models and any causal LM whose attention calls the "
-                     "transformers AttentionInterface")
+    raise ValueError(
+        f"SSA convert: unsupported model class {type(model).__name__}: supported are GPT-2, GPT-NeoX, "
+        "Llama-style (q_proj/k_proj/v_proj) models and any causal LM whose attention calls the "
+        "transformers AttentionInterface"
+    )

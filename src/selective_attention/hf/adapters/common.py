@@ -11,9 +11,11 @@ from selective_attention.hf.site import BHTD, BTHD, Site
 # Norms that follow a projection, by attribute name, and the layout they are called on: *_norm on the
 # (B, T, heads, D) view (Qwen3, Gemma3/3n/4, Cohere; OLMo2's on the flat (B, T, heads * D) is told by its rank),
 # *_layernorm on (B, heads, T, D) (Phi, StableLM).
-NORMS = {"query": (("q_norm", BTHD), ("q_layernorm", BHTD)),
-         "key": (("k_norm", BTHD), ("k_layernorm", BHTD)),
-         "value": (("v_norm", BTHD), ("v_layernorm", BHTD))}
+NORMS = {
+    "query": (("q_norm", BTHD), ("q_layernorm", BHTD)),
+    "key": (("k_norm", BTHD), ("k_layernorm", BHTD)),
+    "value": (("v_norm", BTHD), ("v_layernorm", BHTD)),
+}
 _NORM_LIKE = re.compile(r"(^|_)(norm|layernorm|ln|rmsnorm)($|_)|norm$", re.IGNORECASE)
 
 
@@ -75,13 +77,30 @@ def separate_site(attn: nn.Module, name: str = "") -> Site:
     H = q_out // D
     if is_kv_shared(attn) and linear_dims(getattr(attn, "k_proj", None)) is None:
         Hkv = int(getattr(cfg, "num_key_value_heads", None) or H)
-        return Site(attn, H, Hkv, D, d_model, separate={"query": "q_proj"}, norms=separate_norms(attn),
-                    kv_shared=True, name=name)
+        return Site(
+            attn,
+            H,
+            Hkv,
+            D,
+            d_model,
+            separate={"query": "q_proj"},
+            norms=separate_norms(attn),
+            kv_shared=True,
+            name=name,
+        )
     k_out = linear_dims(attn.k_proj)[1]
     v_src = "v_proj" if linear_dims(getattr(attn, "v_proj", None)) is not None else "k_proj"
     v_out = linear_dims(getattr(attn, v_src))[1]
     Hkv = k_out // D
     if H * D != q_out or Hkv * D != k_out or Hkv * D != v_out:
         raise ValueError(f"{type(attn).__name__}: projections do not split into heads of size {D}")
-    return Site(attn, H, Hkv, D, d_model, separate={"query": "q_proj", "key": "k_proj", "value": v_src},
-                norms=separate_norms(attn), name=name)
+    return Site(
+        attn,
+        H,
+        Hkv,
+        D,
+        d_model,
+        separate={"query": "q_proj", "key": "k_proj", "value": v_src},
+        norms=separate_norms(attn),
+        name=name,
+    )

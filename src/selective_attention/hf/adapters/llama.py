@@ -9,9 +9,21 @@ from selective_attention.hf.adapters.common import has_separate_projections, sep
 from selective_attention.hf.site import Site
 
 # Attention classes known to work through this adapter (others go through the generic path).
-KNOWN = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
-         "Gemma2Attention", "OlmoAttention", "Olmo2Attention", "PhiAttention", "StableLmAttention",
-         "GraniteAttention", "CohereAttention", "Starcoder2Attention")
+KNOWN = (
+    "LlamaAttention",
+    "MistralAttention",
+    "Qwen2Attention",
+    "Qwen3Attention",
+    "GemmaAttention",
+    "Gemma2Attention",
+    "OlmoAttention",
+    "Olmo2Attention",
+    "PhiAttention",
+    "StableLmAttention",
+    "GraniteAttention",
+    "CohereAttention",
+    "Starcoder2Attention",
+)
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
