@@ -81,11 +81,6 @@ class SSAConfig:
         return 0.0 if self.init == "identity" else SCRATCH_COEFFICIENT
 
     @property
-    def is_identity_at_init(self) -> bool:
-        """Whether a converted model computes exactly the vanilla function before training."""
-        return self.start_coefficient == 0.0 or not any(self.has_position_term(t) for t in self.targets)
-
-    @property
     def targets(self) -> tuple[str, ...]:
         """The projections that carry a temperature, in a fixed order."""
         return tuple(t for t in ("query", "key", "value") if getattr(self, t))
