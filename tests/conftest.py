@@ -168,14 +168,18 @@ def tiny_llama_257() -> Callable[..., nn.Module]:
 
 def _check_cached_decoding(model: nn.Module, x: torch.Tensor, full: torch.Tensor, start: int = 5) -> None:
     """Prefill x[:, :start], then one token at a time: each step's logits equal the full forward's (1e-4)."""
+    import inspect
+
     from transformers import DynamicCache
 
+    # transformers 5.x renames past_key_values to cache (the old name is deprecated): pass what this version takes
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        step = model(x[:, :start], past_key_values=cache, use_cache=True).logits
+        step = model(x[:, :start], **{name: cache}, use_cache=True).logits
         torch.testing.assert_close(step, full[:, :start], atol=1e-4, rtol=0)
         for t in range(start, x.shape[1]):
-            step = model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            step = model(x[:, t : t + 1], **{name: cache}, use_cache=True).logits
             torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
 
 
