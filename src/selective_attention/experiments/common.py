@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -158,4 +159,17 @@ def parse_overrides(pairs: Sequence[str], config_cls: type) -> dict[str, Any]:
                 out[key] = value
         except ValueError:
             raise UserError(f"bad value for {key}: {value!r}") from None
+    return out
+
+
+def pooled_zero_shot(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Zero-shot accuracy pooled over a row's seeds: n = all answered examples, acc their mean, and its binomial
+    standard error (None when a run has no zero-shot record)."""
+    if not rows or not all(r.get("zero_shot") for r in rows):
+        return None
+    out = {}
+    for task in rows[0]["zero_shot"]:
+        n = sum(r["zero_shot"][task]["n"] for r in rows)
+        acc = sum(r["zero_shot"][task]["acc"] * r["zero_shot"][task]["n"] for r in rows) / max(n, 1)
+        out[task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
     return out

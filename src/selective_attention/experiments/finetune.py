@@ -215,13 +215,9 @@ def _aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "seeds": [r["seed"] for r in rows],
             "val_ppl_per_seed": [r["val_ppl"] for r in rows],
             "new_parameters": rows[0]["new_parameters"],
-            "zero_shot": {},
+            "zero_shot": common.pooled_zero_shot(rows) or {},
             "temperatures": lm.temperature_row(rows) if all("temperatures" in r for r in rows) else None,
         }
-        for task in rows[0]["zero_shot"]:
-            n = sum(r["zero_shot"][task]["n"] for r in rows)
-            acc = sum(r["zero_shot"][task]["acc"] * r["zero_shot"][task]["n"] for r in rows) / max(n, 1)
-            d["zero_shot"][task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
         if m != "vanilla":
             d["paired_percent"] = paired(
                 [

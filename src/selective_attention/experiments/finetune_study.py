@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from selective_attention.errors import UserError
 from selective_attention.experiments import common, lm
 from selective_attention.utils.io import atomic_write_json
@@ -260,9 +258,7 @@ def _unigram_ppl(out: Path, config: Config) -> float | None:
     data = prepare(
         config.data, "pretrained", config.vocab_size, str(final), config.split_seed, None, splits=("train", "val")
     )
-    train, val = np.asarray(data.tokens("train")), np.asarray(data.tokens("val"))[: config.eval_tokens + 1]
-    counts = np.bincount(train, minlength=len(data.tokenizer)).astype(np.float64) + 1.0
-    return float(math.exp(-np.log(counts / counts.sum())[val[1:]].mean()))
+    return lm.unigram_floor(data, config.eval_tokens)
 
 
 def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
@@ -276,7 +272,7 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
             records.append(rec)
     methods = lm.aggregate(records, config.data) if records else {}
     for m, d in methods.items():
-        d["zero_shot"] = _pooled_zero_shot([r for r in records if r["method"] == m])
+        d["zero_shot"] = common.pooled_zero_shot([r for r in records if r["method"] == m])
     base: dict[str, Any] = {}
     base_run = base_dir(out) / "run.json"
     if base_run.is_file():
@@ -304,18 +300,6 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
         "pending": pending,
         "complete": not pending and bool(base),
     }
-
-
-def _pooled_zero_shot(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Accuracy pooled over a row's seeds, with n = all answered examples and its binomial standard error."""
-    if not rows or not all(r.get("zero_shot") for r in rows):
-        return None
-    out = {}
-    for task in rows[0]["zero_shot"]:
-        n = sum(r["zero_shot"][task]["n"] for r in rows)
-        acc = sum(r["zero_shot"][task]["acc"] * r["zero_shot"][task]["n"] for r in rows) / max(n, 1)
-        out[task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- output

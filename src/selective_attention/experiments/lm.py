@@ -392,7 +392,13 @@ def unigram_ppl(corpus: str, config: Config) -> float:
     from selective_attention.data.tokens import prepare
 
     data = prepare(corpus, "bpe", config.vocab_size, None, config.split_seed, None, splits=("train", "val"))
-    train, val = np.asarray(data.tokens("train")), np.asarray(data.tokens("val"))[: config.eval_tokens + 1]
+    return unigram_floor(data, config.eval_tokens)
+
+
+def unigram_floor(data, eval_tokens: int) -> float:
+    """The add-one unigram perplexity of a tokenised corpus's train split on its first ``eval_tokens`` validation
+    targets (the validation a run scores)."""
+    train, val = np.asarray(data.tokens("train")), np.asarray(data.tokens("val"))[: eval_tokens + 1]
     counts = np.bincount(train, minlength=len(data.tokenizer)).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(math.exp(-logp[val[1:]].mean()))
