@@ -47,9 +47,12 @@ def _layer(sharing: str, seed: int = 0) -> SelectiveSelfAttention:
     torch.manual_seed(seed)
     layer = SelectiveSelfAttention(32, 4, 2, SSAConfig(sharing=sharing, key=True, init="scratch"), rope=True)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in temperature_parameters(layer):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    with torch.no_grad():  # moved temperatures, c in the range a trained model has (|c| < ~1, not 10 x randn)
+        for name, p in layer.named_parameters():
+            if name.endswith("coefficient"):
+                p.copy_(torch.randn(p.shape, generator=g).abs() * 0.5 / layer.config.position_scale)
+            elif any(p is t for t in temperature_parameters(layer)):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return layer
 
 

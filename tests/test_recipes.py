@@ -150,10 +150,11 @@ def test_gpu_check_script_commands_parse(tmp_path):
     calls = log.read_text().splitlines()
     ssa = [c for c in calls if '"selective_attention"' in c]
     checks = [c for c in calls if "gpu_check.py" in c]
-    # 2 modes x (small from scratch + SmolLM2 fine-tune) + bench attention + bench train
-    assert len(ssa) == 6 and sum('"--compile"' in c for c in ssa) == 2
-    # kernels, smollm2, 4 x check-run, 2 x ratios, memory
-    assert len(checks) == 9
+    # 2 modes x (small from scratch + small packed + SmolLM2 fine-tune) + bench attention + bench train
+    assert len(ssa) == 8 and sum('"--compile"' in c for c in ssa) == 3
+    assert sum('"documents"' in c for c in ssa) == 2
+    # kernels, documents, smollm2, 4 x check-run, 2 x ratios, memory
+    assert len(checks) == 10
 
 
 # ---- the README's Python examples run as written (paths swapped for local ones)

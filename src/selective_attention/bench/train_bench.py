@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from selective_attention.utils.console import table_console
     from selective_attention.utils.io import atomic_write_json
 
     device = choose_device(args.device)
@@ -192,6 +193,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{tps['vanilla'] / tps['ssa']:.3f}",
                 f"{d['ssa_over_vanilla_memory']:.3f}" if "ssa_over_vanilla_memory" in d else "- (CUDA only)",
             )
-    Console().print(table)
+    table_console().print(table)
     print(f"wrote {args.out}")
     return 0

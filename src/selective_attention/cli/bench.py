@@ -42,6 +42,7 @@ def run_attention(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from selective_attention.bench.attention import AttentionBenchConfig, run_attention_bench
+    from selective_attention.utils.console import table_console
     from selective_attention.utils.device import choose_device
     from selective_attention.utils.io import atomic_write_json
 
@@ -102,6 +103,6 @@ def run_attention(args: argparse.Namespace) -> int:
         table.add_row(
             r["dtype"], str(r["T"]), f"{r['sdpa_ms']:.1f}", *ratios[:2], f"{r['sdpa_peak_mb']:.0f}", *ratios[2:]
         )
-    Console().print(table)
+    table_console().print(table)
     print(f"wrote {args.out}")
     return 0

@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+
+    from selective_attention.utils.console import table_console
 
     overrides: dict[str, Any] = {}
     if args.max_tokens is not None:
@@ -37,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_demo(
         args.out, quick=args.quick, seeds=args.seeds, seed=args.seed, progress=not args.no_progress, **overrides
     )
-    console = Console()
-    console.width = max(console.width, 120)
+    console = table_console()
     console.print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     console.print(f"[bold]{results['verdict']}[/bold]")
     console.print(

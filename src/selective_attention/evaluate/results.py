@@ -75,10 +75,12 @@ def markdown(result: dict) -> str:
 
 
 def print_tables(result: dict) -> None:
-    from rich.console import Console
+
     from rich.table import Table
 
-    console = Console()
+    from selective_attention.utils.console import table_console
+
+    console = table_console()
     t = Table(title=f"ssa eval: {result['model']} ({result['attention']})")
     for col in ("benchmark", "metric", "value"):
         t.add_column(col)
