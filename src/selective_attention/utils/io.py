@@ -68,3 +68,47 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+# ---- the one reader per format: JSON files and JSON-lines logs
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> Any:
+    """The JSON object in ``path``; a missing or unreadable file is a one-line UserError that names it (and
+    ``what`` it should have been, e.g. "a run's run.json")."""
+    from selective_attention.errors import UserError, first_line
+
+    path = Path(path)
+    kind = f" ({what})" if what else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}{kind} does not exist") from None
+    except OSError as e:
+        raise UserError(f"{path}{kind} cannot be read: {first_line(e)}") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{path}{kind} is not valid JSON ({first_line(e)})") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSON-lines log (``metrics.jsonl``); [] when there is none. Blank lines are skipped and so
+    is a last line cut short by a kill (a run in progress or stopped mid-write); a bad line anywhere else is
+    corruption, a UserError naming the line, never silently dropped."""
+    from selective_attention.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}: line {i + 1} is not JSON (the log is damaged)") from None
+    return records
