@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -106,6 +107,14 @@ def test_bad_corpora(tmp_path, case):
     assert "\n" not in str(e.value)
 
 
+def test_a_garbled_wiki_file_is_a_user_error_naming_it(tmp_path, monkeypatch):
+    bad = tmp_path / "summaries.json"
+    bad.write_text('{"A": {"extract": "cut short')
+    monkeypatch.setattr(corpora.packages, "wiki_summaries", lambda: bad)
+    with pytest.raises(UserError, match=r"summaries\.json \(the wiki corpus\) is not valid JSON"):
+        load_documents("wiki", "train")
+
+
 def test_source_hash_follows_content(tmp_path):
     write_corpus(tmp_path / "a.txt", 10, seed=0)
     h1 = resolve_source(tmp_path / "a.txt").hash
@@ -158,6 +167,7 @@ def test_prepare_tokenises_once_and_reuses(tmp_path, monkeypatch):
         assert m["split"] == s and m["documents"] == len(split[s]) and m["tokens"] == len(arr)
         assert m["source_hash"] == resolve_source(tmp_path / "a.txt").hash
         assert m["tokenizer"]["fingerprint"] == fingerprint(tc.tokenizer)
+        assert m["sha256"] == hashlib.sha256((tc.root / f"{s}.bin").read_bytes()).hexdigest()  # the file's bytes
         # packed as doc <eot> doc <eot> ...
         expected = []
         for d in split[s]:

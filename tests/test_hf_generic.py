@@ -83,3 +83,25 @@ def test_unsupported_transformers_family_is_named() -> None:
     cfg = transformers.FalconConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
     with pytest.raises(ValueError, match="FalconForCausalLM"):
         convert(transformers.FalconForCausalLM(cfg))
+
+
+def test_a_projection_that_is_not_linear_or_no_head_size_is_a_value_error_naming_the_module() -> None:
+    from torch import nn
+
+    from selective_attention.hf.adapters.common import head_dim_of, projection_dims, separate_site
+
+    class OddAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Identity(), nn.Linear(8, 8)
+
+    attn = OddAttention()
+    assert projection_dims(attn, "q_proj") == (8, 8)
+    assert head_dim_of(attn, 2) == 4  # no head_dim anywhere: q_proj's width over the head count
+    with pytest.raises(ValueError, match="OddAttention: neither a head_dim nor a head count"):
+        head_dim_of(attn, None)
+    attn.head_dim = 4
+    with pytest.raises(ValueError, match=r"OddAttention\.k_proj is not a linear projection"):
+        separate_site(attn)
+    with pytest.raises(ValueError, match=r"OddAttention\.o_proj is not a linear projection"):
+        projection_dims(attn, "o_proj")

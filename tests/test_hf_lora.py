@@ -84,6 +84,17 @@ def test_temperatures_train_next_to_the_adapters_and_round_trip(tmp_path: Path, 
         torch.testing.assert_close(again(x).logits, out, atol=1e-5, rtol=0)
 
 
+def test_a_garbled_adapter_config_is_a_user_error(tmp_path: Path, tiny) -> None:
+    from selective_attention.errors import UserError
+    from selective_attention.hf.lora import SSA_CONFIG_FILE, load_lora
+
+    tiny("llama").save_pretrained(tmp_path / "base")  # plain: load_lora converts it with the saved SSA config
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / SSA_CONFIG_FILE).write_text('{"query": true, ')
+    with pytest.raises(UserError, match=r"ssa_config\.json \(the adapter's SSA config\) is not valid JSON"):
+        load_lora(tmp_path / "base", tmp_path / "adapter")
+
+
 def test_modules_to_save_copies_are_counted_and_trained_once(tiny) -> None:
     from selective_attention.hf import parameter_report
     from selective_attention.hf.lora import lora_config_for

@@ -232,6 +232,13 @@ def test_saved_model_reloads_through_load_model(method, tmp_path):
         from_pretrained(tmp_path / "m")
 
 
+def test_load_model_names_a_garbled_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(UserError, match=r"config\.json \(a Hugging Face model's config\) is not valid JSON"):
+        load_model(tmp_path / "m")
+
+
 # ---- through train()
 
 

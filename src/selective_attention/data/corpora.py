@@ -27,6 +27,7 @@ from pathlib import Path
 
 from selective_attention.errors import UserError, first_line
 from selective_attention.utils import packages
+from selective_attention.utils.io import read_json
 
 SPLITS = ("train", "val", "test")
 VAL_FRACTION = 0.05
@@ -120,7 +121,7 @@ def _hf_documents(name: str) -> list[str]:
 @lru_cache(maxsize=8)
 def _all_documents(src: Source) -> tuple[str, ...]:
     if src.kind == "wiki":
-        data = json.loads(src.paths[0].read_text(encoding="utf-8"))
+        data = read_json(src.paths[0], "the wiki corpus")
         docs = [v.get("extract", "") if isinstance(v, dict) else str(v) for v in data.values()]
     elif src.kind == "sotu":
         docs = [p.read_text(encoding="utf-8", errors="replace").strip() for p in src.paths]

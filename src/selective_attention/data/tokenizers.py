@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import cast
 
 from transformers import PreTrainedTokenizerFast
 
@@ -93,7 +94,7 @@ def pretrained_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
         raise UserError(f"the tokenizer of {model_path} has no end-of-text token")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return cast(PreTrainedTokenizerFast, tok)  # the fast class; AutoTokenizer is typed with the sentencepiece one too
 
 
 def build_tokenizer(

@@ -116,7 +116,7 @@ def _write_split(path: Path, tokenizer: PreTrainedTokenizerFast, docs: list[str]
             chunks.append(np.asarray(ids + [eot], dtype=dtype))
     arr = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
     atomic_write(path, lambda tmp: arr.tofile(tmp))
-    return {"tokens": int(arr.size), "bytes": int(arr.nbytes), "sha256": hashlib.sha256(arr).hexdigest()}
+    return {"tokens": int(arr.size), "bytes": int(arr.nbytes), "sha256": hashlib.sha256(arr.data).hexdigest()}
 
 
 def prepare(
@@ -132,7 +132,7 @@ def prepare(
     if tokenizer not in KINDS:
         raise UserError(f"unknown tokenizer {tokenizer!r}: use one of {', '.join(KINDS)}")
     src = corpora.resolve_source(source)
-    tok_spec = {"kind": tokenizer}
+    tok_spec: dict[str, object] = {"kind": tokenizer}
     if tokenizer == "bpe":
         tok_spec["vocab_size"] = int(vocab_size)
     if tokenizer == "pretrained":

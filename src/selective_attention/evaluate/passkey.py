@@ -14,6 +14,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -136,7 +137,8 @@ def passkey(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(lengths) * len(depths) * n_trials, desc="passkey", unit="trial", leave=False)
-    trials, table = [], []
+    trials: list[dict[str, Any]] = []
+    table: list[dict[str, Any]] = []
     for length in lengths:
         for depth in depths:
             correct, toks = 0, 0

@@ -92,7 +92,7 @@ def perplexity(
     if not documents:
         raise UserError("no non-empty documents to evaluate perplexity on")
 
-    spans = []
+    spans: list[Span] = []
     for stream in [[d] for d in documents] if alone else [documents]:  # one token stream per document, or one
         ids, is_target = token_stream(tokenizer, stream)
         ids_t, tgt_t = torch.tensor(ids, dtype=torch.long), torch.tensor(is_target, dtype=torch.bool)

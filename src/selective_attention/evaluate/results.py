@@ -92,6 +92,6 @@ def print_tables(result: dict) -> None:
         g = Table(title="passkey accuracy (depth x context length)")
         for col in header:
             g.add_column(col, justify="right")
-        for row in body:
-            g.add_row(*row)
+        for cells in body:
+            g.add_row(*cells)
         console.print(g)

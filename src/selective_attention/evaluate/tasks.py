@@ -22,7 +22,7 @@ from pathlib import Path
 
 from selective_attention.errors import UserError
 from selective_attention.utils import cache, packages
-from selective_attention.utils.io import atomic_write, atomic_write_text
+from selective_attention.utils.io import atomic_write_text
 
 FORMAT_VERSION = 2  # bump when the converted files change, so old caches are not reused
 
@@ -184,7 +184,7 @@ def prepare_tasks(tasks: list[str], root: Path | None = None) -> Path:
         if not data_file.exists():
             docs = load_task_docs(task)
             text = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
-            atomic_write(data_file, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+            atomic_write_text(data_file, text)
         if not yaml_file.exists():
             atomic_write_text(yaml_file, yaml.safe_dump(_task_yaml(task, data_file), sort_keys=False))
     return root

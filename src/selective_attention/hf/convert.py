@@ -9,6 +9,7 @@ attention functions of ``hf/attention.py``. Every requested temperature either t
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -19,8 +20,11 @@ from selective_attention.hf.adapters.common import NORMS, norm_like_children
 from selective_attention.hf.attention import BACKENDS, SSA_EAGER, SetAttnImplementation, eager_kernel, register
 from selective_attention.hf.hooks import install
 from selective_attention.hf.site import Site
-from selective_attention.hf.state import TEMPERATURE_ATTR, SSAState, is_converted
+from selective_attention.hf.state import STATE_ATTR, TEMPERATURE_ATTR, SSAState, is_converted
 from selective_attention.temperature import SSATemperatures
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def site_targets(site: Site, config: SSAConfig) -> tuple[str, ...]:
@@ -74,10 +78,10 @@ def temperature_dtype(attn: nn.Module, model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
+def _hf_model(model: nn.Module) -> PreTrainedModel:
     """The transformers model itself (under a PEFT wrapper, its base model)."""
     get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
+    return cast("PreTrainedModel", get() if callable(get) else model)
 
 
 def convert(model: nn.Module, config: SSAConfig | None = None, *, backend: str | None = None) -> nn.Module:
@@ -118,11 +122,12 @@ def convert(model: nn.Module, config: SSAConfig | None = None, *, backend: str |
         temps.reset_parameters()  # identity init under our control (HF's _init_weights never sees these)
         s.attn.add_module(TEMPERATURE_ATTR, temps)
         st = SSAState(s)
-        s.attn._ssa_state = st
+        setattr(s.attn, STATE_ATTR, st)  # a plain object, not a submodule: never in the state dict
         install(s, st, targets)
     hf_model.config.ssa = config.to_dict()
     if config.mlp_hidden is None and r is not None:
         hf_model.config.ssa["mlp_hidden"] = r  # pin the width so that from_pretrained rebuilds the same shapes
     type(hf_model).set_attn_implementation(hf_model, BACKENDS[backend])
-    hf_model.set_attn_implementation = SetAttnImplementation(hf_model)  # "sdpa" / "eager" keep the temperatures
+    # "sdpa" / "eager" keep the temperatures; setattr: an instance attribute over the method, on purpose
+    setattr(hf_model, "set_attn_implementation", SetAttnImplementation(hf_model))  # noqa: B010
     return model

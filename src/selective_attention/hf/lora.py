@@ -14,10 +14,9 @@ The recipe that also trains and saves the temperatures::
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
@@ -26,6 +25,10 @@ from selective_attention.errors import UserError
 from selective_attention.hf.convert import convert
 from selective_attention.hf.pretrained import load_pretrained
 from selective_attention.hf.state import TEMPERATURE_ATTR, is_converted
+from selective_attention.utils.io import atomic_write_json, read_json
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 SSA_CONFIG_FILE = "ssa_config.json"
 
@@ -59,13 +62,12 @@ def mark_temperatures_trainable(model: nn.Module) -> None:
 
 def save_lora(peft_model: nn.Module, path: str | os.PathLike) -> Path:
     """``peft_model.save_pretrained(path)`` (adapters + temperatures) plus the SSA config to rebuild from."""
-    from selective_attention.utils.io import atomic_write_json
-
     path = Path(path)
-    cfg = getattr(peft_model.get_base_model().config, "ssa", None)
+    model = cast("PeftModel", peft_model)
+    cfg = getattr(model.get_base_model().config, "ssa", None)
     if cfg is None:
         raise ValueError("save_lora: the model is not SSA-converted")
-    peft_model.save_pretrained(str(path))
+    model.save_pretrained(str(path))
     atomic_write_json(path / SSA_CONFIG_FILE, cfg)
     return path
 
@@ -82,5 +84,5 @@ def load_lora(
         raise UserError(f"not an SSA LoRA adapter directory (no {SSA_CONFIG_FILE}): {adapter}")
     model, _ = load_pretrained(base, **load_kwargs)
     if not is_converted(model):
-        convert(model, SSAConfig.from_dict(json.loads(cfg_file.read_text())))
+        convert(model, SSAConfig.from_dict(read_json(cfg_file, "the adapter's SSA config")))
     return peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)

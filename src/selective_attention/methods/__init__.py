@@ -31,11 +31,10 @@ loader would not know their modules).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -55,6 +54,10 @@ from selective_attention.methods.rules import (
     frequency_table,
 )
 from selective_attention.temperature import SSATemperatures, temperature_parameters
+from selective_attention.utils.io import read_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 METHOD_ATTR = "ssa_method"  # model.config.ssa_method = {"name": ..., "options": {...}} for the non-SSA methods
 QUERY_CARRIER = SSAConfig(init="scratch", value=False, token_aware=False)  # hooks that carry a query rule
@@ -93,7 +96,7 @@ def install_rule(
     opts = {**METHODS[rule].options_for(seq_len), **(options or {})} if rule in METHODS else {}
     new: list[nn.Module] = []
     for temps in [m for m in model.modules() if isinstance(m, SSATemperatures)]:
-        H = temps.fns["query"].n_heads
+        H = cast(int, temps.fns["query"].n_heads)  # every query function (SSA's or a rule's) has n_heads
         if rule == "const":
             fn: nn.Module = ConstantTemperature(H)
         elif rule == "yarn":
@@ -191,6 +194,11 @@ def _ssa_pos(model: nn.Module, ctx: MethodContext) -> Applied:
     return _ssa(model, MethodContext(ssa, ctx.seq_len, ctx.options))
 
 
+def _vocab_size(model: nn.Module) -> int:
+    """Rows of the input embedding of a transformers model."""
+    return cast(nn.Embedding, cast("PreTrainedModel", model).get_input_embeddings()).num_embeddings
+
+
 def _rule(name: str) -> Callable[[nn.Module, MethodContext], Applied]:
     def apply(model: nn.Module, ctx: MethodContext) -> Applied:
         from selective_attention import hf
@@ -202,13 +210,10 @@ def _rule(name: str) -> Callable[[nn.Module, MethodContext], Applied]:
         if name == "freq":
             if ctx.train_tokens is not None:
                 table = frequency_table(
-                    ctx.train_tokens,
-                    ctx.vocab or model.get_input_embeddings().num_embeddings,
-                    ctx.options["lo"],
-                    ctx.options["hi"],
+                    ctx.train_tokens, ctx.vocab or _vocab_size(model), ctx.options["lo"], ctx.options["hi"]
                 )
             else:  # loading a saved model: the saved table replaces this placeholder
-                table = torch.ones(ctx.vocab or model.get_input_embeddings().num_embeddings)
+                table = torch.ones(ctx.vocab or _vocab_size(model))
         new = install_rule(model, name, ctx.seq_len, table, ctx.options)
         params = [p for m in new for p in m.parameters()]
         return Applied(params, params)
@@ -300,7 +305,7 @@ def load_model(path: str | Path, **kwargs: Any) -> nn.Module:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise UserError(f"not a Hugging Face model directory (no config.json): {path}")
-    rec = json.loads(cfg_file.read_text()).get(METHOD_ATTR)
+    rec = read_json(cfg_file, "a Hugging Face model's config").get(METHOD_ATTR)
     if rec is None:
         return hf.load_pretrained(path, **kwargs)[0]  # a one-line UserError for whatever does not load
     try:

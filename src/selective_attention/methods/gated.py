@@ -81,6 +81,6 @@ def install_gates(model: nn.Module, scale: float = 2.0) -> list[HeadGate]:
         gate = HeadGate(s.d_model, s.n_heads, s.head_dim, scale).to(device=ref.device, dtype=ref.dtype)
         s.attn.add_module("attn_gate", gate)
         s.attn.register_forward_pre_hook(_CaptureGateInput(gate), with_kwargs=True)
-        s.attn.o_proj.register_forward_pre_hook(_ApplyGate(gate))
+        s.attn.get_submodule("o_proj").register_forward_pre_hook(_ApplyGate(gate))
         gates.append(gate)
     return gates

@@ -65,6 +65,8 @@ class FrequencyTemperature(nn.Module):
     """Fixed tau(t) from the token's training-corpus frequency; needs the input ids (set by a model pre-hook).
     The table is a saved buffer, so a trained model reloads without the corpus."""
 
+    table: Tensor
+
     def __init__(self, n_heads: int, table: Tensor) -> None:
         super().__init__()
         self.n_heads = n_heads

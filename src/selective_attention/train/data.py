@@ -70,7 +70,8 @@ class WindowSampler:
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.max_phase = seq_len if n >= 2 * seq_len else 1  # a random phase only if it keeps >= 1 window
         self.n_windows = (n - self.max_phase) // seq_len
-        self._epoch, self._perm, self._phase = -1, None, 0
+        self._epoch, self._phase = -1, 0
+        self._perm: np.ndarray = np.empty(0, dtype=np.int64)  # the window order of epoch self._epoch
         self.documents = None if boundary is None else DocumentIndex(tokens, boundary)
 
     def _set_epoch(self, epoch: int) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,10 @@ from torch import nn
 
 from selective_attention.errors import UserError
 from selective_attention.utils.device import choose_device
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
 
@@ -123,12 +127,12 @@ def no_sync(model: nn.Module, info: DistInfo, sync: bool):
     """Context for one micro-batch: skip the gradient all-reduce unless ``sync`` (the last micro-batch)."""
     if not info.distributed or sync:
         if info.fsdp:
-            model.set_requires_gradient_sync(True)
+            cast("FSDPModule", model).set_requires_gradient_sync(True)
         return nullcontext()
     if info.fsdp:
-        model.set_requires_gradient_sync(False)
+        cast("FSDPModule", model).set_requires_gradient_sync(False)
         return nullcontext()
-    return model.no_sync()
+    return cast("DistributedDataParallel", model).no_sync()
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> tuple[dict, dict]:

@@ -5,12 +5,16 @@ minutes before failing)."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from selective_attention.errors import UserError
 from selective_attention.utils.files import human_bytes
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def device_memory(device: torch.device) -> int | None:
@@ -27,11 +31,11 @@ def activation_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
     """A lower bound of the memory one micro-batch's forward + backward holds: the logits (float32 for the loss,
     and their gradient), the hidden states each layer keeps for the backward pass, and the T x T attention
     scores of eager attention."""
-    c = model.config
+    c = cast("PretrainedConfig", model.config)
     vocab = c.vocab_size
-    d = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 0)
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 0)
+    d = getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0)
+    layers = getattr(c, "num_hidden_layers", 0) or getattr(c, "n_layer", 0)
+    heads = getattr(c, "num_attention_heads", 0) or getattr(c, "n_head", 0)
     tokens = batch * seq_len
     total = tokens * vocab * 4 * 2  # logits in float32 and their gradient
     total += layers * tokens * d * 4 * 4  # a few (B, T, d) tensors per layer

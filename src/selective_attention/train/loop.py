@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ def autocast_for(device: torch.device, precision: str = "auto") -> Callable[[], 
 def compiled(model: nn.Module) -> nn.Module:
     """``torch.compile(model)`` (no fullgraph: SSA's hooks may break the graph). Keep the original module for
     state dicts: the compiled wrapper's keys carry an ``_orig_mod.`` prefix."""
-    return torch.compile(model)
+    return cast(nn.Module, torch.compile(model))  # an OptimizedModule (typed as any callable)
 
 
 # (B, T + 1) windows, (inputs, targets) each (B, T), or (inputs, targets, in-document positions) each (B, T)
@@ -188,7 +188,7 @@ def fit(
             w = (
                 w.to(dev, non_blocking=True)
                 if isinstance(w, torch.Tensor)
-                else tuple(t.to(dev, non_blocking=True) for t in w)
+                else cast(Batch, tuple(t.to(dev, non_blocking=True) for t in w))
             )
             n_inputs.append(inputs_targets(w)[0].numel())
             return w

@@ -25,7 +25,7 @@ def umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``. The file gets
     the mode a plain ``open(path, "w")`` would (0o666 minus the umask), not mkstemp's private 0o600."""
     path = Path(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from torch import nn
+from torch import Tensor, nn
 
 from selective_attention.hf.site import BHTD, BTHD, Site
 
@@ -19,14 +19,14 @@ NORMS = {
 _NORM_LIKE = re.compile(r"(^|_)(norm|layernorm|ln|rmsnorm)($|_)|norm$", re.IGNORECASE)
 
 
-def base_layer(m: nn.Module) -> nn.Module:
+def base_layer(m: nn.Module | Tensor) -> nn.Module | Tensor:
     """The layer under a PEFT tuner wrapper (``lora.Linear.base_layer``), else ``m``."""
     while hasattr(m, "base_layer") and isinstance(m.base_layer, nn.Module):
         m = m.base_layer
     return m
 
 
-def linear_dims(m: nn.Module | None) -> tuple[int, int] | None:
+def linear_dims(m: nn.Module | Tensor | None) -> tuple[int, int] | None:
     """(in_features, out_features) of a linear projection (plain, quantised or PEFT-wrapped), else None."""
     if m is None:
         return None
@@ -35,6 +35,14 @@ def linear_dims(m: nn.Module | None) -> tuple[int, int] | None:
     if isinstance(fi, int) and isinstance(fo, int):
         return fi, fo
     return None
+
+
+def projection_dims(attn: nn.Module, name: str) -> tuple[int, int]:
+    """``linear_dims`` of the projection ``attn.<name>`` that an adapter relies on; ValueError when it is none."""
+    dims = linear_dims(getattr(attn, name, None))
+    if dims is None:
+        raise ValueError(f"{type(attn).__name__}.{name} is not a linear projection")
+    return dims
 
 
 def has_separate_projections(m: nn.Module) -> bool:
@@ -50,7 +58,11 @@ def head_dim_of(attn: nn.Module, fallback_heads: int | None) -> int:
     D = getattr(attn, "head_dim", None)
     if D is None:
         cfg = getattr(attn, "config", None)
-        D = getattr(cfg, "head_dim", None) or linear_dims(attn.q_proj)[1] // fallback_heads
+        D = getattr(cfg, "head_dim", None)
+        if not D:
+            if fallback_heads is None:
+                raise ValueError(f"{type(attn).__name__}: neither a head_dim nor a head count to derive it from")
+            D = projection_dims(attn, "q_proj")[1] // fallback_heads
     return int(D)
 
 
@@ -73,7 +85,7 @@ def separate_site(attn: nn.Module, name: str = "") -> Site:
     Gemma4's ``attention_k_eq_v``), or q_proj only for a KV-sharing layer; GQA / MQA read off the shapes."""
     cfg = getattr(attn, "config", None)
     D = head_dim_of(attn, getattr(cfg, "num_attention_heads", None))
-    d_model, q_out = linear_dims(attn.q_proj)
+    d_model, q_out = projection_dims(attn, "q_proj")
     H = q_out // D
     if is_kv_shared(attn) and linear_dims(getattr(attn, "k_proj", None)) is None:
         Hkv = int(getattr(cfg, "num_key_value_heads", None) or H)
@@ -88,9 +100,9 @@ def separate_site(attn: nn.Module, name: str = "") -> Site:
             kv_shared=True,
             name=name,
         )
-    k_out = linear_dims(attn.k_proj)[1]
+    k_out = projection_dims(attn, "k_proj")[1]
     v_src = "v_proj" if linear_dims(getattr(attn, "v_proj", None)) is not None else "k_proj"
-    v_out = linear_dims(getattr(attn, v_src))[1]
+    v_out = projection_dims(attn, v_src)[1]
     Hkv = k_out // D
     if H * D != q_out or Hkv * D != k_out or Hkv * D != v_out:
         raise ValueError(f"{type(attn).__name__}: projections do not split into heads of size {D}")

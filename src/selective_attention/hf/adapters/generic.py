@@ -5,12 +5,22 @@ or a fused ``qkv_proj`` laid out [q | k | v] (Phi-3 style)."""
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
 
-from selective_attention.hf.adapters.common import has_separate_projections, is_kv_shared, linear_dims, separate_site
+from selective_attention.hf.adapters.common import (
+    has_separate_projections,
+    is_kv_shared,
+    linear_dims,
+    projection_dims,
+    separate_site,
+)
 from selective_attention.hf.site import Site
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def _uses_interface(m: nn.Module) -> bool:
@@ -22,11 +32,11 @@ def _is_self_attention(m: nn.Module) -> bool:
 
 
 def _fused_site(attn: nn.Module, name: str) -> Site:
-    cfg = attn.config
+    cfg = cast("PretrainedConfig", attn.config)
     D = int(getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    H = cfg.num_attention_heads
-    Hkv = getattr(cfg, "num_key_value_heads", None) or H
-    d_in, d_out = linear_dims(attn.qkv_proj)
+    H: int = cfg.num_attention_heads
+    Hkv: int = getattr(cfg, "num_key_value_heads", None) or H
+    d_in, d_out = projection_dims(attn, "qkv_proj")
     if d_out != (H + 2 * Hkv) * D:
         raise ValueError(f"{type(attn).__name__}: qkv_proj does not split into [q | k | v] heads")
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from selective_attention.hf.site import Site
 
+if TYPE_CHECKING:
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
-def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+
+def _attention_modules(model: nn.Module) -> list[tuple[str, GPT2Attention]]:
     from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GPT2Attention) and not m.is_cross_attention]

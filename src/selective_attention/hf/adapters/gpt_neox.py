@@ -3,14 +3,19 @@ partial rotary is applied later, and a per-token scalar commutes with it."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
-from selective_attention.hf.adapters.common import linear_dims
+from selective_attention.hf.adapters.common import projection_dims
 from selective_attention.hf.site import Site
 
+if TYPE_CHECKING:
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention
 
-def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+
+def _attention_modules(model: nn.Module) -> list[tuple[str, GPTNeoXAttention]]:
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GPTNeoXAttention)]
@@ -23,8 +28,8 @@ def matches(model: nn.Module) -> bool:
 def sites(model: nn.Module) -> list[Site]:
     out = []
     for name, attn in _attention_modules(model):
-        D = attn.head_size
-        C, n_out = linear_dims(attn.query_key_value)
+        D: int = attn.head_size
+        C, n_out = projection_dims(attn, "query_key_value")
         H = n_out // (3 * D)
 
         def split(t: Tensor, H: int = H, D: int = D) -> tuple[Tensor, Tensor, Tensor]:
