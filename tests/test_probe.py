@@ -155,3 +155,72 @@ def test_ssa_report_probes_then_renders(runs, tmp_path, capsys):
     assert main(["report", str(runs["ssa"]), "--out", str(tmp_path / "r2"), "--no-probe"]) == 0
     assert not (runs["ssa"] / "probe.json").exists()
     assert "note: model probes skipped" in capsys.readouterr().out
+
+
+def close(a: list, b: list) -> None:
+    torch.testing.assert_close(
+        torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+
+
+def _tiny_ssa(config: SSAConfig):
+    from selective_attention.data.tokenizers import build_tokenizer
+    from selective_attention.temperature import temperature_modules
+    from selective_attention.train.models import build_model
+
+    tok = build_tokenizer("bpe", documents=[TEXT * 3, "The quick brown fox jumps over the dog. " * 4], vocab_size=300)
+    m = build_model("tiny", len(tok), 64, "ssa", config, seed=0)
+    with torch.no_grad():
+        for fn in temperature_modules(m):
+            if hasattr(fn, "readout"):
+                fn.readout.normal_(std=2.0)
+    return m.eval(), tok
+
+
+def test_token_temperatures_record_the_position_and_token_terms_apart():
+    """tau = (1 + c log p) + tanh f(x): the probe keeps both terms, so the report can show the words' part."""
+    import math as m_
+
+    from selective_attention.hf import ssa_temperatures
+    from selective_attention.hf.state import converted_attention_modules
+
+    model, tok = _tiny_ssa(SSAConfig(init="scratch"))
+    out = P.token_temperatures(model, tok, TEXT)
+    q = out["temperatures"]["query"]
+    T = len(out["tokens"])
+    for key in ("mean", "per_layer"):
+        total = torch.tensor(q[key])
+        torch.testing.assert_close(torch.tensor(q["position"][key]) + torch.tensor(q["token"][key]), total)
+    cs = [ssa_temperatures(a).fns["query"].position_coefficient() for a in converted_attention_modules(model)]
+    expect = [
+        [float(sum(1 + c * m_.log(p) for c in layer.tolist()) / len(layer)) for p in range(1, T + 1)] for layer in cs
+    ]
+    close(q["position"]["per_layer"], expect)
+    assert all(b > a for a, b in zip(q["position"]["mean"], q["position"]["mean"][1:]))  # c = 0.5 > 0: rising
+    tokens_term = q["token"]["mean"]
+    assert max(tokens_term) - min(tokens_term) > 0.05 and all(-1 < x < 1 for x in tokens_term)
+    v = out["temperatures"]["value"]  # no position term on the value by default: tau_v = 1 + tanh f(x)
+    assert v["position"]["mean"] == [1.0] * T
+    torch.testing.assert_close(torch.tensor(v["token"]["mean"]) + 1, torch.tensor(v["mean"]))
+
+
+def test_position_only_and_token_only_temperatures_split_exactly():
+    pos_only, tok = _tiny_ssa(SSAConfig(init="scratch", token_aware=False, value_position_aware=True))
+    q = P.token_temperatures(pos_only, tok, TEXT)["temperatures"]["query"]
+    assert max(abs(x) for x in q["token"]["mean"]) < 1e-6
+    close(q["position"]["per_layer"], q["per_layer"])
+    tok_only, tok = _tiny_ssa(SSAConfig(init="scratch", position_aware=False))
+    q = P.token_temperatures(tok_only, tok, TEXT)["temperatures"]["query"]
+    assert q["position"]["mean"] == [1.0] * len(q["mean"])
+    assert q["token"]["mean"] == pytest.approx([t - 1 for t in q["mean"]], abs=1e-6)
+
+
+def test_a_format_1_probe_json_is_probed_again(runs):
+    first = P.probe_run(runs["ssa"], text=TEXT)
+    assert first["format"] == 2 and "token" in first["temperatures"]["query"]
+    old = json.loads(json.dumps(first))
+    old["format"] = 1
+    del old["temperatures"]["query"]["token"], old["temperatures"]["query"]["position"]
+    (runs["ssa"] / "probe.json").write_text(json.dumps(old))
+    assert P.read_probe(runs["ssa"]) is None  # same settings, but the old format: not reused
+    assert P.probe_run(runs["ssa"], text=TEXT) == first

@@ -8,8 +8,8 @@ holding one) renders an earlier probe without loading anything. Drawing is ``rep
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import Any
 
 from selective_attention.errors import UserError
 
@@ -43,7 +43,7 @@ def _text(args: argparse.Namespace) -> str:
     return text
 
 
-def _probe_model(args: argparse.Namespace) -> dict:
+def _probe_model(args: argparse.Namespace) -> dict[str, Any]:
     text = _text(args)
     if not Path(args.model).is_dir():
         raise UserError(f"model directory not found: {args.model}")
@@ -63,16 +63,13 @@ def _probe_model(args: argparse.Namespace) -> dict:
         raise UserError(str(e)) from None
 
 
-def _read_probe(path: str) -> dict:
+def _read_probe(path: str) -> dict[str, Any]:
+    from selective_attention.utils.io import read_json
+
     p = Path(path)
     if p.is_dir():
         p = p / "probe.json"
-    try:
-        obj = json.loads(p.read_text())
-    except OSError as e:
-        raise UserError(f"cannot read --probe: {e.strerror}: {p}") from None
-    except ValueError as e:
-        raise UserError(f"{p}: invalid JSON ({e})") from None
+    obj = read_json(p, "--probe: a probe.json")
     if not isinstance(obj, dict):
         raise UserError(f"{p}: not a probe.json (expected a JSON object)")
     return obj

@@ -2,12 +2,14 @@
 
 ``probe_model(model, tokenizer, text)`` measures one loaded model; ``probe_run(run_dir)`` loads ``RUN/final``,
 probes it on the run's validation text and writes ``RUN/probe.json`` (atomically), which ``ssa report`` and
-``selective_attention.report.build_report`` render without touching a model. ``probe.json``::
+``selective_attention.report.builder.build_report`` render without touching a model. ``probe.json``::
 
-    {"format": 1, "settings": {"text", "n_seqs", "seq_len", "model": [[file, bytes, mtime_ns], ...]},
+    {"format": 2, "settings": {"text", "n_seqs", "seq_len", "model": [[file, bytes, mtime_ns], ...]},
      "tokens": [str] | null,                    the sample text's tokens
      "n_layers": int | null,
-     "temperatures": {"query" | "value": {"mean": [T], "per_layer": [[T] * L]}} | null   (null: vanilla)
+     "temperatures": {"query" | "value": {"mean": [T], "per_layer": [[T] * L],      tau     (null: vanilla)
+                                         "position": {"mean", "per_layer"},        1 + c log p
+                                         "token": {"mean", "per_layer"}}} | null   tanh f(x)
      "dilution": {"position", "entropy", "max_weight", "uniform_entropy": [T]} | null,
      "notes": [str]}                            what could not be measured, and why
 
@@ -15,12 +17,15 @@ Both probes work on any causal LM whose attention ends in ``torch.nn.functional.
 (the SSA adapter folds tau_q / tau_v into q / v before that call, transformers' "sdpa" path calls it too):
 ``capture_attention`` records the q, k and mask of every call and rebuilds the attention probabilities, so the
 same code measures vanilla and SSA models without knowing how either is wired.
+
+Format 2 added tau's two terms apart (``position``, ``token``): the position term grows along any text, so a
+picture of tau alone mostly shows the position. A format-1 probe.json is probed again (the report still renders
+one that cannot be, showing tau).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -32,10 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selective_attention.errors import UserError
-from selective_attention.utils.io import atomic_write_json
+from selective_attention.utils.io import atomic_write_json, read_json
 from selective_attention.utils.stats import row_statistics
 
-FORMAT = 1
+FORMAT = 2  # 2: tau's position and token terms recorded apart
 PROBE_FILE = "probe.json"
 SAMPLE_TEXT = (
     "The committee met in the old library on Tuesday. After a long debate about the budget, "
@@ -53,21 +58,21 @@ def capture_attention(rows: list[Tensor]) -> Iterator[None]:
     ``rows`` and still returns the real kernel's output."""
     real = F.scaled_dot_product_attention
 
-    def probe(
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
+    def probe(  # SDPA's own parameter names: callers may pass them by keyword
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
         attn_mask: Tensor | None = None,
         dropout_p: float = 0.0,
         is_causal: bool = False,
         scale: float | None = None,
         enable_gqa: bool = False,
-        **kw,
-    ):
+        **kw: Any,
+    ) -> Tensor:
         out = real(
-            q,
-            k,
-            v,
+            query,
+            key,
+            value,
             attn_mask=attn_mask,
             dropout_p=dropout_p,
             is_causal=is_causal,
@@ -75,7 +80,7 @@ def capture_attention(rows: list[Tensor]) -> Iterator[None]:
             enable_gqa=enable_gqa,
             **kw,
         )
-        rows.append(_probabilities(q, k, attn_mask, is_causal, scale))
+        rows.append(_probabilities(query, key, attn_mask, is_causal, scale))
         return out
 
     F.scaled_dot_product_attention = probe
@@ -88,7 +93,7 @@ def capture_attention(rows: list[Tensor]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _probabilities(q: Tensor, k: Tensor, attn_mask, is_causal: bool, scale: float | None) -> Tensor:
+def _probabilities(q: Tensor, k: Tensor, attn_mask: Any, is_causal: bool, scale: float | None) -> Tensor:
     """softmax(scale * q k^T + mask) exactly as SDPA defines it, materialised in float32."""
     q, k = q.float(), k.float()
     H, Hk = q.shape[-3], k.shape[-3]
@@ -112,7 +117,7 @@ def _probabilities(q: Tensor, k: Tensor, attn_mask, is_causal: bool, scale: floa
 
 
 @torch.no_grad()
-def dilution_curves(model, input_ids: Tensor) -> dict[str, list[float]] | None:
+def dilution_curves(model: torch.nn.Module, input_ids: Tensor) -> dict[str, list[float]] | None:
     """Mean attention entropy and max weight per query position (1-indexed), averaged over layers, heads and
     the batch. None when the model's attention never reaches SDPA (e.g. an eager-only implementation)."""
     rows: list[Tensor] = []
@@ -142,21 +147,65 @@ def dilution_curves(model, input_ids: Tensor) -> dict[str, list[float]] | None:
 
 
 @torch.no_grad()
-def token_temperatures(model, tokenizer, text: str, max_tokens: int = 256) -> dict[str, Any]:
+def position_terms(model: torch.nn.Module, n_tokens: int) -> dict[str, Tensor]:
+    """The position term 1 + c log p of every layer's query and value temperature at positions p = 1..n_tokens
+    (those of one unpadded text, as ``token_temperatures`` runs it), per head: {"query" | "value": (L, H, T)}
+    in float32, layers in ``model_temperatures``' order, value heads repeated for GQA like it does; 1 where a
+    target has no temperature or no position term."""
+    from selective_attention.hf import ssa_state, ssa_temperatures
+    from selective_attention.hf.state import converted_attention_modules
+    from selective_attention.temperature import TemperatureFunction, log_positions
+
+    out: dict[str, Tensor] = {}
+    for target in ("query", "value"):
+        layers = []
+        for attn in converted_attention_modules(model):
+            H = ssa_state(attn).n_heads
+            temps = ssa_temperatures(attn)
+            fn = temps.fns[target] if target in temps else None
+            if isinstance(fn, TemperatureFunction) and fn.position_aware:
+                c = fn.position_coefficient().detach().cpu()  # (heads,), the dtype tau is computed in
+                logp = log_positions(torch.arange(1, n_tokens + 1), c.dtype)
+                term = (1.0 + c[:, None] * logp[None, :]).float()  # tau's own c * log p, then the 1
+                if term.shape[0] != H:
+                    term = term.repeat_interleave(H // term.shape[0], dim=0)
+            else:
+                term = torch.ones(H, n_tokens)
+            layers.append(term)
+        out[target] = torch.stack(layers)
+    return out
+
+
+def _rows(x: Tensor) -> dict[str, list[Any]]:
+    """(L, H, T) -> mean over heads per layer and over layers too, as lists."""
+    per_layer = x.mean(1)
+    return {"mean": per_layer.mean(0).tolist(), "per_layer": per_layer.tolist()}
+
+
+@torch.no_grad()
+def token_temperatures(model: Any, tokenizer: Any, text: str, max_tokens: int = 256) -> dict[str, Any]:
     """Per-token inverse temperatures over ``text`` (its first ``max_tokens`` tokens), mean over heads:
-    {"tokens": [str], "n_layers": L, "temperatures": {"query" | "value": {"mean": (T,), "per_layer": (L, T)}}}
-    (lists). A target without a temperature reports ones. ValueError for an empty text or a model that is not
-    SSA-converted."""
+    {"tokens": [str], "n_layers": L, "temperatures": {"query" | "value": {"mean": (T,), "per_layer": (L, T),
+    "position": {...}, "token": {...}}}} (lists): tau and its two terms, the position term 1 + c log p and the token
+    term tanh f(x) = tau - position term. A target without a temperature reports ones (and a token term of 0).
+    ValueError for an empty text or a model that is not SSA-converted."""
     from selective_attention.hf import model_temperatures
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
     if ids.shape[1] == 0:
         raise ValueError("the text has no tokens")
     taus = model_temperatures(model, ids)  # {target: (L, B, H, T)}
+    positions = position_terms(model, ids.shape[1])  # {target: (L, H, T)}
     temps = {}
     for target in ("query", "value"):
-        per_layer = taus[target].float()[:, 0].mean(1)  # (L, T)
-        temps[target] = {"mean": per_layer.mean(0).tolist(), "per_layer": per_layer.tolist()}
+        tau = taus[target].float()[:, 0]  # (L, H, T)
+        per_layer = tau.mean(1)  # (L, T)
+        temps[target] = {
+            "mean": per_layer.mean(0).tolist(),
+            "per_layer": per_layer.tolist(),
+            "position": _rows(positions[target]),
+            "token": _rows(tau - positions[target]),
+        }
     return {
         "tokens": [tokenizer.decode([int(t)]) for t in ids[0]],
         "n_layers": len(temps["query"]["per_layer"]),
@@ -164,14 +213,18 @@ def token_temperatures(model, tokenizer, text: str, max_tokens: int = 256) -> di
     }
 
 
-def has_temperatures(model) -> bool:
+def has_temperatures(model: torch.nn.Module) -> bool:
     from selective_attention.temperature import temperature_parameters
 
     return bool(temperature_parameters(model))
 
 
 def probe_model(
-    model, tokenizer, text: str = SAMPLE_TEXT, dilution_ids: Tensor | None = None, max_tokens: int = 256
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str = SAMPLE_TEXT,
+    dilution_ids: Tensor | None = None,
+    max_tokens: int = 256,
 ) -> dict[str, Any]:
     """Probe a loaded model: its per-token temperatures on ``text`` (None for a vanilla model) and, given
     ``dilution_ids`` (B, T), its dilution curves. Whatever cannot be measured becomes a line in "notes"."""
@@ -194,7 +247,7 @@ def probe_model(
 # ----------------------------------------------------------------------------------------------- runs
 
 
-def validation_batch(tok, data: str, n_seqs: int, T: int, fallback: str | None) -> Tensor:
+def validation_batch(tok: Any, data: str, n_seqs: int, T: int, fallback: str | None) -> Tensor:
     """(n, T) token ids from the validation split of the run's corpus (the sample text repeated if absent)."""
     text = ""
     try:
@@ -218,10 +271,10 @@ def _model_stamp(final: Path) -> list[list[Any]]:
 
 
 def read_probe(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """RUN/probe.json, or None when absent or unreadable (it is then probed again)."""
+    """RUN/probe.json, or None when absent, unreadable or of an older format (it is then probed again)."""
     try:
-        obj = json.loads((Path(run_dir) / PROBE_FILE).read_text())
-    except (OSError, ValueError):
+        obj = read_json(Path(run_dir) / PROBE_FILE)
+    except UserError:
         return None
     return obj if isinstance(obj, dict) and obj.get("format") == FORMAT else None
 
@@ -241,8 +294,8 @@ def probe_run(
     if old is not None and not force and old.get("settings") == settings:
         return old
     try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
+        info = read_json(run_dir / "run.json")
+    except UserError:  # the probe needs only the run's corpus and sequence length, which have defaults
         info = {}
     cfg = info.get("config", {}) if isinstance(info, dict) else {}
     try:

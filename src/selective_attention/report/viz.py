@@ -1,57 +1,114 @@
 """Figure-1-style pictures: every token of a text coloured by its learned SSA temperature.
 
-The paper's Figure 1 highlights each token by its temperature; here colour encodes the inverse temperature
-tau (the factor SSA multiplies into q or v): darker = larger tau = a sparser (more selective) attention row for
-that query. The scale is normalised to the values shown, and the legend gives the actual range.
+The paper's Figure 1 highlights each token by its temperature. Colour encodes one quantity on one ``ColourScale``:
+by default the inverse temperature tau itself (the factor SSA multiplies into q or v: darker = larger tau = a
+sparser, more selective attention row for that query), normalised to the values shown; the report instead colours
+the token term tanh f(x) on a diverging scale centred on 0 that all methods share. The legend gives the range.
 """
 
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
+from matplotlib.colors import ListedColormap, Normalize  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 CMAP = "Blues"
+DIVERGING_CMAP = "RdBu_r"  # blue below 0, white at 0, red above
 
 
-def _normalise(values: list[float]) -> tuple[list[float], float, float]:
-    lo, hi = min(values), max(values)
-    span = hi - lo
-    return [0.0 if span < 1e-12 else (v - lo) / span for v in values], lo, hi
+@dataclass(frozen=True)
+class ColourScale:
+    """Values lo..hi onto a colour map; ``diverging`` maps (lo + hi) / 2 to the map's white middle."""
 
+    lo: float
+    hi: float
+    cmap: str = CMAP
+    label: str = "tau"
+    meaning: str = "darker = larger inverse temperature = sparser attention"
+    diverging: bool = False
 
-def _rgb(x: float) -> tuple[int, int, int]:
-    r, g, b, _ = colormaps[CMAP](0.08 + 0.8 * x)  # avoid pure white and the darkest navy
-    return int(255 * r), int(255 * g), int(255 * b)
+    @classmethod
+    def spanning(cls, values: Iterable[float], **kw: Any) -> ColourScale:
+        """From the smallest to the largest of ``values``."""
+        vals = list(values)
+        return cls(min(vals), max(vals), **kw)
+
+    @classmethod
+    def centred(cls, values: Iterable[float], floor: float = 1e-6, **kw: Any) -> ColourScale:
+        """Symmetric about 0 (-m..m, m the largest |value| but at least ``floor``), on the diverging map."""
+        m = max(max((abs(v) for v in values), default=0.0), floor)
+        return cls(-m, m, **{"cmap": DIVERGING_CMAP, "diverging": True, **kw})
+
+    def position(self, v: float) -> float:
+        """v on the scale, 0..1 (clipped)."""
+        span = self.hi - self.lo
+        return 0.0 if span < 1e-12 else min(1.0, max(0.0, (v - self.lo) / span))
+
+    def _shade(self, x: float) -> float:
+        # avoid pure white and the darkest end (Blues); keep the diverging map's ends readable
+        return 0.1 + 0.8 * x if self.diverging else 0.08 + 0.8 * x
+
+    def rgb(self, v: float) -> tuple[int, int, int]:
+        r, g, b, _ = colormaps[self.cmap](self._shade(self.position(v)))
+        return int(255 * r), int(255 * g), int(255 * b)
+
+    def dark(self, v: float) -> bool:
+        """Whether a token on this colour needs white text."""
+        x = self.position(v)
+        return abs(x - 0.5) > 0.32 if self.diverging else x > 0.55
+
+    def gradient_css(self) -> str:
+        stops = [self.rgb(self.lo + (self.hi - self.lo) * i / 4) for i in range(5)]
+        return "linear-gradient(90deg," + ",".join(f"rgb{s}" for s in stops) + ")"
+
+    def matplotlib_colormap(self) -> ListedColormap:
+        return ListedColormap([colormaps[self.cmap](self._shade(i / 255)) for i in range(256)])
 
 
 def _visible(token: str) -> str:
     return token.replace("\n", "\u21b5 ")
 
 
-def temperature_html_fragment(tokens: list[str], values: list[float], caption: str = "") -> str:
-    """An inline HTML block (no external assets): one <span> per token, background = tau."""
+def _check(tokens: Sequence[str], values: Sequence[float]) -> None:
     if len(tokens) != len(values) or not tokens:
         raise ValueError("tokens and values must be non-empty and of equal length")
-    norm, lo, hi = _normalise(values)
+
+
+def temperature_html_fragment(
+    tokens: Sequence[str],
+    values: Sequence[float],
+    caption: str = "",
+    scale: ColourScale | None = None,
+    titles: Sequence[str] | None = None,
+) -> str:
+    """An inline HTML block (no external assets): one <span> per token, background = its value on ``scale``
+    (default: tau, spanning the values shown); each token's tooltip is ``titles[i]`` (default "tau=...")."""
+    _check(tokens, values)
+    scale = scale or ColourScale.spanning(values)
+    titles = titles or [f"tau={v:.4f}" for v in values]
     spans = []
-    for tok, v, x in zip(tokens, values, norm):
-        r, g, b = _rgb(x)
-        fg = "#fff" if x > 0.55 else "#000"
+    for tok, v, title in zip(tokens, values, titles):
+        r, g, b = scale.rgb(v)
+        fg = "#fff" if scale.dark(v) else "#000"
         spans.append(
             f'<span class="tok" style="background:rgb({r},{g},{b});color:{fg}" '
-            f'title="tau={v:.4f}">{html.escape(_visible(tok))}</span>'
+            f'title="{html.escape(title)}">{html.escape(_visible(tok))}</span>'
         )
-    lo_rgb, hi_rgb = _rgb(0.0), _rgb(1.0)
+    num = "+.3f" if scale.diverging else ".3f"  # a signed term reads better with its sign
     legend = (
-        f'<div class="legend">tau {lo:.3f} <span class="bar" style="background:linear-gradient(90deg,'
-        f'rgb{lo_rgb},rgb{hi_rgb})"></span> {hi:.3f} &nbsp; (darker = larger inverse temperature = '
-        f"sparser attention)</div>"
+        f'<div class="legend">{html.escape(scale.label)} {scale.lo:{num}} <span class="bar" '
+        f'style="background:{scale.gradient_css()}"></span> {scale.hi:{num}} &nbsp; '
+        f"({html.escape(scale.meaning)})</div>"
     )
     cap = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
     return f'<div class="temps">{"".join(spans)}</div>{legend}{cap}'
@@ -82,18 +139,23 @@ def write_temperature_html(
 
 
 def write_temperature_png(
-    path: str | Path, tokens: list[str], values: list[float], title: str = "", width_chars: int = 90
+    path: str | Path,
+    tokens: Sequence[str],
+    values: Sequence[float],
+    title: str = "",
+    width_chars: int = 90,
+    scale: ColourScale | None = None,
 ) -> Path:
-    """Tokens laid out as wrapped text, each on a box coloured by tau, with a colour bar."""
+    """Tokens laid out as wrapped text, each on a box coloured by its value on ``scale`` (default: tau spanning
+    the values shown), with a colour bar."""
     from selective_attention.utils.io import atomic_write
 
-    if len(tokens) != len(values) or not tokens:
-        raise ValueError("tokens and values must be non-empty and of equal length")
-    norm, lo, hi = _normalise(values)
+    _check(tokens, values)
+    scale = scale or ColourScale.spanning(values)
     # Lay out on a character grid: x in character units, one row per line.
     lines: list[list[tuple[str, float]]] = [[]]
     col = 0
-    for tok, x in zip(tokens, norm):
+    for tok, v in zip(tokens, values):
         parts = tok.split("\n")
         for i, part in enumerate(parts):
             if i > 0:
@@ -104,7 +166,7 @@ def write_temperature_png(
             if col + len(part) > width_chars and col > 0:
                 lines.append([])
                 col = 0
-            lines[-1].append((part, x))
+            lines[-1].append((part, v))
             col += len(part)
     n_lines = len(lines)
     fs = 10
@@ -118,9 +180,9 @@ def write_temperature_png(
     ax.axis("off")
     for row, line in enumerate(lines):
         col = 0
-        for part, x in line:
-            r, g, b = _rgb(x)
-            ax.add_patch(plt.Rectangle((col, row + 0.1), len(part), 0.8, color=(r / 255, g / 255, b / 255), lw=0))
+        for part, v in line:
+            r, g, b = scale.rgb(v)
+            ax.add_patch(Rectangle((col, row + 0.1), len(part), 0.8, color=(r / 255, g / 255, b / 255), lw=0))
             ax.text(
                 col,
                 row + 0.5,
@@ -129,23 +191,22 @@ def write_temperature_png(
                 ha="left",
                 family="monospace",
                 fontsize=fs,
-                color="white" if x > 0.55 else "black",
+                color="white" if scale.dark(v) else "black",
             )
             col += len(part)
     if title:
         ax.set_title(title, fontsize=10, loc="left")
     cax = fig.add_axes((0.3, 0.5 / fig_h, 0.4, 0.18 / fig_h))
-    shown = matplotlib.colors.ListedColormap([colormaps[CMAP](0.08 + 0.8 * i / 255) for i in range(256)])
-    sm = plt.cm.ScalarMappable(cmap=shown, norm=matplotlib.colors.Normalize(lo, hi))
+    sm = plt.cm.ScalarMappable(cmap=scale.matplotlib_colormap(), norm=Normalize(scale.lo, scale.hi))
     cb = fig.colorbar(sm, cax=cax, orientation="horizontal")
     cb.ax.tick_params(labelsize=7)
-    cb.set_label("tau (darker = sparser attention)", fontsize=7)
+    cb.set_label(f"{scale.label} ({scale.meaning})", fontsize=7)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return Path(path)
 
 
-def select_temperatures(probe: dict, target: str = "query", layer: int | str = "mean") -> list[float]:
+def select_temperatures(probe: dict[str, Any], target: str = "query", layer: int | str = "mean") -> list[float]:
     """One row of a probe's temperatures (``selective_attention.evaluate.probe`` JSON): ``target`` in
     {"query", "value"}, ``layer`` "mean" (over layers) or an index (negative counts from the end)."""
     from selective_attention.errors import UserError
@@ -165,7 +226,7 @@ def select_temperatures(probe: dict, target: str = "query", layer: int | str = "
 
 
 def render_temperatures(
-    probe: dict, out: str | Path, target: str = "query", layer: int | str = "mean", source: str = ""
+    probe: dict[str, Any], out: str | Path, target: str = "query", layer: int | str = "mean", source: str = ""
 ) -> str:
     """Write the probe's tokens coloured by one temperature row to ``out`` (.html or .png); return a one-line
     summary of what was written."""
