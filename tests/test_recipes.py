@@ -1,9 +1,9 @@
 """What we tell users to type: every `ssa ...` line of the code blocks of the README and of docs/*.md, and of the
 configs' headers, parses with the real command line (the configs' ones also validate as training settings); the
 README's Python examples run as written; the bundled model's name (`smollm2-135m`) resolves in every entry point
-that takes a model; and scripts/gpu_check.sh walks to the end on a machine without a GPU when its interpreter
-only parses the commands it is given - so a renamed flag fails here, not in the one short GPU session a task may
-get."""
+that takes a model; and scripts/gpu_check.sh walks to the end on a machine without a GPU when its interpreter runs
+nothing, and every command it issued parses (in this process) - so a renamed flag fails here, not in the one short
+GPU session a task may get. Nothing here starts a Python interpreter."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -100,61 +99,87 @@ def test_config_header_commands_parse_and_validate(tmp_path, monkeypatch):
             config_from_args(args).validate()  # a one-line UserError names the bad setting
 
 
-FAKE_PYTHON = """#!{python}
-# An interpreter for scripts/gpu_check.sh that parses the command it is given and runs nothing (see test_recipes).
-import json, sys
-sys.path.insert(0, {scripts!r})
-args = sys.argv[1:]
-with open({log!r}, "a") as log:
-    log.write(json.dumps(args) + "\\n")
-if args[0] == "-c":  # the script's probes: "is there a CUDA device", "which interpreter"
-    print("fake-python")
-elif args[:2] == ["-m", "selective_attention"]:
-    from selective_attention.cli import build_parser
-    ns = build_parser(args[2]).parse_args(args[2:])
-    if args[2] == "train":
-        from selective_attention.cli.train import config_from_args
-        config_from_args(ns).validate()
-    if args[2] == "bench":
-        open(ns.out, "w").write("{{}}")  # so that the script goes on to parse its `check ratios` line
-elif args[0].endswith("gpu_check.py"):
-    import gpu_check
-    gpu_check.build_parser().parse_args(args[1:])
-    if args[1] == "smollm2":
-        print({gguf!r})
-else:
-    sys.exit("unexpected interpreter call: " + " ".join(args))
+# An interpreter for scripts/gpu_check.sh that runs nothing: it logs the arguments it is given (one call per line,
+# NUL between arguments), answers the script's probes, and writes what the script looks for next. Bash, not Python:
+# the script's ~20 interpreter calls then cost milliseconds, and the test parses the logged commands in-process.
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+printf '%s\0' "$@" >>"$FAKE_PYTHON_LOG"
+printf '\n' >>"$FAKE_PYTHON_LOG"
+if [[ $1 == -c ]]; then
+    echo fake-python  # the script's probes: "which interpreter", "is there a CUDA device"
+elif [[ $1 == *gpu_check.py && $2 == smollm2 ]]; then
+    echo "$FAKE_GGUF"
+elif [[ $1 == -m && $3 == bench ]]; then  # so that the script goes on to its `check ratios` line
+    while [[ $# -gt 1 ]]; do
+        [[ $1 == --out ]] && echo '{}' >"$2"
+        shift
+    done
+fi
 """
 
 
-@pytest.mark.slow  # ~15 interpreter starts, each importing torch: ~45 s idle
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gpu_check_script_commands_parse(tmp_path):
-    gguf, log = tmp_path / "model.gguf", tmp_path / "calls.jsonl"
+    """gpu_check.sh walks to the end with the fake interpreter; then every `ssa` command it issued parses with the
+    real command line (a `train` one also validates as training settings) and every `gpu_check.py` one with the
+    script's own parser."""
+    from selective_attention.cli.train import config_from_args
+
+    gguf, log = tmp_path / "model.gguf", tmp_path / "calls"
     gguf.touch()
     fake = tmp_path / "python"
-    fake.write_text(
-        FAKE_PYTHON.format(python=sys.executable, scripts=str(ROOT / "scripts"), log=str(log), gguf=str(gguf))
-    )
+    fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     env = {
         **os.environ,
         "PYTHON": str(fake),
         "GPU_CHECK_OUT": str(tmp_path / "out"),
+        "FAKE_PYTHON_LOG": str(log),
+        "FAKE_GGUF": str(gguf),
         "PATH": f"{tmp_path}:{os.environ['PATH']}",
     }  # nvidia-smi is absent here; the script tolerates that
     (tmp_path / "out").mkdir()
     proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "ALL PASS" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    calls = log.read_text().splitlines()
-    ssa = [c for c in calls if '"selective_attention"' in c]
-    checks = [c for c in calls if "gpu_check.py" in c]
+    calls = [line.split("\0")[:-1] for line in log.read_text().splitlines()]
+    gpu_check = _gpu_check_module()
+    ssa, checks = [], []
+    for call in calls:
+        if call[0] == "-c":
+            continue
+        if call[:2] == ["-m", "selective_attention"]:
+            ns = _parse(call[2:])
+            if ns.command == "train":
+                config_from_args(ns).validate()  # a one-line UserError names the bad setting
+            ssa.append(call[2:])
+        elif Path(call[0]).resolve() == ROOT / "scripts" / "gpu_check.py":
+            try:
+                gpu_check.build_parser().parse_args(call[1:])
+            except SystemExit as e:
+                pytest.fail(f"`gpu_check.py {shlex.join(call[1:])}` does not parse (exit {e.code})")
+            checks.append(call[1:])
+        else:
+            pytest.fail(f"unexpected interpreter call: {shlex.join(call)}")
     # 2 modes x (small from scratch + small packed + SmolLM2 fine-tune) + bench attention + bench train
-    assert len(ssa) == 8 and sum('"--compile"' in c for c in ssa) == 3
-    assert sum('"documents"' in c for c in ssa) == 2
+    assert len(ssa) == 8 and sum("--compile" in c for c in ssa) == 3
+    assert sum("documents" in c for c in ssa) == 2
+    assert sorted(c[1] for c in ssa if c[0] == "bench") == ["attention", "train"]
     # kernels, documents, smollm2, 4 x check-run, 2 x ratios, memory
     assert len(checks) == 10
+    assert sorted(c[0] for c in checks) == sorted(
+        ["kernels", "documents", "smollm2", *["check-run"] * 4, *["ratios"] * 2, "memory"]
+    )
 
 
 # ---- the README's Python examples run as written (paths swapped for local ones)

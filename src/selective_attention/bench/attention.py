@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ def _steps(
     steps = {
         "sdpa": run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
         "ssa": run(lambda: selective_attention(q, k, v, tau_q, tau_v, is_causal=True)),
-        "naive": run(lambda: reference_attention(q, k, v, tau_q, tau_v, is_causal=True)),
+        "naive": run(lambda: _naive(q, k, v, tau_q, tau_v)),
     }
     if cfg.doc_len > 0:
         mask = document_mask(document_ids(cfg.batch, T, cfg.doc_len, g).to(device))  # once per batch, as a model
@@ -99,6 +100,12 @@ def _steps(
     return steps
 
 
+def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau_q: torch.Tensor, tau_v: torch.Tensor) -> torch.Tensor:
+    out = reference_attention(q, k, v, tau_q, tau_v, is_causal=True)
+    assert isinstance(out, torch.Tensor)  # a tuple only with return_weights=True
+    return out
+
+
 def document_ids(batch: int, T: int, doc_len: int, g: torch.Generator) -> torch.Tensor:
     """(batch, T) document ids of documents of uniform random length in [doc_len / 2, 3 doc_len / 2]."""
     rows = []
@@ -108,9 +115,9 @@ def document_ids(batch: int, T: int, doc_len: int, g: torch.Generator) -> torch.
     return torch.stack(rows)
 
 
-def run_attention_bench(cfg: AttentionBenchConfig, progress: Callable[[str], None] | None = None) -> dict:
+def run_attention_bench(cfg: AttentionBenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     device = torch.device(cfg.device)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for dtype_name in cfg.dtypes:
         dtype = getattr(torch, dtype_name)
         if not dtype_supported(dtype, device):
@@ -132,7 +139,7 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: Callable[[str], Non
                     if i >= cfg.warmup:
                         times[m].append(time.perf_counter() - t0)
             mem = {m: peak_memory_bytes(step, device) for m, step in steps.items()}
-            row = {"dtype": dtype_name, "T": T}
+            row: dict[str, Any] = {"dtype": dtype_name, "T": T}
             for m in steps:
                 row[f"{m}_ms"] = 1e3 * statistics.median(times[m])
                 row[f"{m}_peak_mb"] = mem[m] / 2**20

@@ -1,18 +1,21 @@
-"""``ssa bench train``: training step time and peak memory, SSA / vanilla, measured interleaved in one run.
+"""Training step time and peak memory, SSA / vanilla, measured interleaved in one run (``ssa bench train``; its
+flags are in ``cli/bench.py``).
 
 Each round times ``steps`` full optimizer steps (``train.loop.train_step``: forward, backward, clipping, AdamW with
 the temperature group) of the vanilla model, then of the SSA model, so machine load hits both alike; the report
 gives the median tokens/s of each and their ratio, then the peak memory of one more step each. With
-``--compile`` the same is measured again on ``torch.compile``d copies (same weights), in the same run.
+``compile=True`` the same is measured again on ``torch.compile``d copies (same weights), in the same run.
 
     ssa bench train [--sizes study small] [--seq-len T] --batch-size 8 --rounds 5 --steps 3 [--compile]
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -46,7 +49,7 @@ def measure(
     seed: int = 0,
     memory: bool = False,
     compile: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """{"size", ..., "parameters": {att: counts}, "eager": MODE[, "compiled": MODE]} with
     MODE = {"tokens_per_s": {att: median}, "all_rounds", "ssa_over_vanilla"[, "peak_mb", "ssa_over_vanilla_memory"]};
     the eager mode's keys are also at the top level (the layout of earlier results)."""
@@ -58,7 +61,7 @@ def measure(
         opts[att] = build_optimizer(m, OptimConfig(lr=1e-3, weight_decay=0.1), dev)
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(dev)
-    out = {
+    out: dict[str, Any] = {
         "size": size,
         "seq_len": seq_len,
         "batch_size": batch_size,
@@ -86,7 +89,7 @@ def measure(
 
 def _measure_mode(
     forward: dict, models: dict, opts: dict, x: torch.Tensor, rounds: int, steps: int, dev: torch.device, memory: bool
-) -> dict:
+) -> dict[str, Any]:
     B, T = x.shape[0], x.shape[1] - 1
 
     def step(att: str) -> None:
@@ -106,93 +109,43 @@ def _measure_mode(
     med = {att: statistics.median(r) for att, r in rates.items()}
     res = {"tokens_per_s": med, "all_rounds": rates, "ssa_over_vanilla": med["ssa"] / med["vanilla"]}
     if memory:  # one more step each, under the peak-memory tracker (it slows the step: never timed)
-        peak = {att: peak_memory_bytes(lambda att=att: step(att), dev) / 2**20 for att in forward}
+        peak = {att: peak_memory_bytes(functools.partial(step, att), dev) / 2**20 for att in forward}
         res["peak_mb"] = peak
         res["ssa_over_vanilla_memory"] = peak["ssa"] / peak["vanilla"]
     return res
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", nargs="+", default=["study", "small"], choices=list(VOCAB))
-    p.add_argument("--seq-len", type=int, default=None, help="default: 512 for study (its window), else 256")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved repeats (medians)")
-    p.add_argument("--steps", type=int, default=1, help="optimizer steps per timed repeat")
-    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu or cuda")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models (same run)")
-    p.add_argument("--out", default="runs/bench/train.json")
-
-
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from selective_attention.utils.console import table_console
-    from selective_attention.utils.io import atomic_write_json
-
-    device = choose_device(args.device)
-    for name in ("seq_len", "batch_size", "rounds", "steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    console = Console(stderr=True)
-    results = []
-    with console.status("benchmarking") as status:
-        for size in args.sizes:
-            status.update(f"benchmarking {size}")
-            seq_len = args.seq_len or SEQ_LEN.get(size, 256)
-            results.append(
-                measure(
-                    size,
-                    vocab=VOCAB[size],
-                    seq_len=seq_len,
-                    batch_size=args.batch_size,
-                    rounds=args.rounds,
-                    steps=args.steps,
-                    device=device,
-                    memory=True,
-                    compile=args.compile,
-                )
+def run_train_bench(
+    sizes: Sequence[str] = ("study", "small"),
+    seq_len: int | None = None,
+    batch_size: int = 4,
+    rounds: int = 3,
+    steps: int = 1,
+    device: str | torch.device = "auto",
+    compile: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``measure`` (with memory) of every size; ``seq_len`` None: each size's own (``SEQ_LEN``, else 256).
+    Returns the content of ``ssa bench train``'s JSON file; ``progress(size)`` is called before each size."""
+    dev = device if isinstance(device, torch.device) else choose_device(device)
+    unknown = [s for s in sizes if s not in VOCAB]
+    if unknown:
+        raise UserError(f"unknown size {unknown[0]!r}; choose from {', '.join(VOCAB)}")
+    rows = []
+    for size in sizes:
+        if progress:
+            progress(size)
+        rows.append(
+            measure(
+                size,
+                vocab=VOCAB[size],
+                seq_len=seq_len or SEQ_LEN.get(size, 256),
+                batch_size=batch_size,
+                rounds=rounds,
+                steps=steps,
+                device=dev,
+                memory=True,
+                compile=compile,
             )
-    atomic_write_json(
-        args.out,
-        {
-            "benchmark": "train",
-            "device": str(device),
-            "torch": torch.__version__,
-            "compile": args.compile,
-            "rows": results,
-        },
-    )
-    table = Table(title=f"training step (fwd+bwd+AdamW), batch {args.batch_size}, {device}; medians of {args.rounds}")
-    for col in (
-        "size",
-        "T",
-        "mode",
-        "params",
-        "SSA new %",
-        "vanilla tok/s",
-        "SSA tok/s",
-        "SSA/vanilla time",
-        "SSA/vanilla mem",
-    ):
-        table.add_column(col, justify="right")
-    for r in results:
-        for mode in ("eager", "compiled"):
-            if mode not in r:
-                continue
-            d = r[mode]
-            tps = d["tokens_per_s"]
-            table.add_row(
-                r["size"],
-                str(r["seq_len"]),
-                mode,
-                f"{r['parameters']['vanilla']['total'] / 1e6:.1f}M",
-                f"{r['parameters']['ssa']['percent']:.3f}",
-                f"{tps['vanilla']:,.0f}",
-                f"{tps['ssa']:,.0f}",
-                f"{tps['vanilla'] / tps['ssa']:.3f}",
-                f"{d['ssa_over_vanilla_memory']:.3f}" if "ssa_over_vanilla_memory" in d else "- (CUDA only)",
-            )
-    table_console().print(table)
-    print(f"wrote {args.out}")
-    return 0
+        )
+    return {"benchmark": "train", "device": str(dev), "torch": torch.__version__, "compile": compile, "rows": rows}
