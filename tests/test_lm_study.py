@@ -46,7 +46,7 @@ def test_plan_trains_vanilla_and_ssa_first_seed_major_then_the_baselines():
         methods=("vanilla", "ssa", "gated", "ssmax"),
         other_methods=("vanilla", "ssa", "gated"),
     )
-    runs = [(r.corpus, r.method, r.seed) for r in lm.plan(lm.Path("/x"), cfg, [0, 1])]
+    runs = [(r.corpus, r.method, r.seed) for r in lm.plan(Path("/x"), cfg, [0, 1])]
     assert runs == [
         ("wiki", "vanilla", 0),
         ("wiki", "ssa", 0),
@@ -63,7 +63,7 @@ def test_plan_trains_vanilla_and_ssa_first_seed_major_then_the_baselines():
         ("wiki", "ssmax", 1),
         ("sotu", "gated", 1),
     ]
-    assert str(lm.plan(lm.Path("/x"), cfg, [0, 1])[-1].path) == "/x/runs/sotu/gated-seed1"
+    assert str(lm.plan(Path("/x"), cfg, [0, 1])[-1].path) == "/x/runs/sotu/gated-seed1"
 
 
 def test_a_run_held_by_another_process_is_skipped_by_workers_and_refused_otherwise(tmp_path):
@@ -74,9 +74,9 @@ def test_a_run_held_by_another_process_is_skipped_by_workers_and_refused_otherwi
     holder = RunLock(run_.path).acquire()
     try:
         cfg = lm.Config(max_tokens=1024)
-        assert lm._train_and_evaluate(run_, cfg, progress=False, skip_busy=True) == "busy"
+        assert lm.train_and_evaluate(run_, cfg, progress=False, skip_busy=True) == "busy"
         with pytest.raises(RunInUse, match="in use by another ssa train run"):
-            lm._train_and_evaluate(run_, cfg, progress=False, skip_busy=False)
+            lm.train_and_evaluate(run_, cfg, progress=False, skip_busy=False)
     finally:
         holder.release()
     with pytest.raises(UserError, match="--jobs must be at least 1"):
@@ -261,7 +261,7 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
         lm.evaluate_run(run0, cfg)
     ev = lm.evaluate_run(run0, dataclasses.replace(cfg, length_multipliers=(16,), length_windows=1))
     assert list(ev["passkey"]) == ["512"] and ev["passkey"]["512"]["n"] == 5
-    assert lm._run_record(run0, 32)["passkey_gain"] == {"512": ev["passkey"]["512"]["gain"]}
+    assert lm.run_record(run0, 32)["passkey_gain"] == {"512": ev["passkey"]["512"]["gain"]}
 
 
 @pytest.mark.slow

@@ -15,16 +15,19 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from selective_attention.errors import UserError
-from selective_attention.utils.io import atomic_write, atomic_write_json, atomic_write_text
+from selective_attention.utils.io import atomic_write, atomic_write_json, atomic_write_text, read_json
 
 # Re-exported for the experiment modules that call them as common.*; the one implementation is utils.stats.
 from selective_attention.utils.stats import mean_std
 from selective_attention.utils.stats import methods_table as markdown_table  # noqa: F401
+
+if TYPE_CHECKING:
+    from selective_attention.train import TrainConfig
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -66,7 +69,8 @@ def results_dict(
     per_seed: Sequence[dict[str, dict[str, float]]],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    is_instance = dataclasses.is_dataclass(config) and not isinstance(config, type)
+    cfg = dataclasses.asdict(config) if is_instance else dict(config)
     out: dict[str, Any] = {
         "experiment": name,
         "config": cfg,
@@ -107,7 +111,11 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(buf.getvalue())
+
+    return atomic_write(path, write)
 
 
 def pyplot() -> Any:
@@ -173,3 +181,82 @@ def pooled_zero_shot(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         acc = sum(r["zero_shot"][task]["acc"] * r["zero_shot"][task]["n"] for r in rows) / max(n, 1)
         out[task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
     return out
+
+
+# ------------------------------------------------------------------------------------- the studies' shared steps
+
+
+class StudySettings(Protocol):
+    """The fields of a study's Config that every one of its training runs shares."""
+
+    seq_len: int
+    batch_size: int
+    eval_tokens: int
+    checkpoint_every: int
+    split_seed: int
+
+
+def study_train_config(
+    study: StudySettings,
+    *,
+    data: str,
+    out: Path,
+    seed: int,
+    max_tokens: int,
+    lr: float,
+    eval_every: int,
+    progress: bool = False,
+    **fields: Any,
+) -> TrainConfig:
+    """The TrainConfig of one run of a study (the LM study, the fine-tuning study's base and fine-tunes): the
+    study's window, batch, validation tokens, checkpoint interval and split, one checkpoint kept, the run's own
+    data, seed, length, rate and validation interval, and ``fields`` (its method; the model size and vocabulary of
+    a run from scratch, the base of a fine-tune). A field left out keeps TrainConfig's default, and what is set
+    here decides whether a saved run is resumed, so a study's runs must keep being built the same way."""
+    from selective_attention.train import TrainConfig
+
+    return TrainConfig(
+        data=data,
+        max_tokens=max_tokens,
+        seed=seed,
+        out=str(out),
+        seq_len=study.seq_len,
+        batch_size=study.batch_size,
+        lr=lr,
+        eval_every=eval_every,
+        eval_tokens=study.eval_tokens,
+        checkpoint_every=study.checkpoint_every,
+        keep_checkpoints=1,
+        split_seed=study.split_seed,
+        progress=progress,
+        **fields,
+    )
+
+
+def cached(path: Path, settings: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """An evaluation saved as ``{"settings": settings, **record}`` at ``path``: the saved one when it was made with
+    the same ``settings``, else ``compute()``'s record, saved there (different settings are measured again)."""
+    if path.is_file():
+        saved = read_json(path, "a saved evaluation")
+        if isinstance(saved, dict) and saved.get("settings") == settings:
+            return saved
+    result = {"settings": settings, **compute()}
+    atomic_write_json(path, result)
+    return result
+
+
+def zero_shot_accuracy(
+    model: Any, tokenizer: Any, tasks: Sequence[str], limit: int, max_length: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Zero-shot accuracy through lm-eval, {task: {acc, n, stderr}} with the binomial standard error
+    sqrt(acc (1 - acc) / n) (None without examples); ``limit`` examples per task, 0 = the full set; {} for no
+    tasks."""
+    from selective_attention.evaluate import zero_shot
+
+    result: dict[str, dict[str, Any]] = {}
+    if not tasks:
+        return result
+    for task, res in zero_shot(model, tokenizer, list(tasks), limit=limit or None, max_length=max_length).items():
+        acc, n = float(res["acc"]), int(res.get("n", 0) or 0)
+        result[task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
+    return result

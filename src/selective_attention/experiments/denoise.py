@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selective_attention.config import SSAConfig
+from selective_attention.config import Sharing, SSAConfig
 from selective_attention.experiments import common
 from selective_attention.functional import selective_attention
 from selective_attention.temperature import TemperatureFunction
@@ -51,7 +51,7 @@ class Config:
     batch_size: int = 256
     lr: float = 3e-3
     eval_samples: int = 8192
-    sharing: str = "mlp"  # the value temperature's token term: "mlp" or "shared" (u . gelu(W_v x))
+    sharing: Sharing = "mlp"  # the value temperature's token term: "mlp" or "shared" (u . gelu(W_v x))
 
 
 def sample(cfg: Config, n: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

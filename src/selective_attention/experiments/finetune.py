@@ -17,8 +17,6 @@ task sets) is a GPU job: ``configs/smollm2-sotu-finetune.yaml`` is the same reci
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,8 +100,22 @@ def _val_documents(data: str, tokenizer, max_tokens: int) -> list[str]:
 def _evaluate(run_dir: Path, config: Config, model_dir: str | None = None) -> dict[str, Any]:
     """Validation perplexity and zero-shot accuracy of ``run_dir``'s final model (or of ``model_dir``, e.g. the
     base before fine-tuning), cached in ``run_dir / EVAL_FILE``."""
-    from selective_attention.evaluate import perplexity, zero_shot
-    from selective_attention.hf import load_pretrained
+
+    def measure() -> dict[str, Any]:
+        from selective_attention.evaluate import perplexity
+        from selective_attention.hf import load_pretrained
+
+        model, tok = load_pretrained(model_dir or str(run_dir / "final"))
+        model.eval()
+        docs = _val_documents(config.data, tok, config.eval_tokens)
+        ev = perplexity(model, tok, docs, seq_len=config.seq_len, batch_size=4)
+        return {
+            "val_ppl": ev["token_ppl"],
+            "val_loss": ev["loss"],
+            "word_ppl": ev["word_ppl"],
+            "eval_tokens": ev["tokens"],
+            "zero_shot": common.zero_shot_accuracy(model, tok, config.zero_shot_tasks, config.zero_shot_limit),
+        }
 
     settings = {
         "eval_tokens": config.eval_tokens,
@@ -112,33 +124,7 @@ def _evaluate(run_dir: Path, config: Config, model_dir: str | None = None) -> di
         "seq_len": config.seq_len,
         "data": config.data,
     }
-    path = run_dir / EVAL_FILE
-    if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
-        return json.loads(path.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model, tok = load_pretrained(model_dir or str(run_dir / "final"))
-    model.eval()
-    ev = perplexity(
-        model, tok, _val_documents(config.data, tok, config.eval_tokens), seq_len=config.seq_len, batch_size=4
-    )
-    result: dict[str, Any] = {
-        "settings": settings,
-        "val_ppl": ev["token_ppl"],
-        "val_loss": ev["loss"],
-        "word_ppl": ev["word_ppl"],
-        "eval_tokens": ev["tokens"],
-        "zero_shot": {},
-    }
-    if config.zero_shot_tasks:
-        zs = zero_shot(model, tok, list(config.zero_shot_tasks), limit=config.zero_shot_limit or None)
-        for task, res in zs.items():
-            acc, n = float(res["acc"]), int(res.get("n", res.get("samples", 0)) or 0)
-            se = math.sqrt(acc * (1 - acc) / n) if n else float(res.get("acc_stderr", math.nan))
-            result["zero_shot"][task] = {"acc": acc, "n": n, "stderr": se}
-    from selective_attention.utils.io import atomic_write_json
-
-    atomic_write_json(path, result)
-    return result
+    return common.cached(run_dir / EVAL_FILE, settings, measure)
 
 
 def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> dict[str, Any]:
@@ -230,6 +216,14 @@ def _aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return methods
 
 
+def _accuracy_cell(zero_shot: dict[str, Any], task: str) -> str:
+    """acc ± se (n) of one task; "-" when it was not measured (or had no examples, so no standard error)."""
+    res = zero_shot.get(task)
+    if not res or res["stderr"] is None:
+        return "-"
+    return f"{res['acc']:.3f} ± {res['stderr']:.3f} ({res['n']})"
+
+
 def summary(results: dict[str, Any]) -> str:
     cfg = results["config"]
     tasks = list(cfg["zero_shot_tasks"])
@@ -244,12 +238,7 @@ def summary(results: dict[str, Any]) -> str:
     ]
     base = results.get("base")
     if base:
-        zs = [
-            f"{base['zero_shot'][t]['acc']:.3f} ± {base['zero_shot'][t]['stderr']:.3f} ({base['zero_shot'][t]['n']})"
-            if t in base["zero_shot"]
-            else "-"
-            for t in tasks
-        ]
+        zs = [_accuracy_cell(base["zero_shot"], t) for t in tasks]
         lines.append(f"| base, before fine-tuning | 0 | {base['val_ppl']:.3f} | - | " + " | ".join(zs) + " |")
     for m, d in results["methods"].items():
         p = d.get("paired_percent")
@@ -262,12 +251,7 @@ def summary(results: dict[str, Any]) -> str:
                 else f"{p['mean']:+.2f} % [{p['low']:+.2f}, {p['high']:+.2f}] {p['verdict']}"
             )
         )
-        zs = [
-            f"{d['zero_shot'][t]['acc']:.3f} ± {d['zero_shot'][t]['stderr']:.3f} ({d['zero_shot'][t]['n']})"
-            if t in d["zero_shot"]
-            else "-"
-            for t in tasks
-        ]
+        zs = [_accuracy_cell(d["zero_shot"], t) for t in tasks]
         lines.append(
             f"| {m} | {d['new_parameters']:,} | {d['val_ppl']:.3f} ± {d['val_ppl_std']:.3f} | {pp} | "
             + " | ".join(zs)

@@ -24,15 +24,16 @@ resume from their checkpoints; rerunning the same command skips what is done and
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selective_attention.errors import UserError
 from selective_attention.experiments import common, lm
-from selective_attention.utils.io import atomic_write_json
+from selective_attention.utils.io import read_json
+
+if TYPE_CHECKING:
+    from selective_attention.train import TrainConfig
 
 DEFAULT_SEEDS = 3
 ROWS = ("vanilla", "ssa", "ssa-temps", "ssa-official", "const")
@@ -92,7 +93,7 @@ BUDGET_SEEDS = {"quick": 2, "full": 3}
 def row_settings(row: str, config: Config) -> dict[str, Any]:
     """TrainConfig fields of one fine-tuning row (besides the shared ones)."""
     t = {"temperature_lr": config.temperature_lr}
-    rows = {
+    rows: dict[str, dict[str, Any]] = {
         "vanilla": {"attention": "vanilla"},
         "ssa": {"attention": "ssa", **t},
         "ssa-temps": {"attention": "ssa", "temperatures_only": True, **t},
@@ -130,47 +131,33 @@ def base_dir(out: Path) -> Path:
     return out / "base"
 
 
-def _base_config(out: Path, config: Config):
-    from selective_attention.train import TrainConfig
-
-    return TrainConfig(
+def base_config(out: Path, config: Config) -> TrainConfig:
+    """The vanilla base, pre-trained from scratch like an LM study run."""
+    return common.study_train_config(
+        config,
         data=config.base_data,
-        size=config.size,
-        max_tokens=config.base_tokens,
+        out=base_dir(out),
         seed=config.base_seed,
-        out=str(base_dir(out)),
-        seq_len=config.seq_len,
-        batch_size=config.batch_size,
+        max_tokens=config.base_tokens,
         lr=config.base_lr,
         eval_every=config.base_eval_every,
-        eval_tokens=config.eval_tokens,
+        size=config.size,
         vocab_size=config.vocab_size,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=1,
-        split_seed=config.split_seed,
-        progress=False,
         attention="vanilla",
     )
 
 
-def _finetune_config(run: lm.Run, out: Path, config: Config):
-    from selective_attention.train import TrainConfig
-
-    return TrainConfig(
+def finetune_config(run: lm.Run, out: Path, config: Config) -> TrainConfig:
+    """One fine-tune of the base (its size and tokenizer come with ``init_from``)."""
+    return common.study_train_config(
+        config,
         data=config.data,
-        init_from=str(base_dir(out) / "final"),
-        max_tokens=config.max_tokens,
+        out=run.path,
         seed=run.seed,
-        out=str(run.path),
-        seq_len=config.seq_len,
-        batch_size=config.batch_size,
+        max_tokens=config.max_tokens,
         lr=config.lr,
         eval_every=config.eval_every,
-        eval_tokens=config.eval_tokens,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=1,
-        split_seed=config.split_seed,
-        progress=False,
+        init_from=str(base_dir(out) / "final"),
         **row_settings(run.method, config),
     )
 
@@ -186,27 +173,20 @@ def plan(out: Path, config: Config, seeds: list[int]) -> list[lm.Run]:
 
 def zero_shot_of(model_dir: Path, config: Config) -> dict[str, Any]:
     """Zero-shot accuracy of a saved model, {task: {acc, n, stderr}} (cached in the directory's parent)."""
-    from transformers import AutoTokenizer
 
-    from selective_attention.evaluate import zero_shot
-    from selective_attention.methods import load_model
+    def measure() -> dict[str, Any]:
+        if not config.zero_shot_tasks:
+            return {"zero_shot": {}}
+        from transformers import AutoTokenizer
+
+        from selective_attention.methods import load_model
+
+        model, tok = load_model(model_dir).eval(), AutoTokenizer.from_pretrained(str(model_dir))
+        tasks, limit = config.zero_shot_tasks, config.zero_shot_limit
+        return {"zero_shot": common.zero_shot_accuracy(model, tok, tasks, limit, max_length=config.seq_len)}
 
     settings = {"tasks": list(config.zero_shot_tasks), "limit": config.zero_shot_limit}
-    path = model_dir.parent / ZERO_SHOT_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
-            return saved["zero_shot"]
-    result: dict[str, Any] = {}
-    if config.zero_shot_tasks:
-        model, tok = load_model(model_dir).eval(), AutoTokenizer.from_pretrained(str(model_dir))
-        for task, res in zero_shot(
-            model, tok, list(config.zero_shot_tasks), limit=config.zero_shot_limit or None, max_length=config.seq_len
-        ).items():
-            acc, n = float(res["acc"]), int(res.get("n", 0) or 0)
-            result[task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
-    atomic_write_json(path, {"settings": settings, "zero_shot": result})
-    return result
+    return common.cached(model_dir.parent / ZERO_SHOT_FILE, settings, measure)["zero_shot"]
 
 
 def validate(config: Config, seeds: list[int]) -> None:
@@ -231,14 +211,14 @@ def run(
         bar.set_postfix_str("base")
         base = base_dir(out)
         if not lm.is_trained(lm.Run(config.base_data, "vanilla", config.base_seed, base)):
-            train(_base_config(out, config))
+            train(base_config(out, config))
         zero_shot_of(base / "final", config)
         bar.update(1)
         lmc = _lm_config(config)
         for r in runs:
             bar.set_postfix_str(f"{r.method} seed {r.seed}")
             if not lm.is_trained(r):
-                info = train(_finetune_config(r, out, config))
+                info = train(finetune_config(r, out, config))
                 if "stopped_at_step" in info:
                     break
             lm.evaluate_run(r, lmc)
@@ -261,14 +241,19 @@ def _unigram_ppl(out: Path, config: Config) -> float | None:
     return lm.unigram_floor(data, config.eval_tokens)
 
 
+def _saved_zero_shot(run_dir: Path) -> dict[str, Any] | None:
+    """The zero-shot accuracy saved in a run directory (None before it is measured)."""
+    path = run_dir / ZERO_SHOT_FILE
+    return read_json(path, "a saved zero-shot evaluation")["zero_shot"] if path.is_file() else None
+
+
 def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
     runs = plan(out, config, seeds)
     records = []
     for r in runs:
-        rec = lm._run_record(r, config.seq_len)
+        rec = lm.run_record(r, config.seq_len)
         if rec is not None:
-            zs = r.path / ZERO_SHOT_FILE
-            rec["zero_shot"] = json.loads(zs.read_text())["zero_shot"] if zs.is_file() else None
+            rec["zero_shot"] = _saved_zero_shot(r.path)
             records.append(rec)
     methods = lm.aggregate(records, config.data) if records else {}
     for m, d in methods.items():
@@ -276,14 +261,13 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
     base: dict[str, Any] = {}
     base_run = base_dir(out) / "run.json"
     if base_run.is_file():
-        info = json.loads(base_run.read_text())
-        zs = base_dir(out) / ZERO_SHOT_FILE
+        info = read_json(base_run, "the base's run.json")
         base = {
             "dir": str(base_dir(out)),
             "data": config.base_data,
             "tokens": info["tokens"],
             "val_ppl_own_corpus": info["final_val_ppl"],
-            "zero_shot": json.loads(zs.read_text())["zero_shot"] if zs.is_file() else None,
+            "zero_shot": _saved_zero_shot(base_dir(out)),
         }
     done = {(r["method"], r["seed"]) for r in records}
     pending = [f"{r.method}-seed{r.seed}" for r in runs if (r.method, r.seed) not in done]
@@ -347,7 +331,7 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def _figures(out: Path, results: dict[str, Any]) -> None:
-    lm._figures(out, results)
+    lm.write_figures(out, results)
     plt = common.pyplot()
     for corpus, c in results["corpora"].items():
         rows = [(m, d) for m, d in c["methods"].items() if m != "vanilla" and d.get("speedup_per_seed")]

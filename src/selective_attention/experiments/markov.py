@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selective_attention.config import SSAConfig
+from selective_attention.config import Sharing, SSAConfig
 from selective_attention.experiments import common
 from selective_attention.functional import selective_attention
 from selective_attention.temperature import TemperatureFunction, temperature_parameters
@@ -44,7 +44,7 @@ class Config:
     lr: float = 0.05
     weight_decay: float = 0.01
     init_std: float = 0.3
-    sharing: str = "mlp"  # the SSA token term: "mlp" (independent f, the paper's non-shared variant) or "shared"
+    sharing: Sharing = "mlp"  # the SSA token term: "mlp" (independent f, the paper's non-shared variant) or "shared"
     decay_temperature: bool = True  # the same L2 penalty on the temperature parameters (see module docstring)
 
 
@@ -65,6 +65,9 @@ def make_graph(cfg: Config) -> Tensor:
 class MarkovAttention(nn.Module):
     """One head: query = E[x] W_q, keys = E W_k for every vocab token, values = one-hot codes -> row = P^."""
 
+    E: Tensor  # buffers, declared for the type checker (nn.Module's attribute lookup is untyped)
+    V: Tensor
+
     def __init__(self, cfg: Config, ssa: bool) -> None:
         super().__init__()
         K, d = cfg.vocab, cfg.d
@@ -76,7 +79,7 @@ class MarkovAttention(nn.Module):
         self.W_q = nn.Parameter(torch.randn(d, d) * cfg.init_std / math.sqrt(d))
         self.W_k = nn.Parameter(torch.randn(d, d) * cfg.init_std / math.sqrt(d))
         self.register_buffer("V", torch.eye(K, d))  # value of key token j = e_j, padded to d
-        self.temperature = None
+        self.temperature: TemperatureFunction | None = None
         if ssa:
             tcfg = SSAConfig(
                 query=True,
@@ -160,7 +163,9 @@ def evaluate(model: MarkovAttention, P_star: Tensor) -> dict[str, Any]:
 def degree_statistics(degrees: list[int], taus: list[list[float]]) -> dict[str, float]:
     """From the learned temperatures (one list per seed): correlation of tau with out-degree, and the mean
     |tau_x - tau_y| over node pairs of equal degree vs of different degree (averaged over seeds)."""
-    corr, same, diff = [], [], []
+    corr: list[float] = []
+    same: list[float] = []
+    diff: list[float] = []
     deg = torch.tensor(degrees, dtype=torch.float64)
     for t in taus:
         tt = torch.tensor(t, dtype=torch.float64)

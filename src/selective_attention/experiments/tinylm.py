@@ -71,6 +71,7 @@ class TinyLM(nn.Module):
         maps = []
         x = self.embed(idx)
         for block in self.blocks:
+            assert isinstance(block, Block)  # a ModuleList yields plain Modules to the type checker
             maps.append(layer_weights(block.attn, block.ln1(x)))
             x = block(x)
         return maps

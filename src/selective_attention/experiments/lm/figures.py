@@ -1,0 +1,121 @@
+"""The LM study's figures: per corpus the validation curves, perplexity by length and attention entropy by position
+(``lm-<corpus>.png``), and the paired differences to vanilla with their intervals (``lm-<corpus>-paired.png``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selective_attention.experiments import common
+from selective_attention.experiments.lm.runs import label
+from selective_attention.utils.stats import short_count
+
+
+def log_binned(position: list[float], values: list[float], bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Means of ``values`` in ``bins`` log-spaced position bins (empty bins dropped), at each bin's geometric
+    centre: a per-position curve read on a log axis without its per-position noise."""
+    x, y = np.asarray(position, dtype=float), np.asarray(values, dtype=float)
+    edges = np.geomspace(x.min(), x.max(), bins + 1)
+    # bin b holds edges[b] <= x < edges[b + 1]; the last bin also holds x.max()
+    which = np.minimum(np.searchsorted(edges, x, side="right") - 1, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    kept = counts > 0
+    centres = np.exp(np.bincount(which, np.log(x), minlength=bins)[kept] / counts[kept])
+    return centres, np.bincount(which, y, minlength=bins)[kept] / counts[kept]
+
+
+def write_figures(out: Path, results: dict[str, Any]) -> None:
+    """Every figure of the results, written into ``out``."""
+    plt = common.pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for corpus, c in results["corpora"].items():
+        records = [r for r in results["runs"] if r["corpus"] == corpus]
+        methods = list(c["methods"])
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        ax = axes[0]
+        for m in methods:
+            for i, r in enumerate(r for r in records if r["method"] == m):
+                ax.plot(
+                    r["curve"]["tokens"],
+                    r["curve"]["ppl"],
+                    color=f"C{methods.index(m)}",
+                    alpha=0.7,
+                    label=m if i == 0 else None,
+                )
+        ax.axhline(c["unigram_ppl"], color="k", ls=":", lw=1, label="unigram floor")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="training tokens",
+            ylabel="validation perplexity",
+            title=f"{corpus}: validation curves (every seed)",
+        )
+        for axis in (ax.xaxis, ax.yaxis):  # 200k, 500k, 1M / 50, 100, 200: labels that fit, not 2 x 10^5
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(short_count))
+            axis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=8)
+        ax = axes[1]
+        for i, m in enumerate(methods):
+            d = c["methods"][m]
+            xs = [int(L) for L in d["ppl_by_length"]]
+            ax.errorbar(
+                xs,
+                list(d["ppl_by_length"].values()),
+                yerr=list(d["ppl_by_length_std"].values()),
+                marker="o",
+                capsize=3,
+                color=f"C{i}",
+                label=m,
+            )
+        ax.set(
+            xscale="log",
+            xlabel="evaluation length (tokens)",
+            ylabel="perplexity",
+            title=f"perplexity by length ({results['config']['length_corpus']} val)",
+        )
+        lengths = sorted({int(L) for m in methods for L in c["methods"][m]["ppl_by_length"]})
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=8)
+        ax = axes[2]
+        for i, m in enumerate(methods):
+            curves = [r["attention_by_position"] for r in records if r["method"] == m and r["attention_by_position"]]
+            if curves:
+                ent = np.mean([cv["entropy"] for cv in curves], axis=0)  # over seeds, per position
+                ax.plot(*log_binned(curves[0]["position"], ent), color=f"C{i}", label=m)
+        ax.axvline(results["config"]["seq_len"], color="k", ls="--", lw=1, label="training length")
+        ax.set(
+            xscale="log",
+            xlabel="query position",
+            ylabel="attention entropy (nats)",
+            title="attention entropy by position (log-binned mean)",
+        )
+        ax.legend(fontsize=8)
+        common.save_figure(fig, out / f"lm-{label(corpus)}.png")
+        # paired differences with their intervals: the figure a claim rests on
+        rows = [(m, c["methods"][m]["paired_percent"]) for m in methods if "paired_percent" in c["methods"][m]]
+        if rows:
+            fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
+            for y, (m, p) in enumerate(rows):
+                lo = p["low"] if p["low"] is not None else p["mean"]
+                hi = p["high"] if p["high"] is not None else p["mean"]
+                ax.errorbar(
+                    p["mean"],
+                    y,
+                    xerr=[[p["mean"] - lo], [hi - p["mean"]]],
+                    fmt="o",
+                    capsize=3,
+                    color=f"C{methods.index(m)}",
+                )
+            ax.axvline(0, color="k", lw=1)
+            ax.set_yticks(range(len(rows)), [m for m, _ in rows])
+            ax.invert_yaxis()
+            ax.set(
+                xlabel="validation perplexity vs vanilla, paired (%), 95 % CI (left of 0: better)",
+                title=f"{corpus}: paired differences to vanilla",
+            )
+            common.save_figure(fig, out / f"lm-{label(corpus)}-paired.png")

@@ -1,0 +1,100 @@
+"""Training the LM study's plan: one run at a time in this process, or ``jobs`` worker processes that each take
+every run no other process holds (each run directory is locked by its trainer), then a pass here that finishes
+what they left and raises their errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from selective_attention.errors import UserError
+from selective_attention.experiments import common
+from selective_attention.experiments.lm.config import Config
+from selective_attention.experiments.lm.evaluation import evaluate_run
+from selective_attention.experiments.lm.runs import Run, is_trained, plan, train_config
+
+
+def train_and_evaluate(run_: Run, config: Config, progress: bool, skip_busy: bool) -> str:
+    """Train (or resume) one run and evaluate it: "done", "stopped" (stop_at_step) or "busy" (``skip_busy``: another
+    process holds the run, so leave it to that process)."""
+    from selective_attention.train import train
+    from selective_attention.train.lock import RunInUse, RunLock
+
+    try:
+        if not is_trained(run_):
+            info = train(train_config(run_, config, progress=progress))
+            if "stopped_at_step" in info:  # stopped on purpose (stop_at_step): the next invocation resumes it
+                return "stopped"
+        lock = RunLock(run_.path).acquire()  # the evaluation writes into the run directory too
+    except RunInUse:
+        if skip_busy:
+            return "busy"
+        raise
+    try:
+        evaluate_run(run_, config)
+    finally:
+        lock.release()
+    return "done"
+
+
+def _worker(out: Path, config: Config, seeds: list[int], threads: int, parent: int) -> None:
+    """One of ``jobs`` processes: walk the plan, take every run no other process holds. It stops with the study
+    (``utils.parent``): an orphan would go on training while holding its run's lock. (A module-level function: the
+    spawned process imports it by this module's name.)"""
+    import sys
+
+    from selective_attention.utils import parent as parent_process
+
+    if not parent_process.follow(parent):  # the study died while this process was starting
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def say(r: Run, what: str) -> None:
+        print(
+            f"lm study [worker {os.getpid()}]: {r.corpus}/{r.method}-seed{r.seed} {what}", file=sys.stderr, flush=True
+        )
+
+    for r in plan(out, config, seeds):
+        if parent_process.gone():  # the study was stopped: do not start another run
+            return
+        try:
+            state = train_and_evaluate(r, config, progress=False, skip_busy=True)
+        except UserError as e:  # the parent's pass runs it again and reports the error
+            say(r, f"failed: {e}")
+            return
+        except KeyboardInterrupt:  # Ctrl-C reaches every process of the group: stop quietly, the parent reports
+            return
+        if state == "stopped":
+            return
+        if state == "done":
+            say(r, "done")
+
+
+def train_all(out: Path, config: Config, seeds: list[int], progress: bool, jobs: int) -> None:
+    """Train and evaluate every run of the plan; ``jobs`` > 1 first lets that many worker processes share it, each
+    with its share of the CPU threads (small models train faster as several single-threaded processes than as one
+    multi-threaded one)."""
+    if jobs > 1:
+        import multiprocessing
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        ctx = multiprocessing.get_context("spawn")
+        workers = [
+            ctx.Process(target=_worker, args=(out, config, seeds, threads, os.getpid()), daemon=True)
+            for _ in range(jobs)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    # one pass in this process: everything when jobs == 1, otherwise what the workers left (it raises their errors)
+    runs = plan(out, config, seeds)
+    bar = common.progress(len(runs), f"lm study ({config.budget})", progress)
+    for r in runs:
+        bar.set_postfix_str(f"{r.corpus}/{r.method} seed {r.seed}")
+        if train_and_evaluate(r, config, progress=False, skip_busy=False) == "stopped":
+            break
+        bar.update(1)
+    bar.close()

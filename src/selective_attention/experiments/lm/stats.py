@@ -1,0 +1,177 @@
+"""The LM study's statistics over finished runs' records: per-row means over seeds, paired differences to vanilla
+with 95 % Student-t intervals, tokens-to-target and equal wall-clock from the validation curves, dilution, where
+the temperatures ended, the unigram floor and the search's pre-registered choice rule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from selective_attention.experiments import common
+from selective_attention.experiments.lm.config import TIE_MARGIN
+from selective_attention.utils.stats import first_crossing, paired
+
+
+def unigram_floor(data: Any, eval_tokens: int) -> float:
+    """The add-one unigram perplexity of a tokenised corpus's train split on its first ``eval_tokens`` validation
+    targets (the validation a run scores)."""
+    train, val = np.asarray(data.tokens("train")), np.asarray(data.tokens("val"))[: eval_tokens + 1]
+    counts = np.bincount(train, minlength=len(data.tokenizer)).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(math.exp(-logp[val[1:]].mean()))
+
+
+def tokens_to_reach(tokens: list[float], ppl: list[float], target: float) -> float | None:
+    """First token count at which the curve reaches ``target`` (log-linear interpolation), None if never."""
+    return first_crossing(tokens, ppl, target, log_y=True)
+
+
+def ppl_at_tokens(tokens: list[float], ppl: list[float], at: float) -> float:
+    """The curve's perplexity at ``at`` tokens (log-linear between validations; clamped to the ends)."""
+    if at >= tokens[-1]:
+        return ppl[-1]
+    if at <= tokens[0]:
+        return ppl[0]
+    j = int(np.searchsorted(tokens, at))
+    frac = (at - tokens[j - 1]) / (tokens[j] - tokens[j - 1])
+    return math.exp(math.log(ppl[j - 1]) + frac * (math.log(ppl[j]) - math.log(ppl[j - 1])))
+
+
+def dilution(attention: dict[str, list[float]] | None, train_length: int) -> dict[str, float] | None:
+    """Mean attention entropy and max weight over the query positions within the training length and beyond it
+    (no ``*_beyond`` keys when the windows stop at the training length)."""
+    if not attention:
+        return None
+    pos = np.asarray(attention["position"])
+    out = {}
+    for key in ("entropy", "max_weight"):
+        v = np.asarray(attention[key])
+        out[f"{key}_within"] = float(v[pos <= train_length].mean())
+        if (pos > train_length).any():
+            out[f"{key}_beyond"] = float(v[pos > train_length].mean())
+    return out
+
+
+def late_improvement(ppl: list[float], tokens: list[float]) -> float:
+    """Percent by which validation perplexity fell over the last 20 % of training tokens (the plateau criterion:
+    < 2 % means more tokens would hardly help)."""
+    return 100 * (1 - ppl[-1] / ppl_at_tokens(tokens, ppl, 0.8 * tokens[-1]))
+
+
+def temperature_row(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Where a row's temperatures ended over its seeds: the temperature lr and its bound on c's movement, c at the
+    start and at the end (mean, min, max over seeds, layers and heads), the token term's spread, whether they moved
+    (None for rows without temperature parameters, or runs from before the record existed)."""
+    recs = [r["temperatures"] for r in runs if r.get("temperatures")]
+    if len(recs) != len(runs) or not any(rec["modules"] for rec in recs):
+        return None
+    cs = [v for rec in recs for m in rec["modules"] for v in m.get("c", [])]
+    reach = [m["c_reach"] for rec in recs for m in rec["modules"] if "c_reach" in m]
+    start = [m["c_start"] for rec in recs for m in rec["modules"] if "c_start" in m]
+    spread = {
+        t: float(np.mean([np.mean(rec["token_spread"][t]) for rec in recs if rec.get("token_spread")]))
+        for t in ("query", "value")
+        if all(rec.get("token_spread") for rec in recs)
+    }
+    return {
+        "lr": recs[0]["lr"],
+        "lr_sum": recs[0]["lr_sum"],
+        "c_reach": reach[0] if reach else None,
+        "c_start": start[0] if start else None,
+        "c_end": {"mean": float(np.mean(cs)), "min": float(np.min(cs)), "max": float(np.max(cs))} if cs else None,
+        "token_spread": spread or None,
+        "moved": all(rec["moved"] for rec in recs),
+    }
+
+
+def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str, Any]]:
+    """{method: {...}} for one corpus, from the finished runs' records."""
+    rows = [r for r in records if r["corpus"] == corpus]
+    vanilla = {r["seed"]: r for r in rows if r["method"] == "vanilla"}
+    methods: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
+        mean, std = common.mean_std([r["val_ppl"] for r in runs])
+        d: dict[str, Any] = {
+            "val_ppl": mean,
+            "val_ppl_std": std,
+            "seeds": [r["seed"] for r in runs],
+            "val_ppl_per_seed": [r["val_ppl"] for r in runs],
+            "tokens_per_s": common.mean_std([r["tokens_per_s"] for r in runs])[0],
+            "new_parameters": int(runs[0]["parameters"]["new"]),
+            "parameters": int(runs[0]["parameters"]["total"]),
+            "parameter_percent": float(runs[0]["parameters"]["percent"]),
+        }
+        by_length = {L: common.mean_std([r["ppl_by_length"][L] for r in runs]) for L in runs[0]["ppl_by_length"]}
+        lengths = list(by_length)
+        d["ppl_by_length"] = {L: m for L, (m, _) in by_length.items()}
+        d["ppl_by_length_std"] = {L: sd for L, (_, sd) in by_length.items()}
+        d["temperatures"] = temperature_row(runs)
+        late = [r["late_improvement_percent"] for r in runs if r["late_improvement_percent"] is not None]
+        d["late_improvement_percent"] = common.mean_std(late)[0] if late else None
+        if all(r["dilution"] for r in runs):
+            d["dilution"] = {k: common.mean_std([r["dilution"][k] for r in runs])[0] for k in runs[0]["dilution"]}
+        if all(r["passkey_gain"] for r in runs):
+            d["passkey_gain"] = {
+                L: common.mean_std([r["passkey_gain"][L] for r in runs])[0] for L in runs[0]["passkey_gain"]
+            }
+        pairs = [(r, vanilla[r["seed"]]) for r in runs if r["seed"] in vanilla]
+        if method != "vanilla" and pairs:
+            d.update(_paired_to_vanilla(pairs, lengths))
+        methods[method] = d
+    return methods
+
+
+def _paired_to_vanilla(pairs: list[tuple[dict[str, Any], dict[str, Any]]], lengths: list[str]) -> dict[str, Any]:
+    """A row's paired comparisons with vanilla's run of the same seed, from (row, vanilla) record pairs."""
+    d: dict[str, Any] = {}
+    if all("entropy_beyond" in (r["dilution"] or {}) and "entropy_beyond" in (v["dilution"] or {}) for r, v in pairs):
+        d["paired_entropy_beyond"] = paired(
+            [r["dilution"]["entropy_beyond"] - v["dilution"]["entropy_beyond"] for r, v in pairs]
+        )
+    if all(r["passkey_gain"] and v["passkey_gain"] for r, v in pairs):
+        d["paired_passkey_gain"] = {
+            L: paired([r["passkey_gain"][L] - v["passkey_gain"][L] for r, v in pairs])
+            for L in pairs[0][0]["passkey_gain"]
+        }
+    d["paired_percent"] = paired([100 * (r["val_ppl"] - v["val_ppl"]) / v["val_ppl"] for r, v in pairs])
+    d["paired_percent_by_length"] = {
+        L: paired([100 * (r["ppl_by_length"][L] - v["ppl_by_length"][L]) / v["ppl_by_length"][L] for r, v in pairs])
+        for L in lengths
+    }
+    speedups: list[float | None] = []
+    equal_time = []
+    for r, v in pairs:
+        # both sides measured the same way: the first time each curve reaches vanilla's final ppl
+        reach = tokens_to_reach(r["curve"]["tokens"], r["curve"]["ppl"], v["val_ppl"])
+        own = tokens_to_reach(v["curve"]["tokens"], v["curve"]["ppl"], v["val_ppl"]) or v["tokens"]
+        speedups.append(None if reach is None else own / reach)
+        at = v["train_time_s"] * r["tokens_per_s"]  # the method's tokens after vanilla's training time
+        equal_time.append(
+            100 * (ppl_at_tokens(r["curve"]["tokens"], r["curve"]["ppl"], at) - v["val_ppl"]) / v["val_ppl"]
+        )
+    reached = [s for s in speedups if s is not None]
+    d["speedup"] = common.mean_std(reached)[0] if len(reached) == len(speedups) else None
+    d["speedup_reached"] = f"{len(reached)}/{len(speedups)}"
+    d["speedup_per_seed"] = speedups
+    d["paired_percent_equal_time"] = paired(equal_time)
+    return d
+
+
+def choose(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The search's pre-registered choice rule (see config.SEARCH) over aggregated rows with a paired difference."""
+    rows = [(m, d) for m, d in methods.items() if m != "vanilla" and d.get("paired_percent")]
+    if not rows:
+        return None
+    best = min(d["paired_percent"]["mean"] for _, d in rows)
+    tied = [(m, d) for m, d in rows if d["paired_percent"]["mean"] <= best + TIE_MARGIN]
+    m, d = min(tied, key=lambda md: (md[1]["new_parameters"], md[1]["paired_percent"]["mean"]))
+    return {
+        "method": m,
+        "paired_percent": d["paired_percent"],
+        "new_parameters": d["new_parameters"],
+        "tied_with": [t for t, _ in tied if t != m],
+        "rule": f"lowest mean paired difference; within {TIE_MARGIN} pp a tie, broken by fewer new parameters",
+    }

@@ -1,0 +1,189 @@
+"""The LM study's summary.md: per corpus the perplexity table with paired intervals, perplexity by length, where
+the temperatures ended, vanilla's plateau check and the dilution / passkey table (the fine-tuning studies reuse
+its parts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt_interval(p: dict[str, Any] | None, unit: str = " %", digits: int = 2) -> str:
+    if not p:
+        return "-"
+    if p["low"] is None:
+        return f"{p['mean']:+.{digits}f}{unit} (1 seed)"
+    return f"{p['mean']:+.{digits}f}{unit} [{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]"
+
+
+def _direction(p: dict[str, Any], below: str, above: str) -> str:
+    """The paired interval's claim in words: ``below`` / ``above`` when it excludes zero on that side, else tie."""
+    if p["low"] is None:
+        return p["verdict"]
+    return below if p["high"] < 0 else above if p["low"] > 0 else "tie"
+
+
+def _mechanism_lines(methods: dict[str, Any], train_length: int) -> list[str]:
+    """Dilution (attention entropy / max weight within and beyond the training length) and passkey retrieval."""
+    if not any("dilution" in d or "passkey_gain" in d for d in methods.values()):
+        return []
+    lengths = next((list(d["passkey_gain"]) for d in methods.values() if "passkey_gain" in d), [])
+    lines = [
+        f"Dilution and passkey retrieval (attention over positions <= {train_length} vs beyond; passkey gain = "
+        "how much more likely the key is after the question when the needle holds it than when it holds "
+        "another key, nats per answer token, 5 depths):",
+        "",
+        "| "
+        + " | ".join(
+            [
+                "method",
+                "entropy within / beyond",
+                "max weight within / beyond",
+                "entropy beyond vs vanilla, paired",
+                *(f"passkey gain @{L}" for L in lengths),
+                *([f"passkey gain @{lengths[-1]} vs vanilla, paired"] if lengths else []),
+            ]
+        )
+        + " |",
+        "|---" * (4 + len(lengths) + bool(lengths)) + "|",
+    ]
+    for m, d in methods.items():
+        dil = d.get("dilution")
+        cells = [m] + [
+            f"{dil[f'{k}_within']:.3f} / " + (f"{dil[f'{k}_beyond']:.3f}" if f"{k}_beyond" in dil else "-")
+            if dil
+            else "-"
+            for k in ("entropy", "max_weight")
+        ]
+        pe = d.get("paired_entropy_beyond")
+        cells.append(f"{_fmt_interval(pe, ' nats', 3)}: {_direction(pe, 'sharper', 'flatter')}" if pe else "-")
+        gains = d.get("passkey_gain", {})
+        cells += [f"{gains[L]:+.3f}" if L in gains else "-" for L in lengths]
+        if lengths:
+            pg = d.get("paired_passkey_gain", {}).get(lengths[-1])
+            cells.append(f"{_fmt_interval(pg, '', 3)}: {_direction(pg, 'less', 'more')}" if pg else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _length_basis(results: dict[str, Any], corpus: str) -> str:
+    """What the by-length columns were measured on: the documents' length distribution and windows per length."""
+    rec = next((r for r in results["runs"] if r["corpus"] == corpus), None)
+    if rec is None:
+        return ""
+    docs = rec["length_documents"]
+    wins = rec.get("windows_by_length") or {}
+    return (
+        f"Perplexity by length: windows inside one document of {results['config']['length_corpus']} val "
+        f"({docs['documents']} documents of {docs['min']:,.0f} / {docs['median']:,.0f} / {docs['max']:,.0f} "
+        "tokens min / median / max)"
+        + ("; windows per length: " + ", ".join(f"{L}: {n}" for L, n in wins.items()) if wins else "")
+        + "."
+    )
+
+
+def temperature_lines(methods: dict[str, Any]) -> list[str]:
+    """The table of where each row's temperatures ended (``stats.temperature_row``); [] when no row has any."""
+    rows = [(m, d["temperatures"]) for m, d in methods.items() if d.get("temperatures")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Where the temperatures ended (c over seeds, layers and heads; reach = how far c could move under "
+        "the schedule, position_scale x the sum of the temperature learning rates; token spread = std over "
+        "tokens of the token term at a position, mean over layers):",
+        "",
+        "| row | temperature lr | c start | c reach | c at end: mean [min, max] | token spread q / v | moved |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, t in rows:
+        c = t["c_end"]
+        sp = t["token_spread"]
+        lines.append(
+            f"| {m} | {t['lr']:.3g} | "
+            + ("-" if t["c_start"] is None else f"{t['c_start']:g}")
+            + " | "
+            + ("-" if t["c_reach"] is None else f"{t['c_reach']:.3g}")
+            + " | "
+            + (f"{c['mean']:.3f} [{c['min']:.3f}, {c['max']:.3f}]" if c else "-")
+            + " | "
+            + (f"{sp.get('query', 0):.3f} / {sp.get('value', 0):.3f}" if sp else "-")
+            + " | "
+            + ("yes" if t["moved"] else "**no: the row's temperatures did not move**")
+            + " |"
+        )
+    return lines
+
+
+def summary(results: dict[str, Any]) -> str:
+    """summary.md of the results (``results.collect``)."""
+    cfg = results["config"]
+    lines = [
+        f"# Language-model study (budget {cfg['budget']}: {cfg['size']}, seq {cfg['seq_len']}, "
+        f"{cfg['max_tokens']:,} tokens per run, seeds {results['seeds']})",
+        "",
+    ]
+    if results["pending"]:
+        lines += [
+            f"**Incomplete**: {len(results['pending'])} run(s) still to train or evaluate "
+            f"(rerun the same command): {', '.join(results['pending'])}",
+            "",
+        ]
+    if results.get("choice"):
+        ch = results["choice"]
+        lines += [
+            f"**Choice** ({ch['rule']}; {'final' if results['complete'] else 'provisional: runs pending'}): "
+            f"`{ch['method']}`, {_fmt_interval(ch['paired_percent'])} vs vanilla"
+            + (f", tied with {', '.join(ch['tied_with'])}" if ch["tied_with"] else ""),
+            "",
+        ]
+    for corpus, c in results["corpora"].items():
+        methods = c["methods"]
+        lengths = list(next(iter(methods.values()))["ppl_by_length"])
+        lines += [
+            f"## {corpus} (unigram perplexity floor {c['unigram_ppl']:.1f})",
+            "",
+            "| method | new params | val ppl | per seed | vs vanilla, paired [95 % CI] | verdict | "
+            "speed-up to vanilla's ppl | equal wall-clock vs vanilla | tokens/s | "
+            + " | ".join(f"ppl @{L}" for L in lengths)
+            + " |",
+            "|---" * (9 + len(lengths)) + "|",
+        ]
+        for m, d in methods.items():
+            pp = d.get("paired_percent")
+            sp = d.get("speedup")
+            cells = [
+                m,
+                f"{d['new_parameters']:,} ({d['parameter_percent']:.2f} %)",
+                f"{d['val_ppl']:.2f} ± {d['val_ppl_std']:.2f}",
+                " / ".join(f"{v:.2f}" for v in d["val_ppl_per_seed"]),
+                _fmt_interval(pp),
+                pp["verdict"] if pp else "-",
+                "-"
+                if m == "vanilla"
+                else (f"not reached ({d['speedup_reached']} seeds)" if sp is None else f"{sp:.2f}x"),
+                _fmt_interval(d.get("paired_percent_equal_time")),
+                f"{d['tokens_per_s']:,.0f}",
+            ]
+            cells += [f"{d['ppl_by_length'][L]:.2f}" for L in lengths]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", _length_basis(results, corpus)]
+        lines += ["", "Paired change of perplexity vs vanilla by evaluation length (95 % CI):", ""]
+        for m, d in methods.items():
+            if m != "vanilla" and "paired_percent_by_length" in d:
+                lines.append(
+                    f"- {m}: "
+                    + "; ".join(
+                        f"@{L}: {_fmt_interval(p)} ({p['verdict']})" for L, p in d["paired_percent_by_length"].items()
+                    )
+                )
+        lines += temperature_lines(methods)
+        late = methods.get("vanilla", {}).get("late_improvement_percent")
+        if late is not None:
+            lines += [
+                "",
+                f"Vanilla's validation perplexity fell {late:.1f} % over its last 20 % of tokens (mean over "
+                f"seeds; a plateau would be < 2 %{': it has not plateaued' if late >= 2 else ''}).",
+            ]
+        lines.append("")
+        lines += _mechanism_lines(methods, cfg["seq_len"])
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""The studies' shared steps (experiments.common): saved evaluations reused by their settings, zero-shot accuracy
+with its binomial standard error, and the TrainConfig every study run is built with (what decides reuse)."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import selective_attention.evaluate as evaluate_pkg
+import selective_attention.hf as hf_pkg
+from selective_attention.errors import UserError
+from selective_attention.experiments import common, finetune, lm
+from selective_attention.experiments import finetune_study as fs
+from selective_attention.train import TrainConfig
+
+# a zero-shot cache exactly as the fine-tuning study writes it beside a run's final model (runs/ft-study/base)
+SAVED_ZERO_SHOT = {
+    "settings": {"tasks": ["arc_easy", "piqa"], "limit": 500},
+    "zero_shot": {
+        "arc_easy": {"acc": 0.292, "n": 500, "stderr": 0.0203340109176719},
+        "piqa": {"acc": 0.524, "n": 500, "stderr": 0.02233490541730589},
+    },
+}
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("measured again although a saved evaluation with the same settings exists")
+
+
+def test_cached_reuses_the_same_settings_and_measures_different_ones_again(tmp_path):
+    path = tmp_path / "run" / "eval.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(SAVED_ZERO_SHOT))
+    assert common.cached(path, {"tasks": ["arc_easy", "piqa"], "limit": 500}, _never) == SAVED_ZERO_SHOT
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"zero_shot": {"arc_easy": {"acc": 0.5, "n": 2, "stderr": 0.5}}}
+
+    new = common.cached(path, {"tasks": ["arc_easy"], "limit": 2}, measure)
+    assert calls == [1]
+    assert new == {"settings": {"tasks": ["arc_easy"], "limit": 2}, **measure()}
+    assert json.loads(path.read_text()) == new and list(new) == ["settings", "zero_shot"]
+    path.write_text("{torn")
+    with pytest.raises(UserError, match="not valid JSON"):
+        common.cached(path, {}, measure)
+
+
+def test_the_fine_tuning_studys_saved_zero_shot_is_reused(tmp_path, monkeypatch):
+    """zero_shot_of reads the cache the running study already wrote (same file, same settings keys)."""
+    monkeypatch.setattr(evaluate_pkg, "zero_shot", _never)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / fs.ZERO_SHOT_FILE).write_text(json.dumps(SAVED_ZERO_SHOT))
+    assert fs.zero_shot_of(base / "final", fs.Config()) == SAVED_ZERO_SHOT["zero_shot"]
+    # no tasks: nothing is loaded or measured, and an empty record is saved
+    none = dataclasses.replace(fs.Config(), zero_shot_tasks=())
+    assert fs.zero_shot_of(tmp_path / "other" / "final", none) == {}
+    assert json.loads((tmp_path / "other" / fs.ZERO_SHOT_FILE).read_text()) == {
+        "settings": {"tasks": [], "limit": 500},
+        "zero_shot": {},
+    }
+
+
+def test_the_finetune_experiments_saved_evaluation_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_pkg, "load_pretrained", _never)
+    cfg = finetune.Config()
+    settings = {"eval_tokens": 32_768, "tasks": ["arc_easy", "piqa", "hellaswag"], "limit": 100}
+    saved = {
+        "settings": {**settings, "seq_len": 256, "data": "sotu"},
+        "val_ppl": 21.5,
+        "val_loss": math.log(21.5),
+        "word_ppl": 40.0,
+        "eval_tokens": 32_000,
+        "zero_shot": {},
+    }
+    (tmp_path / finetune.EVAL_FILE).write_text(json.dumps(saved))
+    assert finetune._evaluate(tmp_path, cfg) == saved
+    with pytest.raises(AssertionError, match="measured again"):  # other settings: measured (here: refused)
+        finetune._evaluate(tmp_path, dataclasses.replace(cfg, seq_len=128))
+
+
+def test_zero_shot_accuracy_reports_n_and_the_binomial_standard_error(monkeypatch):
+    seen = {}
+
+    def fake(model, tokenizer, tasks, limit=None, max_length=None):
+        seen.update(tasks=tasks, limit=limit, max_length=max_length)
+        return {"arc_easy": {"acc": 0.25, "acc_stderr": 0.1, "n": 8, "max_length": 64}, "piqa": {"acc": 0.5, "n": 0}}
+
+    monkeypatch.setattr(evaluate_pkg, "zero_shot", fake)
+    res = common.zero_shot_accuracy("model", "tok", ("arc_easy", "piqa"), 0, max_length=64)
+    assert seen == {"tasks": ["arc_easy", "piqa"], "limit": None, "max_length": 64}  # limit 0 = the full set
+    assert res == {
+        "arc_easy": {"acc": 0.25, "n": 8, "stderr": math.sqrt(0.25 * 0.75 / 8)},
+        "piqa": {"acc": 0.5, "n": 0, "stderr": None},
+    }
+    common.zero_shot_accuracy("model", "tok", ("arc_easy",), 8)
+    assert seen["limit"] == 8 and seen["max_length"] is None
+    monkeypatch.setattr(evaluate_pkg, "zero_shot", _never)
+    assert common.zero_shot_accuracy("model", "tok", (), 8) == {}
+
+
+def test_every_study_run_trains_with_the_settings_its_saved_runs_were_made_with():
+    """The TrainConfigs that decide whether a saved run is resumed, written out field by field: an LM search run,
+    the fine-tuning study's base (from scratch: size and vocabulary set) and a fine-tune (TrainConfig's defaults
+    for size and vocabulary: the base's come with init_from)."""
+    out = Path("/OUT")
+    search = dataclasses.replace(lm.Config(), **{**lm.BUDGETS["search"], "budget": "search"})
+    run = next(r for r in lm.plan(out, search, [0, 1, 2]) if r.method == "ssa-c0.1-t10" and r.seed == 2)
+    from selective_attention.config import SSAConfig
+
+    assert lm.train_config(run, search, progress=False) == TrainConfig(
+        data="wiki",
+        size="study",
+        vocab_size=2048,
+        max_tokens=1_000_000,
+        seed=2,
+        out="/OUT/runs/wiki/ssa-c0.1-t10-seed2",
+        seq_len=512,
+        batch_size=8,
+        lr=2e-3,
+        eval_every=25,
+        eval_tokens=65_536,
+        checkpoint_every=25,
+        keep_checkpoints=1,
+        split_seed=0,
+        progress=False,
+        attention="ssa",
+        ssa=SSAConfig(init="identity", position_init=0.1),
+        temperature_lr=2e-3 * 10,
+    )
+    full = dataclasses.replace(fs.Config(), **{**fs.BUDGETS["full"], "budget": "full"})
+    shared = dict(seq_len=512, batch_size=8, eval_tokens=65_536, checkpoint_every=25, keep_checkpoints=1)
+    assert fs.base_config(out, full) == TrainConfig(
+        data="wiki",
+        size="study",
+        vocab_size=2048,
+        max_tokens=4_000_000,
+        seed=0,
+        out="/OUT/base",
+        lr=2e-3,
+        eval_every=50,
+        split_seed=0,
+        progress=False,
+        attention="vanilla",
+        **shared,
+    )
+    tune = fs.plan(out, full, [0, 1, 2])[6]
+    assert (tune.method, tune.seed) == ("ssa", 1)
+    assert fs.finetune_config(tune, out, full) == TrainConfig(
+        data="sotu",
+        init_from="/OUT/base/final",
+        max_tokens=1_000_000,
+        seed=1,
+        out="/OUT/runs/sotu/ssa-seed1",
+        lr=3e-4,
+        eval_every=25,
+        split_seed=0,
+        progress=False,
+        attention="ssa",
+        temperature_lr=1e-2,
+        **shared,
+    )
