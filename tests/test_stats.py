@@ -111,3 +111,25 @@ def test_utils_is_a_leaf(file_imports):
         ours = {m for m in file_imports(f) if m.startswith("selective_attention")}
         others = {m for m in ours if not m.startswith("selective_attention.utils")} - {"selective_attention.errors"}
         assert not others, f"utils/{f.name} imports {others}"
+
+
+def test_ratio_claim_never_calls_a_tie_a_speed_up():
+    from selective_attention.utils.stats import paired, ratio_claim
+
+    tie, wins, loses = paired([-1.0, 0.5, -0.2]), paired([-1.0, -1.2, -0.9]), paired([1.0, 1.2, 0.9])
+    assert tie["verdict"] == "tie" and ratio_claim(1.13, tie) == "within noise: tie"
+    assert ratio_claim(1.13, wins) == "speed-up" and ratio_claim(0.9, wins).startswith("better final ppl")
+    assert ratio_claim(0.8, loses) == "slow-down" and ratio_claim(1.2, loses).startswith("worse final ppl")
+    assert ratio_claim(1.5, paired([-1.0])) == "one seed: no interval"
+    assert ratio_claim(None, wins) == "not reached" and ratio_claim(1.1, None).startswith("no seed shared")
+
+
+def test_lm_dilution_caption_names_passkey_only_when_measured():
+    from selective_attention.experiments.lm.tables import _mechanism_lines
+
+    dil = {"entropy_within": 1.0, "entropy_beyond": 2.0, "max_weight_within": 0.5, "max_weight_beyond": 0.2}
+    lines = _mechanism_lines({"vanilla": {"dilution": dil}}, 512)
+    assert "passkey" not in lines[0] and lines[0].startswith("Dilution (")
+    assert lines[2].count("|") == lines[3].count("|") == lines[4].count("|")  # header, separator, row agree
+    with_pk = _mechanism_lines({"vanilla": {"dilution": dil, "passkey_gain": {"512": 0.1}}}, 512)
+    assert "passkey gain =" in with_pk[0] and with_pk[2].count("|") == with_pk[3].count("|") == with_pk[4].count("|")

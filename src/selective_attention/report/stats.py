@@ -16,6 +16,7 @@ import numpy as np
 
 from selective_attention.errors import UserError
 from selective_attention.report.load import Run
+from selective_attention.utils import stats
 from selective_attention.utils.stats import first_crossing, is_finite, mean_std, paired
 
 
@@ -101,18 +102,6 @@ def summarise(groups: dict[str, list[Run]], baseline: str | None = None) -> dict
 
 
 def ratio_claim(d: dict[str, Any]) -> str:
-    """What a method's tokens-to-target ratio may be called, from its paired comparison: "speed-up" only when the
-    method is better (the whole interval of the paired change below zero) and the ratio is above 1, "slow-down"
-    for the mirror case, else why it is neither ("tie", "one seed", ...)."""
-    p, ratio = d.get("paired_val_ppl_percent"), d.get("speedup")
-    if ratio is None:
-        return "not reached"
-    if p is None:
-        return "no seed shared with the baseline"
-    if p["low"] is None:
-        return str(p["verdict"])  # "one seed: no interval", "non-finite difference"
-    if p["verdict"] == "wins":
-        return "speed-up" if ratio > 1 else "better final ppl, but not faster to the target"
-    if p["verdict"] == "loses":
-        return "slow-down" if ratio < 1 else "worse final ppl, although faster to the target"
-    return "within noise: tie"
+    """What a method's tokens-to-target ratio may be called (``utils.stats.ratio_claim``: a tie is never a
+    speed-up)."""
+    return stats.ratio_claim(d.get("speedup"), d.get("paired_val_ppl_percent"))

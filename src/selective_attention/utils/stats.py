@@ -109,6 +109,24 @@ def paired(diffs: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     return {"mean": mean, "low": lo, "high": hi, "n": n, "verdict": "wins" if hi < 0 else "loses" if lo > 0 else "tie"}
 
 
+def ratio_claim(ratio: float | None, paired_change: dict[str, Any] | None) -> str:
+    """What a tokens-to-target ratio (baseline's tokens / the method's, to the baseline's final perplexity) may be
+    called, given the method's paired change of final perplexity (``paired``): "speed-up" only when the method is
+    better (the whole interval below zero) and the ratio is above 1, "slow-down" for the mirror case, else why it
+    is neither ("within noise: tie", "one seed: no interval", ...). A tie is never called a speed-up."""
+    if ratio is None:
+        return "not reached"
+    if paired_change is None:
+        return "no seed shared with the baseline"
+    if paired_change["low"] is None:
+        return str(paired_change["verdict"])  # "one seed: no interval", "non-finite difference"
+    if paired_change["verdict"] == "wins":
+        return "speed-up" if ratio > 1 else "better final ppl, but not faster to the target"
+    if paired_change["verdict"] == "loses":
+        return "slow-down" if ratio < 1 else "worse final ppl, although faster to the target"
+    return "within noise: tie"
+
+
 def first_crossing(xs: Sequence[float], ys: Sequence[float], target: float, log_y: bool = False) -> float | None:
     """The first x at which the curve ys(xs) comes down to ``target`` (ys <= target), interpolated between the two
     points around the crossing, linearly in y or in log y; the first x when the curve starts there; None if never.
