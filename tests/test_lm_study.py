@@ -453,3 +453,18 @@ def test_search_labels_and_choice_rule():
     rows = {"vanilla": {}, "a": row(-2.0, 1000), "b": row(-1.7, 10), "c": row(-1.0, 1)}
     assert lm.choose(rows)["method"] == "b" and lm.choose(rows)["tied_with"] == ["a"]
     assert lm.choose({"a": row(1.0, 5), "b": row(0.2, 50)})["method"] == "b"
+
+
+def test_packed_budget_trains_every_row_with_documents_apart(tmp_path):
+    """--budget packed: the search's settings on wiki with packing "documents" for every run, the confirmation's
+    rows; the stitched budgets keep TrainConfig's default packing (their saved runs stay valid)."""
+    cfg = dataclasses.replace(lm.Config(), **{**lm.BUDGETS["packed"], "budget": "packed", "chosen": "ssa-c0-t1"})
+    runs = lm.plan(tmp_path, cfg, [0, 1, 2])
+    assert {(r.corpus, r.method) for r in runs} == {("wiki", m) for m in ("vanilla", "ssa-c0-t1", "ssmax", "llama4")}
+    assert [r.seed for r in runs[:2]] == [0, 0] and {r.seed for r in runs} == {0, 1, 2}
+    configs = [lm.train_config(r, cfg, False) for r in runs]
+    assert {c.packing for c in configs} == {"documents"}
+    search = dataclasses.replace(lm.Config(), **{**lm.BUDGETS["search"], "budget": "search"})
+    assert lm.train_config(lm.plan(tmp_path, search, [0])[0], search, False).packing == "stitched"
+    with pytest.raises(UserError, match="chosen=LABEL"):
+        lm.validate(dataclasses.replace(cfg, chosen=""), [0])

@@ -33,6 +33,12 @@ def _search_labels() -> tuple[str, ...]:
 SEARCH = _search_labels()
 CHOSEN = "chosen"  # stands for Config.chosen in a budget's rows
 CONFIRM_ROWS = ("vanilla", CHOSEN, "ssmax", "llama4")
+# Packed documents (``--budget packed --set chosen=LABEL``; written down before any of its runs): the search's
+# budget and seeds on wiki, every window trained and validated with attention and positions restarting at each
+# document (TrainConfig.packing "documents"), the confirmation's rows. Within the budget: each row vs vanilla,
+# paired by seed, as everywhere. Across packings: vanilla and the chosen row pair seed by seed with the search's
+# stitched runs (same data order, model and budget), each validated in its own packing.
+PACKED_ROWS = CONFIRM_ROWS
 PRIMARY = ("vanilla", "ssa")  # the headline comparison, trained first
 
 
@@ -59,6 +65,7 @@ class Config:
     split_seed: int = 0
     seed_offsets: tuple[int, ...] = ()  # per corpus: its seeds are the study's seeds + this (confirm: wiki 3-5)
     chosen: str = ""  # confirm: the search's choice (a SEARCH label), trained against vanilla, ssmax and llama4
+    packing: str = "stitched"  # TrainConfig.packing of every run ("documents": attention restarts per document)
 
 
 BUDGETS: dict[str, dict[str, Any]] = {
@@ -97,6 +104,15 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "other_methods": CONFIRM_ROWS,
         "seed_offsets": (3, 0),
     },
+    # packed documents (see PACKED_ROWS): the search's settings, documents apart
+    "packed": {
+        "corpora": ("wiki",),
+        "methods": PACKED_ROWS,
+        "packing": "documents",
+        "passkey_trials": 0,
+        "length_windows": 8,
+        "entropy_windows": 1,
+    },
     # `ssa demo`: the study's design (body-heavy model, 512 tokens, long documents) at <= 10 minutes on 2 cores
     "demo": {
         "corpora": ("sotu",),
@@ -119,7 +135,16 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "passkey_trials": 0,
     },
 }
-BUDGET_SEEDS = {"quick": 2, "default": 3, "full": 3, "demo": 2, "demo-quick": 1, "search": 3, "confirm": 3}
+BUDGET_SEEDS = {
+    "quick": 2,
+    "default": 3,
+    "full": 3,
+    "demo": 2,
+    "demo-quick": 1,
+    "search": 3,
+    "confirm": 3,
+    "packed": 3,
+}
 
 
 def corpus_rows(config: Config, corpus_index: int) -> tuple[str, ...]:
@@ -183,6 +208,8 @@ def validate(config: Config, seeds: list[int]) -> None:
     for i in range(len(config.corpora)):
         for m in corpus_rows(config, i):
             method_settings(m)
+    if config.packing not in ("stitched", "documents"):
+        raise UserError(f"packing must be stitched or documents, got {config.packing!r}")
     if "vanilla" not in config.methods:
         raise UserError("the study compares every method with vanilla: keep vanilla in methods")
     if not config.length_multipliers or min(config.length_multipliers) < 1:

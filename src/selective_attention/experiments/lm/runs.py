@@ -65,5 +65,6 @@ def train_config(run: Run, config: Config, progress: bool) -> TrainConfig:
         progress=progress,
         size=config.size,
         vocab_size=config.vocab_size,
+        packing=config.packing,
         **method_settings(run.method, config.lr),
     )

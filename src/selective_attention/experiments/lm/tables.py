@@ -129,6 +129,12 @@ def summary(results: dict[str, Any]) -> str:
         f"{cfg['max_tokens']:,} tokens per run, seeds {results['seeds']})",
         "",
     ]
+    if cfg.get("packing") == "documents":
+        lines += [
+            "Packed documents: every window is trained and validated with attention and positions (RoPE, SSA's p, "
+            "every position-dependent rule) restarting at each document; no context crosses a document boundary.",
+            "",
+        ]
     if results["pending"]:
         lines += [
             f"**Incomplete**: {len(results['pending'])} run(s) still to train or evaluate "
