@@ -17,6 +17,7 @@ from transformers import (
 
 from selective_attention import SSAConfig, param_groups
 from selective_attention.cli import main as ssa_main
+from selective_attention.errors import UserError
 from selective_attention.hf import convert, from_pretrained, load_pretrained, parameter_report
 from selective_attention.temperature import temperature_parameters
 
@@ -165,3 +166,69 @@ def test_cli_convert_writes_a_loadable_model_and_reports(
     assert ssa_main(["convert", "--model", str(out), "--out", str(tmp_path / "y")]) == 2  # already converted
     err = capsys.readouterr().err
     assert "Traceback" not in err and "no such model" in err and "not empty" in err
+
+
+# ------------------------------------------------------------------------------- file modes, --force hints
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+def test_save_pretrained_follows_the_umask_and_loads_back(tmp_path: Path, ids, byte_tokenizer, tiny_llama_257) -> None:
+    """Every file we write gets 0o666 minus the umask (directories 0o777 minus it), not safetensors' 0o600."""
+    import os
+
+    from selective_attention.hf.save import MANIFEST, save_pretrained
+
+    model = convert(tiny_llama_257(), SSAConfig())
+    src = tmp_path / "plain"
+    tiny_llama_257().save_pretrained(src)
+    old = os.umask(0o002)  # not the usual 0o022: a file left at a library's own mode shows
+    try:
+        out = save_pretrained(model, tmp_path / "ours", byte_tokenizer)
+        assert ssa_main(["convert", "--model", str(src), "--out", str(tmp_path / "converted")]) == 0
+    finally:
+        os.umask(old)
+    for root in (out, tmp_path / "converted"):
+        modes = _modes(root)
+        assert {"model.safetensors", "config.json", MANIFEST} <= set(modes)
+        wrong = {k: oct(m) for k, m in modes.items() if m != (0o775 if (root / k).is_dir() else 0o664)}
+        assert not wrong, wrong
+    assert "tokenizer.json" in _modes(out)
+    x = ids(B=1, T=6)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(out)(x).logits, model(x).logits)
+    with pytest.raises(UserError, match="pass --force to replace it"):
+        save_pretrained(model, out)
+    save_pretrained(model, out, force=True)  # a directory written this way: replaced
+    assert "tokenizer.json" not in _modes(out)
+
+
+def test_convert_offers_force_only_where_it_is_accepted(tmp_path: Path, capsys, tiny_llama_257) -> None:
+    src = tmp_path / "plain"
+    tiny_llama_257().save_pretrained(src)
+    converted, edited, foreign, a_file = (tmp_path / n for n in ("converted", "edited", "foreign", "file.txt"))
+    for d in (converted, edited):
+        assert ssa_main(["convert", "--model", str(src), "--out", str(d)]) == 0
+    (edited / "my_eval.json").write_text("{}")  # no longer only what the tool wrote
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    a_file.write_text("mine")
+    capsys.readouterr()
+    offered = set()
+    for out in (converted, edited, foreign, a_file):
+        assert ssa_main(["convert", "--model", str(src), "--out", str(out), "--no-value"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err
+        forced = ssa_main(["convert", "--model", str(src), "--out", str(out), "--no-value", "--force"])
+        capsys.readouterr()
+        if "pass --force" in err:  # offered: following the hint works
+            offered.add(out.name)
+            assert forced == 0 and json.loads((out / "config.json").read_text())["ssa"]["value"] is False
+        else:  # not offered, and it says what --force would not do
+            assert "--force only replaces a directory that ssa convert wrote" in err, err
+            assert forced == 2
+    assert offered == {"converted"}
+    assert (edited / "my_eval.json").read_text() == "{}" and (foreign / "notes.txt").read_text() == "mine"
+    assert a_file.read_text() == "mine"

@@ -416,6 +416,38 @@ def test_stop_at_step_then_the_same_command_continues(ref, capsys):
     same_weights(ref.out, ref.ref_out)
 
 
+def test_a_resumed_run_says_from_which_step(ref, capsys):
+    stopped(ref, 2)
+    capsys.readouterr()
+    assert main(_cli_same(ref)) == 0
+    assert f"{Path(ref.out).resolve()}: resuming from step 2 of 4" in capsys.readouterr().err
+    same_weights(ref.out, ref.ref_out)
+
+
+def test_ctrl_c_says_how_to_resume_and_the_same_command_does(ref, capsys, monkeypatch):
+    from selective_attention.train import trainer
+
+    real_step = trainer.train_step
+
+    def interrupted_at_step_2(*args, step, **kw):  # Ctrl-C during the third step (after checkpoint 2)
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, step=step, **kw)
+
+    monkeypatch.setattr(trainer, "train_step", interrupted_at_step_2)
+    assert main(_cli_same(ref)) == 130
+    err = capsys.readouterr().err
+    assert (
+        "ssa train: interrupted: run the same command again to resume from the last checkpoint (if one was written)"
+        in err.splitlines()
+    ) and "Traceback" not in err
+    assert ckpts(ref.out) == ["step-00000001.safetensors", "step-00000002.safetensors"]
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    assert main(_cli_same(ref)) == 0  # the same command
+    assert "resuming from step 2 of 4" in capsys.readouterr().err
+    same_weights(ref.out, ref.ref_out)
+
+
 @pytest.mark.slow
 def test_a_failing_process_of_nproc_2_is_one_line(cli_args, cfg, capsys):
     """The processes fail in setup (a window longer than the train split): one line, the child's exit code."""

@@ -35,8 +35,7 @@ def format_report(rep: dict, name: str = "") -> str:
 
 def run(args: argparse.Namespace) -> int:
     from selective_attention.hf import convert, is_converted, load_pretrained, parameter_report
-    from selective_attention.hf.save import check_output, write_model_dir
-    from selective_attention.utils.io import atomic_write_json
+    from selective_attention.hf.save import check_output, save_pretrained
 
     out = Path(args.out)
     check_output(out, args.force)  # before the (slow) load: refuse early
@@ -52,14 +51,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     rep = parameter_report(model)
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        atomic_write_json(tmp / "ssa_parameters.json", rep)
-
-    write_model_dir(out, write, force=args.force)
+    save_pretrained(model, out, tok, force=args.force, json_files={"ssa_parameters.json": rep})
     if args.report:
         print(format_report(rep, type(model).__name__))
     print(f"wrote {out}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from selective_attention.errors import UserError
 from selective_attention.evaluate.suite import ALIASES, MODES
@@ -158,60 +160,101 @@ def load_documents(args: argparse.Namespace, split_seed: int, limit: int | None)
 # ---------------------------------------------------------------------------------------- run
 
 
-def run(args: argparse.Namespace) -> int:
-    from selective_attention.evaluate.loading import load_model
-    from selective_attention.evaluate.results import print_tables, write_results
-    from selective_attention.evaluate.suite import evaluate_model, training_split_seed
+@dataclass
+class Checked:
+    """What ``ssa eval`` checked and prepared before loading the model."""
 
-    t0 = time.time()
+    out: Path
+    tasks: list[str]
+    limit: int | None
+    passkey_lengths: list[int]
+    passkey_depths: list[float]
+    device: str
+    split_seed: int
+    documents: list[str] | None  # the perplexity corpus (None without the perplexity task)
+
+
+def check_inputs(args: argparse.Namespace) -> Checked:
+    """Every argument, then the corpus (cheaper than the model, so it fails first)."""
+    from selective_attention.evaluate.suite import training_split_seed
+
     out = check_out(args.out)
     tasks = parse_tasks(args.tasks)
     limit = parse_limit(args.limit)
     check_sizes(args)
     lengths, depths = parse_passkey(args) if "passkey" in tasks else ([], [])
     device = str(choose_device(args.device))
-    split_seed = 0
-    documents = None
-    if "perplexity" in tasks:  # the corpus before the model: the cheaper check first
+    split_seed, documents = 0, None
+    if "perplexity" in tasks:
         split_seed = args.split_seed if args.split_seed is not None else training_split_seed(args.model)
         documents = load_documents(args, split_seed, limit)
+    return Checked(out, tasks, limit, lengths, depths, device, split_seed, documents)
+
+
+def load_checked_model(args: argparse.Namespace, checked: Checked) -> tuple[Any, Any]:
+    """(model, tokenizer) on the device; the passkey lengths checked against the tokenizer."""
+    from selective_attention.evaluate.loading import load_model
+
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, tok = load_model(args.model, device, args.dtype)
-    if lengths:
+    model, tok = load_model(args.model, checked.device, args.dtype)
+    if checked.passkey_lengths:
         from selective_attention.evaluate.passkey import check_lengths
 
-        check_lengths(tok, lengths)
-    result = evaluate_model(
+        check_lengths(tok, checked.passkey_lengths)
+    return model, tok
+
+
+def evaluate(args: argparse.Namespace, checked: Checked, model: Any, tok: Any) -> dict[str, Any]:
+    from selective_attention.evaluate.suite import evaluate_model
+
+    return evaluate_model(
         model,
         tok,
-        tasks,
+        checked.tasks,
         name=str(args.model),
         dtype=args.dtype,
-        limit=limit,
-        documents=documents,
+        limit=checked.limit,
+        documents=checked.documents,
         data=str(args.data),
         split=args.split,
-        split_seed=split_seed,
+        split_seed=checked.split_seed,
         packing=args.packing,
         seq_len=args.seq_len,
         stride=args.stride,
         batch_size=args.batch_size,
         max_length=args.max_length,
-        passkey_lengths=lengths,
-        passkey_depths=depths,
+        passkey_lengths=checked.passkey_lengths,
+        passkey_depths=checked.passkey_depths,
         passkey_trials=args.passkey_trials,
         seed=args.seed,
         progress=not args.no_progress,
     )
+
+
+def write_outputs(args: argparse.Namespace, out: Path, result: dict[str, Any], started: float) -> Path | None:
+    """The results JSON (and the passkey heatmap beside it, whose path this returns), written atomically."""
+    from selective_attention.evaluate.results import write_results
+
     png = None
     if "passkey" in result:
         png = out.with_name(out.stem + "_passkey.png")
         result["passkey"]["heatmap"] = png.name
-    result["elapsed_s"] = time.time() - t0
+    result["elapsed_s"] = time.time() - started
     write_results(out, result, png, heatmap_title=f"Passkey: {Path(args.model).name}")
+    return png
+
+
+def run(args: argparse.Namespace) -> int:
+    from selective_attention.evaluate.results import print_tables
+
+    started = time.time()
+    checked = check_inputs(args)
+    model, tok = load_checked_model(args, checked)
+    result = evaluate(args, checked, model, tok)
+    png = write_outputs(args, checked.out, result, started)
     print_tables(result)
-    print(f"wrote {out}" + (f" and {png}" if png else ""))
+    print(f"wrote {checked.out}" + (f" and {png}" if png else ""))
     return 0

@@ -12,10 +12,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from selective_attention.cli.ssa_flags import add_ssa_arguments, ssa_args_given
 from selective_attention.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from selective_attention.train.config import TrainConfig
 
 # Ctrl-C: the run directory keeps its checkpoints, and the same command continues from the newest one
 INTERRUPTED_HINT = "run the same command again to resume from the last checkpoint (if one was written)"
@@ -92,7 +95,7 @@ SWITCHES: list[tuple[str, str, str]] = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    def error(message: str) -> None:  # one line, no usage block (argparse's own error prints two)
+    def error(message: str) -> NoReturn:  # one line, no usage block (argparse's own error prints two)
         print(f"ssa train: error: {message}", file=sys.stderr)
         sys.exit(2)
 
@@ -143,7 +146,7 @@ def _method_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from selective_attention.train.config import LEGACY_SSA_KEYS, TrainConfig
 
     settings: dict[str, Any] = load_yaml(args.config) if args.config else {}

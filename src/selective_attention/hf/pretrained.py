@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -18,6 +18,9 @@ from selective_attention.hf.convert import convert
 from selective_attention.hf.state import TEMPERATURE_ATTR
 from selective_attention.temperature import legacy_alpha_to_coefficient
 from selective_attention.utils.packages import BUNDLED_MODELS, resolve_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -92,7 +95,7 @@ def from_pretrained(path: str | os.PathLike, *, attn_implementation: str | None 
     return model
 
 
-def _drop_dequantised_gguf_quantizer(model: nn.Module) -> None:
+def _drop_dequantised_gguf_quantizer(model: PreTrainedModel) -> None:
     """A GGUF loaded as plain float tensors (no packed GGUF modules) is an ordinary model: forget the GGUF
     quantizer so that it saves to safetensors and trains like one (transformers refuses to save it otherwise)."""
     q = getattr(model, "hf_quantizer", None)
@@ -100,7 +103,7 @@ def _drop_dequantised_gguf_quantizer(model: nn.Module) -> None:
         return
     if any(not p.is_floating_point() for p in model.parameters()):
         return
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module types attribute assignment Tensor | Module
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -114,17 +117,23 @@ def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
                 t.data = t.data.to(dtype)
 
 
-def _load(p: Path, dtype: torch.dtype | None, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
+def _load_gguf(p: Path, dtype: torch.dtype | None, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(p.parent), gguf_file=p.name, dtype=dtype or torch.float32, **kwargs
+    )
+    _drop_dequantised_gguf_quantizer(model)
+    return model, AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+def _load(p: Path, dtype: torch.dtype | None, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
+    from transformers import AutoTokenizer
 
     if p.is_file():
         if p.suffix != ".gguf":
             raise UserError(f"expected a model directory or a .gguf file, got {p}")
-        model = AutoModelForCausalLM.from_pretrained(
-            str(p.parent), gguf_file=p.name, dtype=dtype or torch.float32, **kwargs
-        )
-        _drop_dequantised_gguf_quantizer(model)
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        model, tok = _load_gguf(p, dtype, kwargs)
     else:
         if dtype is not None:
             kwargs["dtype"] = dtype

@@ -8,13 +8,18 @@ tensor bytes: nothing in a run directory is ever unpickled.
 
 Older checkpoints (``step-*.pt``, format 1, torch.save pickles) are read with ``torch.load(weights_only=True)``
 and an allow-list of the numpy types their RNG state needs; anything else in them is refused, naming the file.
+
+``rng_state`` / ``set_rng_state``: the RNG state a checkpoint carries (torch, CUDA, numpy, Python), so that a
+resumed run draws the same numbers as one that was never stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -197,13 +202,13 @@ def read_settings(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({msg})") from None
 
 
-def _legacy_allowed() -> list:
+def _legacy_allowed() -> list[Any]:
     """What a format-1 checkpoint holds besides tensors and containers: numpy's RNG state (an ndarray)."""
     try:
-        from numpy._core.multiarray import _reconstruct
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _read_legacy(path: Path) -> dict[str, Any]:
@@ -232,3 +237,25 @@ def _read_legacy(path: Path) -> dict[str, Any]:
 def file_record(path: str | os.PathLike) -> dict[str, Any]:
     """{"size", "sha256"} of a written file (for the run manifest)."""
     return {"size": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+# ---- the RNG state a checkpoint carries
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -5,7 +5,6 @@ one-line error comes back here through a file (``distributed.ENV_ERRORS``) inste
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from selective_attention.errors import UserError
 from selective_attention.train import distributed as D
 from selective_attention.train import rundir
 from selective_attention.train.config import TrainConfig
+from selective_attention.utils.io import read_json
 
 
 def launch(cfg: TrainConfig) -> dict:
@@ -21,7 +21,8 @@ def launch(cfg: TrainConfig) -> dict:
     plan = rundir.plan_out_dir(cfg)  # a bad --out fails here, in one line, before spawning anything; locks OUT
     try:
         if plan.kind == "done":
-            return plan.result  # type: ignore[return-value]
+            assert plan.result is not None  # a finished run: its run.json, read while planning
+            return plan.result
         plan.state = None  # the children read the checkpoint themselves
         prepare(
             cfg.data,
@@ -45,7 +46,7 @@ def launch(cfg: TrainConfig) -> dict:
             raise UserError(f"torchrun with {cfg.nproc} processes failed (exit code {code}); see the messages above")
         if not (plan.out / "run.json").is_file():  # stopped on purpose (--stop-at-step): resumable, no result yet
             return {"stopped_at_step": cfg.stop_at_step, "total_steps": cfg.total_steps(cfg.nproc)}
-        return json.loads((plan.out / "run.json").read_text())
+        return read_json(plan.out / "run.json", "the result of the run")
     except BaseException:
         plan.abandon()
         raise

@@ -1,40 +1,37 @@
-"""The run directory: what OUT holds, whether it is a fresh, resumable or finished run, its lock, its manifest,
-its checkpoints and the metrics log.
+"""The run directory: what OUT holds, which of its files are the tool's own, and whether it is a fresh, resumable
+or finished run (the plan, made under OUT's lock).
 
     OUT/ssa-run.json     the manifest, written when the run starts: format version, settings, resolved paths,
                          and every file the run wrote (checkpoints and final files with size and sha256)
     OUT/.lock            flock'ed by the run that uses OUT (PID inside)
-    OUT/metrics.jsonl    one JSON line per log / validation
+    OUT/metrics.jsonl    one JSON line per log / validation (train.metrics_log)
     OUT/checkpoints/step-XXXXXXXX.safetensors (+ latest, a pointer for people: resume scans, it never trusts it)
     OUT/final/           the Hugging Face model + tokenizer, OUT/run.json  the result (only once finished)
 
 A run directory is recognised by its manifest (or, for directories of older versions, by run.json or
-checkpoints/step-*.pt). ``--overwrite`` removes only files the run wrote; anything else in OUT is refused.
+checkpoints/step-*.pt). ``--overwrite`` removes only files the run wrote; anything else in OUT is refused, and a
+refusal offers ``--overwrite`` only where it would be accepted. The main process writes OUT through
+``train.writer.RunDir``; checkpoint files are ``train.checkpoint``.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
-import os
-import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from selective_attention.errors import UserError, first_line
 from selective_attention.train import checkpoint as ckpt_io
 from selective_attention.train.config import TrainConfig
 from selective_attention.train.lock import LOCK_NAME, RunLock
-from selective_attention.utils.files import disk_full_error, follow_umask, fsync_file, is_disk_full, require_space
-from selective_attention.utils.io import atomic_write, atomic_write_json, atomic_write_text
+
+# re-exported: experiments and tests read the metrics log through train.rundir
+from selective_attention.train.metrics_log import read_metrics as read_metrics
 
 MANIFEST = "ssa-run.json"
 MANIFEST_FORMAT = 1
@@ -65,7 +62,7 @@ def checkpoint_files(out: Path) -> list[tuple[int, Path]]:
     return [(s, p) for s, _, p in sorted(found, key=lambda x: (x[0], x[1]), reverse=True)]
 
 
-def read_manifest(out: Path) -> tuple[dict | None, str | None]:
+def read_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(manifest, None), (None, None) when there is none, (None, problem) when it cannot be read."""
     path = out / MANIFEST
     if not path.is_file():
@@ -84,7 +81,7 @@ def read_manifest(out: Path) -> tuple[dict | None, str | None]:
     return m, None
 
 
-def read_result(out: Path) -> tuple[dict | None, str | None]:
+def read_result(out: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(run.json, None) when the run finished with a finite result; (None, why not) otherwise."""
     path = out / "run.json"
     if not path.is_file():
@@ -101,11 +98,12 @@ def read_result(out: Path) -> tuple[dict | None, str | None]:
     return result, None
 
 
-def own_files(out: Path, manifest: dict | None) -> tuple[list[Path], list[Path]]:
+def own_files(out: Path, manifest: dict[str, Any] | None) -> tuple[list[Path], list[Path]]:
     """(files the tool wrote, anything else) in OUT: the manifest's files, the tool's own names, its checkpoint
     and temporary names; for an older run directory without a manifest, final/ counts as its own as well."""
     listed = {out / k for k in (manifest or {}).get("files", {})}
-    ours, other = [], []
+    ours: list[Path] = []
+    other: list[Path] = []
     for p in sorted(out.rglob("*")):
         if p.is_dir() and not p.is_symlink():
             continue
@@ -128,7 +126,7 @@ def own_files(out: Path, manifest: dict | None) -> tuple[list[Path], list[Path]]
 
 def clean_temporaries(out: Path) -> list[Path]:
     """Remove what a write interrupted by a kill left: .NAME.XXXX.tmp files of ours and .final.tmp/."""
-    removed = []
+    removed: list[Path] = []
     for d in (out, out / "checkpoints"):
         if d.is_dir():
             for p in d.iterdir():
@@ -141,6 +139,21 @@ def clean_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+def clear_out_dir(out: Path, manifest: dict[str, Any] | None) -> None:
+    """Remove what an earlier run wrote: the manifest's files and the tool's own names, never anything else."""
+    ours, _ = own_files(out, manifest)
+    for p in ours:
+        if p.name != LOCK_NAME:
+            p.unlink(missing_ok=True)
+    for d in (out / "final", out / "checkpoints", out / FINAL_TMP):
+        if d.is_dir():
+            for sub in sorted(d.rglob("*"), reverse=True):
+                if sub.is_dir() and not any(sub.iterdir()):
+                    sub.rmdir()
+            if not any(d.iterdir()):
+                d.rmdir()
+
+
 # ---- the plan: fresh, resume or done
 
 
@@ -149,9 +162,9 @@ class Plan:
     kind: str  # "fresh" | "resume" | "done"
     out: Path  # resolved
     checkpoint: Path | None = None
-    state: dict | None = None  # the checkpoint's content (read and verified while planning)
-    manifest: dict | None = None
-    result: dict | None = None  # run.json of a finished run
+    state: dict[str, Any] | None = None  # the checkpoint's content (read and verified while planning)
+    manifest: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None  # run.json of a finished run
     restart: bool = False  # fresh over files of ours (--overwrite, or a run killed before its first checkpoint)
     lock: RunLock | None = None
     created: Path | None = None  # the topmost directory this plan created (removed if the run writes nothing)
@@ -177,7 +190,9 @@ class Plan:
                 pass
 
 
-def _saved_settings(out: Path, manifest: dict | None, ckpts: list[tuple[int, Path]]) -> tuple[dict, dict | None]:
+def _saved_settings(
+    out: Path, manifest: dict[str, Any] | None, ckpts: list[tuple[int, Path]]
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(config dict, resolved paths or None) of the run in OUT: its manifest, run.json or newest readable
     checkpoint (headers only)."""
     if manifest is not None:
@@ -196,12 +211,28 @@ def _saved_settings(out: Path, manifest: dict | None, ckpts: list[tuple[int, Pat
     raise UserError(f"the settings of the run in --out {out} cannot be read: {problems[0] if problems else ''}")
 
 
-def _differences(saved: dict, paths: dict | None, cfg: TrainConfig, out: Path) -> list[str]:
+def _names(out: Path, paths: list[Path]) -> str:
+    """The first few of ``paths``, relative to OUT, for a one-line message."""
+    return ", ".join(str(p.relative_to(out)) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+
+
+def _overwrite_hint(out: Path, manifest: dict[str, Any] | None, action: str) -> str:
+    """The hint to pass --overwrite to ``action``, first asking to move away what the tool did not write when OUT
+    holds such files (--overwrite refuses to remove them): following a hint never leads to a refusal."""
+    _, other = own_files(out, manifest)
+    move = f"move away the files that ssa train did not write ({_names(out, other)}) and " if other else ""
+    return f"{move}pass --overwrite to {action}"
+
+
+def _differences(
+    saved: dict[str, Any], paths: dict[str, Any] | None, cfg: TrainConfig, out: Path, manifest: dict[str, Any] | None
+) -> list[str]:
     try:
         saved_c = TrainConfig.from_saved(saved).comparable(paths)
     except UserError as e:
         raise UserError(
-            f"--out {out} holds a run whose settings cannot be read ({e}): choose another directory or pass --overwrite"
+            f"--out {out} holds a run whose settings cannot be read ({e}): choose another directory or "
+            + _overwrite_hint(out, manifest, "delete that run")
         ) from None
     current = cfg.comparable()
     return [
@@ -209,7 +240,9 @@ def _differences(saved: dict, paths: dict | None, cfg: TrainConfig, out: Path) -
     ]
 
 
-def newest_intact(out: Path, manifest: dict | None, report: bool = True) -> tuple[Path | None, dict | None, list[str]]:
+def newest_intact(
+    out: Path, manifest: dict[str, Any] | None, report: bool = True
+) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
     """The newest checkpoint that passes its checks (manifest size + sha256, else its own content checksum)
     with its state, and the problems of the newer ones (each warned about, naming the file)."""
     files = (manifest or {}).get("files", {})
@@ -278,27 +311,25 @@ def _plan(cfg: TrainConfig, plan: Plan, main: bool) -> None:
             )
         _, other = own_files(out, manifest)
         if other:
-            names = ", ".join(str(p.relative_to(out)) for p in other[:3]) + (" ..." if len(other) > 3 else "")
             raise UserError(
-                f"--out {cfg.out} holds files that ssa train did not write ({names}): --overwrite "
+                f"--out {cfg.out} holds files that ssa train did not write ({_names(out, other)}): --overwrite "
                 "only removes a run's own files; move them or choose another directory"
             )
         plan.restart = True
         return
-    if not ours:
+    if not ours:  # --overwrite would be refused as well: it only replaces a run of ssa train
         raise UserError(
-            problem + ": choose another directory (or --overwrite)"
-            if problem
-            else f"--out {cfg.out} is not empty and holds no run of ours: choose another directory (or --overwrite)"
+            (problem if problem else f"--out {cfg.out} is not empty and holds no run of ours")
+            + ": choose another directory (--overwrite only replaces a run of ssa train)"
         )
     if problem and main:
         warn(f"{problem}; recognising the run by its checkpoints")
     saved, paths = _saved_settings(out, manifest, ckpts)
-    diff = _differences(saved, paths, cfg, out)
+    diff = _differences(saved, paths, cfg, out, manifest)
     if diff:
         raise UserError(
             f"--out {cfg.out} holds a run with other settings ({'; '.join(diff)}): choose another "
-            "directory, or pass --overwrite to delete that run"
+            "directory, or " + _overwrite_hint(out, manifest, "delete that run")
         )
     result, why = read_result(out)
     if result is not None:
@@ -312,206 +343,7 @@ def _plan(cfg: TrainConfig, plan: Plan, main: bool) -> None:
         return
     if problems:
         raise UserError(
-            f"no intact checkpoint in {out / 'checkpoints'} ({'; '.join(problems)}): pass --overwrite "
-            "to start the run again"
+            f"no intact checkpoint in {out / 'checkpoints'} ({'; '.join(problems)}): "
+            + _overwrite_hint(out, manifest, "start the run again")
         )
     plan.restart = True  # our run, stopped before its first checkpoint: start it again
-
-
-# ---- writing: the manifest, checkpoints, final/, run.json
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class RunDir:
-    """OUT as the main process writes it; every write updates the manifest."""
-
-    out: Path
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def begin(cls, plan: Plan, cfg: TrainConfig, step: int) -> RunDir:
-        """Write the manifest (fresh: after clearing our files when restarting; resume: adopting an older run's
-        files when it has none) and drop metric lines logged after the checkpoint we resume from."""
-        out = plan.out
-        if plan.kind == "fresh" and plan.restart:
-            clear_out_dir(out, plan.manifest)
-        manifest = plan.manifest if plan.kind == "resume" and plan.manifest else None
-        if manifest is None:
-            manifest = {"format": "ssa-run", "version": MANIFEST_FORMAT, "created": _now(), "files": {}}
-            if plan.kind == "resume":  # an older run directory: adopt its files (checked by their own format)
-                for _, p in checkpoint_files(out):
-                    manifest["files"][str(p.relative_to(out))] = {"size": p.stat().st_size}
-        manifest.update({"config": cfg.to_dict(), "paths": cfg.resolved_paths(), "state": "running", "updated": _now()})
-        manifest["paths"]["out"] = str(out)
-        manifest["files"]["metrics.jsonl"] = {}
-        rd = cls(out, manifest)
-        out.mkdir(parents=True, exist_ok=True)
-        rd.write_manifest()
-        if plan.kind == "resume":
-            truncate_metrics(out / "metrics.jsonl", step)
-        return rd
-
-    def write_manifest(self) -> None:
-        self.manifest["updated"] = _now()
-        _write(self.out / MANIFEST, lambda: atomic_write_json(self.out / MANIFEST, self.manifest), 1 << 16)
-
-    def record(self, path: Path, info: dict[str, Any] | None) -> None:
-        rel = str(path.relative_to(self.out))
-        if info is None:
-            self.manifest["files"].pop(rel, None)
-        else:
-            self.manifest["files"][rel] = info
-
-    def newest_checkpoint(self) -> Path | None:
-        files = checkpoint_files(self.out)
-        return files[0][1] if files else None
-
-    def save_checkpoint(self, state: dict[str, Any], keep: int) -> Path:
-        """Write OUT/checkpoints/step-XXXXXXXX.safetensors (RNG state added) through a temporary file, record its
-        size and sha256 in the manifest, then drop all but the ``keep`` newest."""
-        ckdir = self.out / "checkpoints"
-        ckdir.mkdir(exist_ok=True)
-        state = {"format": ckpt_io.VERSION, **state, "rng": rng_state()}
-        path = ckdir / f"step-{state['step']:08d}{ckpt_io.SUFFIX}"
-        needed = ckpt_io.nbytes(state) + (1 << 20)
-        prev = self.newest_checkpoint()
-        what = f"the last checkpoint is kept: {prev}" if prev else ""
-        require_space(path, needed, what)
-        record: dict[str, Any] = {}
-
-        def write(tmp: str) -> None:
-            ckpt_io.write(tmp, state)
-            follow_umask([tmp])  # safetensors creates its files 0o600
-            record.update(ckpt_io.file_record(tmp))  # what reached the disk, before it takes the real name
-
-        _write(path, lambda: atomic_write(path, write), needed, what)
-        self.record(path, {**record, "step": state["step"]})
-        old = [p for _, p in checkpoint_files(self.out) if p != path][max(keep - 1, 0) :]
-        for p in old:
-            self.record(p, None)
-        self.write_manifest()  # before the deletions: a kill in between leaves unlisted files of ours, not holes
-        _write(ckdir / "latest", lambda: atomic_write_text(ckdir / "latest", path.name + "\n"), 1 << 12)
-        for p in old:
-            p.unlink(missing_ok=True)
-        return path
-
-    def save_final(self, model: torch.nn.Module, tokenizer: Any) -> Path:
-        """OUT/final/: the Hugging Face model + tokenizer, written in OUT/.final.tmp then renamed."""
-        tmp, final = self.out / FINAL_TMP, self.out / "final"
-        needed = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + (16 << 20)
-        require_space(final, needed)
-
-        def write() -> None:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            files = [p for p in tmp.rglob("*") if p.is_file()]
-            follow_umask(files)  # safetensors creates its files 0o600
-            for p in files:
-                fsync_file(p)
-
-        _write(tmp, write, needed)
-        for rel in [k for k in self.manifest["files"] if k.startswith("final/")]:
-            self.manifest["files"].pop(rel)
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file():
-                self.manifest["files"]["final/" + str(p.relative_to(tmp))] = ckpt_io.file_record(p)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        self.write_manifest()
-        return final
-
-    def save_result(self, result: dict[str, Any]) -> None:
-        path = self.out / "run.json"
-        _write(path, lambda: atomic_write_json(path, result), 1 << 20)
-        self.record(path, ckpt_io.file_record(path))
-        self.manifest["state"] = "done"
-        self.write_manifest()
-
-
-def _write(path: Path, write, needed: int, what: str = "") -> None:
-    """Run ``write()``; a full disk becomes a UserError that names ``path`` and the space it needs."""
-    try:
-        write()
-    except UserError:
-        raise
-    except Exception as e:
-        if is_disk_full(e):
-            raise disk_full_error(path, needed, what=what) from None
-        raise
-
-
-def clear_out_dir(out: Path, manifest: dict | None) -> None:
-    """Remove what an earlier run wrote: the manifest's files and the tool's own names, never anything else."""
-    ours, _ = own_files(out, manifest)
-    for p in ours:
-        if p.name != LOCK_NAME:
-            p.unlink(missing_ok=True)
-    for d in (out / "final", out / "checkpoints", out / FINAL_TMP):
-        if d.is_dir():
-            for sub in sorted(d.rglob("*"), reverse=True):
-                if sub.is_dir() and not any(sub.iterdir()):
-                    sub.rmdir()
-            if not any(d.iterdir()):
-                d.rmdir()
-
-
-# ---- the metrics log
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The lines of metrics.jsonl (a line cut short by a kill is skipped)."""
-    if not path.is_file():
-        return []
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            lines.append(rec)
-    return lines
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
-    if path.is_file():
-        keep = [rec for rec in read_metrics(path) if rec["step"] <= step]
-        atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in keep))
-
-
-class MetricsLog:
-    """Appends one JSON line per record to OUT/metrics.jsonl (only on the main process)."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-# ---- RNG state
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -4,10 +4,11 @@
               --packing documents: attention and positions restart at every document of a window
     model   : models.build_model(size) or --init-from a pretrained model; the attention method (methods)
     optim   : optim.build_optimizer / lr_factor; each step is loop.train_step
-    outputs : rundir: OUT/ssa-run.json (manifest), OUT/metrics.jsonl, OUT/checkpoints/, OUT/final/ (Hugging Face
-              model + tokenizer), OUT/run.json; OUT is locked while a run uses it
+    outputs : OUT/ssa-run.json (manifest), OUT/metrics.jsonl, OUT/checkpoints/, OUT/final/ (Hugging Face model +
+              tokenizer), OUT/run.json; OUT is locked while a run uses it. rundir plans (fresh / resume / done),
+              writer writes, metrics_log appends the metric lines, checkpoint holds the file format and RNG state
 
-The run is ``setup(cfg, info, out, ckpt) -> Run``, ``run_steps(run)`` (steps, logging, validation,
+The run is ``setup(cfg, info, plan) -> Run``, ``run_steps(run)`` (steps, logging, validation,
 checkpoints) and ``finish(run) -> run.json``.
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from selective_attention.config import SSAConfig
 from selective_attention.data.tokens import prepare
 from selective_attention.errors import UserError, first_line
 from selective_attention.methods import Applied, apply_method, get_method, parameter_counts
+from selective_attention.train import checkpoint as ckpt_io
 from selective_attention.train import distributed as D
 from selective_attention.train import rundir, temperatures
 from selective_attention.train.config import TrainConfig
@@ -39,9 +41,14 @@ from selective_attention.train.launch import launch
 from selective_attention.train.limits import check_fits
 from selective_attention.train.loop import Batch, Diverged, autocast_for, compiled, train_step
 from selective_attention.train.loss import evaluate_loss, logits_of, model_inputs
+from selective_attention.train.metrics_log import MetricsLog, read_metrics
 from selective_attention.train.models import build_model, load_init
 from selective_attention.train.optim import OptimConfig, build_optimizer, lr_factor
+from selective_attention.train.writer import RunDir
 from selective_attention.utils import parent as parent_process
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -53,7 +60,8 @@ def train(cfg: TrainConfig) -> dict:
     plan = rundir.plan_out_dir(cfg, main=int(os.environ.get("RANK", "0")) == 0)
     try:
         if plan.kind == "done":
-            return plan.result  # type: ignore[return-value]
+            assert plan.result is not None  # a finished run: its run.json, read while planning
+            return plan.result
         if not cfg.progress:
             from transformers.utils import logging as hf_logging
 
@@ -87,13 +95,13 @@ class Run:
     tokenizer: Any
     sampler: WindowSampler
     val_tokens: np.ndarray
-    model: nn.Module  # the plain model (state dicts, saving)
+    model: PreTrainedModel  # the plain model (state dicts, saving)
     wrapped: nn.Module  # DDP / FSDP (or the model itself): gradients sync, clipping, checkpoints
     forward: nn.Module  # what the training steps call: wrapped, or torch.compile(wrapped)
     optimizer: torch.optim.Optimizer
     autocast: Callable[[], AbstractContextManager]
-    log: rundir.MetricsLog
-    rundir: rundir.RunDir | None  # the main process's writer of OUT
+    log: MetricsLog
+    rundir: RunDir | None  # the main process's writer of OUT
     counts: dict[str, Any]
     ssa: SSAConfig | None
     total_steps: int
@@ -114,24 +122,38 @@ class Run:
         return self.step * self.per_step * self.cfg.seq_len
 
 
-def _build(cfg: TrainConfig, vocab: int, train_tokens: np.ndarray | None) -> tuple[nn.Module, Applied]:
+def _build(cfg: TrainConfig, vocab: int, train_tokens: np.ndarray | None) -> tuple[PreTrainedModel, Applied]:
     """The model of the run with its attention method applied (same seed: same initial base weights)."""
     method = get_method(cfg.attention)
     ssa = cfg.ssa_config() if method.uses_ssa else None
-    kw = dict(ssa=ssa, seq_len=cfg.seq_len, options=cfg.method_options, train_tokens=train_tokens, vocab=vocab)
+
+    def apply(model: PreTrainedModel) -> Applied:
+        return apply_method(
+            model,
+            cfg.attention,
+            ssa=ssa,
+            seq_len=cfg.seq_len,
+            options=cfg.method_options,
+            train_tokens=train_tokens,
+            vocab=vocab,
+        )
+
+    # models.load_init / build_model give Hugging Face models (typed nn.Module there)
     if cfg.init_from:
         torch.manual_seed(cfg.seed)
-        model = load_init(cfg.init_from)
-        if getattr(model.config, "ssa_method", None):
+        model = cast("PreTrainedModel", load_init(cfg.init_from))
+        saved_method = getattr(model.config, "ssa_method", None)
+        if saved_method:
             raise UserError(
                 f"--init-from {cfg.init_from} was trained with method "
-                f"{model.config.ssa_method['name']}: only vanilla and SSA models can be fine-tuned"
+                f"{saved_method['name']}: only vanilla and SSA models can be fine-tuned"
             )
         saved = getattr(model.config, "ssa", None)
         if not method.uses_ssa and saved:
             raise UserError(f"--init-from {cfg.init_from} is an SSA model: fine-tune it with --attention ssa")
-        if saved and cfg.ssa is not None:  # the model keeps its own temperatures: other SSA settings would be a lie
-            # the start (init, position_init) and c's step size (position_scale) belong to the saved model
+        # the model keeps its own temperatures: other SSA settings would be a lie (its start, init and
+        # position_init, and c's step size, position_scale, belong to the saved model)
+        if saved and cfg.ssa is not None and ssa is not None:
             ours = {
                 k: v
                 for k, v in ssa.to_dict().items()
@@ -143,9 +165,21 @@ def _build(cfg: TrainConfig, vocab: int, train_tokens: np.ndarray | None) -> tup
                     f"--init-from {cfg.init_from} is an SSA model with other settings ({', '.join(diff)}):"
                     " drop the SSA flags to fine-tune it as it is"
                 )
-        return model, apply_method(model, cfg.attention, **kw)
-    model = build_model(cfg.size, vocab, cfg.seq_len, "vanilla", None, cfg.seed)
-    return model, apply_method(model, cfg.attention, **kw)
+        return model, apply(model)
+    model = cast("PreTrainedModel", build_model(cfg.size, vocab, cfg.seq_len, "vanilla", None, cfg.seed))
+    return model, apply(model)
+
+
+def _to_device(model: nn.Module, device: torch.device | str) -> None:
+    """``model.to(device)`` (typed as nn.Module's: transformers declares its override through functools.wraps,
+    which type checkers read as an unbound function)."""
+    model.to(device)
+
+
+def _embedded_ids(model: PreTrainedModel) -> int:
+    """How many token ids ``model`` embeds: the rows of its input embedding."""
+    embedding: Any = model.get_input_embeddings()  # an nn.Embedding (nn.Module types its fields Tensor | Module)
+    return embedding.num_embeddings
 
 
 def _freeze_all_but_temperatures(model: nn.Module, applied: Applied, attention: str) -> None:
@@ -186,14 +220,16 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
     method = get_method(cfg.attention)
     model, applied = _build(cfg, len(tokenizer), train_tokens if method.needs_train_tokens else None)
     # the temperatures the model really has (an SSA checkpoint fine-tuned further keeps its own)
+    saved_ssa = getattr(model.config, "ssa", None)
     ssa = (
-        SSAConfig.from_dict(model.config.ssa)
-        if getattr(model.config, "ssa", None) and method.uses_ssa
+        SSAConfig.from_dict(saved_ssa)
+        if saved_ssa and method.uses_ssa
         else (cfg.ssa_config() if method.uses_ssa else None)
     )
-    if cfg.init_from and model.get_input_embeddings().num_embeddings < len(tokenizer):
+    if cfg.init_from and _embedded_ids(model) < len(tokenizer):
         raise UserError(f"--init-from {cfg.init_from}: its tokenizer has more tokens than the model embeds")
     if packed:
+        assert sampler.documents is not None and val_documents is not None  # both indexed when packed
         check_documents_apart(model, cfg.attention)
         table = getattr(model.config, "n_positions", None)  # learned absolute positions (GPT-2): a hard limit
         longest = max(sampler.documents.longest(), val_documents.longest())
@@ -206,7 +242,7 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
     temperature_start = temperatures.snapshot(model)  # before a checkpoint: the run's own start (same seed)
     if cfg.temperatures_only:
         _freeze_all_but_temperatures(model, applied, cfg.attention)
-    model.to(info.device)
+    _to_device(model, info.device)
 
     world, B, A, T = info.world_size, cfg.batch_size, cfg.grad_accum, cfg.seq_len
     per_step = B * A * world  # sequences per optimizer step
@@ -251,17 +287,17 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
     if ckpt is not None:
         D.load_optimizer_state(wrapped, optimizer, ckpt["optimizer"], info)
         step, elapsed_s, train_time_s = ckpt["step"], ckpt["elapsed_s"], ckpt["train_time_s"]
-        rundir.set_rng_state(ckpt["rng"])
+        ckpt_io.set_rng_state(ckpt["rng"])
         if ckpt.get("val_step") == step:
             val_loss, val_step = ckpt["val_loss"], step
         else:  # an older checkpoint: the validation logged at its step, if any
-            logged = [m["val_loss"] for m in rundir.read_metrics(metrics_path) if m["step"] == step and "val_loss" in m]
+            logged = [m["val_loss"] for m in read_metrics(metrics_path) if m["step"] == step and "val_loss" in m]
             if logged:
                 val_loss, val_step = logged[-1], step
         del ckpt
 
     # ---- run directory (only now: every input was valid)
-    rd = rundir.RunDir.begin(plan, cfg, step) if info.is_main else None
+    rd = RunDir.begin(plan, cfg, step) if info.is_main else None
     D.barrier(info)
     run_config = {
         **cfg.to_dict(),
@@ -288,7 +324,7 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
         forward=compiled(wrapped) if cfg.compile else wrapped,
         optimizer=optimizer,
         autocast=autocast_for(info.device, cfg.precision),
-        log=rundir.MetricsLog(metrics_path, info.is_main),
+        log=MetricsLog(metrics_path, info.is_main),
         rundir=rd,
         counts=counts,
         ssa=ssa,
@@ -307,11 +343,11 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
 
 
 @torch.no_grad()
-def check_documents_apart(model: nn.Module, attention: str) -> None:
+def check_documents_apart(model: PreTrainedModel, attention: str) -> None:
     """--packing documents: refuse a model in which two packed documents (position_ids restarting) do not get the
     logits each gets alone - a family or transformers version whose masks ignore packed position_ids would
     silently train across documents. Three forwards of a few tokens on the freshly built model."""
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = _embedded_ids(model)
     a, b = torch.arange(1, 6) % vocab, torch.arange(7, 10) % vocab
     was_training = model.training
     model.eval()
@@ -377,7 +413,12 @@ def _micro_batch(run: Run, step: int) -> Callable[[int], Batch]:
         b = run.sampler.samples(range(first, first + B))  # windows, or (inputs, targets, positions) when packed
         if isinstance(b, torch.Tensor):
             return b.to(info.device, non_blocking=True)
-        return tuple(t.to(info.device, non_blocking=True) for t in b)
+        inputs, targets, positions = b
+        return (
+            inputs.to(info.device, non_blocking=True),
+            targets.to(info.device, non_blocking=True),
+            positions.to(info.device, non_blocking=True),
+        )
 
     return batch
 
@@ -434,7 +475,7 @@ def run_steps(run: Run) -> None:
                 params=run.wrapped.parameters(),
             )
         except Diverged as e:
-            latest = rundir.RunDir(run.out).newest_checkpoint()
+            latest = RunDir(run.out).newest_checkpoint()
             where = f"the last good checkpoint is kept: {latest}" if latest else "no checkpoint was written yet"
             if bar is not None:
                 bar.close()
@@ -533,10 +574,10 @@ def finish(run: Run) -> dict:
                 np.asarray(run.sampler.tokens) if get_method(cfg.attention).needs_train_tokens else None,
             )
             final.load_state_dict(model_sd)
-        final.to("cpu")
+        _to_device(final, "cpu")
         result["temperatures"] = _temperature_record(run, final)
         run.rundir.save_final(final, run.tokenizer)
-        final.to(info.device)
+        _to_device(final, info.device)
         run.rundir.save_result(result)
     D.barrier(info)
     return result
