@@ -262,7 +262,15 @@ def test_readme_pretrained_example_runs_on_the_real_smollm2(tmp_path, monkeypatc
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
     assert "The capital of France is" in capsys.readouterr().out
-    assert (tmp_path / "smol-ssa" / "model.safetensors").is_file()
+    saved = tmp_path / "smol-ssa" / "model.safetensors"
+    assert saved.is_file() and saved.stat().st_mode & 0o777 == 0o666 & ~_umask()  # follows the umask, not 0600
+    exec(compile(code, "README.md", "exec"), {})  # runs again as written: force replaces its own earlier save
+
+
+def _umask() -> int:
+    from selective_attention.utils.io import umask
+
+    return umask()
 
 
 # ---- the bundled model's name resolves wherever a model is taken (nothing is loaded: the loader is stubbed)

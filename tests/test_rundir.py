@@ -34,7 +34,7 @@ def test_a_bad_line_before_the_last_is_a_damaged_log(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
     with pytest.raises(UserError) as e:
         read_metrics(path)
-    assert str(e.value) == f"{path}: line 2 is not JSON (the log is damaged)"
+    assert str(e.value) == f"{path}: line 2 is not JSON (the log is damaged): repair or delete that line, then rerun"
     with pytest.raises(UserError, match="line 2 is not JSON"):
         truncate_metrics(path, 3)
     assert path.read_text() == '{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n'  # refused, not rewritten

@@ -9,6 +9,7 @@ from selective_attention.hf.attention import register
 from selective_attention.hf.convert import convert
 from selective_attention.hf.pretrained import from_pretrained, load_pretrained
 from selective_attention.hf.readout import model_temperatures, parameter_report
+from selective_attention.hf.save import save_pretrained
 from selective_attention.hf.state import is_converted, ssa_state, ssa_temperatures
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "model_temperatures",
     "parameter_report",
     "register",
+    "save_pretrained",
     "ssa_state",
     "ssa_temperatures",
 ]

@@ -3,8 +3,9 @@
 config   TrainConfig (+ validation, older layouts)      data     WindowSampler
 optim    OptimConfig, build_optimizer, lr_factor          loss     lm_loss, evaluate_loss
 loop     train_step, fit (no run directory)               methods  attention methods by name
-rundir   run directory: manifest, plan, resume, writes    models   named sizes, loading
-checkpoint  safetensors + JSON checkpoint files           lock     one run per directory (flock)
+rundir   run directory: layout, plan, resume              models   named sizes, loading
+writer   RunDir: manifest, checkpoints, final/, run.json  metrics_log  metrics.jsonl
+checkpoint  safetensors + JSON checkpoint files, RNG      lock     one run per directory (flock)
 limits   settings that cannot fit (data, memory)          launch   torchrun
 trainer  train = setup / run_steps / finish
 """

@@ -110,5 +110,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
             records.append(json.loads(line))
         except ValueError:
             if i < len(lines) - 1:
-                raise UserError(f"{path}: line {i + 1} is not JSON (the log is damaged)") from None
+                raise UserError(
+                    f"{path}: line {i + 1} is not JSON (the log is damaged): repair or delete that line, then rerun"
+                ) from None
     return records
