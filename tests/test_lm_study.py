@@ -212,7 +212,9 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
     t = methods["ssa"]["temperatures"]  # where SSA's temperatures ended, over both seeds
     assert t["c_start"] == 0.5 and t["c_reach"] == pytest.approx(10 * t["lr_sum"]) and t["moved"]
     assert methods["vanilla"]["temperatures"] is None and methods["gated"]["temperatures"] is None
-    assert "Dilution and passkey retrieval" in (out / "summary.md").read_text()
+    summary_md = (out / "summary.md").read_text()
+    assert "Dilution (attention over positions <= 32 vs beyond):" in summary_md  # no passkey column, no passkey words
+    assert "passkey gain" not in summary_md
     assert (out / "lm-short.png").is_file() and (out / "lm-short-paired.png").is_file()
 
     # the same study trained by two worker processes: every run exactly once, the same tables up to float rounding

@@ -183,6 +183,14 @@ def summary(results: dict[str, Any]) -> str:
             ]
             cells += [f"{d['ppl_by_length'][L]:.2f}" for L in lengths]
             lines.append("| " + " | ".join(cells) + " |")
+        rates = [d["tokens_per_s"] for d in methods.values()]
+        if max(rates) > 1.25 * min(rates):  # beyond what SSA's overhead explains: the machine's load changed
+            lines += [
+                "",
+                f"Tokens/s ranged {min(rates):,.0f}-{max(rates):,.0f} over the rows: the runs shared the machine "
+                "with other jobs, so the tokens/s and equal wall-clock columns measure the load, not the methods' "
+                "cost (`ssa bench train` prints SSA / vanilla step time measured in one process).",
+            ]
         lines += ["", _length_basis(results, corpus)]
         lines += ["", "Paired change of perplexity vs vanilla by evaluation length (95 % CI):", ""]
         for m, d in methods.items():
