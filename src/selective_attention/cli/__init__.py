@@ -15,7 +15,10 @@ from typing import NoReturn
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("selective_attention.cli.demo", "vanilla vs SSA at the LM study's design (2 seeds), evaluate, report"),
-    "train": ("selective_attention.cli.train", "train or fine-tune a language model (vanilla or SSA)"),
+    "train": (
+        "selective_attention.cli.train",
+        "train or fine-tune a language model (any registered attention method)",
+    ),
     "eval": ("selective_attention.cli.eval", "perplexity, zero-shot benchmarks and passkey retrieval"),
     "convert": ("selective_attention.cli.convert", "fit SSA onto a pretrained Hugging Face model"),
     "experiment": ("selective_attention.cli.experiment", "run one of the paper's experiments"),

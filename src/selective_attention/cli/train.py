@@ -176,8 +176,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selective_attention.train import distributed as D
-    from selective_attention.train import train
+    from selective_attention.train import distributed, train
 
     try:
         cfg = config_from_args(args)
@@ -185,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # a process of `--nproc N`: the parent prints one line for all of them
         if not os.environ.get("SSA_DEBUG"):
             text = first_line(e)
-            if D.report_error(text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"):
+            if distributed.report_error(text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"):
                 return 2 if isinstance(e, UserError) else 1
         raise
     if "stopped_at_step" in result:

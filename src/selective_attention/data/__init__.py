@@ -1,4 +1,4 @@
-"""Corpora, tokenizers and memory-mapped token caches (issue 4).
+"""Corpora, tokenizers and memory-mapped token caches.
 
 ``corpora.load_documents(source, split, seed)``, ``tokenizers.build_tokenizer(kind, ...)`` and
 ``tokens.prepare(source, tokenizer, ...)``.

@@ -28,7 +28,7 @@ from typing import Any
 from selective_attention.errors import UserError
 from selective_attention.report.check import broken_images, is_png
 from selective_attention.report.figures import plot_curves, plot_dilution, plot_parameters
-from selective_attention.report.load import Run, group_runs, load_run, method_label
+from selective_attention.report.load import RunRecord, group_runs, load_run, method_label
 from selective_attention.report.probes import PROBE_FILE, Probes, collect_probes, read_probe
 from selective_attention.report.render import html_report, markdown_report, summary_table, table_rows
 from selective_attention.report.stats import mean_curve, summarise
@@ -38,7 +38,7 @@ from selective_attention.utils.io import atomic_write_json, atomic_write_text
 __all__ = [
     "PROBE_FILE",
     "Probes",
-    "Run",
+    "RunRecord",
     "broken_images",
     "build_report",
     "collect_probes",

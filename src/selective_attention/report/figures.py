@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from selective_attention.report.load import Run  # noqa: E402
+from selective_attention.report.load import RunRecord  # noqa: E402
 from selective_attention.report.stats import mean_curve  # noqa: E402
 from selective_attention.utils import stats  # noqa: E402
 from selective_attention.utils.io import atomic_write  # noqa: E402
@@ -32,7 +32,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_curves(groups: dict[str, list[Run]], path: Path, target: float | None = None) -> Path:
+def plot_curves(groups: dict[str, list[RunRecord]], path: Path, target: float | None = None) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     ax_v, ax_t = axes
     for i, (m, rs) in enumerate(groups.items()):

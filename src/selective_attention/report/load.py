@@ -19,7 +19,7 @@ from selective_attention.utils.stats import is_finite
 
 
 @dataclass
-class Run:
+class RunRecord:
     path: Path
     info: dict[str, Any]
     metrics: list[dict[str, Any]]
@@ -66,7 +66,7 @@ def method_label(info: dict[str, Any]) -> str:
     return "ssa" if sharing in (None, "shared") else f"ssa-{sharing}"
 
 
-def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
+def load_run(path: str | os.PathLike, label: str | None = None) -> RunRecord:
     path = Path(path)
     run_json, metrics_path = path / "run.json", path / "metrics.jsonl"
     if not path.is_dir():
@@ -80,14 +80,14 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
     bad = next((i for i, m in enumerate(metrics) if not isinstance(m, dict)), None)
     if bad is not None:
         raise UserError(f"{metrics_path}: record {bad + 1} is not a JSON object")
-    run = Run(path=path, info=info, metrics=metrics)
+    run = RunRecord(path=path, info=info, metrics=metrics)
     run.label = label or method_label(info)
     return run
 
 
-def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+def group_runs(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
     """{method label: its runs}, in the order the methods first appear."""
-    groups: dict[str, list[Run]] = {}
+    groups: dict[str, list[RunRecord]] = {}
     for r in runs:
         groups.setdefault(r.label, []).append(r)
     return groups

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from selective_attention.errors import UserError
-from selective_attention.report.load import Run
+from selective_attention.report.load import RunRecord
 from selective_attention.utils.io import read_json
 
 PROBE_FILE = "probe.json"
@@ -48,7 +48,7 @@ class Probes:
     notes: list[str] = field(default_factory=list)
 
 
-def read_probe(run: Run) -> dict[str, Any] | None:
+def read_probe(run: RunRecord) -> dict[str, Any] | None:
     """RUN/probe.json, or None when there is none; a damaged one is a UserError that says how to redo it."""
     path = run.path / PROBE_FILE
     if not path.is_file():
@@ -67,7 +67,7 @@ def _term(temps: dict[str, Any], name: str) -> list[float] | None:
     return list(term["mean"]) if isinstance(term, dict) and term.get("mean") is not None else None
 
 
-def collect_probes(groups: dict[str, list[Run]]) -> Probes:
+def collect_probes(groups: dict[str, list[RunRecord]]) -> Probes:
     """Each method's first ``probe.json``: dilution curves and the query temperatures. Runs without one become
     notes (``ssa report`` probes them first)."""
     out = Probes()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from selective_attention.errors import UserError
-from selective_attention.report.load import Run
+from selective_attention.report.load import RunRecord
 from selective_attention.utils import stats
 from selective_attention.utils.stats import first_crossing, is_finite, mean_std, paired
 
@@ -40,7 +40,7 @@ def _mean_std(xs: list[Any]) -> tuple[float | None, float | None]:
     return mean_std(xs) if xs else (None, None)
 
 
-def final_values(runs: list[Run], key: str) -> list[Any]:
+def final_values(runs: list[RunRecord], key: str) -> list[Any]:
     """Each run's ``key`` from run.json (e.g. "final_val_ppl"); a missing final validation value falls back on the
     last validation line of metrics.jsonl."""
     vals = [r.info.get(key) for r in runs]
@@ -53,7 +53,7 @@ def _crossing(t: np.ndarray, p: np.ndarray, target: float) -> float | None:
     return first_crossing(t.tolist(), p.tolist(), target)  # tolist: the same float64 values as plain floats
 
 
-def paired_val_ppl(runs: list[Run], baseline_runs: list[Run]) -> dict[str, Any] | None:
+def paired_val_ppl(runs: list[RunRecord], baseline_runs: list[RunRecord]) -> dict[str, Any] | None:
     """The paired change of final validation perplexity vs the baseline in % (runs of the same seed), with its
     95 % interval and verdict (``utils.stats.paired``); None when no seed is shared."""
     base_values = final_values(baseline_runs, "final_val_ppl")
@@ -66,7 +66,7 @@ def paired_val_ppl(runs: list[Run], baseline_runs: list[Run]) -> dict[str, Any] 
     return paired(diffs) if diffs else None
 
 
-def summarise(groups: dict[str, list[Run]], baseline: str | None = None) -> dict[str, Any]:
+def summarise(groups: dict[str, list[RunRecord]], baseline: str | None = None) -> dict[str, Any]:
     """Per-method mean +- std and the tokens-to-target ratio against ``baseline`` (default: "vanilla" when
     present, else the first method), with each other method's paired comparison against it."""
     if not groups:

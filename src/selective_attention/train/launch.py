@@ -10,8 +10,7 @@ from pathlib import Path
 
 from selective_attention.data.tokens import prepare
 from selective_attention.errors import UserError
-from selective_attention.train import distributed as D
-from selective_attention.train import rundir
+from selective_attention.train import distributed, rundir
 from selective_attention.train.config import TrainConfig
 from selective_attention.utils.io import read_json
 
@@ -38,7 +37,7 @@ def launch(cfg: TrainConfig) -> dict:
         with tempfile.TemporaryDirectory(prefix="ssa-train-") as tmp:
             path = Path(tmp) / "config.yaml"
             path.write_text(yaml.safe_dump({**cfg.to_dict(), "nproc": cfg.nproc}))
-            code, errors = D.launch(cfg.nproc, str(path), plan.out)
+            code, errors = distributed.launch(cfg.nproc, str(path), plan.out)
         if code != 0:
             if errors:
                 rank, msg = errors[0]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selective_attention.train import distributed as D
+from selective_attention.train import distributed
 from selective_attention.train.data import DocumentIndex
 
 
@@ -41,7 +41,7 @@ def evaluate_loss(
     seq_len: int,
     batch_size: int,
     max_tokens: int,
-    info: D.DistInfo | None = None,
+    info: distributed.DistInfo | None = None,
     autocast: Callable[[], Any] = nullcontext,
     documents: DocumentIndex | None = None,
 ) -> float:
@@ -50,7 +50,7 @@ def evaluate_loss(
     (the index of ``tokens``): packed documents, as in training with them - the same windows, attention and
     positions restarting at every document."""
     if info is None:
-        info = D.DistInfo(device=next(model.parameters()).device)
+        info = distributed.DistInfo(device=next(model.parameters()).device)
     L = min(seq_len, len(tokens) - 1)
     n_win = max(1, min(max_tokens // L, (len(tokens) - 1) // L))
     mine = list(range(info.rank, n_win, info.world_size))
@@ -73,6 +73,6 @@ def evaluate_loss(
         if not pad:
             total[0] += loss.double()
             total[1] += w[:, 1:].numel()
-    D.all_reduce_sum(total, info)
+    distributed.all_reduce_sum(total, info)
     model.train(was_training)
     return float(total[0] / total[1])

@@ -8,7 +8,7 @@
               tokenizer), OUT/run.json; OUT is locked while a run uses it. rundir plans (fresh / resume / done),
               writer writes, metrics_log appends the metric lines, checkpoint holds the file format and RNG state
 
-The run is ``setup(cfg, info, plan) -> Run``, ``run_steps(run)`` (steps, logging, validation,
+The run is ``setup(cfg, info, plan) -> TrainingRun``, ``run_steps(run)`` (steps, logging, validation,
 checkpoints) and ``finish(run) -> run.json``.
 """
 
@@ -33,8 +33,7 @@ from selective_attention.data.tokens import prepare
 from selective_attention.errors import UserError, first_line
 from selective_attention.methods import Applied, apply_method, get_method, parameter_counts
 from selective_attention.train import checkpoint as ckpt_io
-from selective_attention.train import distributed as D
-from selective_attention.train import rundir, temperatures
+from selective_attention.train import distributed, rundir, temperatures
 from selective_attention.train.config import TrainConfig
 from selective_attention.train.data import DocumentIndex, WindowSampler
 from selective_attention.train.launch import launch
@@ -66,8 +65,8 @@ def train(cfg: TrainConfig) -> dict:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        info = D.init(cfg.device, cfg.fsdp)
-        run: Run | None = None
+        info = distributed.init(cfg.device, cfg.fsdp)
+        run: TrainingRun | None = None
         try:
             run = setup(cfg, info, plan)
             run_steps(run)
@@ -77,7 +76,7 @@ def train(cfg: TrainConfig) -> dict:
                 run.bar.close()  # end the bar's line: the "interrupted" message then stands on its own
             raise
         finally:
-            D.shutdown()
+            distributed.shutdown()
     except BaseException:
         plan.abandon()  # OUT again as it was when nothing was written
         raise
@@ -86,11 +85,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """The state of a run between setup and finish."""
 
     cfg: TrainConfig
-    info: D.DistInfo
+    info: distributed.DistInfo
     out: Path
     tokenizer: Any
     sampler: WindowSampler
@@ -194,11 +193,11 @@ def _freeze_all_but_temperatures(model: nn.Module, applied: Applied, attention: 
             p.requires_grad_(False)
 
 
-def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
+def setup(cfg: TrainConfig, info: distributed.DistInfo, plan: rundir.Plan) -> TrainingRun:
     """Data, model, optimizer (restored from the plan's checkpoint when resuming) and the run directory."""
     out = plan.out
     # ---- data (rank 0 tokenises into the cache, the others then read it)
-    data = D.main_first(
+    data = distributed.main_first(
         lambda: prepare(
             cfg.data,
             cfg.tokenizer_kind,
@@ -267,7 +266,7 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
             raise UserError(f"{plan.checkpoint}: does not fit the model of these settings ({first_line(e)})") from None
     temp_ids = {id(p) for p in applied.temperature_parameters}
     temp_names = {n for n, p in model.named_parameters() if id(p) in temp_ids}
-    wrapped = D.wrap(model, info)
+    wrapped = distributed.wrap(model, info)
     opt_model = wrapped if info.fsdp else model
     # FSDP replaces the parameters by sharded ones: the method's temperature parameters, found again by name
     temperature_params = (
@@ -285,7 +284,7 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
     step, elapsed_s, train_time_s, val_loss, val_step = 0, 0.0, 0.0, math.nan, -1
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
-        D.load_optimizer_state(wrapped, optimizer, ckpt["optimizer"], info)
+        distributed.load_optimizer_state(wrapped, optimizer, ckpt["optimizer"], info)
         step, elapsed_s, train_time_s = ckpt["step"], ckpt["elapsed_s"], ckpt["train_time_s"]
         ckpt_io.set_rng_state(ckpt["rng"])
         if ckpt.get("val_step") == step:
@@ -298,7 +297,7 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
 
     # ---- run directory (only now: every input was valid)
     rd = RunDir.begin(plan, cfg, step) if info.is_main else None
-    D.barrier(info)
+    distributed.barrier(info)
     run_config = {
         **cfg.to_dict(),
         "world_size": world,
@@ -312,7 +311,7 @@ def setup(cfg: TrainConfig, info: D.DistInfo, plan: rundir.Plan) -> Run:
     }
     if cfg.attention != "vanilla" and not method.uses_ssa:
         run_config["method"] = model.config.ssa_method
-    return Run(
+    return TrainingRun(
         cfg=cfg,
         info=info,
         out=out,
@@ -368,8 +367,8 @@ def check_documents_apart(model: PreTrainedModel, attention: str) -> None:
         )
 
 
-def save_checkpoint(run: Run) -> Path | None:
-    model_sd, opt_sd = D.full_state(run.wrapped, run.optimizer, run.info)
+def save_checkpoint(run: TrainingRun) -> Path | None:
+    model_sd, opt_sd = distributed.full_state(run.wrapped, run.optimizer, run.info)
     if run.rundir is None:
         return None
     return run.rundir.save_checkpoint(
@@ -388,7 +387,7 @@ def save_checkpoint(run: Run) -> Path | None:
     )
 
 
-def validate(run: Run) -> float:
+def validate(run: TrainingRun) -> float:
     cfg = run.cfg
     loss = evaluate_loss(
         run.wrapped if run.info.fsdp else run.model,
@@ -405,7 +404,7 @@ def validate(run: Run) -> float:
     return loss
 
 
-def _micro_batch(run: Run, step: int) -> Callable[[int], Batch]:
+def _micro_batch(run: TrainingRun, step: int) -> Callable[[int], Batch]:
     info, B = run.info, run.cfg.batch_size
 
     def batch(m: int) -> Batch:
@@ -423,7 +422,7 @@ def _micro_batch(run: Run, step: int) -> Callable[[int], Batch]:
     return batch
 
 
-def run_steps(run: Run) -> None:
+def run_steps(run: TrainingRun) -> None:
     """Optimizer steps up to the end (or stop_at_step), with logging, validation and checkpoints."""
     cfg, info = run.cfg, run.info
     eval_every = cfg.eval_every or run.total_steps
@@ -469,8 +468,8 @@ def run_steps(run: Run) -> None:
                 grad_accum=A,
                 clip=cfg.clip,
                 autocast=run.autocast,
-                no_sync=lambda m: D.no_sync(run.wrapped, info, sync=m == A - 1),
-                reduce=lambda t: D.all_reduce_sum(t, info),
+                no_sync=lambda m: distributed.no_sync(run.wrapped, info, sync=m == A - 1),
+                reduce=lambda t: distributed.all_reduce_sum(t, info),
                 world=info.world_size,
                 params=run.wrapped.parameters(),
             )
@@ -515,7 +514,7 @@ def run_steps(run: Run) -> None:
         bar.close()
 
 
-def _temperature_record(run: Run, model: nn.Module) -> dict[str, Any]:
+def _temperature_record(run: TrainingRun, model: nn.Module) -> dict[str, Any]:
     """Where the temperatures ended and how far they could move (``train.temperatures``), with the token term's
     spread over the first validation windows."""
     cfg = run.cfg
@@ -536,11 +535,11 @@ def _temperature_record(run: Run, model: nn.Module) -> dict[str, Any]:
     return rec
 
 
-def finish(run: Run) -> dict:
+def finish(run: TrainingRun) -> dict:
     """Save the final model (Hugging Face format) and run.json; a run stopped early (stop_at_step) only reports."""
     cfg, info = run.cfg, run.info
     if run.step < run.total_steps:  # stopped early on purpose (stop_at_step): resumable
-        D.barrier(info)
+        distributed.barrier(info)
         return {"stopped_at_step": run.step, "total_steps": run.total_steps}
     if run.val_step != run.step:  # resumed from the final checkpoint of an older version: validate again
         run.val_loss = validate(run)
@@ -550,7 +549,7 @@ def finish(run: Run) -> dict:
             f"the final validation loss is {run.val_loss} (the model's predictions are not finite); "
             f"no result is written" + (f"; the last checkpoint is kept: {where}" if where else "")
         )
-    model_sd, _ = D.full_state(run.wrapped, run.optimizer, info) if info.fsdp else (None, None)
+    model_sd, _ = distributed.full_state(run.wrapped, run.optimizer, info) if info.fsdp else (None, None)
     result = {
         "attention": cfg.attention,
         "size": cfg.size if not cfg.init_from else Path(cfg.init_from).name,
@@ -579,5 +578,5 @@ def finish(run: Run) -> dict:
         run.rundir.save_final(final, run.tokenizer)
         _to_device(final, info.device)
         run.rundir.save_result(result)
-    D.barrier(info)
+    distributed.barrier(info)
     return result

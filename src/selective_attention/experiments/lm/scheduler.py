@@ -14,24 +14,24 @@ from selective_attention.experiments.lm.evaluation import evaluate_run
 from selective_attention.experiments.lm.runs import Run, is_trained, plan, train_config
 
 
-def train_and_evaluate(run_: Run, config: Config, progress: bool, skip_busy: bool) -> str:
+def train_and_evaluate(study_run: Run, config: Config, progress: bool, skip_busy: bool) -> str:
     """Train (or resume) one run and evaluate it: "done", "stopped" (stop_at_step) or "busy" (``skip_busy``: another
     process holds the run, so leave it to that process)."""
     from selective_attention.train import train
     from selective_attention.train.lock import RunInUse, RunLock
 
     try:
-        if not is_trained(run_):
-            info = train(train_config(run_, config, progress=progress))
+        if not is_trained(study_run):
+            info = train(train_config(study_run, config, progress=progress))
             if "stopped_at_step" in info:  # stopped on purpose (stop_at_step): the next invocation resumes it
                 return "stopped"
-        lock = RunLock(run_.path).acquire()  # the evaluation writes into the run directory too
+        lock = RunLock(study_run.path).acquire()  # the evaluation writes into the run directory too
     except RunInUse:
         if skip_busy:
             return "busy"
         raise
     try:
-        evaluate_run(run_, config)
+        evaluate_run(study_run, config)
     finally:
         lock.release()
     return "done"
