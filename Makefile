@@ -30,6 +30,7 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m ruff check src tests scripts
 	$(PY) -m ruff format --check src tests scripts
+	$(PY) -m mypy
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)
@@ -46,6 +47,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check src tests scripts
 	$(PY) -m ruff format --check src tests scripts
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -180,3 +180,72 @@ def test_compute_dtype_of_non_float_storage_is_float32():
     assert fn.compute_dtype(torch.zeros(2, dtype=torch.int8)) == torch.float32
     assert fn.compute_dtype(torch.zeros(2, dtype=torch.bfloat16)) == torch.float32
     assert fn.compute_dtype(torch.zeros(2, dtype=D64)) == D64
+
+
+def _saved_storages(work) -> dict[int, int]:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = work()
+    return out, seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputing_keeps_x_for_a_kernel_that_reshapes_its_input(dtype):
+    # An eager kernel (matmul over (B, H, T, D)) flattens its input: a non-contiguous scaled query is copied, a
+    # contiguous scaled value viewed. Neither copy nor view is kept: (x, tau) are, and the backward rebuilds them
+    # exactly (the gradients are those of the plain product, bit for bit).
+    g = torch.Generator().manual_seed(0)
+    B, H, T, D = 2, 3, 7, 4
+    q0 = torch.randn(B, T, H, D, generator=g).to(dtype)  # (B, T, H, D) storage: a projection's head view
+    k0, v0 = (torch.randn(B, H, T, D, generator=g).to(dtype) for _ in range(2))
+    tq0, tv0 = (0.5 + torch.rand(B, H, T, generator=g) for _ in range(2))
+
+    def run(recompute: bool):
+        q, k, v = q0.clone().requires_grad_(), k0.clone().requires_grad_(), v0.clone().requires_grad_()
+        tq, tv = tq0.clone().requires_grad_(), tv0.clone().requires_grad_()
+        qt = q.transpose(1, 2)
+
+        def attend():
+            sq, sv = fn.apply_temperature(qt, tq), fn.apply_temperature(v, tv)
+            with fn.recomputing([(sq, qt, tq), (sv, v, tv)] if recompute else []):
+                w = torch.softmax(torch.matmul(sq, k.transpose(-1, -2)), -1)
+                return torch.matmul(w, sv), (sq, sv)
+
+        (out, scaled), saved = _saved_storages(attend)
+        out.float().pow(2).sum().backward()
+        return out, [q.grad, k.grad, v.grad, tq.grad, tv.grad], saved, {s.untyped_storage().data_ptr() for s in scaled}
+
+    ref, ref_grads, ref_saved, _ = run(False)
+    out, grads, saved, scaled = run(True)
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    big = B * H * T * D * q0.element_size()
+    kept = sorted(n for n in saved.values() if n >= big)
+    assert sorted(n for n in ref_saved.values() if n >= big) == sorted([*kept, big, big])  # the copy of sq, sv
+    assert not scaled & set(saved)
+
+
+def test_recomputing_an_alias_keeps_the_original():
+    # tau None: the saved tensor holds x's values in another storage (a fused projection rejoined); x is kept
+    # instead, and an in-place change of x before backward is refused.
+    x = torch.randn(2, 3, 5, 4, dtype=D64)
+    w = torch.randn(2, 3, 4, 5, dtype=D64, requires_grad=True)
+    copy = x.clone().requires_grad_() * 1.0  # the same values, another storage
+
+    def attend() -> torch.Tensor:
+        with fn.recomputing([(copy, x, None)]):
+            return torch.matmul(copy, w)  # keeps w and a view of copy
+
+    out, saved = _saved_storages(attend)
+    assert set(saved) == {w.untyped_storage().data_ptr()}
+    out.sum().backward(retain_graph=True)
+    assert torch.equal(w.grad, torch.matmul(x.transpose(-1, -2), torch.ones_like(out)))
+    with torch.no_grad():
+        x.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

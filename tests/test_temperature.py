@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from selective_attention import SSAConfig, param_groups, temperature_parameters
-from selective_attention.temperature import SSATemperatures, TemperatureFunction, default_mlp_hidden
+from selective_attention.temperature import (
+    SSATemperatures,
+    TemperatureFunction,
+    _shared_token_logit,
+    _shared_token_term,
+    default_mlp_hidden,
+)
 
 
 def _fn(**cfg):
@@ -230,3 +236,61 @@ def test_temperature_parameters_never_take_a_non_float_dtype():
     model = torch.nn.Sequential(torch.nn.Linear(12, 12), temps).to(torch.bfloat16)  # floating casts still apply
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert temps("value", hidden=x.bfloat16()).dtype == torch.float32
+
+
+def _layout(t: torch.Tensor) -> list[int]:
+    return [st for n, st in zip(t.shape, t.stride()) if n > 1]  # a size-1 dimension's stride is arbitrary
+
+
+TOKEN_TERM_SHAPES = [
+    (2, 3, 5, 4),
+    (8, 6, 64, 32),
+    (3, 5, 17, 2),
+    (2, 1, 5, 4),
+    (1, 3, 5, 4),
+    (2, 3, 1, 4),
+    (2, 3, 5, 1),
+]
+
+
+@pytest.mark.parametrize("shape", TOKEN_TERM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])  # a projection's head view, or a contiguous (B, H, T, D)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_shared_token_term_gradients_are_autograds_bit_for_bit(shape, layout, dtype):
+    # The written-out backward (no replay of the read-out's forward) against autograd through the formula itself:
+    # the same f and bit-identical gradients, in the same layout, for every input that needs one. Shapes with a
+    # batch, length or head dim of 1 take the checkpointed formula (einsum orders its bmm differently there).
+    B, H, T, D = shape
+    g = torch.Generator().manual_seed(B * 1000 + T)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    base = torch.randn(B, T, H, D, generator=g) * 2
+    proj = (base.transpose(1, 2) if layout == "bthd" else base.transpose(1, 2).contiguous()).to(dtype)
+    readout = torch.randn(H, D, generator=g, dtype=wide)
+    grad_tau = torch.randn(B, H, T, generator=g, dtype=wide)
+    for needs in ((True, True), (True, False), (False, True)):
+        results = []
+        for term in (_shared_token_logit, _shared_token_term):
+            p = proj.detach().clone(memory_format=torch.preserve_format).requires_grad_(needs[0])
+            u = readout.clone().requires_grad_(needs[1])
+            f = term(p, u)
+            (torch.tanh(f) * grad_tau).sum().backward()
+            results.append((f, p.grad, u.grad))
+        for a, b in zip(*results):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(a, b) and _layout(a) == _layout(b), (shape, layout, dtype, needs)
+
+
+def test_shared_token_term_keeps_only_its_inputs():
+    # What the token term saves for backward: the projection and the read-out, no (B, H, T, D) intermediate.
+    proj = torch.randn(4, 10, 3, 8).transpose(1, 2).requires_grad_()
+    readout = torch.randn(3, 8, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        f = _shared_token_term(proj, readout)
+    assert {t.untyped_storage().data_ptr() for t in saved} == {
+        proj.untyped_storage().data_ptr(),
+        readout.untyped_storage().data_ptr(),
+    }
+    f.sum().backward()
+    assert proj.grad is not None and readout.grad is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +73,16 @@ def apply_temperature(x: Tensor, tau: Tensor | None) -> Tensor:
     return _scale(x, tau)
 
 
-def recomputing(scaled: list[tuple[Tensor, Tensor, Tensor]]) -> contextlib.AbstractContextManager:
+def recomputing(scaled: list[tuple[Tensor, Tensor, Tensor | None]]) -> contextlib.AbstractContextManager:
     """The one recomputing path of the fused op, the layer and the Hugging Face attention functions: run the
     attention kernel inside this context and it keeps (x, tau) instead of each scaled input. ``scaled`` lists
     (s, x, tau) with s = ``apply_temperature(x, tau)`` as the kernel receives it, or a copy of it with the same
-    shape (e.g. a KV cache's concatenation onto an empty past). A no-op without grad or with nothing scaled, and
-    under torch.compile, where saved-tensor hooks cannot be traced: ``apply_temperature`` makes the product a
-    checkpointed region there, which the partitioner recomputes in backward."""
+    shape (e.g. a KV cache's concatenation onto an empty past); tau None: s holds x's values in another storage
+    (a fused projection's rejoined output), so x is kept in its place. What the kernel saves of s reshaped (eager
+    attention's matmul flattens its inputs, copying a non-contiguous one) is rebuilt the same way. A no-op
+    without grad or with nothing scaled, and under torch.compile, where saved-tensor hooks cannot be traced:
+    ``apply_temperature`` makes the product a checkpointed region there, which the partitioner recomputes in
+    backward."""
     if torch.compiler.is_compiling() or not (scaled and torch.is_grad_enabled()):
         scaled.clear()
         return contextlib.nullcontext()
@@ -86,12 +90,70 @@ def recomputing(scaled: list[tuple[Tensor, Tensor, Tensor]]) -> contextlib.Abstr
 
 
 class _Scaled:
-    """What the kernel keeps in place of a scaled input: x, tau, their versions and the product's strides."""
+    """What the kernel keeps in place of a scaled input s: x, tau (None: s holds x's values), their versions, s's
+    shape and strides, and the saved tensor's shape and strides when the kernel saved s reshaped (``reshaped``)."""
 
-    __slots__ = ("x", "x_version", "tau", "tau_version", "stride")
+    __slots__ = ("x", "x_version", "tau", "tau_version", "shape", "stride", "reshaped")
 
-    def __init__(self, x: Tensor, x_version: int, tau: Tensor, tau_version: int, stride: tuple[int, ...]) -> None:
-        self.x, self.x_version, self.tau, self.tau_version, self.stride = x, x_version, tau, tau_version, stride
+    def __init__(
+        self,
+        x: Tensor,
+        tau: Tensor | None,
+        shape: torch.Size,
+        stride: tuple[int, ...],
+        reshaped: tuple[torch.Size, tuple[int, ...]] | None = None,
+    ) -> None:
+        self.x, self.x_version, self.tau, self.shape, self.stride = x, x._version, tau, shape, stride
+        self.tau_version = None if tau is None else tau._version
+        self.reshaped = reshaped
+
+    def rebuild(self) -> Tensor:
+        """The saved tensor again: s = x * tau (or x) with s's strides, reshaped as the kernel saved it, so the
+        kernel's backward sees the very tensor it saved."""
+        s = self._product()
+        if self.reshaped is None:
+            return s
+        shape, stride = self.reshaped
+        t = s.reshape(shape)  # what the kernel did to s (a view, or a contiguous copy where no view exists)
+        if t.stride() == stride:
+            return t
+        return torch.empty_strided(shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+
+    def _product(self) -> Tensor:
+        x, tau = self.x, self.tau
+        if tau is None:
+            s = x
+        elif x.dtype == compute_dtype(x) and not torch.is_grad_enabled():
+            # the product written straight into the saved layout (one pass instead of product + copy); the same
+            # elementwise products as _scale, which only adds casts that are no-ops in this dtype
+            out = torch.empty_strided(self.shape, self.stride, dtype=x.dtype, device=x.device)
+            return torch.mul(x, tau.to(x.dtype).unsqueeze(-1), out=out)
+        else:
+            s = _scale(x, tau)  # (B, H, T, D)
+        if s.stride() == self.stride:
+            return s
+        return torch.empty_strided(s.shape, self.stride, dtype=s.dtype, device=s.device).copy_(s)
+
+
+# autograd nodes of a reshape (view, or copy in logical order): a tensor that the kernel saves and that reaches one
+# of its scaled inputs through these alone, with as many elements, is that input reshaped (eager attention's
+# matmul flattens (B, H, T, D) to (B * H, T, D), copying a non-contiguous query)
+_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "CloneBackward0", "ExpandBackward0"})
+
+
+def _reshape_of(t: Tensor, node: object, output_nr: int, depth: int = 6) -> bool:
+    """Whether ``t`` is output ``output_nr`` of autograd node ``node`` reshaped by ``_RESHAPES`` alone."""
+    fn = t.grad_fn
+    for _ in range(depth):
+        if fn is None or fn.name() not in _RESHAPES:
+            return False
+        nxt = [(f, nr) for f, nr in fn.next_functions if f is not None]
+        if len(nxt) != 1:
+            return False
+        fn, nr = nxt[0]
+        if fn is node:
+            return nr == output_nr
+    return False
 
 
 def _outer_saved_tensors_hooks() -> tuple | None:
@@ -104,7 +166,7 @@ def _outer_saved_tensors_hooks() -> tuple | None:
     return hooks if hooks and hooks[0] is not None else None
 
 
-def _recompute_scaled_inputs(scaled: list[tuple[Tensor, Tensor, Tensor]]):
+def _recompute_scaled_inputs(scaled: list[tuple[Tensor, Tensor, Tensor | None]]):
     """Saved-tensor hooks that make the attention kernel save (x, tau) instead of its scaled copy x * tau, and
     recompute the product in backward: SSA then keeps no more activations than plain SDPA (x and tau are
     saved by the scaling anyway); the price is one elementwise product per input in backward. The product is
@@ -119,32 +181,32 @@ def _recompute_scaled_inputs(scaled: list[tuple[Tensor, Tensor, Tensor]]):
     def address(t: Tensor) -> tuple:  # the layout too: a transposed alias of the same storage is another tensor
         return t.data_ptr(), t.shape, t.dtype, t.stride(), t.storage_offset()
 
-    keys = [(address(s), x, tau) for s, x, tau in scaled]
+    keys = [(address(s), (s.grad_fn, s.output_nr, s.numel()), x, tau) for s, x, tau in scaled]
     scaled.clear()
     # hooks already in force (the saved-bytes test's counter, save_on_cpu) still see every other saved tensor
     outer = _outer_saved_tensors_hooks()
 
     def pack(t: Tensor):
-        for key, x, tau in keys:
+        for key, _, x, tau in keys:
             if address(t) == key:
-                return _Scaled(x, x._version, tau, tau._version, t.stride())
+                return _Scaled(x, tau, t.shape, t.stride())
+        for key, (node, nr, numel), x, tau in keys:  # s reshaped by the kernel
+            if node is not None and t.numel() == numel and t.dtype == key[2] and _reshape_of(t, node, nr):
+                return _Scaled(x, tau, key[1], key[3], (t.shape, t.stride()))
         return t if outer is None else outer[0](t)
 
     def unpack(p):
         if not isinstance(p, _Scaled):
             return p if outer is None else outer[1](p)
         for name, t, version in (("input", p.x, p.x_version), ("temperature", p.tau, p.tau_version)):
-            if t._version != version:
+            if t is not None and t._version != version:
                 raise RuntimeError(
                     f"one of the variables needed for gradient computation has been modified by an inplace "
                     f"operation: the SSA attention {name} of shape {tuple(t.shape)} is at version "
                     f"{t._version}; expected version {version} instead (it was changed in place between "
                     f"forward and backward, e.g. a KV cache written after the forward)"
                 )
-        s = _scale(p.x, p.tau)  # (B, H, T, D)
-        if s.stride() == p.stride:
-            return s
-        return torch.empty_strided(s.shape, p.stride, dtype=s.dtype, device=s.device).copy_(s)
+        return p.rebuild()
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
@@ -270,7 +332,7 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float | None
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    fn = flex_attention
+    fn: Callable[..., Tensor] = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention)
@@ -343,7 +405,7 @@ def selective_attention(
     _check_tau("tau_q", tau_q, (B, H, Tq))
     _check_tau("tau_k", tau_k, (B, Hkv, Tk))
     _check_tau("tau_v", tau_v, (B, Hkv, Tk))
-    scaled: list[tuple[Tensor, Tensor, Tensor]] = []
+    scaled: list[tuple[Tensor, Tensor, Tensor | None]] = []
     for name, x, tau in (("q", q, tau_q), ("k", k, tau_k), ("v", v, tau_v)):
         if tau is not None:
             s = apply_temperature(x, tau)

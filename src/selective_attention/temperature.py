@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,51 @@ def _shared_token_logit(projection: Tensor, readout: Tensor) -> Tensor:
     """f_h(x) = u_h . gelu(W^h x): (B, H, T, D), (H, D) -> (B, H, T)."""
     dt = _compute_dtype(projection, readout)
     return torch.einsum("bhtd,hd->bht", F.gelu(projection.to(dt)), readout.to(dt))
+
+
+class _SharedTokenLogit(torch.autograd.Function):
+    """``_shared_token_logit`` that keeps only its inputs for backward: gelu(P) is recomputed there, as under
+    ``checkpoint``, but the backward is written out instead of re-running the forward under autograd. That skips
+    what checkpoint's replay spends for nothing: the read-out's forward bmm and a bmm with a contraction of
+    length 1 (grad f times u: one product per element, exactly an elementwise multiply). Every other op is the
+    one autograd derives from ``torch.einsum``'s decomposition (permute, reshape, bmm), on operands of the same
+    values and layout, so the gradients are bit-identical to autograd's (tests/test_temperature.py). The layouts
+    matter too: gelu_backward's vectorised and scalar loops round differently, so its inputs keep autograd's."""
+
+    @staticmethod
+    def forward(ctx, projection: Tensor, readout: Tensor) -> Tensor:
+        ctx.save_for_backward(projection, readout)
+        return _shared_token_logit(projection, readout)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        projection, readout = ctx.saved_tensors
+        dt = _compute_dtype(projection, readout)
+        p, u = projection.to(dt), readout.to(dt)
+        B, H, T, D = p.shape
+        # einsum("bhtd,hd->bht") runs bmm((H, B*T, D), (H, D, 1)); its grad arrives as (H, B*T, 1)
+        grad3 = grad.to(dt).reshape(B, H, T, 1).permute(1, 0, 2, 3).reshape(H, B * T, 1)
+        g_proj = g_read = None
+        if ctx.needs_input_grad[1]:
+            g3 = F.gelu(p).permute(1, 0, 2, 3).reshape(H, B * T, D)
+            g_read = torch.bmm(g3.transpose(1, 2), grad3).view(H, D).to(readout.dtype)
+        if ctx.needs_input_grad[0]:
+            g_gelu = torch.mul(grad3, u.view(H, 1, D)).view(H, B, T, D).permute(1, 0, 2, 3)
+            g_proj = torch.ops.aten.gelu_backward(g_gelu, p).to(projection.dtype)
+        return g_proj, g_read
+
+
+def _shared_token_term(projection: Tensor, readout: Tensor) -> Tensor:
+    """f = ``_shared_token_logit`` without keeping its (B, H, T, D) intermediates for backward."""
+    if not (torch.is_grad_enabled() and (projection.requires_grad or readout.requires_grad)):
+        return _shared_token_logit(projection, readout)
+    B, _, T, D = projection.shape
+    if torch.compiler.is_compiling() or min(B, T, D) < 2:
+        # compiled: a checkpointed region that the partitioner recomputes. A batch, length or head dim of 1:
+        # einsum squeezes that dimension and orders its bmm differently (or multiplies and sums for D = 1), which
+        # the written-out backward does not reproduce
+        return _recomputed(_shared_token_logit, projection, readout)
+    return _SharedTokenLogit.apply(projection, readout)
 
 
 def _recomputed(fn, *args: Tensor) -> Tensor:
@@ -183,8 +229,10 @@ class TemperatureFunction(_FloatParameters):
             tau = self.position_coefficient()[None, :, None] * logp[:, None, :]  # (B, H, T)
         if self.token_aware:
             if self.sharing == "shared":
-                f = _recomputed(_shared_token_logit, projection, self.readout)  # (B, H, T)
+                assert projection is not None  # forward checked it
+                f = _shared_token_term(projection, self.readout)  # (B, H, T)
             else:
+                assert hidden is not None
                 f = _recomputed(self._mlp_token_logit, hidden)  # (B, H, T)
             tok = torch.tanh(f)
             tau = tok if tau is None else tau + tok
@@ -231,12 +279,13 @@ class SSATemperatures(_FloatParameters):
 
     def forward(self, target: str, **kwargs: Tensor | None) -> Tensor | None:
         """tau for ``target`` ("query" / "key" / "value"), or None when that target has no temperature."""
-        fn = self.fns[target] if target in self.fns else None
-        return None if fn is None else fn(**kwargs)
+        if target not in self.fns:
+            return None
+        return cast(TemperatureFunction, self.fns[target])(**kwargs)
 
     def reset_parameters(self) -> None:
         for fn in self.fns.values():
-            fn.reset_parameters()
+            cast(TemperatureFunction, fn).reset_parameters()
 
 
 def temperature_modules(model: nn.Module) -> list[TemperatureFunction]:
@@ -287,7 +336,8 @@ def param_groups(
             if id(p) not in temp_ids:
                 p.requires_grad_(False)
         return groups
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if id(p) in temp_ids or not p.requires_grad:
             continue

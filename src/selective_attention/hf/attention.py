@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from selective_attention.errors import UserError
 from selective_attention.functional import apply_temperature, recomputing
+from selective_attention.hf.hooks import take_joined
 from selective_attention.hf.state import STATE_ATTR
 
 SSA_SDPA, SSA_EAGER = "ssa", "ssa_eager"
@@ -59,26 +60,40 @@ def _moved_from(t: Tensor, node: Any, depth: int = 8) -> bool:
 
 def _scaled_inputs(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor
-) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor | None]]]:
     """query times tau_q, and the (s, x, tau) of every kernel input that is a scaled product, for
     ``functional.recomputing``: the kernel then keeps q / k / v as vanilla does, not tau * q / k / v beside them.
     A key or value counts when it is the hooks' product itself or a same-shaped copy of it (the KV cache
-    concatenates onto an empty past): one that went through anything else (RoPE on a scaled key) is kept as is."""
+    concatenates onto an empty past): one that went through anything else (RoPE on a scaled key) is kept as is.
+
+    A fused projection (GPT-2's c_attn): q / k / v arrive as views of the hooks' rejoined output, a copy of the
+    projection's. A key / value view there is the product at x's place; the query there holds the projection's
+    own values, so its scaling and the kernel keep that view of the projection output instead (tau None in
+    ``recomputing``): nothing keeps the rejoined copy, and SSA saves what vanilla saves."""
     st = getattr(module, STATE_ATTR, None)
-    scaled: list[tuple[Tensor, Tensor, Tensor]] = []
+    scaled: list[tuple[Tensor, Tensor, Tensor | None]] = []
     if st is None:
         return query, scaled
+    joined = take_joined(st)
     for target, t in (("key", key), ("value", value)):
         rec = st.scaled.pop(target, None)
         if rec is not None and t.shape == rec[1].shape and t.dtype == rec[1].dtype and _moved_from(t, rec[0]):
             scaled.append((t, rec[1], rec[2]))
+        elif joined is not None and joined.place(t, joined.views[target][0]):
+            scaled.append((t, *joined.views[target]))  # scaled in place of x, or x's values unchanged
     if st.tau_q is None:
         return query, scaled
     tau, st.tau_q = st.tau_q, None
     if tau.shape[-1] != query.shape[2]:
         raise RuntimeError(f"SSA: tau_q covers {tau.shape[-1]} tokens but the query has {query.shape[2]}")
-    q = apply_temperature(query, tau)  # (B, H, T, D) * (B|1, H, T)
-    scaled.append((q, query, tau))
+    source = query
+    if joined is not None and joined.place(query, joined.views["query"][0]):
+        source = joined.views["query"][0]  # the same values, in the projection's output
+        with recomputing([(query, source, None)]):
+            q = apply_temperature(query, tau)  # (B, H, T, D) * (B|1, H, T), keeping source for backward
+    else:
+        q = apply_temperature(query, tau)
+    scaled.append((q, source, tau))
     return q, scaled
 
 
@@ -120,8 +135,8 @@ def check_documents_apart(module: nn.Module, query: Tensor, key: Tensor, attenti
         )  # (B|1, Tq, Tk): one mask for every head
         r, kv = rows if m.shape[0] > 1 else torch.zeros_like(rows), Tk - Tq + cols  # kv: the key of query cols
         seen = m[r, cols, kv - 1], m[r, cols, kv]  # the key before it, and itself (blocked: a padding query)
-        leaks = [t if t.dtype == torch.bool else t > -1e4 for t in seen]  # an additive mask blocks with ~finfo.min
-        leaks = leaks[0] & leaks[1]
+        before, itself = (t if t.dtype == torch.bool else t > -1e4 for t in seen)  # additive: blocked ~finfo.min
+        leaks = before & itself
     if bool(leaks.any()):
         i = int(torch.nonzero(leaks)[0])
         raise UserError(
@@ -149,7 +164,8 @@ def ssa_eager_attention(
     query, scaled = _scaled_inputs(module, query, key, value)
     with recomputing(scaled):
         if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's float32 path, taken under "eager" only
-            return module._upcast_and_reordered_attn(query, key, value, attention_mask)
+            upcast_attention = cast(Callable[..., tuple[Tensor, Tensor | None]], module._upcast_and_reordered_attn)
+            return upcast_attention(query, key, value, attention_mask)
         return eager_kernel(module)(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -193,4 +209,4 @@ class SetAttnImplementation:
         else:
             attn_implementation = ssa_implementation(attn_implementation)
         register()
-        type(self.model).set_attn_implementation(self.model, attn_implementation, **kwargs)
+        cast(Any, type(self.model)).set_attn_implementation(self.model, attn_implementation, **kwargs)

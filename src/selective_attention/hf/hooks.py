@@ -118,16 +118,64 @@ class _NormHook:
         return _scale(st, self.target, out, tau, layout, heads, st.head_dim)
 
 
+class Joined:
+    """A fused projection's output rejoined with scaled keys / values (``Site.join``), for the attention function:
+    a kernel input that is a view of it is kept as the same view of the projection's own output (the query, an
+    unscaled part) or as (x, tau) (a scaled part) instead (hf/attention.py), so nothing keeps the rejoined copy
+    past the forward."""
+
+    __slots__ = ("joined", "version", "out", "views")
+
+    def __init__(self, joined: Tensor, out: Tensor, views: dict[str, tuple[Tensor, Tensor | None]]) -> None:
+        self.joined, self.version, self.out = joined, joined._version, out  # out: the projection's output
+        # target -> (x, tau): x (B, heads, T, D) a view of out, and the temperature the join multiplied that part
+        # by (None: copied unchanged - the query, and a key / value without a temperature)
+        self.views = views
+
+    def place(self, t: Tensor, x: Tensor) -> bool:
+        """Whether ``t`` is the view of the rejoined tensor that sits where ``x`` (a view of ``out``) sits in
+        ``out``: same storage, untouched since the join, same dtype, shape, strides and relative offset."""
+        j, o = self.joined, self.out
+        return (
+            t.untyped_storage().data_ptr() == j.untyped_storage().data_ptr()
+            and x.untyped_storage().data_ptr() == o.untyped_storage().data_ptr()
+            and j._version == self.version
+            and (j.shape, j.stride(), j.dtype) == (o.shape, o.stride(), o.dtype)
+            and (t.shape, t.stride(), t.dtype) == (x.shape, x.stride(), x.dtype)
+            and t.storage_offset() - j.storage_offset() == x.storage_offset() - o.storage_offset()
+        )
+
+
+def take_joined(st: SSAState) -> Joined | None:
+    """The ``Joined`` record of this forward of a fused site (once; None for separate projections)."""
+    hook = st.hooks.get(st.site.fused) if st.site.fused is not None else None
+    if not isinstance(hook, _FusedHook):
+        return None
+    joined, hook.joined = hook.joined, None
+    return joined
+
+
+def _forget_joined(st: SSAState) -> None:
+    hook = st.hooks.get(st.site.fused) if st.site.fused is not None else None
+    if isinstance(hook, _FusedHook):
+        hook.joined = None
+
+
 class _FusedHook:
     """Forward hook on a fused qkv projection."""
 
     def __init__(self, attn: nn.Module) -> None:
         self.attn = attn
+        self.joined: Joined | None = None  # this forward's rejoined output, until the attention function takes it
 
     def __call__(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         st = ssa_state(self.attn)
         temps = ssa_temperatures(self.attn)
-        q, k, v = st.site.split(out)  # (B, T, heads, D) each
+        split, join = st.site.split, st.site.join
+        if split is None or join is None:
+            raise RuntimeError(f"SSA: {st.site.name}: a fused site without split / join")
+        q, k, v = split(out)  # (B, T, heads, D) each
+        parts = {"query": q, "key": k, "value": v}  # views of out
         taus = {
             t: _compute(self.attn, st, t, x.transpose(1, 2)) if t in temps else None
             for t, x in (("query", q), ("key", k), ("value", v))
@@ -140,7 +188,11 @@ class _FusedHook:
         h, D = st.n_kv_heads, st.head_dim
         k = k if taus["key"] is None else _scale(st, "key", k, taus["key"], BTHD, h, D)
         v = v if taus["value"] is None else _scale(st, "value", v, taus["value"], BTHD, h, D)
-        return st.site.join(out, q, k, v)
+        joined = join(out, q, k, v)
+        if st.scaled:  # grad on, eager: the attention function may keep views of out instead of joined
+            views = {t: (x.transpose(1, 2), None if t == "query" else taus[t]) for t, x in parts.items()}
+            self.joined = Joined(joined, out, views)
+        return joined
 
 
 class _CaptureInputs:
@@ -160,6 +212,7 @@ class _CaptureInputs:
         st.positions_given = isinstance(kwargs.get("position_ids"), Tensor)
         st.tau_q = None
         st.pending, st.scaled = {}, {}
+        _forget_joined(st)
         if st.record is not None:
             st.record.append({})  # one entry per forward of this layer
 
@@ -177,6 +230,7 @@ class _Release:
         unapplied = sorted(st.pending)  # computed for a norm's output, but that norm never ran
         st.hidden = st.positions = st.tau_q = None
         st.pending, st.scaled = {}, {}
+        _forget_joined(st)
         if unapplied:
             raise RuntimeError(
                 f"SSA: {st.site.name or type(module).__name__}: the {', '.join(unapplied)} "
