@@ -408,7 +408,7 @@ def test_a_speed_up_needs_the_paired_comparison_to_say_better(tmp_path):
 def test_an_untrained_token_term_is_not_stretched_into_full_colour(tmp_path):
     """A token term of +-0.001 (a few steps of training) on a scale of at least +-0.05: near white, not the
     darkest red and blue that a scale fitted to the values would give."""
-    from selective_attention.report.temperatures import TOKEN_TERM_FLOOR
+    from selective_attention.report.viz import TOKEN_TERM_FLOOR
 
     v = write_run(tmp_path / "v", "vanilla", 0, [50, 40, 30])
     s = write_run(tmp_path / "s", "ssa", 0, [50, 35, 25])

@@ -1,5 +1,6 @@
 """``ssa viz temperatures --model DIR --text "..." --out FILE.{html,png}``: tokens coloured by their learned
-SSA temperature, per layer or averaged over layers (heads are always averaged), like the paper's Figure 1.
+SSA temperature, per layer or averaged over layers (heads are always averaged), like the paper's Figure 1. The
+colour is the token term tanh f(x) by default (``--term``: the position term 1 + c log p or their total tau).
 
 ``--model`` probes a model here (``evaluate.probe.probe_model``); ``--probe RUN/probe.json`` (or a run directory
 holding one) renders an earlier probe without loading anything. Drawing is ``report.viz.render_temperatures``.
@@ -24,6 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--text-file", default=None, help="read the text from this file instead (--model only)")
     t.add_argument("--out", required=True, help="output file: .html or .png")
     t.add_argument("--target", choices=("query", "value"), default="query", help="which temperature (default query)")
+    t.add_argument(
+        "--term",
+        choices=("token", "position", "total"),
+        default="token",
+        help="colour by the token term tanh f(x) (default), the position term 1 + c log p, or their total tau",
+    )
     t.add_argument("--layer", default="mean", help="a layer index (negative counts from the end) or 'mean'")
     t.add_argument("--max-tokens", type=int, default=256, help="truncate the text to this many tokens")
 
@@ -90,5 +97,5 @@ def run(args: argparse.Namespace) -> int:
     if args.probe and (args.text is not None or args.text_file):
         raise UserError("--text and --text-file need --model (a probe.json holds the text it was made with)")
     probe = _probe_model(args) if args.model else _read_probe(args.probe)
-    print(render_temperatures(probe, out, args.target, layer, source=args.model or args.probe))
+    print(render_temperatures(probe, out, args.target, layer, source=args.model or args.probe, term=args.term))
     return 0

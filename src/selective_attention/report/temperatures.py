@@ -16,12 +16,14 @@ from pathlib import Path
 
 from selective_attention.report.figures import plot_position_terms
 from selective_attention.report.probes import Temperatures
-from selective_attention.report.viz import ColourScale, temperature_html_fragment, write_temperature_png
+from selective_attention.report.viz import (
+    ColourScale,
+    temperature_html_fragment,
+    term_titles,
+    token_term_scale,
+    write_temperature_png,
+)
 
-# The token term's scale reaches at least +-0.05: an untrained token term (|tanh f| ~ 1e-3) stays near white
-# instead of being stretched into full colours that look like an effect.
-TOKEN_TERM_FLOOR = 0.05
-TOKEN_TERM_MEANING = "red: tau above its position term, a sharper row for that query; blue: below, flatter"
 SPLIT_CAPTION = (
     "Each token is coloured by the token term tanh f(x) of its query temperature (mean over layers and heads), on "
     "one scale shared by every method. The position term 1 + c log p depends on the position only (it is the same "
@@ -86,15 +88,6 @@ class TemperatureSection:
         return lines
 
 
-def _titles(t: Temperatures) -> list[str]:
-    if t.position_term is None or t.token_term is None:
-        return [f"tau={v:.4f}" for v in t.values]
-    return [
-        f"token term={k:+.4f}, position term={p:.4f}, tau={v:.4f}"
-        for k, p, v in zip(t.token_term, t.position_term, t.values)
-    ]
-
-
 def temperature_section(temps: dict[str, Temperatures], figdir: Path) -> TemperatureSection:
     """Write each method's picture (figdir/temperatures_METHOD.png) and the position-term plot
     (figdir/temperature_position.png); return the section that shows them."""
@@ -103,12 +96,7 @@ def temperature_section(temps: dict[str, Temperatures], figdir: Path) -> Tempera
     total = {m: t for m, t in temps.items() if not t.split}
     scales: dict[bool, ColourScale] = {}
     if split:
-        scales[True] = ColourScale.centred(
-            [v for t in split.values() for v in t.token_term or []],
-            floor=TOKEN_TERM_FLOOR,
-            label="token term tanh f(x)",
-            meaning=TOKEN_TERM_MEANING,
-        )
+        scales[True] = token_term_scale([v for t in split.values() for v in t.token_term or []])
     if total:
         scales[False] = ColourScale.spanning([v for t in total.values() for v in t.values])
     for m, t in temps.items():
@@ -118,7 +106,9 @@ def temperature_section(temps: dict[str, Temperatures], figdir: Path) -> Tempera
         what = "token term tanh f(x)" if t.split else "inverse temperature tau (both terms: an old probe)"
         title = f"{m}: query {what} per token (mean over layers and heads)"
         write_temperature_png(figdir / name, t.tokens, values, title=title, scale=scale)
-        frag = temperature_html_fragment(t.tokens, values, scale=scale, titles=_titles(t))
+        frag = temperature_html_fragment(
+            t.tokens, values, scale=scale, titles=term_titles(t.values, t.token_term, t.position_term)
+        )
         section.pictures.append(MethodPicture(m, frag, f"figures/{name}", t.split))
     if split:
         plot_position_terms({m: t.position_term or [] for m, t in split.items()}, figdir / "temperature_position.png")

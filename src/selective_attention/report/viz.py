@@ -1,9 +1,11 @@
 """Figure-1-style pictures: every token of a text coloured by its learned SSA temperature.
 
-The paper's Figure 1 highlights each token by its temperature. Colour encodes one quantity on one ``ColourScale``:
-by default the inverse temperature tau itself (the factor SSA multiplies into q or v: darker = larger tau = a
-sparser, more selective attention row for that query), normalised to the values shown; the report instead colours
-the token term tanh f(x) on a diverging scale centred on 0 that all methods share. The legend gives the range.
+The paper's Figure 1 highlights each token by its temperature. Colour encodes one quantity on one ``ColourScale``.
+tau = 1 + c log p + tanh f(x) has two terms, and the position term grows along any text whatever its words, so a
+picture of tau darkens from left to right and hides what the tokens do: ``ssa viz`` and the report colour the token
+term tanh f(x) on a diverging scale centred on 0 (red: a sharper row for that query than its position alone gives;
+blue: flatter); ``--term position`` and ``--term total`` (tau itself: darker = larger = sparser) span the values
+shown. Each token's tooltip gives all three numbers. The legend gives the range.
 """
 
 from __future__ import annotations
@@ -125,11 +127,17 @@ FRAGMENT_CSS = """
 
 
 def write_temperature_html(
-    path: str | Path, tokens: list[str], values: list[float], title: str, caption: str = ""
+    path: str | Path,
+    tokens: list[str],
+    values: list[float],
+    title: str,
+    caption: str = "",
+    scale: ColourScale | None = None,
+    titles: Sequence[str] | None = None,
 ) -> Path:
     from selective_attention.utils.io import atomic_write_text
 
-    body = temperature_html_fragment(tokens, values, caption)
+    body = temperature_html_fragment(tokens, values, caption, scale, titles)
     doc = (
         f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}{FRAGMENT_CSS}</style></head>"
@@ -206,9 +214,34 @@ def write_temperature_png(
     return Path(path)
 
 
-def select_temperatures(probe: dict[str, Any], target: str = "query", layer: int | str = "mean") -> list[float]:
+TERMS = ("token", "position", "total")
+# The token term's scale reaches at least +-0.05: an untrained token term (|tanh f| ~ 1e-3) stays near white
+# instead of being stretched into full colours that look like an effect.
+TOKEN_TERM_FLOOR = 0.05
+TOKEN_TERM_MEANING = "red: tau above its position term, a sharper row for that query; blue: below, flatter"
+
+
+def token_term_scale(values: Iterable[float]) -> ColourScale:
+    """The diverging scale of the token term tanh f(x), centred on 0 (see ``TOKEN_TERM_FLOOR``)."""
+    return ColourScale.centred(values, floor=TOKEN_TERM_FLOOR, label="token term tanh f(x)", meaning=TOKEN_TERM_MEANING)
+
+
+def term_titles(
+    tau: Sequence[float], token: Sequence[float] | None = None, position: Sequence[float] | None = None
+) -> list[str]:
+    """Each token's tooltip: its three numbers when the probe holds the two terms apart, else tau alone."""
+    if token is None or position is None:
+        return [f"tau={v:.4f}" for v in tau]
+    return [f"token term={k:+.4f}, position term={p:.4f}, tau={v:.4f}" for k, p, v in zip(token, position, tau)]
+
+
+def select_temperatures(
+    probe: dict[str, Any], target: str = "query", layer: int | str = "mean", term: str = "total"
+) -> list[float] | None:
     """One row of a probe's temperatures (``selective_attention.evaluate.probe`` JSON): ``target`` in
-    {"query", "value"}, ``layer`` "mean" (over layers) or an index (negative counts from the end)."""
+    {"query", "value"}, ``layer`` "mean" (over layers) or an index (negative counts from the end), ``term`` one of
+    ``TERMS``: the token term tanh f(x), the position term 1 + c log p, or their total tau. None for a term that a
+    probe written before the two terms were recorded apart (probe format 1) does not hold."""
     from selective_attention.errors import UserError
 
     temps = probe.get("temperatures")
@@ -216,27 +249,58 @@ def select_temperatures(probe: dict[str, Any], target: str = "query", layer: int
         raise UserError("the probe holds no temperatures (a vanilla model has none)")
     if target not in temps:
         raise UserError(f"target must be one of {', '.join(temps)}, got {target!r}")
+    if term not in TERMS:
+        raise UserError(f"term must be one of {', '.join(TERMS)}, got {term!r}")
+    rows = temps[target] if term == "total" else temps[target].get(term)
+    if rows is None:
+        return None
     if layer == "mean":
-        return list(temps[target]["mean"])
-    per_layer = temps[target]["per_layer"]
+        return list(rows["mean"])
+    per_layer = rows["per_layer"]
     L = len(per_layer)
     if not -L <= int(layer) < L:
         raise UserError(f"layer {layer} out of range: the model has {L} layers")
     return list(per_layer[int(layer)])
 
 
+_TERM_NAMES = {
+    "token": "token term tanh f(x)",
+    "position": "position term 1 + c log p",
+    "total": "inverse temperature tau",
+}
+
+
 def render_temperatures(
-    probe: dict[str, Any], out: str | Path, target: str = "query", layer: int | str = "mean", source: str = ""
+    probe: dict[str, Any],
+    out: str | Path,
+    target: str = "query",
+    layer: int | str = "mean",
+    source: str = "",
+    term: str = "token",
 ) -> str:
     """Write the probe's tokens coloured by one temperature row to ``out`` (.html or .png); return a one-line
-    summary of what was written."""
+    summary of what was written. ``term="token"`` (the default) colours the token term on a diverging scale centred
+    on 0, because the position term grows along any text whatever its words and would hide what the tokens do."""
+    from selective_attention.errors import UserError
+
     out = Path(out)
-    values = select_temperatures(probe, target, layer)
+    values = select_temperatures(probe, target, layer, term)
+    if values is None:
+        raise UserError(
+            f"this probe records tau only (probe format 1, before the two terms were recorded apart): use --term "
+            f"total, or probe the model again (--model, or `ssa report` on its run) to show the {term} term"
+        )
+    tau = select_temperatures(probe, target, layer, "total") or values
+    token = select_temperatures(probe, target, layer, "token")
+    position = select_temperatures(probe, target, layer, "position")
+    scale = token_term_scale(values) if term == "token" else ColourScale.spanning(values, label=_TERM_NAMES[term])
     tokens = probe["tokens"]
     where = "mean over layers" if layer == "mean" else f"layer {layer}"
-    title = f"{target} inverse temperature per token ({where}, mean over heads): {source}"
+    title = f"{target} {_TERM_NAMES[term]} per token ({where}, mean over heads): {source}"
     if out.suffix.lower() == ".html":
-        write_temperature_html(out, tokens, values, title, caption=f"{len(tokens)} tokens, {probe['n_layers']} layers")
+        caption = f"{len(tokens)} tokens, {probe['n_layers']} layers; tau = position term + token term"
+        write_temperature_html(out, tokens, values, title, caption, scale, term_titles(tau, token, position))
     else:
-        write_temperature_png(out, tokens, values, title=title)
-    return f"{len(values)} tokens, tau_{target} from {min(values):.4f} to {max(values):.4f} ({where}); wrote {out}"
+        write_temperature_png(out, tokens, values, title=title, scale=scale)
+    name = {"token": "token term", "position": "position term", "total": "tau"}[term]
+    return f"{len(values)} tokens, {target} {name} from {min(values):.4f} to {max(values):.4f} ({where}); wrote {out}"
