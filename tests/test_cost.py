@@ -8,7 +8,6 @@ same formulas, bit for bit: studies resume on this code.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 
 import pytest
@@ -17,7 +16,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import selective_attention.functional as functional
-import selective_attention.hf.attention as hf_attention
 import selective_attention.temperature as temperature
 from selective_attention import SSAConfig, hf
 from selective_attention.layer import SelectiveSelfAttention
@@ -31,18 +29,6 @@ STUDY_CONFIGS = {  # the LM study's rows (experiments/lm: method_settings) and a
     "ssa-pos": SSAConfig(init="identity", position_init=0.1, token_aware=False, value=False),
     "ssa-key": SSAConfig(init="scratch", key=True),
 }
-
-
-def _plain(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Autograd through the formulas: the token term keeps its intermediates, the kernel its scaled inputs."""
-
-    def keep_everything(scaled: list) -> contextlib.AbstractContextManager:
-        scaled.clear()
-        return contextlib.nullcontext()
-
-    monkeypatch.setattr(temperature, "_shared_token_term", temperature._shared_token_logit)
-    monkeypatch.setattr(functional, "recomputing", keep_everything)
-    monkeypatch.setattr(hf_attention, "recomputing", keep_everything)
 
 
 def _perturb(model: torch.nn.Module) -> None:
@@ -68,22 +54,21 @@ def _assert_bit_identical(got: list[torch.Tensor], ref: list[torch.Tensor]) -> N
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", list(STUDY_CONFIGS))
-def test_study_model_gradients_equal_plain_autograd_bit_for_bit(monkeypatch, name, attn):
+def test_study_model_gradients_equal_plain_autograd_bit_for_bit(name, attn):
     # the study's model (size "study", its vocabulary, float32), a shorter window
     model = build_model("study", 2048, 64, "ssa", STUDY_CONFIGS[name], seed=0).train()
     model.set_attn_implementation(attn)
     _perturb(model)
     ids = torch.randint(0, 2048, (4, 65), generator=torch.Generator().manual_seed(0))
     got = _loss_and_grads(model, ids)
-    with monkeypatch.context() as m:
-        _plain(m)
+    with functional.keep_scaled_copies():  # plain autograd through the formulas, nothing recomputed
         ref = _loss_and_grads(model, ids)
     _assert_bit_identical(got, ref)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_fused_projection_gradients_equal_plain_autograd_bit_for_bit(monkeypatch, attn, use_cache):
+def test_fused_projection_gradients_equal_plain_autograd_bit_for_bit(attn, use_cache):
     # GPT-2's c_attn: the kernel keeps views of c_attn's output in place of the rejoined copy's
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -96,14 +81,13 @@ def test_fused_projection_gradients_equal_plain_autograd_bit_for_bit(monkeypatch
     _perturb(model)
     ids = torch.randint(0, 256, (3, 33), generator=torch.Generator().manual_seed(0))
     got = _loss_and_grads(model, ids, use_cache=use_cache)
-    with monkeypatch.context() as m:
-        _plain(m)
+    with functional.keep_scaled_copies():  # plain autograd through the formulas, nothing recomputed
         ref = _loss_and_grads(model, ids, use_cache=use_cache)
     _assert_bit_identical(got, ref)
 
 
 @pytest.mark.parametrize("n_kv", [4, 2])
-def test_layer_gradients_equal_plain_autograd_bit_for_bit(monkeypatch, n_kv):
+def test_layer_gradients_equal_plain_autograd_bit_for_bit(n_kv):
     torch.manual_seed(0)
     layer = SelectiveSelfAttention(64, 4, n_kv, config=SSAConfig(init="scratch", key=True), rope=True)
     _perturb(layer)
@@ -117,8 +101,7 @@ def test_layer_gradients_equal_plain_autograd_bit_for_bit(monkeypatch, n_kv):
         return [y.detach(), xi.grad] + [p.grad for p in layer.parameters()]
 
     got = run()
-    with monkeypatch.context() as m:
-        _plain(m)
+    with functional.keep_scaled_copies():  # plain autograd through the formulas, nothing recomputed
         ref = run()
     _assert_bit_identical(got, ref)
 
@@ -141,3 +124,32 @@ def test_token_term_backward_replays_nothing_it_does_not_need():
     with _CountOps() as counted:
         fn(projection=projection).sum().backward()
     assert (counted.ops["gelu"], counted.ops["gelu_backward"], counted.ops["bmm"]) == (2, 1, 2), counted.ops
+
+
+def test_keep_scaled_copies_is_a_scoped_switch():
+    """The reference path of the tests above: on inside the context only, off again after an error in it."""
+    assert functional.recomputation_enabled()
+    with pytest.raises(RuntimeError), functional.keep_scaled_copies():
+        assert not functional.recomputation_enabled()
+        raise RuntimeError
+    assert functional.recomputation_enabled()
+
+
+def test_keep_scaled_copies_keeps_what_recomputation_saves():
+    """So that the equalities above compare two different paths: after a forward inside the context, the graph
+    holds the scaled copies and the token term's intermediates (more live bytes) and backward replays nothing."""
+    from selective_attention.utils.memory import peak_memory_bytes
+
+    torch.manual_seed(0)
+    layer = SelectiveSelfAttention(64, 4, config=SSAConfig(init="scratch"))
+    x = torch.randn(2, 48, 64, requires_grad=True)
+    graphs: list[torch.Tensor] = []
+
+    def forward() -> None:
+        graphs.append(layer(x))  # the output keeps its graph (and what it saved) alive
+
+    recomputing = peak_memory_bytes(forward, torch.device("cpu"))
+    with functional.keep_scaled_copies():
+        keeping = peak_memory_bytes(forward, torch.device("cpu"))
+    scaled = 2 * x.numel() * 4  # tau * q and tau * v: (B, H, T, hs) in float32 each
+    assert keeping - recomputing >= scaled

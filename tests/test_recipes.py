@@ -171,14 +171,14 @@ def test_gpu_check_script_commands_parse(tmp_path):
             checks.append(call[1:])
         else:
             pytest.fail(f"unexpected interpreter call: {shlex.join(call)}")
-    # 2 modes x (small from scratch + small packed + SmolLM2 fine-tune) + bench attention + bench train
-    assert len(ssa) == 8 and sum("--compile" in c for c in ssa) == 3
+    # 2 modes x (small from scratch + small packed + SmolLM2 fine-tune) + bench attention, train and memory
+    assert len(ssa) == 9 and sum("--compile" in c for c in ssa) == 3
     assert sum("documents" in c for c in ssa) == 2
-    assert sorted(c[1] for c in ssa if c[0] == "bench") == ["attention", "train"]
-    # kernels, documents, smollm2, 4 x check-run, 2 x ratios, memory
+    assert sorted(c[1] for c in ssa if c[0] == "bench") == ["attention", "memory", "train"]
+    # kernels, documents, smollm2, 4 x check-run, 3 x ratios (attention, train, memory)
     assert len(checks) == 10
     assert sorted(c[0] for c in checks) == sorted(
-        ["kernels", "documents", "smollm2", *["check-run"] * 4, *["ratios"] * 2, "memory"]
+        ["kernels", "documents", "smollm2", *["check-run"] * 4, *["ratios"] * 3]
     )
 
 

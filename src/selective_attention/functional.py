@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,27 @@ def apply_temperature(x: Tensor, tau: Tensor | None) -> Tensor:
     return _scale(x, tau)
 
 
+_KEEP_SCALED_COPIES = False  # True only inside keep_scaled_copies(): a memory benchmark's reference row
+
+
+@contextlib.contextmanager
+def keep_scaled_copies() -> Iterator[None]:
+    """For measurement only: inside, eager SSA saves what plain autograd would (every scaled copy x * tau, the
+    token term's intermediates) instead of recomputing them in backward; the numbers are the same, the memory is
+    what the recomputation saves (``ssa bench memory``'s ``eager-no-recompute`` row)."""
+    global _KEEP_SCALED_COPIES
+    before, _KEEP_SCALED_COPIES = _KEEP_SCALED_COPIES, True
+    try:
+        yield
+    finally:
+        _KEEP_SCALED_COPIES = before
+
+
+def recomputation_enabled() -> bool:
+    """False inside ``keep_scaled_copies``."""
+    return not _KEEP_SCALED_COPIES
+
+
 def recomputing(scaled: list[tuple[Tensor, Tensor, Tensor | None]]) -> contextlib.AbstractContextManager:
     """The one recomputing path of the fused op, the layer and the Hugging Face attention functions: run the
     attention kernel inside this context and it keeps (x, tau) instead of each scaled input. ``scaled`` lists
@@ -83,7 +104,7 @@ def recomputing(scaled: list[tuple[Tensor, Tensor, Tensor | None]]) -> contextli
     without grad or with nothing scaled, and under torch.compile, where saved-tensor hooks cannot be traced:
     ``apply_temperature`` makes the product a checkpointed region there, which the partitioner recomputes in
     backward."""
-    if torch.compiler.is_compiling() or not (scaled and torch.is_grad_enabled()):
+    if torch.compiler.is_compiling() or not (scaled and torch.is_grad_enabled()) or _KEEP_SCALED_COPIES:
         scaled.clear()
         return contextlib.nullcontext()
     return _recompute_scaled_inputs(scaled)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from selective_attention.config import LEGACY_IDENTITY_ALPHA, SSAConfig
-from selective_attention.functional import compute_dtype, no_autocast
+from selective_attention.functional import compute_dtype, no_autocast, recomputation_enabled
 
 
 def default_mlp_hidden(d_model: int, n_heads: int, n_targets: int, growth: float) -> int:
@@ -89,6 +89,8 @@ def _shared_token_term(projection: Tensor, readout: Tensor) -> Tensor:
     """f = ``_shared_token_logit`` without keeping its (B, H, T, D) intermediates for backward."""
     if not (torch.is_grad_enabled() and (projection.requires_grad or readout.requires_grad)):
         return _shared_token_logit(projection, readout)
+    if not recomputation_enabled():  # plain autograd through the formula (a memory benchmark's reference)
+        return _shared_token_logit(projection, readout)
     B, _, T, D = projection.shape
     if torch.compiler.is_compiling() or min(B, T, D) < 2:
         # compiled: a checkpointed region that the partitioner recomputes. A batch, length or head dim of 1:
@@ -102,7 +104,7 @@ def _recomputed(fn, *args: Tensor) -> Tensor:
     """Run ``fn`` without keeping its (B, H, T, D)-sized intermediates for backward: they are recomputed there.
     The token term then saves nothing beyond what the attention already keeps (its inputs). torch.compile traces
     the checkpoint into the graph (fullgraph) and its partitioner recomputes the region likewise."""
-    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args) and recomputation_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 

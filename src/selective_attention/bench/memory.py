@@ -17,21 +17,19 @@ mode, so there the graphs run with eager kernels after the same min-cut partitio
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import selective_attention.functional as functional
-import selective_attention.temperature as temperature
 from selective_attention.config import SSAConfig
 from selective_attention.errors import UserError
+from selective_attention.functional import keep_scaled_copies
 from selective_attention.layer import SelectiveSelfAttention
-from selective_attention.utils.memory import _LiveStorages, peak_memory_bytes
+from selective_attention.utils.memory import peak_memory_bytes
 
 DTYPES = ("float32", "bfloat16")
 MODES = ("eager", "compiled")
@@ -84,32 +82,6 @@ class Stack(nn.Module):
         return x
 
 
-@contextlib.contextmanager
-def _without_recomputation() -> Iterator[None]:
-    """Eager SSA keeping every scaled copy (identity saved-tensor hooks) and the token term's intermediates."""
-    with (
-        mock.patch.object(
-            functional,
-            "_recompute_scaled_inputs",
-            lambda scaled: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
-        ),
-        mock.patch.object(temperature, "_recomputed", lambda f, *a: f(*a)),
-    ):
-        yield
-
-
-@contextlib.contextmanager
-def _measurable(device: torch.device) -> Iterator[None]:
-    """What the peak measurement needs around a compiled model: a recompile while measuring would measure eager
-    code, so it is an error; on CPU the tracker passes for an "infra" dispatch mode, since dynamo refuses to run
-    under a user mode (compiled in the warm-up outside it, the graphs then run with the tracker seeing them)."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(torch._dynamo.config, "error_on_recompile", True))
-        if device.type == "cpu":
-            stack.enter_context(mock.patch.object(_LiveStorages, "is_infra_mode", classmethod(lambda cls: True)))
-        yield
-
-
 def run_memory_bench(cfg: MemoryBenchConfig) -> dict[str, Any]:
     """Peak bytes of one forward + backward (of ``x.float().pow(2).mean()``) per row, after a warm-up step; the
     weights are seeded (0) alike for both attentions. Returns the content of ``ssa bench memory``'s JSON file:
@@ -136,11 +108,12 @@ def run_memory_bench(cfg: MemoryBenchConfig) -> dict[str, Any]:
                 model.zero_grad(set_to_none=True)
                 run_model(x).float().pow(2).mean().backward()
 
-            with _without_recomputation() if mode == "eager-no-recompute" else contextlib.nullcontext():
+            with keep_scaled_copies() if mode == "eager-no-recompute" else contextlib.nullcontext():
                 torch._dynamo.reset()
                 work()  # warm-up (compilation, allocator)
-                with _measurable(device):
-                    peak[f"{attention} {mode}"] = peak_memory_bytes(work, device)
+                # a recompilation while measuring would measure eager code: make it an error
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    peak[f"{attention} {mode}"] = peak_memory_bytes(work, device, compiled=mode == "compiled")
             model.zero_grad(set_to_none=True)
     return {
         "benchmark": "memory",
