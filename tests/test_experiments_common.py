@@ -112,6 +112,8 @@ def test_every_study_run_trains_with_the_settings_its_saved_runs_were_made_with(
     run = next(r for r in lm.plan(out, search, [0, 1, 2]) if r.method == "ssa-c0.1-t10" and r.seed == 2)
     from selective_attention.config import SSAConfig
 
+    # what every study run shares (experiments.common.study_train_config)
+    shared = dict(seq_len=512, batch_size=8, eval_tokens=65_536, checkpoint_every=25, keep_checkpoints=1)
     assert lm.train_config(run, search, progress=False) == TrainConfig(
         data="wiki",
         size="study",
@@ -119,21 +121,16 @@ def test_every_study_run_trains_with_the_settings_its_saved_runs_were_made_with(
         max_tokens=1_000_000,
         seed=2,
         out="/OUT/runs/wiki/ssa-c0.1-t10-seed2",
-        seq_len=512,
-        batch_size=8,
         lr=2e-3,
         eval_every=25,
-        eval_tokens=65_536,
-        checkpoint_every=25,
-        keep_checkpoints=1,
         split_seed=0,
         progress=False,
         attention="ssa",
         ssa=SSAConfig(init="identity", position_init=0.1),
         temperature_lr=2e-3 * 10,
+        **shared,
     )
     full = dataclasses.replace(fs.Config(), **{**fs.BUDGETS["full"], "budget": "full"})
-    shared = dict(seq_len=512, batch_size=8, eval_tokens=65_536, checkpoint_every=25, keep_checkpoints=1)
     assert fs.base_config(out, full) == TrainConfig(
         data="wiki",
         size="study",

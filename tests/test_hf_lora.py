@@ -73,6 +73,10 @@ def test_temperatures_train_next_to_the_adapters_and_round_trip(tmp_path: Path, 
     trained = [p for n, p in pm.named_parameters() if "modules_to_save" in n]
     assert trained and all(p.abs().sum() > 0 for p in trained if p.dim() == 2)  # read-outs moved off zero
     save_lora(pm, tmp_path / "adapter")
+    from selective_attention.utils.io import umask
+
+    for f in (tmp_path / "adapter").iterdir():  # every file as open() makes it (safetensors alone writes 0o600)
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask(), f.name
     loaded = load_lora(base_dir, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, out)

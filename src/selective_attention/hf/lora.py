@@ -25,6 +25,7 @@ from selective_attention.errors import UserError
 from selective_attention.hf.convert import convert
 from selective_attention.hf.pretrained import load_pretrained
 from selective_attention.hf.state import TEMPERATURE_ATTR, is_converted
+from selective_attention.utils.files import follow_umask
 from selective_attention.utils.io import atomic_write_json, read_json
 
 if TYPE_CHECKING:
@@ -61,13 +62,15 @@ def mark_temperatures_trainable(model: nn.Module) -> None:
 
 
 def save_lora(peft_model: nn.Module, path: str | os.PathLike) -> Path:
-    """``peft_model.save_pretrained(path)`` (adapters + temperatures) plus the SSA config to rebuild from."""
+    """``peft_model.save_pretrained(path)`` (adapters + temperatures) plus the SSA config to rebuild from; the
+    weights file gets the mode ``open()`` would give it (safetensors writes 0o600), like ``hf.save_pretrained``."""
     path = Path(path)
     model = cast("PeftModel", peft_model)
     cfg = getattr(model.get_base_model().config, "ssa", None)
     if cfg is None:
         raise ValueError("save_lora: the model is not SSA-converted")
     model.save_pretrained(str(path))
+    follow_umask(path.rglob("*.safetensors"))
     atomic_write_json(path / SSA_CONFIG_FILE, cfg)
     return path
 
