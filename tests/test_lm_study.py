@@ -470,3 +470,20 @@ def test_packed_budget_trains_every_row_with_documents_apart(tmp_path):
     assert lm.train_config(lm.plan(tmp_path, search, [0])[0], search, False).packing == "stitched"
     with pytest.raises(UserError, match="chosen=LABEL"):
         lm.validate(dataclasses.replace(cfg, chosen=""), [0])
+
+
+def test_the_temperature_table_says_how_little_a_row_moved():
+    from selective_attention.experiments.lm.tables import temperature_lines
+
+    row = {"lr": 0.02, "c_start": 0.0, "c_reach": 27.0, "token_spread": {}, "moved": False}
+    still = {"temperatures": {**row, "c_end": {"mean": -0.03, "min": -1.17, "max": 1.11}}}
+    lines = temperature_lines(
+        {"vanilla": {}, "ssa-pos": still, "ssa": {"temperatures": {**row, "moved": True, "c_end": None}}}
+    )
+    assert (
+        lines[-2]
+        == "| ssa-pos | 0.02 | 0 | 27 | -0.030 [-1.170, 1.110] | - | **no: every parameter moved < 5% of its reach** |"
+    )
+    assert lines[-1] == "| ssa | 0.02 | 0 | 27 | - | - | yes |"
+    assert "at least 5% of the sum of its learning rates" in lines[1]
+    assert temperature_lines({"vanilla": {}}) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from selective_attention.train.temperatures import NOT_MOVED_FRACTION
 from selective_attention.utils.stats import ratio_claim
 
 
@@ -97,7 +98,8 @@ def temperature_lines(methods: dict[str, Any]) -> list[str]:
         "",
         "Where the temperatures ended (c over seeds, layers and heads; reach = how far c could move under "
         "the schedule, position_scale x the sum of the temperature learning rates; token spread = std over "
-        "tokens of the token term at a position, mean over layers):",
+        "tokens of the token term at a position, mean over layers; moved = some temperature parameter changed by at "
+        f"least {NOT_MOVED_FRACTION:.0%} of the sum of its learning rates, about the most AdamW lets it move):",
         "",
         "| row | temperature lr | c start | c reach | c at end: mean [min, max] | token spread q / v | moved |",
         "|---|---|---|---|---|---|---|",
@@ -115,7 +117,7 @@ def temperature_lines(methods: dict[str, Any]) -> list[str]:
             + " | "
             + (f"{sp.get('query', 0):.3f} / {sp.get('value', 0):.3f}" if sp else "-")
             + " | "
-            + ("yes" if t["moved"] else "**no: the row's temperatures did not move**")
+            + ("yes" if t["moved"] else f"**no: every parameter moved < {NOT_MOVED_FRACTION:.0%} of its reach**")
             + " |"
         )
     return lines
