@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from selective_attention.errors import UserError
 from selective_attention.experiments import finetune_study as fs
 from selective_attention.experiments import run_experiment
 
@@ -59,6 +60,22 @@ def test_study_pretrains_once_fine_tunes_pairs_and_rebuilds(tmp_path):
         progress=False,
     )
     assert (out / "base" / "run.json").stat().st_mtime_ns == mtime
+
+    # the same fine-tunes by two worker processes (the base copied: pre-trained once), each run trained exactly
+    # once, the same tables up to float rounding (each worker runs single-threaded)
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(out / "base", twin / "base")
+    par = run_experiment("finetune-study", twin, seeds=2, budget="quick", progress=False, jobs=2, **TINY)
+    assert par["complete"] and (twin / "base" / "run.json").stat().st_mtime_ns == mtime
+    for m, d in par["methods"].items():
+        assert d["val_ppl_per_seed"] == pytest.approx(methods[m]["val_ppl_per_seed"], rel=1e-4)
+    for log in sorted(twin.glob("runs/sotu/*/metrics.jsonl")):
+        steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if "val_ppl" in line]
+        assert steps == sorted(set(steps))  # no step trained (and validated) twice
+    with pytest.raises(UserError, match="--jobs must be at least 1"):
+        run_experiment("finetune-study", twin, budget="quick", jobs=0, **TINY)
 
 
 def test_unknown_row_is_a_one_line_error():

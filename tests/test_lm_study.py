@@ -73,10 +73,10 @@ def test_a_run_held_by_another_process_is_skipped_by_workers_and_refused_otherwi
     run_.path.mkdir(parents=True)
     holder = RunLock(run_.path).acquire()
     try:
-        cfg = lm.Config(max_tokens=1024)
-        assert lm.train_and_evaluate(run_, cfg, progress=False, skip_busy=True) == "busy"
+        study = lm.LMStudy(tmp_path, lm.Config(max_tokens=1024), (0,))
+        assert lm.train_and_evaluate(run_, study, progress=False, skip_busy=True) == "busy"
         with pytest.raises(RunInUse, match="in use by another ssa train run"):
-            lm.train_and_evaluate(run_, cfg, progress=False, skip_busy=False)
+            lm.train_and_evaluate(run_, study, progress=False, skip_busy=False)
     finally:
         holder.release()
     with pytest.raises(UserError, match="--jobs must be at least 1"):

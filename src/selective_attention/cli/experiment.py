@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="lm: train N runs at once in separate processes, sharing the CPU threads (default 1)",
+        help="lm, finetune-study: train N runs at once in separate processes, sharing the CPU threads (default 1)",
     )
     parser.add_argument(
         "--tables-only",

@@ -24,6 +24,7 @@ resume from their checkpoints; rerunning the same command skips what is done and
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,33 +199,42 @@ def validate(config: Config, seeds: list[int]) -> None:
         row_settings(m, config)
 
 
+@dataclass(frozen=True)
+class FinetuneStudy(lm.StudyPlan):
+    """The fine-tunes for ``lm.train_all`` (the base is trained before them)."""
+
+    config: Config
+    name = "finetune study"
+
+    def plan(self) -> list[lm.Run]:
+        return plan(self.out, self.config, list(self.seeds))
+
+    def train_config(self, study_run: lm.Run, progress: bool) -> TrainConfig:
+        return finetune_config(study_run, self.out, self.config)
+
+    def evaluate(self, study_run: lm.Run) -> None:
+        lm.evaluate_run(study_run, _lm_config(self.config))
+        zero_shot_of(study_run.path / "final", self.config)
+
+
 def run(
-    out: Path, config: Config, seeds: list[int], progress: bool = True, tables_only: bool = False
+    out: Path, config: Config, seeds: list[int], progress: bool = True, jobs: int = 1, tables_only: bool = False
 ) -> dict[str, Any]:
-    """Pre-train the base (once), fine-tune every row and seed, evaluate, rebuild the tables from disk."""
+    """Pre-train the base (once, in this process), then fine-tune and evaluate every row and seed (``jobs`` at
+    once, as in the LM study), then rebuild the tables from disk."""
     from selective_attention.train import train
 
     validate(config, seeds)
+    if jobs < 1:
+        raise UserError("--jobs must be at least 1")
     if not tables_only:
-        runs = plan(out, config, seeds)
-        bar = common.progress(len(runs) + 1, f"finetune study ({config.budget})", progress)
-        bar.set_postfix_str("base")
         base = base_dir(out)
         if not lm.is_trained(lm.Run(config.base_data, "vanilla", config.base_seed, base)):
+            if progress:
+                print(f"finetune study ({config.budget}): pre-training the base", file=sys.stderr, flush=True)
             train(base_config(out, config))
         zero_shot_of(base / "final", config)
-        bar.update(1)
-        lmc = _lm_config(config)
-        for r in runs:
-            bar.set_postfix_str(f"{r.method} seed {r.seed}")
-            if not lm.is_trained(r):
-                info = train(finetune_config(r, out, config))
-                if "stopped_at_step" in info:
-                    break
-            lm.evaluate_run(r, lmc)
-            zero_shot_of(r.path / "final", config)
-            bar.update(1)
-        bar.close()
+        lm.train_all(FinetuneStudy(out, config, tuple(seeds)), progress, jobs)
     return common.finish(out, collect(out, config, seeds), _figures, summary)
 
 

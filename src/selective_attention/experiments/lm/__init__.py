@@ -67,7 +67,7 @@ from selective_attention.experiments.lm.evaluation import (
 from selective_attention.experiments.lm.figures import log_binned, write_figures
 from selective_attention.experiments.lm.results import collect, run_record
 from selective_attention.experiments.lm.runs import Run, is_trained, label, plan, train_config
-from selective_attention.experiments.lm.scheduler import train_all, train_and_evaluate
+from selective_attention.experiments.lm.scheduler import LMStudy, Study, StudyPlan, train_all, train_and_evaluate
 from selective_attention.experiments.lm.stats import (
     aggregate,
     choose,
@@ -117,6 +117,9 @@ __all__ = [
     "temperature_lines",
     "temperature_row",
     "tokens_to_reach",
+    "LMStudy",
+    "Study",
+    "StudyPlan",
     "train_all",
     "train_and_evaluate",
     "train_config",
@@ -140,5 +143,5 @@ def run(
     if jobs < 1:
         raise UserError("--jobs must be at least 1")
     if not tables_only:
-        train_all(out, config, seeds, progress, jobs)
+        train_all(LMStudy(out, config, tuple(seeds)), progress, jobs)
     return common.finish(out, collect(out, config, seeds), write_figures, summary)
