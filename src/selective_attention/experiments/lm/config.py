@@ -167,10 +167,11 @@ def method_settings(method: str, lr: float = 2e-3) -> dict[str, Any]:
         return {"attention": "ssa", "ssa": ssa[method]}
     if method in SEARCH:
         return _search_settings(method, lr)
-    if method in METHODS:
-        return {"attention": {"ssa-pos": "ssa-pos-head"}.get(method, method)}
+    from selective_attention.methods import ALIASES
     from selective_attention.methods import METHODS as REGISTRY
 
+    if method in METHODS:  # the full budget's row "ssa-pos" trains under the registry's current name
+        return {"attention": ALIASES.get(method, method)}
     if method in REGISTRY:
         return {"attention": method}
     raise UserError(f"unknown method {method!r}; choose from {', '.join(dict.fromkeys((*METHODS, *SEARCH)))}")
