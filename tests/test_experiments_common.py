@@ -161,3 +161,19 @@ def test_every_study_run_trains_with_the_settings_its_saved_runs_were_made_with(
         temperature_lr=1e-2,
         **shared,
     )
+
+
+def test_pooled_zero_shot_counts_examples_not_seed_repeats_of_them():
+    """Three seeds answering the same 500 examples: the mean accuracy with the binomial error of 500 answers (not
+    of 1,500); seeds that answered different numbers are an error; a run without a record gives None."""
+
+    def row(acc: float, n: int = 500) -> dict:
+        return {"zero_shot": {"arc_easy": {"acc": acc, "n": n, "stderr": 0.0}}}
+
+    pooled = common.pooled_zero_shot([row(0.30), row(0.31), row(0.29)])
+    assert pooled == {
+        "arc_easy": {"acc": pytest.approx(0.30), "n": 500, "stderr": pytest.approx(math.sqrt(0.21 / 500))}
+    }
+    with pytest.raises(UserError, match=r"arc_easy: the seeds answered different numbers of examples \(\[200, 500\]\)"):
+        common.pooled_zero_shot([row(0.3), row(0.3, n=200)])
+    assert common.pooled_zero_shot([row(0.3), {"zero_shot": {}}]) is None

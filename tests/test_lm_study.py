@@ -487,3 +487,16 @@ def test_the_temperature_table_says_how_little_a_row_moved():
     assert lines[-1] == "| ssa | 0.02 | 0 | 27 | - | - | yes |"
     assert "at least 5% of the sum of its learning rates" in lines[1]
     assert temperature_lines({"vanilla": {}}) == []
+
+
+def test_the_paired_figure_draws_a_row_far_off_the_others_at_its_edge():
+    from selective_attention.experiments.lm.figures import off_scale
+
+    def p(mean: float, lo: float | None, hi: float | None) -> dict:
+        return {"mean": mean, "low": lo, "high": hi}
+
+    rows = [("ssa", p(-0.5, -0.54, -0.45)), ("temps", p(139, 137, 141)), ("official", p(-0.02, -0.03, -0.01))]
+    assert off_scale(rows) == {"temps"}  # the first gap from the top only: ssa stays although 10x official
+    assert off_scale(rows[:1] + rows[2:]) == set()  # small differences all stay on one axis
+    assert off_scale([("a", p(3.0, -1.0, 7.0)), ("b", p(-2.0, None, None))]) == set()
+    assert off_scale([("a", p(90, None, None)), ("b", p(80, 70, 95)), ("c", p(1, 0.5, 2))]) == {"a", "b"}

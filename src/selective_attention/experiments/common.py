@@ -171,14 +171,19 @@ def parse_overrides(pairs: Sequence[str], config_cls: type) -> dict[str, Any]:
 
 
 def pooled_zero_shot(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Zero-shot accuracy pooled over a row's seeds: n = all answered examples, acc their mean, and its binomial
-    standard error (None when a run has no zero-shot record)."""
+    """Zero-shot accuracy of a row over its seeds (None when a run has no zero-shot record): acc the mean over
+    seeds, n the examples each seed answered and the binomial standard error over them. Every seed answers the same
+    examples (the same task set and limit), so pooling them as seeds x n independent answers would shrink the error
+    by sqrt(seeds) without any new example; a task whose seeds answered different numbers is an error."""
     if not rows or not all(r.get("zero_shot") for r in rows):
         return None
     out = {}
     for task in rows[0]["zero_shot"]:
-        n = sum(r["zero_shot"][task]["n"] for r in rows)
-        acc = sum(r["zero_shot"][task]["acc"] * r["zero_shot"][task]["n"] for r in rows) / max(n, 1)
+        ns = {r["zero_shot"][task]["n"] for r in rows}
+        if len(ns) != 1:
+            raise UserError(f"zero-shot {task}: the seeds answered different numbers of examples ({sorted(ns)})")
+        n = ns.pop()
+        acc = sum(r["zero_shot"][task]["acc"] for r in rows) / len(rows)
         out[task] = {"acc": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / n) if n else None}
     return out
 

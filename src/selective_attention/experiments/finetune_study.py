@@ -307,7 +307,8 @@ def _zero_shot_lines(results: dict[str, Any]) -> list[str]:
         return []
     lines = [
         "",
-        "Zero-shot accuracy (lm-eval, the bundled sets; pooled over seeds: acc ± binomial se (n)):",
+        "Zero-shot accuracy (lm-eval, the bundled sets; mean over seeds: acc ± binomial se over the n examples "
+        "every seed answered):",
         "",
         "| model | " + " | ".join(tasks) + " |",
         "|---" * (1 + len(tasks)) + "|",

@@ -99,23 +99,57 @@ def write_figures(out: Path, results: dict[str, Any]) -> None:
         # paired differences with their intervals: the figure a claim rests on
         rows = [(m, c["methods"][m]["paired_percent"]) for m in methods if "paired_percent" in c["methods"][m]]
         if rows:
-            fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
-            for y, (m, p) in enumerate(rows):
-                lo = p["low"] if p["low"] is not None else p["mean"]
-                hi = p["high"] if p["high"] is not None else p["mean"]
-                ax.errorbar(
-                    p["mean"],
-                    y,
-                    xerr=[[p["mean"] - lo], [hi - p["mean"]]],
-                    fmt="o",
-                    capsize=3,
-                    color=f"C{methods.index(m)}",
-                )
-            ax.axvline(0, color="k", lw=1)
-            ax.set_yticks(range(len(rows)), [m for m, _ in rows])
-            ax.invert_yaxis()
-            ax.set(
-                xlabel="validation perplexity vs vanilla, paired (%), 95 % CI (left of 0: better)",
-                title=f"{corpus}: paired differences to vanilla",
+            _paired_figure(rows, methods, corpus, out / f"lm-{label(corpus)}-paired.png")
+
+
+def _bounds(p: dict[str, Any]) -> tuple[float, float]:
+    return (p["low"] if p["low"] is not None else p["mean"], p["high"] if p["high"] is not None else p["mean"])
+
+
+def off_scale(rows: list[tuple[str, dict[str, Any]]], factor: float = 10.0, beyond: float = 20.0) -> set[str]:
+    """The rows above the first gap of more than ``factor`` x in how far their intervals reach from 0, counted from
+    the farthest, and reaching beyond ``beyond`` percent (e.g. a +139 % beside -0.5 % ones): drawn at the edge with
+    their numbers, so that the others stay readable. None when there is no such gap."""
+    ranked = sorted(((max(abs(v) for v in _bounds(p)), m) for m, p in rows), reverse=True)
+    for k in range(len(ranked) - 1):
+        if ranked[k][0] <= beyond:
+            break
+        if ranked[k][0] > factor * max(ranked[k + 1][0], 1e-9):
+            return {m for _, m in ranked[: k + 1]}
+    return set()
+
+
+def _paired_figure(rows: list[tuple[str, dict[str, Any]]], methods: list[str], corpus: str, path: Path) -> None:
+    plt = common.pyplot()
+    far = off_scale(rows)
+    near = [max(abs(v) for v in _bounds(p)) for m, p in rows if m not in far]
+    edge = 1.15 * max(max(near, default=1.0), 1e-3)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
+    for y, (m, p) in enumerate(rows):
+        lo, hi = _bounds(p)
+        colour = f"C{methods.index(m)}"
+        if m in far:  # an arrow at the edge, its numbers beside it
+            side = 1 if p["mean"] > 0 else -1
+            ax.plot(side * edge, y, marker=">" if side > 0 else "<", color=colour, ms=9)
+            ax.annotate(
+                f"{p['mean']:+.1f} % [{lo:+.1f}, {hi:+.1f}] (off the scale)",
+                (side * edge, y),
+                xytext=(-8 * side, 0),
+                textcoords="offset points",
+                ha="right" if side > 0 else "left",
+                va="center",
+                fontsize=8,
+                color=colour,
             )
-            common.save_figure(fig, out / f"lm-{label(corpus)}-paired.png")
+            continue
+        ax.errorbar(p["mean"], y, xerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="o", capsize=3, color=colour)
+    ax.axvline(0, color="k", lw=1)
+    if far:
+        ax.set_xlim(-1.05 * edge, 1.05 * edge)
+    ax.set_yticks(range(len(rows)), [m for m, _ in rows])
+    ax.invert_yaxis()
+    ax.set(
+        xlabel="validation perplexity vs vanilla, paired (%), 95 % CI (left of 0: better)",
+        title=f"{corpus}: paired differences to vanilla",
+    )
+    common.save_figure(fig, path)
