@@ -206,7 +206,7 @@ def test_unknown_method_and_option():
     }
 
 
-@pytest.mark.parametrize("method", ["gated", "ssmax", "freq", "llama4", "ssa-official"])
+@pytest.mark.parametrize("method", ["gated", "ssmax", "freq", "llama4", "ssa-official", "const", "yarn"])
 def test_saved_model_reloads_through_load_model(method, tmp_path):
     train_tokens = np.random.default_rng(0).integers(0, VOCAB, 5000)
     model, applied = tiny(
