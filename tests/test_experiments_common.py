@@ -177,3 +177,48 @@ def test_pooled_zero_shot_counts_examples_not_seed_repeats_of_them():
     with pytest.raises(UserError, match=r"arc_easy: the seeds answered different numbers of examples \(\[200, 500\]\)"):
         common.pooled_zero_shot([row(0.3), row(0.3, n=200)])
     assert common.pooled_zero_shot([row(0.3), {"zero_shot": {}}]) is None
+
+
+def _finetune_record(method: str, seed: int, val_ppl: float, curve_ppl: list[float]) -> dict:
+    """A SmolLM2 fine-tune's record as ``finetune.run`` builds it: validations at 1k-4k tokens during training."""
+    return {
+        "method": method,
+        "seed": seed,
+        "curve": {"tokens": [1000.0, 2000.0, 3000.0, 4000.0], "ppl": curve_ppl},
+        "curve_final_ppl": curve_ppl[-1],
+        "tokens": 4000,
+        "tokens_per_s": 100.0,
+        "new_parameters": 0 if method == "vanilla" else 1_560,
+        "temperatures": None,
+        "val_ppl": val_ppl,
+        "zero_shot": {"arc_easy": {"acc": 0.5, "n": 8, "stderr": 0.17677669529663687}},
+    }
+
+
+def test_the_finetune_experiment_reports_tokens_to_target_and_draws_its_figures(tmp_path):
+    """Tokens-to-target reads each run's validations during training against vanilla's final one of the same
+    seed (not the final 32k-token evaluation); a row that never reaches it says so; the three figures exist."""
+    records = [
+        _finetune_record("vanilla", 0, 20.0, [40.0, 35.0, 32.0, 30.0]),
+        _finetune_record("vanilla", 1, 21.0, [41.0, 36.0, 33.0, 31.0]),
+        _finetune_record("ssa", 0, 19.8, [38.0, 33.0, 30.0, 29.0]),  # vanilla's 30 at 3,000 tokens: 4/3 x
+        _finetune_record("ssa", 1, 20.895, [39.0, 31.0, 30.0, 29.0]),  # 31 at 2,000 tokens: 2 x
+        _finetune_record("ssa-temps", 0, 40.0, [60.0, 58.0, 57.0, 56.0]),
+        _finetune_record("ssa-temps", 1, 42.0, [61.0, 59.0, 58.0, 57.0]),
+    ]
+    methods = finetune._aggregate(records)
+    ssa, temps = methods["ssa"], methods["ssa-temps"]
+    assert ssa["speedup_per_seed"] == pytest.approx([4000 / 3000, 4000 / 2000])
+    assert ssa["speedup"] == pytest.approx((4 / 3 + 2) / 2) and ssa["speedup_reached"] == "2/2"
+    assert ssa["paired_percent"]["mean"] == pytest.approx(-0.75)  # -1 % and -0.5 %
+    assert temps["speedup_per_seed"] == [None, None] and temps["speedup"] is None
+    assert "speedup" not in methods["vanilla"] and "paired_percent" not in methods["vanilla"]
+    config = dataclasses.asdict(finetune.Config(budget="cpu"))
+    results = {"config": config, "seeds": [0, 1], "model": "smollm2.gguf", "base": None, "methods": methods}
+    text = finetune.summary({**results, "runs": records})
+    row = next(line for line in text.splitlines() if line.startswith("| ssa |"))
+    assert "1.67x (within noise: tie)" in row  # a tie with two seeds: never called a speed-up
+    assert "not reached (0/2 seeds)" in next(line for line in text.splitlines() if line.startswith("| ssa-temps |"))
+    finetune._figures(tmp_path, {**results, "runs": records})
+    names = {"finetune-sotu.png", "finetune-sotu-paired.png", "finetune-sotu-tokens-to-target.png"}
+    assert {p.name for p in tmp_path.glob("*.png")} == names

@@ -1,4 +1,4 @@
-"""``ssa experiment finetune --budget quick|default|full``: SSA fitted onto the real SmolLM2-135M, fine-tuned.
+"""``ssa experiment finetune --budget quick|default|full|cpu``: SSA fitted onto the real SmolLM2-135M, fine-tuned.
 
 Three fine-tunes of the same pretrained model (the bundled GGUF, de-quantised to float32) on a corpus it was not
 tuned on (``sotu`` by default), same data order and steps per seed:
@@ -7,7 +7,9 @@ tuned on (``sotu`` by default), same data order and steps per seed:
     ssa-temps   ``convert`` + temperatures only (the base weights frozen: what SSA alone buys)
 Measured: validation perplexity on the corpus's validation documents (mean +- sample std over seeds and the
 paired difference to vanilla with a 95 % interval) and zero-shot accuracy through lm-eval, each with its n and
-standard error sqrt(acc (1 - acc) / n).
+standard error sqrt(acc (1 - acc) / n); tokens-to-target (vanilla's tokens to its final validation perplexity /
+the row's, read on the validations during training). Figures: the validation curves of every run, the paired
+differences and tokens-to-target per seed (``finetune-<data>*.png``).
 
 Runs live in ``OUT/runs/<method>-seed<S>/`` and resume like ``ssa train``; rerunning skips what is done. One
 optimizer step of 4 x 256 tokens takes ~9-13 s on 2 CPU cores, so ``full`` (2 seeds x 3 methods x 300 steps, full
@@ -165,10 +167,15 @@ def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> d
                 )
             )
             ev = _evaluate(d, config)
+            curve_tokens, curve_ppl = lm.validation_curve(d)
             records.append(
                 {
                     "method": m,
                     "seed": seed,
+                    # the validations during training (eval_tokens of them each): what tokens-to-target reads
+                    "curve": {"tokens": curve_tokens, "ppl": curve_ppl},
+                    "curve_final_ppl": float(info["final_val_ppl"]),
+                    "tokens": int(info["tokens"]),
                     "tokens_per_s": float(info["tokens_per_s"]),
                     "new_parameters": int(info["parameters"]["new"]),
                     "temperatures": info.get("temperatures"),
@@ -186,7 +193,7 @@ def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> d
         "methods": _aggregate(records),
         "runs": records,
     }
-    return common.finish(out, results, lambda out, res: None, summary)
+    return common.finish(out, results, _figures, summary)
 
 
 def _aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -204,14 +211,11 @@ def _aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "zero_shot": common.pooled_zero_shot(rows) or {},
             "temperatures": lm.temperature_row(rows) if all("temperatures" in r for r in rows) else None,
         }
-        if m != "vanilla":
-            d["paired_percent"] = paired(
-                [
-                    100 * (r["val_ppl"] - vanilla[r["seed"]]["val_ppl"]) / vanilla[r["seed"]]["val_ppl"]
-                    for r in rows
-                    if r["seed"] in vanilla
-                ]
-            )
+        pairs = [(r, vanilla[r["seed"]]) for r in rows if r["seed"] in vanilla]
+        if m != "vanilla" and pairs:
+            d["paired_percent"] = paired([100 * (r["val_ppl"] - v["val_ppl"]) / v["val_ppl"] for r, v in pairs])
+            targets = [(r["curve"], v["curve"], v["curve_final_ppl"], v["tokens"]) for r, v in pairs]
+            d.update(lm.tokens_to_target(targets))
         methods[m] = d
     return methods
 
@@ -231,15 +235,15 @@ def summary(results: dict[str, Any]) -> str:
         f"# Fine-tuning {results['model']} on {cfg['data']} (budget {cfg['budget']}: {cfg['steps']} steps of "
         f"{cfg['batch_size']} x {cfg['seq_len']} tokens, seeds {results['seeds']})",
         "",
-        "| method | new params | val ppl | vs vanilla, paired [95 % CI] | "
+        "| method | new params | val ppl | vs vanilla, paired [95 % CI] | tokens to vanilla's ppl, vanilla / method | "
         + " | ".join(f"{t} acc ± se (n)" for t in tasks)
         + " |",
-        "|---" * (4 + len(tasks)) + "|",
+        "|---" * (5 + len(tasks)) + "|",
     ]
     base = results.get("base")
     if base:
         zs = [_accuracy_cell(base["zero_shot"], t) for t in tasks]
-        lines.append(f"| base, before fine-tuning | 0 | {base['val_ppl']:.3f} | - | " + " | ".join(zs) + " |")
+        lines.append(f"| base, before fine-tuning | 0 | {base['val_ppl']:.3f} | - | - | " + " | ".join(zs) + " |")
     for m, d in results["methods"].items():
         p = d.get("paired_percent")
         pp = (
@@ -252,9 +256,29 @@ def summary(results: dict[str, Any]) -> str:
             )
         )
         zs = [_accuracy_cell(d["zero_shot"], t) for t in tasks]
+        reach = lm.tokens_to_target_cell(d) if "speedup_per_seed" in d else "-"
         lines.append(
-            f"| {m} | {d['new_parameters']:,} | {d['val_ppl']:.3f} ± {d['val_ppl_std']:.3f} | {pp} | "
+            f"| {m} | {d['new_parameters']:,} | {d['val_ppl']:.3f} ± {d['val_ppl_std']:.3f} | {pp} | {reach} | "
             + " | ".join(zs)
             + " |"
         )
+    lines += [
+        "",
+        f"Val ppl: {cfg['eval_tokens']:,} validation tokens of the final model; tokens-to-target reads the "
+        "validations during training (their final value is vanilla's target), same seed.",
+    ]
     return "\n".join(lines + lm.temperature_lines(results["methods"]))
+
+
+def _figures(out: Path, results: dict[str, Any]) -> None:
+    """Validation curves per method and seed, the paired differences to vanilla and tokens-to-target."""
+    plt = common.pyplot()
+    data, methods = results["config"]["data"], list(results["methods"])
+    name = f"{results['model']} on {data}"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lm.plot_validation_curves(ax, results["runs"], methods, f"{name}: validation curves (every seed)")
+    common.save_figure(fig, out / f"finetune-{lm.label(data)}.png")
+    rows = [(m, d["paired_percent"]) for m, d in results["methods"].items() if "paired_percent" in d]
+    if rows:
+        lm.paired_figure(rows, methods, name, out / f"finetune-{lm.label(data)}-paired.png")
+    lm.tokens_to_target_figure(results["methods"], name, out / f"finetune-{lm.label(data)}-tokens-to-target.png")

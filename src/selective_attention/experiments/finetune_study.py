@@ -343,23 +343,5 @@ def summary(results: dict[str, Any]) -> str:
 
 def _figures(out: Path, results: dict[str, Any]) -> None:
     lm.write_figures(out, results)
-    plt = common.pyplot()
     for corpus, c in results["corpora"].items():
-        rows = [(m, d) for m, d in c["methods"].items() if m != "vanilla" and d.get("speedup_per_seed")]
-        if not rows:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.4))
-        for y, (m, d) in enumerate(rows):
-            vals = [v for v in d["speedup_per_seed"] if v is not None]
-            ax.scatter(vals, [y] * len(vals), color=f"C{list(c['methods']).index(m)}")
-            missed = len(d["speedup_per_seed"]) - len(vals)
-            if missed:
-                ax.annotate(f"{missed} seed(s) never reached it", (1.0, y), fontsize=8)
-        ax.axvline(1.0, color="k", lw=1)
-        ax.set_yticks(range(len(rows)), [m for m, _ in rows])
-        ax.invert_yaxis()
-        ax.set(
-            xlabel="vanilla's tokens / the row's tokens to reach vanilla's final ppl (> 1: fewer tokens)",
-            title=f"{corpus}: tokens-to-target per seed",
-        )
-        common.save_figure(fig, out / f"finetune-{lm.label(corpus)}-tokens-to-target.png")
+        lm.tokens_to_target_figure(c["methods"], corpus, out / f"finetune-{lm.label(corpus)}-tokens-to-target.png")

@@ -64,8 +64,14 @@ from selective_attention.experiments.lm.evaluation import (
     load_final,
     unigram_ppl,
 )
-from selective_attention.experiments.lm.figures import log_binned, write_figures
-from selective_attention.experiments.lm.results import collect, run_record
+from selective_attention.experiments.lm.figures import (
+    log_binned,
+    paired_figure,
+    plot_validation_curves,
+    tokens_to_target_figure,
+    write_figures,
+)
+from selective_attention.experiments.lm.results import collect, run_record, validation_curve
 from selective_attention.experiments.lm.runs import Run, is_trained, label, plan, train_config
 from selective_attention.experiments.lm.scheduler import LMStudy, Study, StudyPlan, train_all, train_and_evaluate
 from selective_attention.experiments.lm.stats import (
@@ -76,9 +82,10 @@ from selective_attention.experiments.lm.stats import (
     ppl_at_tokens,
     temperature_row,
     tokens_to_reach,
+    tokens_to_target,
     unigram_floor,
 )
-from selective_attention.experiments.lm.tables import summary, temperature_lines
+from selective_attention.experiments.lm.tables import summary, temperature_lines, tokens_to_target_cell
 
 __all__ = [
     "BUDGETS",
@@ -109,7 +116,9 @@ __all__ = [
     "load_final",
     "log_binned",
     "method_settings",
+    "paired_figure",
     "plan",
+    "plot_validation_curves",
     "ppl_at_tokens",
     "run",
     "run_record",
@@ -117,6 +126,9 @@ __all__ = [
     "temperature_lines",
     "temperature_row",
     "tokens_to_reach",
+    "tokens_to_target",
+    "tokens_to_target_cell",
+    "tokens_to_target_figure",
     "LMStudy",
     "Study",
     "StudyPlan",
@@ -126,6 +138,7 @@ __all__ = [
     "unigram_floor",
     "unigram_ppl",
     "validate",
+    "validation_curve",
     "write_figures",
 ]
 

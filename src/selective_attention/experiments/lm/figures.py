@@ -29,35 +29,13 @@ def log_binned(position: list[float], values: list[float], bins: int = 40) -> tu
 def write_figures(out: Path, results: dict[str, Any]) -> None:
     """Every figure of the results, written into ``out``."""
     plt = common.pyplot()
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import NullFormatter
 
     for corpus, c in results["corpora"].items():
         records = [r for r in results["runs"] if r["corpus"] == corpus]
         methods = list(c["methods"])
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-        ax = axes[0]
-        for m in methods:
-            for i, r in enumerate(r for r in records if r["method"] == m):
-                ax.plot(
-                    r["curve"]["tokens"],
-                    r["curve"]["ppl"],
-                    color=f"C{methods.index(m)}",
-                    alpha=0.7,
-                    label=m if i == 0 else None,
-                )
-        ax.axhline(c["unigram_ppl"], color="k", ls=":", lw=1, label="unigram floor")
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="training tokens",
-            ylabel="validation perplexity",
-            title=f"{corpus}: validation curves (every seed)",
-        )
-        for axis in (ax.xaxis, ax.yaxis):  # 200k, 500k, 1M / 50, 100, 200: labels that fit, not 2 x 10^5
-            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            axis.set_major_formatter(FuncFormatter(short_count))
-            axis.set_minor_formatter(NullFormatter())
-        ax.legend(fontsize=8)
+        plot_validation_curves(axes[0], records, methods, f"{corpus}: validation curves (every seed)", c["unigram_ppl"])
         ax = axes[1]
         for i, m in enumerate(methods):
             d = c["methods"][m]
@@ -99,7 +77,32 @@ def write_figures(out: Path, results: dict[str, Any]) -> None:
         # paired differences with their intervals: the figure a claim rests on
         rows = [(m, c["methods"][m]["paired_percent"]) for m in methods if "paired_percent" in c["methods"][m]]
         if rows:
-            _paired_figure(rows, methods, corpus, out / f"lm-{label(corpus)}-paired.png")
+            paired_figure(rows, methods, corpus, out / f"lm-{label(corpus)}-paired.png")
+
+
+def plot_validation_curves(
+    ax: Any, records: list[dict[str, Any]], methods: list[str], title: str, floor: float | None = None
+) -> None:
+    """Every run's validation curve ("curve": tokens, ppl) on log axes, one colour per method."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for m in methods:
+        for i, r in enumerate(r for r in records if r["method"] == m):
+            ax.plot(
+                r["curve"]["tokens"],
+                r["curve"]["ppl"],
+                color=f"C{methods.index(m)}",
+                alpha=0.7,
+                label=m if i == 0 else None,
+            )
+    if floor is not None:
+        ax.axhline(floor, color="k", ls=":", lw=1, label="unigram floor")
+    ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="validation perplexity", title=title)
+    for axis in (ax.xaxis, ax.yaxis):  # 200k, 500k, 1M / 50, 100, 200: labels that fit, not 2 x 10^5
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(short_count))
+        axis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=8)
 
 
 def _bounds(p: dict[str, Any]) -> tuple[float, float]:
@@ -119,7 +122,7 @@ def off_scale(rows: list[tuple[str, dict[str, Any]]], factor: float = 10.0, beyo
     return set()
 
 
-def _paired_figure(rows: list[tuple[str, dict[str, Any]]], methods: list[str], corpus: str, path: Path) -> None:
+def paired_figure(rows: list[tuple[str, dict[str, Any]]], methods: list[str], corpus: str, path: Path) -> None:
     plt = common.pyplot()
     far = off_scale(rows)
     near = [max(abs(v) for v in _bounds(p)) for m, p in rows if m not in far]
@@ -143,13 +146,48 @@ def _paired_figure(rows: list[tuple[str, dict[str, Any]]], methods: list[str], c
             )
             continue
         ax.errorbar(p["mean"], y, xerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="o", capsize=3, color=colour)
-    ax.axvline(0, color="k", lw=1)
     if far:
         ax.set_xlim(-1.05 * edge, 1.05 * edge)
-    ax.set_yticks(range(len(rows)), [m for m, _ in rows])
-    ax.invert_yaxis()
-    ax.set(
-        xlabel="validation perplexity vs vanilla, paired (%), 95 % CI (left of 0: better)",
-        title=f"{corpus}: paired differences to vanilla",
+    _save_row_chart(
+        fig,
+        ax,
+        [m for m, _ in rows],
+        0.0,
+        "validation perplexity vs vanilla, paired (%), 95 % CI (left of 0: better)",
+        f"{corpus}: paired differences to vanilla",
+        path,
     )
+
+
+def _save_row_chart(fig: Any, ax: Any, rows: list[str], line: float, xlabel: str, title: str, path: Path) -> None:
+    """The end of a one-row-per-method chart: the reference line, the rows top-down, labels, saved."""
+    ax.axvline(line, color="k", lw=1)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.invert_yaxis()
+    ax.set(xlabel=xlabel, title=title)
     common.save_figure(fig, path)
+
+
+def tokens_to_target_figure(methods: dict[str, dict[str, Any]], corpus: str, path: Path) -> None:
+    """Each row's tokens-to-target per seed ("speedup_per_seed": vanilla's tokens to its final ppl / the row's),
+    a seed that never reached it named beside the row; nothing when no row has one."""
+    rows = [(m, d) for m, d in methods.items() if m != "vanilla" and d.get("speedup_per_seed")]
+    if not rows:
+        return
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.4))
+    for y, (m, d) in enumerate(rows):
+        vals = [v for v in d["speedup_per_seed"] if v is not None]
+        ax.scatter(vals, [y] * len(vals), color=f"C{list(methods).index(m)}")
+        missed = len(d["speedup_per_seed"]) - len(vals)
+        if missed:
+            ax.annotate(f"{missed} seed(s) never reached it", (1.0, y), fontsize=8)
+    _save_row_chart(
+        fig,
+        ax,
+        [m for m, _ in rows],
+        1.0,
+        "vanilla's tokens / the row's tokens to reach vanilla's final ppl (> 1: fewer tokens)",
+        f"{corpus}: tokens-to-target per seed",
+        path,
+    )

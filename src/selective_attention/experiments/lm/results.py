@@ -14,7 +14,7 @@ from selective_attention.experiments.lm.stats import aggregate, choose, dilution
 from selective_attention.utils.io import read_json
 
 
-def _curve(run_dir: Path) -> tuple[list[float], list[float]]:
+def validation_curve(run_dir: Path) -> tuple[list[float], list[float]]:
     """(tokens, val_ppl) of the validations logged in metrics.jsonl."""
     from selective_attention.train.rundir import read_metrics
 
@@ -28,7 +28,7 @@ def run_record(run: Run, train_length: int) -> dict[str, Any] | None:
         return None
     info = read_json(run.path / "run.json", "a finished run's run.json")
     ev = read_json(run.path / EVAL_FILE, "a finished run's evaluation")
-    tokens, ppl = _curve(run.path)
+    tokens, ppl = validation_curve(run.path)
     return {
         "corpus": run.corpus,
         "method": run.method,

@@ -141,23 +141,36 @@ def _paired_to_vanilla(pairs: list[tuple[dict[str, Any], dict[str, Any]]], lengt
         L: paired([100 * (r["ppl_by_length"][L] - v["ppl_by_length"][L]) / v["ppl_by_length"][L] for r, v in pairs])
         for L in lengths
     }
-    speedups: list[float | None] = []
+    d.update(tokens_to_target([(r["curve"], v["curve"], v["val_ppl"], v["tokens"]) for r, v in pairs]))
     equal_time = []
     for r, v in pairs:
-        # both sides measured the same way: the first time each curve reaches vanilla's final ppl
-        reach = tokens_to_reach(r["curve"]["tokens"], r["curve"]["ppl"], v["val_ppl"])
-        own = tokens_to_reach(v["curve"]["tokens"], v["curve"]["ppl"], v["val_ppl"]) or v["tokens"]
-        speedups.append(None if reach is None else own / reach)
         at = v["train_time_s"] * r["tokens_per_s"]  # the method's tokens after vanilla's training time
         equal_time.append(
             100 * (ppl_at_tokens(r["curve"]["tokens"], r["curve"]["ppl"], at) - v["val_ppl"]) / v["val_ppl"]
         )
-    reached = [s for s in speedups if s is not None]
-    d["speedup"] = common.mean_std(reached)[0] if len(reached) == len(speedups) else None
-    d["speedup_reached"] = f"{len(reached)}/{len(speedups)}"
-    d["speedup_per_seed"] = speedups
     d["paired_percent_equal_time"] = paired(equal_time)
     return d
+
+
+Curve = dict[str, list[float]]  # {"tokens": [...], "ppl": [...]}: the validations of one run
+
+
+def tokens_to_target(pairs: list[tuple[Curve, Curve, float, float]]) -> dict[str, Any]:
+    """Tokens-to-target per seed from (row curve, vanilla curve, vanilla's final ppl, vanilla's tokens): vanilla's
+    tokens to its final ppl / the row's (> 1: the row needs fewer; None: the row never reached it), their mean when
+    every seed reached it, and how many did."""
+    speedups: list[float | None] = []
+    for row, vanilla, target, vanilla_tokens in pairs:
+        # both sides measured the same way: the first time each curve reaches vanilla's final ppl
+        reach = tokens_to_reach(row["tokens"], row["ppl"], target)
+        own = tokens_to_reach(vanilla["tokens"], vanilla["ppl"], target) or vanilla_tokens
+        speedups.append(None if reach is None else own / reach)
+    reached = [s for s in speedups if s is not None]
+    return {
+        "speedup": common.mean_std(reached)[0] if len(reached) == len(speedups) else None,
+        "speedup_reached": f"{len(reached)}/{len(speedups)}",
+        "speedup_per_seed": speedups,
+    }
 
 
 def choose(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

@@ -18,6 +18,14 @@ def _fmt_interval(p: dict[str, Any] | None, unit: str = " %", digits: int = 2) -
     return f"{p['mean']:+.{digits}f}{unit} [{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]"
 
 
+def tokens_to_target_cell(d: dict[str, Any]) -> str:
+    """A row's tokens-to-target: vanilla's tokens / the row's, or how many seeds never reached vanilla's ppl."""
+    sp = d.get("speedup")
+    if sp is None:
+        return f"not reached ({d['speedup_reached']} seeds)"
+    return f"{sp:.2f}x ({ratio_claim(sp, d.get('paired_percent'))})"  # a tie is never called a speed-up
+
+
 def _direction(p: dict[str, Any], below: str, above: str) -> str:
     """The paired interval's claim in words: ``below`` / ``above`` when it excludes zero on that side, else tie."""
     if p["low"] is None:
@@ -165,7 +173,6 @@ def summary(results: dict[str, Any]) -> str:
         ]
         for m, d in methods.items():
             pp = d.get("paired_percent")
-            sp = d.get("speedup")
             cells = [
                 m,
                 f"{d['new_parameters']:,} ({d['parameter_percent']:.2f} %)",
@@ -173,13 +180,7 @@ def summary(results: dict[str, Any]) -> str:
                 " / ".join(f"{v:.2f}" for v in d["val_ppl_per_seed"]),
                 _fmt_interval(pp),
                 pp["verdict"] if pp else "-",
-                "-"
-                if m == "vanilla"
-                else (
-                    f"not reached ({d['speedup_reached']} seeds)"
-                    if sp is None
-                    else f"{sp:.2f}x ({ratio_claim(sp, pp)})"  # a tie is never called a speed-up
-                ),
+                "-" if m == "vanilla" else tokens_to_target_cell(d),
                 _fmt_interval(d.get("paired_percent_equal_time")),
                 f"{d['tokens_per_s']:,.0f}",
             ]
