@@ -3,7 +3,9 @@ configs' headers, parses with the real command line (the configs' ones also vali
 README's Python examples run as written; the bundled model's name (`smollm2-135m`) resolves in every entry point
 that takes a model; and scripts/gpu_check.sh walks to the end on a machine without a GPU when its interpreter runs
 nothing, and every command it issued parses (in this process) - so a renamed flag fails here, not in the one short
-GPU session a task may get. Nothing here starts a Python interpreter."""
+GPU session a task may get; scripts/continue_studies.sh issues the open studies in order and hands the search's
+choice to its confirmation only once the search is complete. Nothing here starts a Python interpreter beyond that
+script's few-line choice reader."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,6 +183,38 @@ def test_gpu_check_script_commands_parse(tmp_path):
     assert sorted(c[0] for c in checks) == sorted(
         ["kernels", "documents", "smollm2", *["check-run"] * 4, *["ratios"] * 3]
     )
+
+
+def _continue_studies(tmp_path: Path, search_results: dict) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """scripts/continue_studies.sh with `ssa` replaced by a recorder: its exit and the commands it issued."""
+    import json
+
+    (tmp_path / "runs" / "lm-search").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "runs" / "lm-search" / "results.json").write_text(json.dumps(search_results))
+    log = tmp_path / "calls"
+    log.unlink(missing_ok=True)
+    recorder = tmp_path / "ssa"
+    recorder.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> {log}\necho >> {log}\n')
+    recorder.chmod(0o755)
+    env = {**os.environ, "RUNS": str(tmp_path / "runs"), "SSA": str(recorder), "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "continue_studies.sh")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    return proc, [line.split("\0")[:-1] for line in log.read_text().splitlines()]
+
+
+def test_continue_studies_confirms_the_searchs_choice_only_once_the_search_is_complete(tmp_path):
+    """Every command the script issues parses; the confirmation and the packed study get the search's choice, and
+    a search with runs pending stops the script (non-zero, saying so) before either starts."""
+    proc, calls = _continue_studies(tmp_path, {"complete": False, "choice": {"method": "ssa-c0.5-t1"}, "pending": [1]})
+    assert proc.returncode != 0 and "the search is not complete (1 runs pending)" in proc.stderr
+    assert [c[1:4] for c in calls] == [["finetune", "--budget", "cpu"], ["lm", "--budget", "search"]]
+    proc, calls = _continue_studies(tmp_path, {"complete": True, "choice": {"method": "ssa-c0.5-t1"}, "pending": []})
+    assert proc.returncode == 0, proc.stderr
+    budgets = [_parse(c).budget for c in calls]
+    assert budgets == ["cpu", "search", "confirm", "packed"]
+    assert [c[c.index("--set") + 1] for c in calls[2:]] == ["chosen=ssa-c0.5-t1"] * 2
+    assert all(_parse(c).out.startswith(str(tmp_path / "runs")) for c in calls)
 
 
 # ---- the README's Python examples run as written (paths swapped for local ones)
