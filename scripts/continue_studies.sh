@@ -2,8 +2,9 @@
 # The open studies in their order, each resuming where it stopped (rerun the script to continue after a stop):
 #   1. the SmolLM2-135M fine-tunes      ssa experiment finetune --budget cpu
 #   2. the configuration search         ssa experiment lm --budget search
-#   3. its confirmation and the packed-documents study, with the search's choice: read from the search's
-#      results.json once every search run is done (the pre-registered rule of experiments/lm/config.py chose it)
+#   3. with the search's choice (read from its results.json once every search run is done; the pre-registered
+#      rule of experiments/lm/config.py chose it): the packed-documents study (paired with the search's runs),
+#      the confirmation, and the confirmation's wiki half packed (paired with the confirmation's runs)
 # Low priority (nice 10), so that tests and benchmarks run beside it. Results are refreshed in RUNS/<study>/;
 # copying them into results/ and committing stays a person's step.
 #   scripts/continue_studies.sh                     # RUNS=runs, SSA=".venv/bin/python -m selective_attention"
@@ -29,6 +30,8 @@ print(results["choice"]["method"])
 EOF
 )"
 echo "== the search chose $choice"
+study lm --budget packed --set chosen="$choice" --set stitched_from="$RUNS/lm-search" --out "$RUNS/lm-packed" --jobs 2
 study lm --budget confirm --set chosen="$choice" --out "$RUNS/lm-confirm" --jobs 2
-study lm --budget packed --set chosen="$choice" --out "$RUNS/lm-packed" --jobs 2
+study lm --budget confirm-packed --set chosen="$choice" --set stitched_from="$RUNS/lm-confirm" \
+  --out "$RUNS/lm-confirm-packed" --jobs 2
 echo "== $(date -u +%H:%M) every study is complete"

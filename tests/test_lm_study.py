@@ -472,6 +472,80 @@ def test_packed_budget_trains_every_row_with_documents_apart(tmp_path):
         lm.validate(dataclasses.replace(cfg, chosen=""), [0])
 
 
+def test_confirm_packed_budget_is_the_confirmations_wiki_half_with_documents_apart(tmp_path):
+    """--budget confirm-packed: the confirmation's wiki runs (rows, seeds 3-5, full budget) with packing
+    "documents"; its runs pair seed by seed with the confirmation's stitched ones (PAIRING_FIELDS equal)."""
+    packed = dataclasses.replace(
+        lm.Config(), **{**lm.BUDGETS["confirm-packed"], "budget": "confirm-packed", "chosen": "ssa-c0-t1"}
+    )
+    confirm = dataclasses.replace(lm.Config(), **{**lm.BUDGETS["confirm"], "budget": "confirm", "chosen": "ssa-c0-t1"})
+    runs = lm.plan(tmp_path, packed, [0, 1, 2])
+    stitched = {(r.method, r.seed) for r in lm.plan(tmp_path, confirm, [0, 1, 2]) if r.corpus == "wiki"}
+    assert {(r.method, r.seed) for r in runs} == stitched and {r.corpus for r in runs} == {"wiki"}
+    assert {r.seed for r in runs} == {3, 4, 5}
+    assert {lm.train_config(r, packed, False).packing for r in runs} == {"documents"}
+    same = ("max_tokens", "eval_every", "eval_tokens", "length_windows", *lm.PAIRING_FIELDS)
+    assert all(getattr(packed, f) == getattr(confirm, f) for f in same)
+    with pytest.raises(UserError, match="packing=documents"):
+        lm.validate(dataclasses.replace(confirm, stitched_from="runs/lm-search"), [0])
+
+
+def _packing_record(method: str, seed: int, val_ppl: float) -> dict:
+    return {"corpus": "wiki", "method": method, "seed": seed, "val_ppl": val_ppl}
+
+
+def test_across_packings_pairs_each_row_and_its_gap_to_vanilla_seed_by_seed(tmp_path):
+    """The packed study's rows against the stitched study's same row and seed: the row's own change (%) and the
+    change of its gap to vanilla (packed gap - stitched gap, percentage points), with the numbers worked by hand;
+    summary.md shows them; a stitched study trained otherwise, or one that is missing, is a one-line error."""
+    stitched = [
+        _packing_record("vanilla", 0, 200.0),
+        _packing_record("vanilla", 1, 210.0),
+        _packing_record("ssa-c0.5-t1", 0, 190.0),  # gap -5 %
+        _packing_record("ssa-c0.5-t1", 1, 205.8),  # gap -2 %
+    ]
+    packed = [
+        _packing_record("vanilla", 0, 180.0),  # -10 %
+        _packing_record("vanilla", 1, 199.5),  # -5 %
+        _packing_record("ssa-c0.5-t1", 0, 162.0),  # gap -10 %: 5 pp more than stitched
+        _packing_record("ssa-c0.5-t1", 1, 187.53),  # gap -6 %: 4 pp more
+        _packing_record("ssmax", 0, 170.0),  # not in the stitched study: no row
+    ]
+    rows = lm.across_packings(packed, stitched, "wiki")
+    assert list(rows) == ["vanilla", "ssa-c0.5-t1"]
+    assert rows["vanilla"]["seeds"] == [0, 1] and "vs_vanilla_change_pp" not in rows["vanilla"]
+    assert rows["vanilla"]["packed_vs_stitched_percent"]["mean"] == pytest.approx(-7.5)
+    gap = rows["ssa-c0.5-t1"]["vs_vanilla_change_pp"]
+    assert gap["mean"] == pytest.approx(-4.5) and gap["n"] == 2 and gap["verdict"] == "tie"  # 5 and 4 pp, 2 seeds
+    # through collect: the stitched study's results.json, its settings checked
+    search = dataclasses.replace(lm.Config(), **{**lm.BUDGETS["search"], "budget": "search"})
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "results.json").write_text(
+        json.dumps({"config": dataclasses.asdict(search), "runs": stitched})
+    )
+    cfg = dataclasses.replace(
+        lm.Config(),
+        **{
+            **lm.BUDGETS["packed"],
+            "budget": "packed",
+            "chosen": "ssa-c0.5-t1",
+            "stitched_from": str(tmp_path / "search"),
+        },
+    )
+    from selective_attention.experiments.lm.results import _across_packings
+    from selective_attention.experiments.lm.tables import _across_packing_lines
+
+    across = _across_packings(cfg, packed)
+    assert across["rows"] == rows and across["corpus"] == "wiki"
+    lines = _across_packing_lines(across)
+    # own change -14.74 % and -8.88 %; gap to vanilla -10 % vs -5 % and -6 % vs -2 %
+    assert lines[-1] == "| ssa-c0.5-t1 | 0, 1 | -11.81 % [-49.03, +25.42] (tie) | -4.50 pp [-10.85, +1.85] (tie) |"
+    with pytest.raises(UserError, match="other max_tokens"):
+        _across_packings(dataclasses.replace(cfg, max_tokens=4_000_000), packed)
+    with pytest.raises(UserError, match="no results.json"):
+        _across_packings(dataclasses.replace(cfg, stitched_from=str(tmp_path / "none")), packed)
+
+
 def test_the_temperature_table_says_how_little_a_row_moved():
     from selective_attention.experiments.lm.tables import temperature_lines
 

@@ -212,9 +212,15 @@ def test_continue_studies_confirms_the_searchs_choice_only_once_the_search_is_co
     proc, calls = _continue_studies(tmp_path, {"complete": True, "choice": {"method": "ssa-c0.5-t1"}, "pending": []})
     assert proc.returncode == 0, proc.stderr
     budgets = [_parse(c).budget for c in calls]
-    assert budgets == ["cpu", "search", "confirm", "packed"]
-    assert [c[c.index("--set") + 1] for c in calls[2:]] == ["chosen=ssa-c0.5-t1"] * 2
-    assert all(_parse(c).out.startswith(str(tmp_path / "runs")) for c in calls)
+    assert budgets == ["cpu", "search", "packed", "confirm", "confirm-packed"]
+    assert all(_parse(c).set[0] == "chosen=ssa-c0.5-t1" for c in calls[2:])
+    runs = tmp_path / "runs"
+    assert [_parse(c).set[1:] for c in calls[2:]] == [
+        [f"stitched_from={runs / 'lm-search'}"],
+        [],
+        [f"stitched_from={runs / 'lm-confirm'}"],
+    ]
+    assert all(_parse(c).out.startswith(str(runs)) for c in calls)
 
 
 # ---- the README's Python examples run as written (paths swapped for local ones)

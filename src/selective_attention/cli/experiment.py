@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget",
         default=None,
         metavar="NAME",
-        help="a preset of the experiment's settings (lm: quick | default | full | search | confirm | packed | demo; "
-        "finetune-study: quick | full; finetune: quick | default | full | cpu); --set applies on top",
+        help="a preset of the experiment's settings (lm: quick | default | full | search | confirm | packed | "
+        "confirm-packed | demo; finetune-study: quick | full; finetune: quick | default | full | cpu); --set applies "
+        "on top",
     )
     parser.add_argument("--seed", type=int, default=0, help="first seed (seeds are SEED .. SEED+N-1)")
     parser.add_argument(

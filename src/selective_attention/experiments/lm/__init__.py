@@ -1,6 +1,8 @@
-"""``ssa experiment lm --budget quick|default|full|search|confirm``: does SSA make a better language model? A resumable
-study. ``search`` is the pre-registered configuration search (``SEARCH``) and ``confirm`` trains its choice
-(``--set chosen=LABEL``) at the full budget on seeds it was not chosen on.
+"""``ssa experiment lm --budget quick|default|full|search|confirm|packed|confirm-packed``: does SSA make a better
+language model? A resumable study. ``search`` is the pre-registered configuration search (``SEARCH``) and
+``confirm`` trains its choice (``--set chosen=LABEL``) at the full budget on seeds it was not chosen on; ``packed``
+and ``confirm-packed`` train the search's and the confirmation's wiki runs again with documents apart, paired with
+them seed by seed (``--set stitched_from=OUT``).
 
 Design (the ``full`` budget; ``default`` is its one-hour subset, ``quick`` a CI-sized check of the machinery):
 - model ``study``: a Llama-style body-heavy model (d 192, 4 layers, 6 heads, ffn 512) with a 2,048-token BPE
@@ -46,6 +48,7 @@ from selective_attention.experiments.lm.config import (
     CONFIRM_ROWS,
     DEFAULT_SEEDS,
     METHODS,
+    PAIRING_FIELDS,
     PRIMARY,
     SEARCH,
     SEARCH_LR_FACTORS,
@@ -75,6 +78,7 @@ from selective_attention.experiments.lm.results import collect, run_record, vali
 from selective_attention.experiments.lm.runs import Run, is_trained, label, plan, train_config
 from selective_attention.experiments.lm.scheduler import LMStudy, Study, StudyPlan, train_all, train_and_evaluate
 from selective_attention.experiments.lm.stats import (
+    across_packings,
     aggregate,
     choose,
     dilution,
@@ -95,6 +99,7 @@ __all__ = [
     "DEFAULT_SEEDS",
     "EVAL_FILE",
     "METHODS",
+    "PAIRING_FIELDS",
     "PRIMARY",
     "SEARCH",
     "SEARCH_LR_FACTORS",
@@ -102,6 +107,7 @@ __all__ = [
     "TIE_MARGIN",
     "Config",
     "Run",
+    "across_packings",
     "aggregate",
     "choose",
     "collect",

@@ -37,8 +37,14 @@ CONFIRM_ROWS = ("vanilla", CHOSEN, "ssmax", "llama4")
 # budget and seeds on wiki, every window trained and validated with attention and positions restarting at each
 # document (TrainConfig.packing "documents"), the confirmation's rows. Within the budget: each row vs vanilla,
 # paired by seed, as everywhere. Across packings: vanilla and the chosen row pair seed by seed with the search's
-# stitched runs (same data order, model and budget), each validated in its own packing.
+# stitched runs (same data order, model and budget), each validated in its own packing (``--set
+# stitched_from=OUT`` names that study): a row's packed / stitched change per seed and, the clean measure, how its
+# paired difference to vanilla changes (percentage points, paired by seed: what both validations share cancels).
+# ``confirm-packed``: the confirmation's wiki rows and seeds (full budget, seeds 3-5) packed, paired in the same
+# way with the confirmation's stitched wiki runs.
 PACKED_ROWS = CONFIRM_ROWS
+# the settings two studies must share for their runs of one seed to pair across packings
+PAIRING_FIELDS = ("size", "vocab_size", "seq_len", "batch_size", "lr", "max_tokens", "split_seed")
 PRIMARY = ("vanilla", "ssa")  # the headline comparison, trained first
 
 
@@ -66,6 +72,7 @@ class Config:
     seed_offsets: tuple[int, ...] = ()  # per corpus: its seeds are the study's seeds + this (confirm: wiki 3-5)
     chosen: str = ""  # confirm: the search's choice (a SEARCH label), trained against vanilla, ssmax and llama4
     packing: str = "stitched"  # TrainConfig.packing of every run ("documents": attention restarts per document)
+    stitched_from: str = ""  # packed budgets: OUT of the stitched study whose runs pair seed by seed with these
 
 
 BUDGETS: dict[str, dict[str, Any]] = {
@@ -113,6 +120,16 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "length_windows": 8,
         "entropy_windows": 1,
     },
+    # the confirmation's wiki rows and seeds, documents apart (pairs with the confirmation: --set stitched_from=)
+    "confirm-packed": {
+        "max_tokens": 4_000_000,
+        "eval_every": 50,
+        "length_windows": 32,
+        "corpora": ("wiki",),
+        "methods": CONFIRM_ROWS,
+        "seed_offsets": (3,),
+        "packing": "documents",
+    },
     # `ssa demo`: the study's design (body-heavy model, 512 tokens, long documents) at <= 10 minutes on 2 cores
     "demo": {
         "corpora": ("sotu",),
@@ -144,6 +161,7 @@ BUDGET_SEEDS = {
     "search": 3,
     "confirm": 3,
     "packed": 3,
+    "confirm-packed": 3,
 }
 
 
@@ -211,6 +229,8 @@ def validate(config: Config, seeds: list[int]) -> None:
             method_settings(m)
     if config.packing not in ("stitched", "documents"):
         raise UserError(f"packing must be stitched or documents, got {config.packing!r}")
+    if config.stitched_from and config.packing != "documents":
+        raise UserError("stitched_from pairs a packed study with a stitched one: it needs --set packing=documents")
     if "vanilla" not in config.methods:
         raise UserError("the study compares every method with vanilla: keep vanilla in methods")
     if not config.length_multipliers or min(config.length_multipliers) < 1:

@@ -7,10 +7,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from selective_attention.experiments.lm.config import Config
+from selective_attention.errors import UserError
+from selective_attention.experiments.lm.config import PAIRING_FIELDS, Config
 from selective_attention.experiments.lm.evaluation import EVAL_FILE, unigram_ppl
 from selective_attention.experiments.lm.runs import Run, plan
-from selective_attention.experiments.lm.stats import aggregate, choose, dilution, late_improvement
+from selective_attention.experiments.lm.stats import across_packings, aggregate, choose, dilution, late_improvement
 from selective_attention.utils.io import read_json
 
 
@@ -77,4 +78,30 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
     }
     if config.budget == "search":
         results["choice"] = choose(primary)
+    if config.stitched_from:
+        results["across_packings"] = _across_packings(config, records)
     return results
+
+
+def _across_packings(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """This packed study's runs paired seed by seed with the stitched study in ``config.stitched_from`` (read from
+    its results.json), on the first corpus; refused when the two studies did not train alike."""
+    path = Path(config.stitched_from) / "results.json"
+    if not path.is_file():
+        raise UserError(f"stitched_from: no results.json in {config.stitched_from} (run or rebuild that study first)")
+    other = read_json(path, "the stitched study's results.json")
+    theirs = other["config"]
+    if theirs.get("packing", "stitched") != "stitched":
+        raise UserError(f"stitched_from: {config.stitched_from} is not a stitched study")
+    differ = [f for f in PAIRING_FIELDS if theirs.get(f) != getattr(config, f)]
+    if differ:
+        raise UserError(
+            f"stitched_from: {config.stitched_from} trained with other {', '.join(differ)}; its runs do not pair "
+            "with these"
+        )
+    corpus = config.corpora[0]
+    return {
+        "stitched_from": config.stitched_from,
+        "corpus": corpus,
+        "rows": across_packings(records, other["runs"], corpus),
+    }

@@ -188,3 +188,37 @@ def choose(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         "tied_with": [t for t, _ in tied if t != m],
         "rule": f"lowest mean paired difference; within {TIE_MARGIN} pp a tie, broken by fewer new parameters",
     }
+
+
+def across_packings(packed: list[dict[str, Any]], stitched: list[dict[str, Any]], corpus: str) -> dict[str, Any]:
+    """Packed runs against the stitched runs of the same row and seed on ``corpus`` (records with method, seed,
+    val_ppl; each validated in its own packing): per row the change of val ppl, packed vs stitched (%, paired by
+    seed), and per non-vanilla row the change of its paired difference to vanilla (percentage points, paired by
+    seed) - what the two validations share cancels in the latter, so it says whether the row gains more from
+    documents apart than vanilla does."""
+
+    def by_seed(records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
+        for r in records:
+            if r["corpus"] == corpus:
+                out.setdefault(r["method"], {})[r["seed"]] = r["val_ppl"]
+        return out
+
+    p, s = by_seed(packed), by_seed(stitched)
+    rows: dict[str, Any] = {}
+    for m in (m for m in p if m in s):
+        seeds = sorted(set(p[m]) & set(s[m]))
+        row: dict[str, Any] = {
+            "seeds": seeds,
+            "packed_vs_stitched_percent": paired([100 * (p[m][k] - s[m][k]) / s[m][k] for k in seeds]),
+        }
+        if m != "vanilla" and "vanilla" in p and "vanilla" in s:
+            both = [k for k in seeds if k in p["vanilla"] and k in s["vanilla"]]
+            row["vs_vanilla_change_pp"] = paired(
+                [
+                    100 * (p[m][k] / p["vanilla"][k] - s[m][k] / s["vanilla"][k])  # packed gap - stitched gap
+                    for k in both
+                ]
+            )
+        rows[m] = row
+    return rows

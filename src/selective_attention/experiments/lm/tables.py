@@ -214,4 +214,31 @@ def summary(results: dict[str, Any]) -> str:
             ]
         lines.append("")
         lines += _mechanism_lines(methods, cfg["seq_len"])
+    lines += _across_packing_lines(results.get("across_packings"))
     return "\n".join(lines)
+
+
+def _across_packing_lines(across: dict[str, Any] | None) -> list[str]:
+    """The packed runs against the stitched study's runs of the same row and seed."""
+    if not across or not across["rows"]:
+        return []
+    lines = [
+        "",
+        f"## Across packings: these packed runs vs the stitched runs of `{across['stitched_from']}` "
+        f"({across['corpus']}, same row and seed)",
+        "",
+        "Each run is validated in its own packing, so a row's own change mixes training and validation; the change "
+        "of its gap to vanilla (packed gap minus stitched gap, percentage points, paired by seed) cancels what the "
+        "two validations share: below zero, the row gains more than vanilla from documents apart.",
+        "",
+        "| row | seeds | val ppl, packed vs stitched [95 % CI] | its gap to vanilla, packed minus stitched [95 % CI] |",
+        "|---|---|---|---|",
+    ]
+    for m, row in across["rows"].items():
+        own, gap = row["packed_vs_stitched_percent"], row.get("vs_vanilla_change_pp")
+        gap_cell = f"{_fmt_interval(gap, ' pp')} ({_direction(gap, 'gains more', 'gains less')})" if gap else "-"
+        lines.append(
+            f"| {m} | {', '.join(str(k) for k in row['seeds'])} | {_fmt_interval(own)} "
+            f"({_direction(own, 'lower packed', 'higher packed')}) | {gap_cell} |"
+        )
+    return lines
