@@ -222,3 +222,41 @@ def test_the_finetune_experiment_reports_tokens_to_target_and_draws_its_figures(
     finetune._figures(tmp_path, {**results, "runs": records})
     names = {"finetune-sotu.png", "finetune-sotu-paired.png", "finetune-sotu-tokens-to-target.png"}
     assert {p.name for p in tmp_path.glob("*.png")} == names
+
+
+def _finished_finetune(run_dir: Path, config, val_ppl: float, curve: list[float]) -> None:
+    """A fine-tune's directory as `ssa train` and `finetune._evaluate` leave it: run.json, metrics.jsonl with the
+    validations during training, the saved evaluation."""
+    run_dir.mkdir(parents=True)
+    info = {"final_val_ppl": curve[-1], "tokens": 4000, "tokens_per_s": 60.0, "parameters": {"new": 0}}
+    (run_dir / "run.json").write_text(json.dumps(info))
+    lines = [{"step": 25 * (i + 1), "tokens": 1000 * (i + 1), "val_ppl": p} for i, p in enumerate(curve)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ev = {"settings": finetune._eval_settings(config), "val_ppl": val_ppl, "zero_shot": {}}
+    (run_dir / finetune.EVAL_FILE).write_text(json.dumps(ev))
+
+
+def test_the_finetune_experiments_tables_only_reads_finished_fine_tunes_and_trains_nothing(tmp_path, monkeypatch):
+    """--tables-only: the tables of the fine-tunes finished and evaluated so far, the others listed as pending (an
+    unfinished run, or one evaluated with other settings); nothing is trained or measured."""
+    import selective_attention.train as train_pkg
+
+    monkeypatch.setattr(train_pkg, "train", _never)
+    monkeypatch.setattr(hf_pkg, "load_pretrained", _never)
+    cfg = dataclasses.replace(
+        finetune.Config(budget="cpu"), model=str(tmp_path / "model.gguf"), methods=("vanilla", "ssa")
+    )
+    out = tmp_path / "ft"
+    _finished_finetune(out / "runs" / "vanilla-seed0", cfg, 30.0, [40.0, 35.0, 32.0, 31.0])
+    _finished_finetune(out / "runs" / "ssa-seed0", cfg, 29.7, [39.0, 34.0, 31.0, 30.0])
+    _finished_finetune(out / "runs" / "ssa-seed1", dataclasses.replace(cfg, zero_shot_limit=5), 29.0, [40.0, 30.0])
+    (out / "runs" / "vanilla-seed1").mkdir()  # started, not finished
+    res = finetune.run(out, cfg, [0, 1], progress=False, tables_only=True)
+    assert res["pending"] == ["vanilla-seed1", "ssa-seed1"] and not res["complete"] and res["base"] is None
+    assert [(r["method"], r["seed"]) for r in res["runs"]] == [("vanilla", 0), ("ssa", 0)]
+    ssa = res["methods"]["ssa"]
+    assert ssa["paired_percent"]["mean"] == pytest.approx(-1.0) and ssa["paired_percent"]["n"] == 1
+    assert ssa["speedup_per_seed"] == pytest.approx([4000 / 3000])  # vanilla's final 31 at 3,000 tokens
+    text = (out / "summary.md").read_text()
+    assert "**Incomplete**: 2 fine-tune(s) still to train or evaluate" in text and "| ssa | 0 |" in text
+    assert (out / "finetune-sotu.png").is_file()

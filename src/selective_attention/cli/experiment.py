@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tables-only",
         action="store_true",
-        help="lm, finetune-study: rebuild results.json, figures and summary.md from the runs "
+        help="lm, finetune-study, finetune: rebuild results.json, figures and summary.md from the runs "
         "finished so far; train nothing (read a study in progress)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

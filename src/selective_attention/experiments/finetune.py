@@ -25,6 +25,7 @@ from typing import Any
 
 from selective_attention.errors import UserError
 from selective_attention.experiments import common, lm
+from selective_attention.utils.io import read_json
 from selective_attention.utils.stats import paired
 
 DEFAULT_SEEDS = 1
@@ -119,18 +120,75 @@ def _evaluate(run_dir: Path, config: Config, model_dir: str | None = None) -> di
             "zero_shot": common.zero_shot_accuracy(model, tok, config.zero_shot_tasks, config.zero_shot_limit),
         }
 
-    settings = {
+    return common.cached(run_dir / EVAL_FILE, _eval_settings(config), measure)
+
+
+def _eval_settings(config: Config) -> dict[str, Any]:
+    """What a saved evaluation must have been made with to be reused."""
+    return {
         "eval_tokens": config.eval_tokens,
         "tasks": list(config.zero_shot_tasks),
         "limit": config.zero_shot_limit,
         "seq_len": config.seq_len,
         "data": config.data,
     }
-    return common.cached(run_dir / EVAL_FILE, settings, measure)
 
 
-def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> dict[str, Any]:
-    from selective_attention.train import TrainConfig, train
+def _saved_evaluation(run_dir: Path, config: Config) -> dict[str, Any] | None:
+    """The evaluation saved in ``run_dir`` with this config's settings (None when there is none)."""
+    path = run_dir / EVAL_FILE
+    if not path.is_file():
+        return None
+    saved = read_json(path, "a saved evaluation")
+    return saved if isinstance(saved, dict) and saved.get("settings") == _eval_settings(config) else None
+
+
+def _train_config(config: Config, init: str, method: str, seed: int, run_dir: Path) -> Any:
+    from selective_attention.train import TrainConfig
+
+    return TrainConfig(
+        data=config.data,
+        init_from=init,
+        max_tokens=config.steps * config.batch_size * config.seq_len,
+        seed=seed,
+        out=str(run_dir),
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        temperature_lr=config.temperature_lr,
+        warmup=max(1, config.steps // 10),
+        eval_every=max(1, config.steps // 4),
+        eval_tokens=min(8192, config.eval_tokens),
+        progress=False,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=1,
+        **_method(method),
+    )
+
+
+def _record(method: str, seed: int, run_dir: Path, info: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
+    """What one finished fine-tune measured: its run.json ``info``, its evaluation ``ev`` and its curve."""
+    curve_tokens, curve_ppl = lm.validation_curve(run_dir)
+    return {
+        "method": method,
+        "seed": seed,
+        # the validations during training (eval_tokens of them each): what tokens-to-target reads
+        "curve": {"tokens": curve_tokens, "ppl": curve_ppl},
+        "curve_final_ppl": float(info["final_val_ppl"]),
+        "tokens": int(info["tokens"]),
+        "tokens_per_s": float(info["tokens_per_s"]),
+        "new_parameters": int(info["parameters"]["new"]),
+        "temperatures": info.get("temperatures"),
+        **ev,
+    }
+
+
+def run(
+    out: Path, config: Config, seeds: list[int], progress: bool = True, tables_only: bool = False
+) -> dict[str, Any]:
+    """Evaluate the base, fine-tune and evaluate every (seed, method), then write the tables. ``tables_only``
+    trains and measures nothing: the tables of the fine-tunes finished and evaluated so far (the rest pending)."""
+    from selective_attention.train import train
 
     if config.budget not in BUDGETS:
         raise UserError(f"unknown budget {config.budget!r}; choose from {', '.join(BUDGETS)}")
@@ -139,49 +197,23 @@ def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> d
     for m in config.methods:
         _method(m)
     init = model_path(config)
-    tokens = config.steps * config.batch_size * config.seq_len
-    records = []
-    base = _evaluate(out / "base", config, model_dir=init)  # before fine-tuning: what a fine-tune may cost
+    records, pending = [], []
+    # before fine-tuning: what a fine-tune may cost
+    base = _saved_evaluation(out / "base", config) if tables_only else _evaluate(out / "base", config, model_dir=init)
     bar = common.progress(len(seeds) * len(config.methods), f"finetune ({config.budget})", progress)
     for seed in seeds:
         for m in config.methods:
             d = out / "runs" / f"{m}-seed{seed}"
-            info = train(
-                TrainConfig(
-                    data=config.data,
-                    init_from=init,
-                    max_tokens=tokens,
-                    seed=seed,
-                    out=str(d),
-                    seq_len=config.seq_len,
-                    batch_size=config.batch_size,
-                    lr=config.lr,
-                    temperature_lr=config.temperature_lr,
-                    warmup=max(1, config.steps // 10),
-                    eval_every=max(1, config.steps // 4),
-                    eval_tokens=min(8192, config.eval_tokens),
-                    progress=False,
-                    checkpoint_every=config.checkpoint_every,
-                    keep_checkpoints=1,
-                    **_method(m),
-                )
-            )
-            ev = _evaluate(d, config)
-            curve_tokens, curve_ppl = lm.validation_curve(d)
-            records.append(
-                {
-                    "method": m,
-                    "seed": seed,
-                    # the validations during training (eval_tokens of them each): what tokens-to-target reads
-                    "curve": {"tokens": curve_tokens, "ppl": curve_ppl},
-                    "curve_final_ppl": float(info["final_val_ppl"]),
-                    "tokens": int(info["tokens"]),
-                    "tokens_per_s": float(info["tokens_per_s"]),
-                    "new_parameters": int(info["parameters"]["new"]),
-                    "temperatures": info.get("temperatures"),
-                    **ev,
-                }
-            )
+            if tables_only:
+                ev = _saved_evaluation(d, config)
+                if ev is None or not (d / "run.json").is_file():
+                    pending.append(f"{m}-seed{seed}")
+                    continue
+                info = read_json(d / "run.json", "a finished fine-tune's run.json")
+            else:
+                info = train(_train_config(config, init, m, seed, d))
+                ev = _evaluate(d, config)
+            records.append(_record(m, seed, d, info, ev))
             bar.update(1)
     bar.close()
     results = {
@@ -192,6 +224,8 @@ def run(out: Path, config: Config, seeds: list[int], progress: bool = True) -> d
         "base": base,
         "methods": _aggregate(records),
         "runs": records,
+        "pending": pending,
+        "complete": not pending and base is not None,
     }
     return common.finish(out, results, _figures, summary)
 
@@ -240,6 +274,12 @@ def summary(results: dict[str, Any]) -> str:
         + " |",
         "|---" * (5 + len(tasks)) + "|",
     ]
+    if results.get("pending"):
+        lines[1:1] = [
+            "",
+            f"**Incomplete**: {len(results['pending'])} fine-tune(s) still to train or evaluate (rerun the same "
+            f"command): {', '.join(results['pending'])}",
+        ]
     base = results.get("base")
     if base:
         zs = [_accuracy_cell(base["zero_shot"], t) for t in tasks]
@@ -272,6 +312,8 @@ def summary(results: dict[str, Any]) -> str:
 
 def _figures(out: Path, results: dict[str, Any]) -> None:
     """Validation curves per method and seed, the paired differences to vanilla and tokens-to-target."""
+    if not results["runs"]:
+        return
     plt = common.pyplot()
     data, methods = results["config"]["data"], list(results["methods"])
     name = f"{results['model']} on {data}"
