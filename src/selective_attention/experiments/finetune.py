@@ -12,8 +12,9 @@ the row's, read on the validations during training). Figures: the validation cur
 differences and tokens-to-target per seed (``finetune-<data>*.png``).
 
 Runs live in ``OUT/runs/<method>-seed<S>/`` and resume like ``ssa train``; rerunning skips what is done. One
-optimizer step of 4 x 256 tokens takes ~9-13 s on 2 CPU cores, so ``full`` (2 seeds x 3 methods x 300 steps, full
-task sets) is a GPU job: ``configs/smollm2-sotu-finetune.yaml`` is the same recipe for one GPU.
+optimizer step of 4 x 256 tokens takes ~16 s on 2 CPU cores (measured: 60-64 tokens/s), so ``full`` (2 seeds x 3
+methods x 300 steps, full task sets) is a GPU job: ``configs/smollm2-sotu-finetune.yaml`` is the same recipe for
+one GPU.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
     },
     "default": {},
     "full": {"steps": 300, "zero_shot_limit": 0},
-    # the CPU version of the issue's question: 2 seeds x 3 rows x 100 steps of 4 x 256 tokens (~10 s a step on 2
-    # cores: ~1.7 h of training) at the weights' 1e-5 / temperatures' 1e-2 of the official recipe, 200 examples per
-    # zero-shot task; resumable over sittings (checkpoints every 20 steps)
+    # the CPU version of the issue's question: 2 seeds x 3 rows x 100 steps of 4 x 256 tokens (~16 s a step on 2
+    # cores: ~2.7 h of training, and ~10 min per evaluation, 7 of them) at the weights' 1e-5 / temperatures' 1e-2
+    # of the official recipe, 200 examples per zero-shot task; resumable over sittings (checkpoints every 20 steps)
     "cpu": {"steps": 100, "zero_shot_limit": 200},
 }
 BUDGET_SEEDS = {"quick": 1, "default": 1, "full": 2, "cpu": 2}
