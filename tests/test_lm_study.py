@@ -563,6 +563,33 @@ def test_the_temperature_table_says_how_little_a_row_moved():
     assert temperature_lines({"vanilla": {}}) == []
 
 
+def test_the_temperatures_figure_reads_c_per_layer_and_skips_rows_without_temperatures(tmp_path):
+    def module(layer: int, target: str, c: list[float] | None) -> dict:
+        m = {"name": f"model.layers.{layer}.self_attn.ssa_temperature.fns.{target}", "target": target}
+        return {**m, "c": c} if c is not None else m
+
+    per_head = {
+        "modules": [module(0, "query", [0.1, 0.3]), module(0, "value", None), module(1, "query", [0.5, 0.7])],
+        "token_spread": {"query": [0.2, 0.3], "value": [0.1, 0.1]},
+    }
+    assert lm.layer_coefficients(per_head) == [[0.1, 0.3], [0.5, 0.7]]  # the value temperature has no c
+    assert lm.layer_coefficients({"modules": [module(0, "query", [0.002]), module(1, "query", [0.01])]}) == [
+        [0.002],
+        [0.01],
+    ]  # the official form: one c per layer
+    assert lm.layer_coefficients({"modules": [module(0, "query", None)]}) == []  # token terms only
+    records = [
+        {"method": "vanilla", "temperatures": {"modules": []}},
+        {"method": "ssa", "temperatures": per_head},
+        {"method": "ssmax", "temperatures": None},
+    ]
+    path = tmp_path / "t.png"
+    lm.temperatures_figure(records[::2], ["vanilla", "ssa", "ssmax"], "wiki", path)
+    assert not path.exists()  # no row with temperature parameters: no figure
+    lm.temperatures_figure(records, ["vanilla", "ssa", "ssmax"], "wiki", path)
+    assert path.stat().st_size > 0
+
+
 def test_the_paired_figure_draws_a_row_far_off_the_others_at_its_edge():
     from selective_attention.experiments.lm.figures import off_scale
 

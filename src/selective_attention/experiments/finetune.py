@@ -312,7 +312,8 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def _figures(out: Path, results: dict[str, Any]) -> None:
-    """Validation curves per method and seed, the paired differences to vanilla and tokens-to-target."""
+    """Validation curves per method and seed, the paired differences to vanilla, tokens-to-target and where the
+    temperatures ended."""
     if not results["runs"]:
         return
     plt = common.pyplot()
@@ -325,3 +326,4 @@ def _figures(out: Path, results: dict[str, Any]) -> None:
     if rows:
         lm.paired_figure(rows, methods, name, out / f"finetune-{lm.label(data)}-paired.png")
     lm.tokens_to_target_figure(results["methods"], name, out / f"finetune-{lm.label(data)}-tokens-to-target.png")
+    lm.temperatures_figure(results["runs"], methods, name, out / f"finetune-{lm.label(data)}-temperatures.png")

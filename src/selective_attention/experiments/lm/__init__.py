@@ -68,9 +68,11 @@ from selective_attention.experiments.lm.evaluation import (
     unigram_ppl,
 )
 from selective_attention.experiments.lm.figures import (
+    layer_coefficients,
     log_binned,
     paired_figure,
     plot_validation_curves,
+    temperatures_figure,
     tokens_to_target_figure,
     write_figures,
 )
@@ -119,6 +121,7 @@ __all__ = [
     "is_trained",
     "label",
     "late_improvement",
+    "layer_coefficients",
     "load_final",
     "log_binned",
     "method_settings",
@@ -131,6 +134,7 @@ __all__ = [
     "summary",
     "temperature_lines",
     "temperature_row",
+    "temperatures_figure",
     "tokens_to_reach",
     "tokens_to_target",
     "tokens_to_target_cell",

@@ -78,6 +78,7 @@ def write_figures(out: Path, results: dict[str, Any]) -> None:
         rows = [(m, c["methods"][m]["paired_percent"]) for m in methods if "paired_percent" in c["methods"][m]]
         if rows:
             paired_figure(rows, methods, corpus, out / f"lm-{label(corpus)}-paired.png")
+        temperatures_figure(records, methods, corpus, out / f"lm-{label(corpus)}-temperatures.png")
 
 
 def plot_validation_curves(
@@ -191,3 +192,53 @@ def tokens_to_target_figure(methods: dict[str, dict[str, Any]], corpus: str, pat
         f"{corpus}: tokens-to-target per seed",
         path,
     )
+
+
+def layer_coefficients(temperatures: dict[str, Any]) -> list[list[float]]:
+    """c per layer (a list over its heads, one entry for a per-layer c) from a run's "temperatures" record: the
+    query temperatures' modules in layer order; [] for a row without a position term."""
+    return [m["c"] for m in temperatures["modules"] if m.get("target") == "query" and m.get("c")]
+
+
+def temperatures_figure(records: list[dict[str, Any]], methods: list[str], corpus: str, path: Path) -> None:
+    """Where every row's temperatures ended, per layer: the position coefficient c (the mean over heads and seeds,
+    the band from the lowest to the highest head of any seed) and the token term's spread over tokens (query and
+    value, mean over seeds). Nothing when no row has temperatures."""
+    kept = [r for r in records if (r.get("temperatures") or {}).get("modules")]  # runs with temperature parameters
+    rows = [m for m in methods if any(r["method"] == m for r in kept)]
+    if not rows:
+        return
+    plt = common.pyplot()
+    fig, (ax_c, ax_s) = plt.subplots(1, 2, figsize=(13, 4.5))
+    drawn: list[str] = []  # rows with a c or a token term (a constant per head has neither)
+    for m in rows:
+        colour = f"C{methods.index(m)}"
+        recs = [r["temperatures"] for r in kept if r["method"] == m]
+        per_seed = [layer_coefficients(t) for t in recs]
+        if per_seed and all(per_seed) and len({len(c) for c in per_seed}) == 1:
+            layers = range(len(per_seed[0]))
+            heads = [[v for c in per_seed for v in c[layer]] for layer in layers]  # every head of every seed
+            ax_c.plot(layers, [np.mean(h) for h in heads], marker="o", color=colour)
+            drawn.append(m)
+            ax_c.fill_between(layers, [min(h) for h in heads], [max(h) for h in heads], color=colour, alpha=0.15)
+        spreads = [t["token_spread"] for t in recs if t.get("token_spread")]
+        for target, style in (("query", "-"), ("value", "--")):
+            per_layer = [sp[target] for sp in spreads if any(sp.get(target, []))]
+            if per_layer:
+                mean = np.mean(per_layer, axis=0)
+                ax_s.plot(range(len(mean)), mean, ls=style, marker="o", color=colour)
+                drawn.append(m)
+    ax_c.axhline(0, color="k", lw=1)
+    ax_c.set(xlabel="layer", ylabel="position coefficient c", title=f"{corpus}: c at the end (mean; band: all heads)")
+    ax_s.set(
+        xlabel="layer",
+        ylabel="std over tokens of the token term",
+        title="the token term's spread at the end (solid: query, dashed: value)",
+    )
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_c, ax_s):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = [plt.Line2D([], [], color=f"C{methods.index(m)}", marker="o", label=m) for m in dict.fromkeys(drawn)]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    common.save_figure(fig, path)
