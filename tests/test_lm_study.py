@@ -457,6 +457,24 @@ def test_search_labels_and_choice_rule():
     assert lm.choose({"a": row(1.0, 5), "b": row(0.2, 50)})["method"] == "b"
 
 
+def test_the_studys_ssa_row_is_the_searchs_c05_t1_configuration():
+    """The study's default SSA row (``ssa``: init "scratch", the temperatures at the base lr, what ``ssa train
+    --attention ssa`` trains from scratch) is the search's ``ssa-c0.5-t1``: the same initial weights and the same
+    optimizer groups - so a confirmed ``ssa-c0.5-t1`` is already the default."""
+    from selective_attention.temperature import param_groups
+    from selective_attention.train.models import build_model
+
+    a, b = lm.method_settings("ssa", 2e-3), lm.method_settings("ssa-c0.5-t1", 2e-3)
+    models = [build_model("tiny", 512, 64, "ssa", s["ssa"], seed=1) for s in (a, b)]
+    sa, sb = (m.state_dict() for m in models)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    groups = [param_groups(m, 2e-3, s.get("temperature_lr"), 0.1) for m, s in zip(models, (a, b))]
+    assert [(g["name"], g["lr"], len(g["params"])) for g in groups[0]] == [
+        (g["name"], g["lr"], len(g["params"])) for g in groups[1]
+    ]
+    assert b["temperature_lr"] == 2e-3 and "temperature_lr" not in a  # None: the base lr
+
+
 def test_packed_budget_trains_every_row_with_documents_apart(tmp_path):
     """--budget packed: the search's settings on wiki with packing "documents" for every run, the confirmation's
     rows; the stitched budgets keep TrainConfig's default packing (their saved runs stay valid)."""
