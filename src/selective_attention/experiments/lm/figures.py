@@ -229,12 +229,11 @@ def temperatures_figure(records: list[dict[str, Any]], methods: list[str], corpu
                 ax_s.plot(range(len(mean)), mean, ls=style, marker="o", color=colour)
                 drawn.append(m)
     ax_c.axhline(0, color="k", lw=1)
-    ax_c.set(xlabel="layer", ylabel="position coefficient c", title=f"{corpus}: c at the end (mean; band: all heads)")
+    ax_c.set(xlabel="layer", ylabel="position coefficient c", title="c (mean over heads and seeds; band: every head)")
     ax_s.set(
-        xlabel="layer",
-        ylabel="std over tokens of the token term",
-        title="the token term's spread at the end (solid: query, dashed: value)",
+        xlabel="layer", ylabel="std over tokens of the token term", title="token term's spread (solid: q, dashed: v)"
     )
+    fig.suptitle(f"{corpus}: where the temperatures ended")
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_c, ax_s):
