@@ -562,6 +562,9 @@ def test_across_packings_pairs_each_row_and_its_gap_to_vanilla_seed_by_seed(tmp_
         _across_packings(dataclasses.replace(cfg, max_tokens=4_000_000), packed)
     with pytest.raises(UserError, match="no results.json"):
         _across_packings(dataclasses.replace(cfg, stitched_from=str(tmp_path / "none")), packed)
+    lm.validate(cfg, [0, 1])
+    with pytest.raises(UserError, match="no results.json"):  # refused before anything trains
+        lm.validate(dataclasses.replace(cfg, stitched_from=str(tmp_path / "none")), [0, 1])
 
 
 def test_the_temperature_table_says_how_little_a_row_moved():

@@ -4,6 +4,7 @@ the TrainConfig fields of every row it can train. Changing a value here changes 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from selective_attention.errors import UserError
@@ -231,6 +232,8 @@ def validate(config: Config, seeds: list[int]) -> None:
         raise UserError(f"packing must be stitched or documents, got {config.packing!r}")
     if config.stitched_from and config.packing != "documents":
         raise UserError("stitched_from pairs a packed study with a stitched one: it needs --set packing=documents")
+    if config.stitched_from and not (Path(config.stitched_from) / "results.json").is_file():  # before any training
+        raise UserError(f"stitched_from: no results.json in {config.stitched_from} (run or rebuild that study first)")
     if "vanilla" not in config.methods:
         raise UserError("the study compares every method with vanilla: keep vanilla in methods")
     if not config.length_multipliers or min(config.length_multipliers) < 1:
