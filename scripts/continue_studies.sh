@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The open studies in their order, each resuming where it stopped (rerun the script to continue after a stop):
-#   1. the SmolLM2-135M fine-tunes      ssa experiment finetune --budget cpu
-#   2. the configuration search         ssa experiment lm --budget search
-#   3. with the search's choice (read from its results.json once every search run is done; the pre-registered
+#   1. the configuration search         ssa experiment lm --budget search
+#   2. with the search's choice (read from its results.json once every search run is done; the pre-registered
 #      rule of experiments/lm/config.py chose it): the packed-documents study (paired with the search's runs),
 #      the confirmation, and the confirmation's wiki half packed (paired with the confirmation's runs)
 # Low priority (nice 10), so that tests and benchmarks run beside it. Results are refreshed in RUNS/<study>/;
@@ -19,7 +18,7 @@ study() {
   nice -n 10 "${SSA[@]}" experiment "$@" --no-progress
 }
 
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" study finetune --budget cpu --out "$RUNS/ft-smollm2"
+# (the SmolLM2-135M fine-tunes, `ssa experiment finetune --budget cpu`, are complete: results/ft-smollm2/)
 study lm --budget search --out "$RUNS/lm-search" --jobs 2
 choice="$("$PYTHON" - "$RUNS/lm-search/results.json" <<'EOF'
 import json, sys

@@ -208,14 +208,14 @@ def test_continue_studies_confirms_the_searchs_choice_only_once_the_search_is_co
     a search with runs pending stops the script (non-zero, saying so) before either starts."""
     proc, calls = _continue_studies(tmp_path, {"complete": False, "choice": {"method": "ssa-c0.5-t1"}, "pending": [1]})
     assert proc.returncode != 0 and "the search is not complete (1 runs pending)" in proc.stderr
-    assert [c[1:4] for c in calls] == [["finetune", "--budget", "cpu"], ["lm", "--budget", "search"]]
+    assert [c[1:4] for c in calls] == [["lm", "--budget", "search"]]
     proc, calls = _continue_studies(tmp_path, {"complete": True, "choice": {"method": "ssa-c0.5-t1"}, "pending": []})
     assert proc.returncode == 0, proc.stderr
     budgets = [_parse(c).budget for c in calls]
-    assert budgets == ["cpu", "search", "packed", "confirm", "confirm-packed"]
-    assert all(_parse(c).set[0] == "chosen=ssa-c0.5-t1" for c in calls[2:])
+    assert budgets == ["search", "packed", "confirm", "confirm-packed"]
+    assert all(_parse(c).set[0] == "chosen=ssa-c0.5-t1" for c in calls[1:])
     runs = tmp_path / "runs"
-    assert [_parse(c).set[1:] for c in calls[2:]] == [
+    assert [_parse(c).set[1:] for c in calls[1:]] == [
         [f"stitched_from={runs / 'lm-search'}"],
         [],
         [f"stitched_from={runs / 'lm-confirm'}"],
