@@ -60,6 +60,15 @@ def test_study_pretrains_once_fine_tunes_pairs_and_rebuilds(tmp_path):
         progress=False,
     )
     assert (out / "base" / "run.json").stat().st_mtime_ns == mtime
+    # a fine-tune counts as evaluated (nothing left to train) only with both of its evaluations saved
+    config = dataclasses.replace(fs.Config(), **{**fs.BUDGETS["quick"], **TINY, "budget": "quick"})
+    study = fs.FinetuneStudy(out, config, (0, 1))
+    first = study.plan()[0]
+    assert all(study.is_evaluated(r) for r in study.plan())
+    (first.path / fs.ZERO_SHOT_FILE).rename(first.path / "zero-shot.bak")
+    assert not study.is_evaluated(first)
+    (first.path / "zero-shot.bak").rename(first.path / fs.ZERO_SHOT_FILE)
+    assert not fs.FinetuneStudy(out, dataclasses.replace(config, length_windows=2), (0, 1)).is_evaluated(first)
 
     # the same fine-tunes by two worker processes (the base copied: pre-trained once), each run trained exactly
     # once, the same tables up to float rounding (each worker runs single-threaded)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from selective_attention.errors import UserError
 from selective_attention.evaluate.by_length import length_windows, perplexity_by_length
 from selective_attention.experiments import lm, run_experiment
+from selective_attention.experiments.registry import budget_overrides
 from selective_attention.utils.stats import paired
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -240,6 +242,25 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
     parallel = run_experiment("lm", out, seeds=2, progress=False, jobs=2, **settings)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert parallel["methods"] == saved["methods"]
+
+    # a fresh machine with only the runs' committed records (no final model, no checkpoint): nothing trains again
+    # and the tables are the same; a record evaluated with other settings is not taken as finished
+    restored = tmp_path / "restored"
+    for rec in out.glob("runs/*/*/*"):
+        if rec.is_file() and rec.name != ".lock":
+            dest = restored / rec.relative_to(out)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(rec, dest)
+    assert not list(restored.glob("runs/*/*/final")) and len(list(restored.glob("runs/*/*/run.json"))) == 6
+    again = run_experiment("lm", restored, seeds=2, progress=False, **settings)
+    assert not list(restored.glob("runs/*/*/final")) and not list(restored.glob("runs/*/*/checkpoints"))
+    assert again["methods"] == saved["methods"]
+    overrides = {k: v for k, v in settings.items() if k != "budget"}
+    config = dataclasses.replace(lm.Config(), **{**budget_overrides(lm, "quick"), **overrides})  # as the study's
+    first = lm.plan(restored, config, [0])[0]
+    assert lm.is_evaluated(first, config)
+    assert not lm.is_evaluated(first, dataclasses.replace(config, length_windows=3))
+    assert not lm.is_evaluated(lm.plan(restored, config, [2])[0], config)
 
     # a third seed is pending until it has run: the tables say so instead of silently shrinking
     partial = lm.collect(out, lm.Config(**{**settings, "corpora": (str(short),)}), [0, 1, 2])

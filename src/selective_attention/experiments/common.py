@@ -238,13 +238,21 @@ def study_train_config(
     )
 
 
-def cached(path: Path, settings: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """An evaluation saved as ``{"settings": settings, **record}`` at ``path``: the saved one when it was made with
-    the same ``settings``, else ``compute()``'s record, saved there (different settings are measured again)."""
+def saved_with(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The evaluation saved at ``path`` by ``cached`` when it was made with these ``settings``, else None."""
     if path.is_file():
         saved = read_json(path, "a saved evaluation")
         if isinstance(saved, dict) and saved.get("settings") == settings:
             return saved
+    return None
+
+
+def cached(path: Path, settings: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """An evaluation saved as ``{"settings": settings, **record}`` at ``path``: the saved one when it was made with
+    the same ``settings``, else ``compute()``'s record, saved there (different settings are measured again)."""
+    saved = saved_with(path, settings)
+    if saved is not None:
+        return saved
     result = {"settings": settings, **compute()}
     atomic_write_json(path, result)
     return result

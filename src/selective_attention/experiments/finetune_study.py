@@ -186,8 +186,11 @@ def zero_shot_of(model_dir: Path, config: Config) -> dict[str, Any]:
         tasks, limit = config.zero_shot_tasks, config.zero_shot_limit
         return {"zero_shot": common.zero_shot_accuracy(model, tok, tasks, limit, max_length=config.seq_len)}
 
-    settings = {"tasks": list(config.zero_shot_tasks), "limit": config.zero_shot_limit}
-    return common.cached(model_dir.parent / ZERO_SHOT_FILE, settings, measure)["zero_shot"]
+    return common.cached(model_dir.parent / ZERO_SHOT_FILE, _zero_shot_settings(config), measure)["zero_shot"]
+
+
+def _zero_shot_settings(config: Config) -> dict[str, Any]:
+    return {"tasks": list(config.zero_shot_tasks), "limit": config.zero_shot_limit}
 
 
 def validate(config: Config, seeds: list[int]) -> None:
@@ -215,6 +218,10 @@ class FinetuneStudy(lm.StudyPlan):
     def evaluate(self, study_run: lm.Run) -> None:
         lm.evaluate_run(study_run, _lm_config(self.config))
         zero_shot_of(study_run.path / "final", self.config)
+
+    def is_evaluated(self, study_run: lm.Run) -> bool:
+        zero_shot = common.saved_with(study_run.path / ZERO_SHOT_FILE, _zero_shot_settings(self.config))
+        return lm.is_evaluated(study_run, _lm_config(self.config)) and zero_shot is not None
 
 
 def run(

@@ -64,6 +64,7 @@ from selective_attention.experiments.lm.evaluation import (
     EVAL_FILE,
     eval_settings,
     evaluate_run,
+    is_evaluated,
     load_final,
     unigram_ppl,
 )
@@ -118,6 +119,7 @@ __all__ = [
     "dilution",
     "eval_settings",
     "evaluate_run",
+    "is_evaluated",
     "is_trained",
     "label",
     "late_improvement",

@@ -38,6 +38,14 @@ def _length_docs(config: Config, tokenizer: Any) -> list[list[int]]:
     return document_ids(tokenizer, load_documents(config.length_corpus, "val", seed=config.split_seed))
 
 
+def is_evaluated(run: Run, config: Config) -> bool:
+    """The run's run.json and its EVAL_FILE with this study's settings are on disk: everything the tables read.
+    True also for a run restored from its committed records without its final model (``results/<study>/runs``),
+    so a fresh machine continues a study without training its finished runs again."""
+    saved = common.saved_with(run.path / EVAL_FILE, eval_settings(config))
+    return (run.path / "run.json").is_file() and saved is not None
+
+
 def evaluate_run(run: Run, config: Config) -> dict[str, Any]:
     """Perplexity by length, attention entropy by position and teacher-forced passkey retrieval by length of a
     finished run (cached in EVAL_FILE)."""

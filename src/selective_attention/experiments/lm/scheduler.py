@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from selective_attention.errors import UserError
 from selective_attention.experiments import common
 from selective_attention.experiments.lm.config import Config
-from selective_attention.experiments.lm.evaluation import evaluate_run
+from selective_attention.experiments.lm.evaluation import evaluate_run, is_evaluated
 from selective_attention.experiments.lm.runs import Run, is_trained, plan, train_config
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ class Study(Protocol):
     def train_config(self, study_run: Run, progress: bool) -> TrainConfig: ...
 
     def evaluate(self, study_run: Run) -> None: ...
+
+    def is_evaluated(self, study_run: Run) -> bool: ...  # evaluated with the study's settings: nothing left to train
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class LMStudy(StudyPlan):
     def evaluate(self, study_run: Run) -> None:
         evaluate_run(study_run, self.config)
 
+    def is_evaluated(self, study_run: Run) -> bool:
+        return is_evaluated(study_run, self.config)
+
 
 def train_and_evaluate(study_run: Run, study: Study, progress: bool, skip_busy: bool) -> str:
     """Train (or resume) one run and evaluate it: "done", "stopped" (stop_at_step) or "busy" (``skip_busy``: another
@@ -71,7 +76,8 @@ def train_and_evaluate(study_run: Run, study: Study, progress: bool, skip_busy: 
     from selective_attention.train.lock import RunInUse, RunLock
 
     try:
-        if not is_trained(study_run):
+        # an evaluated run needs no model: its records alone (restored from results/) count as finished
+        if not is_trained(study_run) and not study.is_evaluated(study_run):
             info = train(study.train_config(study_run, progress=progress))
             if "stopped_at_step" in info:  # stopped on purpose (stop_at_step): the next invocation resumes it
                 return "stopped"
