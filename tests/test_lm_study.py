@@ -643,3 +643,39 @@ def test_the_paired_figure_draws_a_row_far_off_the_others_at_its_edge():
     assert off_scale(rows[:1] + rows[2:]) == set()  # small differences all stay on one axis
     assert off_scale([("a", p(3.0, -1.0, 7.0)), ("b", p(-2.0, None, None))]) == set()
     assert off_scale([("a", p(90, None, None)), ("b", p(80, 70, 95)), ("c", p(1, 0.5, 2))]) == {"a", "b"}
+
+
+def test_search_contrasts_pair_the_rows_that_differ_in_one_part_seed_by_seed():
+    """Each contrast is the paired change of val ppl from the row without a part to the row with it, over the
+    seeds both have; a contrast whose rows share no seed is left out; the summary tabulates them."""
+    from selective_attention.experiments.lm.tables import summary
+
+    ppl = {
+        ("vanilla", 0): 100.0,
+        ("vanilla", 1): 200.0,
+        ("ssa-pos-c0-t1", 0): 110.0,
+        ("ssa-pos-c0-t1", 1): 190.0,
+        ("ssa-q-c0-t1", 1): 209.0,
+        ("ssa-c0-t10", 0): 90.0,
+    }
+    records = [{"corpus": "wiki", "method": m, "seed": k, "val_ppl": v} for (m, k), v in ppl.items()]
+    records.append({"corpus": "sotu", "method": "ssa-c0-t1", "seed": 0, "val_ppl": 1.0})  # another corpus
+    out = {(c["with"], c["without"]): c for c in lm.contrasts(records, "wiki")}
+    assert set(out) == {("ssa-pos-c0-t1", "vanilla"), ("ssa-q-c0-t1", "ssa-pos-c0-t1")}
+    pos = out[("ssa-pos-c0-t1", "vanilla")]
+    assert pos["seeds"] == [0, 1] and pos["percent"]["mean"] == pytest.approx(2.5)  # (+10 % and -5 %) / 2
+    assert pos["percent"] == paired([10.0, -5.0])
+    assert out[("ssa-q-c0-t1", "ssa-pos-c0-t1")]["percent"]["mean"] == pytest.approx(10.0)  # seed 1 only
+    # every contrast names two search rows that differ in the part it names
+    assert all(w in lm.SEARCH and wo in lm.SEARCH and w != wo for w, wo, _ in lm.SEARCH_CONTRASTS)
+    assert ("ssa-c0-t1", "ssa-q-c0-t1", "+ the value temperature, to query-only, 1x") in lm.SEARCH_CONTRASTS
+    results = {
+        "config": {"budget": "search", "size": "tiny", "seq_len": 64, "max_tokens": 1},
+        "seeds": [0, 1],
+        "pending": [],
+        "corpora": {},
+        "contrasts": lm.contrasts(records, "wiki"),
+    }
+    text = summary(results)
+    assert "## What each part does" in text
+    assert "| the position term alone (query, identity start), 1x | ssa-pos-c0-t1 | vanilla | 0, 1 |" in text

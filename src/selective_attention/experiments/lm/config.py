@@ -32,6 +32,29 @@ def _search_labels() -> tuple[str, ...]:
 
 
 SEARCH = _search_labels()
+
+
+def _search_contrasts() -> tuple[tuple[str, str, str], ...]:
+    """(row with the part, row without it, the part) for the search's rows that differ in one part: what each term,
+    start and rate does, paired by seed. Descriptive (added after 22 of the 48 runs had finished), not part of the
+    choice rule."""
+    out: list[tuple[str, str, str]] = []
+    for f in SEARCH_LR_FACTORS:
+        out += [
+            (f"ssa-pos-c0-t{f}", "vanilla", f"the position term alone (query, identity start), {f}x"),
+            (f"ssa-tok-t{f}", "vanilla", f"the token terms alone (query + value), {f}x"),
+            (f"ssa-q-c0-t{f}", f"ssa-pos-c0-t{f}", f"+ the query's token term, to position-only, {f}x"),
+            (f"ssa-c0-t{f}", f"ssa-q-c0-t{f}", f"+ the value temperature, to query-only, {f}x"),
+            (f"ssa-c0-t{f}", f"ssa-tok-t{f}", f"+ the position term, to token-only, {f}x"),
+        ]
+        out += [(f"ssa-c{c:g}-t{f}", f"ssa-c0-t{f}", f"start c = {c:g} instead of 0, {f}x") for c in SEARCH_STARTS[1:]]
+    forms = [f"ssa-c{c:g}" for c in SEARCH_STARTS] + ["ssa-pos-c0", "ssa-tok", "ssa-q-c0"]
+    lo, hi = SEARCH_LR_FACTORS
+    out += [(f"{form}-t{hi}", f"{form}-t{lo}", f"temperature lr {hi}x instead of {lo}x, {form}") for form in forms]
+    return tuple(out)
+
+
+SEARCH_CONTRASTS = _search_contrasts()
 CHOSEN = "chosen"  # stands for Config.chosen in a budget's rows
 CONFIRM_ROWS = ("vanilla", CHOSEN, "ssmax", "llama4")
 # Packed documents (``--budget packed --set chosen=LABEL``; written down before any of its runs): the search's

@@ -11,7 +11,14 @@ from selective_attention.errors import UserError
 from selective_attention.experiments.lm.config import PAIRING_FIELDS, Config
 from selective_attention.experiments.lm.evaluation import EVAL_FILE, unigram_ppl
 from selective_attention.experiments.lm.runs import Run, plan
-from selective_attention.experiments.lm.stats import across_packings, aggregate, choose, dilution, late_improvement
+from selective_attention.experiments.lm.stats import (
+    across_packings,
+    aggregate,
+    choose,
+    contrasts,
+    dilution,
+    late_improvement,
+)
 from selective_attention.utils.io import read_json
 
 
@@ -78,6 +85,7 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
     }
     if config.budget == "search":
         results["choice"] = choose(primary)
+        results["contrasts"] = contrasts(records, config.corpora[0])
     if config.stitched_from:
         results["across_packings"] = _across_packings(config, records)
     return results

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from selective_attention.experiments import common
-from selective_attention.experiments.lm.config import TIE_MARGIN
+from selective_attention.experiments.lm.config import SEARCH_CONTRASTS, TIE_MARGIN
 from selective_attention.utils.stats import first_crossing, paired
 
 
@@ -188,6 +188,25 @@ def choose(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         "tied_with": [t for t, _ in tied if t != m],
         "rule": f"lowest mean paired difference; within {TIE_MARGIN} pp a tie, broken by fewer new parameters",
     }
+
+
+def contrasts(
+    records: list[dict[str, Any]], corpus: str, pairs: tuple[tuple[str, str, str], ...] = SEARCH_CONTRASTS
+) -> list[dict[str, Any]]:
+    """What one part does: for each (row with it, row without it, the part) of ``pairs`` whose two rows share a
+    seed on ``corpus``, the change of val ppl from the row without to the row with (%, paired by seed; the two
+    start from the same weights and data order)."""
+    ppl: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r["corpus"] == corpus:
+            ppl.setdefault(r["method"], {})[r["seed"]] = r["val_ppl"]
+    out = []
+    for with_, without, part in pairs:
+        seeds = sorted(set(ppl.get(with_, {})) & set(ppl.get(without, {})))
+        if seeds:
+            diffs = [100 * (ppl[with_][k] - ppl[without][k]) / ppl[without][k] for k in seeds]
+            out.append({"part": part, "with": with_, "without": without, "seeds": seeds, "percent": paired(diffs)})
+    return out
 
 
 def across_packings(packed: list[dict[str, Any]], stitched: list[dict[str, Any]], corpus: str) -> dict[str, Any]:

@@ -214,8 +214,32 @@ def summary(results: dict[str, Any]) -> str:
             ]
         lines.append("")
         lines += _mechanism_lines(methods, cfg["seq_len"])
+    lines += _contrast_lines(results.get("contrasts"))
     lines += _across_packing_lines(results.get("across_packings"))
     return "\n".join(lines)
+
+
+def _contrast_lines(contrasts: list[dict[str, Any]] | None) -> list[str]:
+    """What each part of SSA does: rows of the search that differ in one part, paired by seed."""
+    if not contrasts:
+        return []
+    lines = [
+        "",
+        "## What each part does (rows that differ in one part, paired by seed; descriptive, not the choice rule)",
+        "",
+        "The change of val ppl from the row without the part to the row with it (same initial weights and data "
+        "order; below zero, the part helps).",
+        "",
+        "| part | with | without | seeds | change of val ppl [95 % CI] | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in contrasts:
+        p = c["percent"]
+        lines.append(
+            f"| {c['part']} | {c['with']} | {c['without']} | {', '.join(str(k) for k in c['seeds'])} | "
+            f"{_fmt_interval(p)} | {_direction(p, 'helps', 'costs')} |"
+        )
+    return lines
 
 
 def _across_packing_lines(across: dict[str, Any] | None) -> list[str]:
