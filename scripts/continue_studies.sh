@@ -5,7 +5,7 @@
 #      rule of experiments/lm/config.py chose it): the packed-documents study (paired with the search's runs),
 #      the confirmation, and the confirmation's wiki half packed (paired with the confirmation's runs)
 # Low priority (nice 10), so that tests and benchmarks run beside it. Results are refreshed in RUNS/<study>/;
-# copying them into results/ and committing stays a person's step.
+# copying them into results/ (scripts/refresh_results.sh STUDY ARGS) and committing stays a person's step.
 #   scripts/continue_studies.sh                     # RUNS=runs, SSA=".venv/bin/python -m selective_attention"
 #   RUNS=/data/runs SSA=ssa scripts/continue_studies.sh
 set -euo pipefail

@@ -223,6 +223,62 @@ def test_continue_studies_confirms_the_searchs_choice_only_once_the_search_is_co
     assert all(_parse(c).out.startswith(str(runs)) for c in calls)
 
 
+def test_refresh_results_copies_evaluated_runs_and_rebuilds_the_tables_from_them_only(tmp_path):
+    """scripts/refresh_results.sh: the records of evaluated runs only (no models, checkpoints or unfinished runs)
+    land in results/STUDY/runs/, and the tables are rebuilt by `ssa experiment lm ARGS --tables-only --out
+    runs/STUDY` over a copy holding just those records (with the stitched study's results.json it names)."""
+    import json
+
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    done = runs / "lm-packed" / "runs" / "wiki" / "vanilla-seed0"
+    (done / "checkpoints").mkdir(parents=True)
+    (done / "final").mkdir()
+    for f in ("run.json", "metrics.jsonl", "lm_eval.json", "ssa-run.json", "checkpoints/step-00000025.pt"):
+        (done / f).write_text(f)
+    training = runs / "lm-packed" / "runs" / "wiki" / "ssa-seed0"
+    training.mkdir(parents=True)
+    (training / "metrics.jsonl").write_text("{}")  # still training: no lm_eval.json
+    (runs / "lm-search").mkdir()
+    (runs / "lm-search" / "results.json").write_text('{"runs": []}')
+    # `ssa` replaced by a stand-in that records its arguments and what it sees, and writes the tables
+    fake = tmp_path / "ssa"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'printf "%s\\0" "$@" > {tmp_path}/argv\n'
+        f"find . -type f | sort > {tmp_path}/seen\n"
+        'out=""; while [ $# -gt 0 ]; do [ "$1" = --out ] && out="$2"; shift; done\n'
+        """echo '{"pending": ["wiki/ssa-seed0"]}' > "$out/results.json"; echo tables > "$out/summary.md"\n"""
+        'echo png > "$out/lm-wiki.png"\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "RUNS": str(runs), "RESULTS": str(results), "SSA": str(fake), "PYTHON": sys.executable}
+    args = ["--budget", "packed", "--set", "chosen=ssa-c0.5-t1", "--set", "stitched_from=runs/lm-search"]
+    script = str(ROOT / "scripts" / "refresh_results.sh")
+    proc = subprocess.run(["bash", script, "lm-packed", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "lm-packed: 1 runs evaluated, 1 pending" in proc.stdout
+    argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+    assert argv == ["experiment", "lm", *args, "--out", "runs/lm-packed", "--tables-only", "--no-progress"]
+    _parse(argv)
+    run = "./runs/lm-packed/runs/wiki/vanilla-seed0/"
+    assert (tmp_path / "seen").read_text().split() == [
+        *(run + f for f in ("lm_eval.json", "metrics.jsonl", "run.json", "ssa-run.json")),
+        "./runs/lm-search/results.json",
+    ]
+    kept = results / "lm-packed"
+    assert sorted(p.name for p in (kept / "runs" / "wiki").iterdir()) == ["vanilla-seed0"]
+    assert sorted(p.name for p in (kept / "runs" / "wiki" / "vanilla-seed0").iterdir()) == [
+        "lm_eval.json",
+        "metrics.jsonl",
+        "run.json",
+        "ssa-run.json",
+    ]
+    assert json.loads((kept / "results.json").read_text()) == {"pending": ["wiki/ssa-seed0"]}
+    assert (kept / "summary.md").read_text() == "tables\n" and (kept / "lm-wiki.png").is_file()
+    bad = subprocess.run(["bash", script, "lm-none"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no runs in" in bad.stderr and "Traceback" not in bad.stderr
+
+
 # ---- the README's Python examples run as written (paths swapped for local ones)
 
 
