@@ -605,6 +605,24 @@ def test_the_temperature_table_says_how_little_a_row_moved():
     assert temperature_lines({"vanilla": {}}) == []
 
 
+
+def test_the_temperature_row_counts_heads_whose_position_term_turns_the_querys_sign_within_the_window():
+    """1 + c log T < 0 exactly when c < -1 / log T (T = 512: c < -0.1603); counted over seeds, layers and heads,
+    and tabulated as a column only where the training length is known."""
+    from selective_attention.experiments.lm.tables import temperature_lines
+
+    def run(cs: list[list[float]]) -> dict:
+        mods = [{"c": c, "c_start": 0.0, "c_reach": 2.7} for c in cs]
+        return {"temperatures": {"lr": 2e-3, "lr_sum": 0.27, "modules": mods, "moved": True}}
+
+    runs = [run([[-0.161, -0.160], [0.5, 1.0]]), run([[-2.0, 0.0]])]  # seed 0: 2 layers; seed 1: 1 layer
+    t = lm.temperature_row(runs, 512)
+    assert t["c_sign_flipped"] == {"heads": 2, "of": 6, "length": 512}  # -0.161 and -2.0; -0.160 stays positive
+    assert lm.temperature_row(runs)["c_sign_flipped"] is None
+    lines = temperature_lines({"ssa": {"temperatures": t}})
+    assert lines[-1].endswith("| yes | 2 of 6 |") and "1 + c log 512 < 0 |" in lines[-3]
+    assert "1 + c log" not in "".join(temperature_lines({"ssa": {"temperatures": lm.temperature_row(runs)}}))
+
 def test_the_temperatures_figure_reads_c_per_layer_and_skips_rows_without_temperatures(tmp_path):
     def module(layer: int, target: str, c: list[float] | None) -> dict:
         m = {"name": f"model.layers.{layer}.self_attn.ssa_temperature.fns.{target}", "target": target}

@@ -67,7 +67,7 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
     records = [r for r in (run_record(run, config.seq_len) for run in runs) if r is not None]
     corpora: dict[str, Any] = {}
     for corpus in config.corpora:
-        methods = aggregate(records, corpus)
+        methods = aggregate(records, corpus, config.seq_len)
         if methods:
             corpora[corpus] = {"methods": methods, "unigram_ppl": unigram_ppl(corpus, config)}
     finished = {(r["corpus"], r["method"], r["seed"]) for r in records}

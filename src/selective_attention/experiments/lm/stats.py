@@ -60,10 +60,12 @@ def late_improvement(ppl: list[float], tokens: list[float]) -> float:
     return 100 * (1 - ppl[-1] / ppl_at_tokens(tokens, ppl, 0.8 * tokens[-1]))
 
 
-def temperature_row(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+def temperature_row(runs: list[dict[str, Any]], train_length: int | None = None) -> dict[str, Any] | None:
     """Where a row's temperatures ended over its seeds: the temperature lr and its bound on c's movement, c at the
     start and at the end (mean, min, max over seeds, layers and heads), the token term's spread, whether they moved
-    (None for rows without temperature parameters, or runs from before the record existed)."""
+    (None for rows without temperature parameters, or runs from before the record existed). With ``train_length``
+    T also how many of those c have 1 + c log T < 0: heads whose position term alone turns the query's sign
+    before the window ends (their rows flatten to uniform at p = exp(1 / |c|), then invert)."""
     recs = [r["temperatures"] for r in runs if r.get("temperatures")]
     if len(recs) != len(runs) or not any(rec["modules"] for rec in recs):
         return None
@@ -83,11 +85,16 @@ def temperature_row(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
         "c_end": {"mean": float(np.mean(cs)), "min": float(np.min(cs)), "max": float(np.max(cs))} if cs else None,
         "token_spread": spread or None,
         "moved": all(rec["moved"] for rec in recs),
+        "c_sign_flipped": (
+            {"heads": sum(1 + c * math.log(train_length) < 0 for c in cs), "of": len(cs), "length": train_length}
+            if cs and train_length
+            else None
+        ),
     }
 
 
-def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str, Any]]:
-    """{method: {...}} for one corpus, from the finished runs' records."""
+def aggregate(records: list[dict[str, Any]], corpus: str, train_length: int | None = None) -> dict[str, dict[str, Any]]:
+    """{method: {...}} for one corpus, from the finished runs' records (``train_length``: see temperature_row)."""
     rows = [r for r in records if r["corpus"] == corpus]
     vanilla = {r["seed"]: r for r in rows if r["method"] == "vanilla"}
     methods: dict[str, dict[str, Any]] = {}
@@ -108,7 +115,7 @@ def aggregate(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[str,
         lengths = list(by_length)
         d["ppl_by_length"] = {L: m for L, (m, _) in by_length.items()}
         d["ppl_by_length_std"] = {L: sd for L, (_, sd) in by_length.items()}
-        d["temperatures"] = temperature_row(runs)
+        d["temperatures"] = temperature_row(runs, train_length)
         late = [r["late_improvement_percent"] for r in runs if r["late_improvement_percent"] is not None]
         d["late_improvement_percent"] = common.mean_std(late)[0] if late else None
         if all(r["dilution"] for r in runs):

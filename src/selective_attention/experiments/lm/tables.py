@@ -97,20 +97,33 @@ def _length_basis(results: dict[str, Any], corpus: str) -> str:
     )
 
 
+def _flip_cell(flip: dict[str, Any] | None) -> str:
+    return f" {flip['heads']} of {flip['of']} |" if flip else " - |"
+
+
 def temperature_lines(methods: dict[str, Any]) -> list[str]:
     """The table of where each row's temperatures ended (``stats.temperature_row``); [] when no row has any."""
     rows = [(m, d["temperatures"]) for m, d in methods.items() if d.get("temperatures")]
     if not rows:
         return []
+    flip_length = next((t["c_sign_flipped"]["length"] for _, t in rows if t.get("c_sign_flipped")), None)
     lines = [
         "",
         "Where the temperatures ended (c over seeds, layers and heads; reach = how far c could move under "
         "the schedule, position_scale x the sum of the temperature learning rates; token spread = std over "
         "tokens of the token term at a position, mean over layers; moved = some temperature parameter changed by at "
-        f"least {NOT_MOVED_FRACTION:.0%} of the sum of its learning rates, about the most AdamW lets it move):",
+        f"least {NOT_MOVED_FRACTION:.0%} of the sum of its learning rates, about the most AdamW lets it move"
+        + (
+            f"; 1 + c log {flip_length} < 0: heads (over seeds and layers) whose position term alone turns the "
+            "query's sign before the window ends - their rows flatten to uniform at p = exp(1 / |c|), then invert"
+            if flip_length
+            else ""
+        )
+        + "):",
         "",
-        "| row | temperature lr | c start | c reach | c at end: mean [min, max] | token spread q / v | moved |",
-        "|---|---|---|---|---|---|---|",
+        "| row | temperature lr | c start | c reach | c at end: mean [min, max] | token spread q / v | moved |"
+        + (f" heads with 1 + c log {flip_length} < 0 |" if flip_length else ""),
+        "|---" * (7 + bool(flip_length)) + "|",
     ]
     for m, t in rows:
         c = t["c_end"]
@@ -127,6 +140,7 @@ def temperature_lines(methods: dict[str, Any]) -> list[str]:
             + " | "
             + ("yes" if t["moved"] else f"**no: every parameter moved < {NOT_MOVED_FRACTION:.0%} of its reach**")
             + " |"
+            + (_flip_cell(t.get("c_sign_flipped")) if flip_length else "")
         )
     return lines
 
