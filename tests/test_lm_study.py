@@ -697,3 +697,48 @@ def test_search_contrasts_pair_the_rows_that_differ_in_one_part_seed_by_seed():
     text = summary(results)
     assert "## What each part does" in text
     assert "| the position term alone (query, identity start), 1x | ssa-pos-c0-t1 | vanilla | 0, 1 |" in text
+
+
+def test_the_confirmation_is_read_by_its_pre_registered_rule():
+    """Pooled over both corpora's pairs (% of the same corpus and seed's vanilla): confirmed only when the pooled
+    interval is below zero and each corpus's mean is too; above zero it loses; else a tie; a corpus without pairs
+    leaves no verdict. The summary states the verdict and the per-corpus intervals."""
+    from selective_attention.experiments.lm.tables import summary
+
+    def records(wiki: list[float], sotu: list[float] | None) -> list[dict]:
+        out = []
+        for corpus, changes, first in (("wiki", wiki, 3), ("sotu", sotu or [], 0)):
+            for seed, change in enumerate(changes, start=first):
+                base = 100.0 + seed
+                out += [
+                    {"corpus": corpus, "method": "vanilla", "seed": seed, "val_ppl": base},
+                    {"corpus": corpus, "method": "ssa-x", "seed": seed, "val_ppl": base * (1 + change / 100)},
+                    {"corpus": corpus, "method": "ssmax", "seed": seed, "val_ppl": base},
+                ]
+        return out
+
+    corpora = ("wiki", "sotu")
+    good = lm.confirmation(records([-2.0, -3.0, -2.5], [-1.0, -1.5, -2.0]), "ssa-x", corpora)
+    assert good["verdict"] == "confirmed"
+    pooled = good["rows"]["ssa-x"]["pooled_percent"]
+    assert pooled["n"] == 6 and pooled["mean"] == pytest.approx(-2.0)
+    assert pooled == pytest.approx(paired([-2.0, -3.0, -2.5, -1.0, -1.5, -2.0]))
+    assert good["rows"]["ssa-x"]["per_corpus_percent"]["sotu"]["mean"] == pytest.approx(-1.5)
+    assert good["rows"]["ssmax"]["pooled_percent"]["mean"] == pytest.approx(0.0)
+    # pooled interval below zero, but sotu's mean above (possible when the corpora have unequal pairs): a tie
+    one_corpus = lm.confirmation(records([-3.0, -3.1, -2.9, -3.0, -3.05], [0.01]), "ssa-x", corpora)
+    assert one_corpus["rows"]["ssa-x"]["pooled_percent"]["high"] < 0 and one_corpus["verdict"] == "tie"
+    assert lm.confirmation(records([2.0, 3.0, 2.5], [1.0, 1.5, 2.0]), "ssa-x", corpora)["verdict"] == "loses"
+    assert lm.confirmation(records([-2.0, 3.0, -2.5], [1.0, -1.5, 2.0]), "ssa-x", corpora)["verdict"] == "tie"
+    assert lm.confirmation(records([-2.0, -3.0, -2.5], None), "ssa-x", corpora)["verdict"] == "incomplete"
+    results = {
+        "config": {"budget": "confirm", "size": "tiny", "seq_len": 64, "max_tokens": 1},
+        "seeds": [0, 1, 2],
+        "pending": [],
+        "complete": True,
+        "corpora": {},
+        "confirmation": good,
+    }
+    text = summary(results)
+    assert "**Confirmation** (pre-registered" in text and "final): `ssa-x` -2.00 % [" in text
+    assert "pooled: **confirmed**" in text and "| row | pooled vs vanilla [95 % CI] | wiki | sotu |" in text

@@ -57,6 +57,11 @@ def _search_contrasts() -> tuple[tuple[str, str, str], ...]:
 SEARCH_CONTRASTS = _search_contrasts()
 CHOSEN = "chosen"  # stands for Config.chosen in a budget's rows
 CONFIRM_ROWS = ("vanilla", CHOSEN, "ssmax", "llama4")
+# How the confirmation is read (written down before any of its runs): each row's paired difference of val ppl to
+# vanilla, in percent of vanilla's run of the same corpus and seed, pooled over the six pairs (wiki seeds 3-5, sotu
+# seeds 0-2), with its 95 % Student-t interval. The choice is **confirmed** when that interval lies below zero and
+# its mean difference is below zero on each corpus; it **loses** when the interval lies above zero; otherwise it is
+# a **tie** (not confirmed). The per-corpus intervals are reported beside it.
 # Packed documents (``--budget packed --set chosen=LABEL``; written down before any of its runs): the search's
 # budget and seeds on wiki, every window trained and validated with attention and positions restarting at each
 # document (TrainConfig.packing "documents"), the confirmation's rows. Within the budget: each row vs vanilla,

@@ -15,6 +15,7 @@ from selective_attention.experiments.lm.stats import (
     across_packings,
     aggregate,
     choose,
+    confirmation,
     contrasts,
     dilution,
     late_improvement,
@@ -86,6 +87,8 @@ def collect(out: Path, config: Config, seeds: list[int]) -> dict[str, Any]:
     if config.budget == "search":
         results["choice"] = choose(primary)
         results["contrasts"] = contrasts(records, config.corpora[0])
+    if config.budget == "confirm" and config.chosen:
+        results["confirmation"] = confirmation(records, config.chosen, config.corpora)
     if config.stitched_from:
         results["across_packings"] = _across_packings(config, records)
     return results

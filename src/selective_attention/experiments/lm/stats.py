@@ -216,6 +216,37 @@ def contrasts(
     return out
 
 
+def confirmation(records: list[dict[str, Any]], chosen: str, corpora: tuple[str, ...]) -> dict[str, Any]:
+    """The confirmation's reading (see config.CONFIRM_ROWS): per non-vanilla row the paired difference to vanilla
+    (% of vanilla's val ppl, same corpus and seed) pooled over every corpus's pairs and per corpus, and the verdict
+    on ``chosen``: "confirmed" (pooled interval below zero and a negative mean on every corpus), "loses" (pooled
+    interval above zero), "tie" (otherwise), or "incomplete" while one of ``corpora`` has no pair."""
+    vanilla = {(r["corpus"], r["seed"]): r["val_ppl"] for r in records if r["method"] == "vanilla"}
+    rows: dict[str, Any] = {}
+    for method in dict.fromkeys(r["method"] for r in records if r["method"] != "vanilla"):
+        diffs: dict[str, list[float]] = {c: [] for c in corpora}
+        for r in sorted(records, key=lambda r: (r["corpus"], r["seed"])):
+            v = vanilla.get((r["corpus"], r["seed"]))
+            if r["method"] == method and v is not None and r["corpus"] in diffs:
+                diffs[r["corpus"]].append(100 * (r["val_ppl"] - v) / v)
+        rows[method] = {
+            "pooled_percent": paired([d for c in corpora for d in diffs[c]]),
+            "per_corpus_percent": {c: paired(d) for c, d in diffs.items() if d},
+        }
+    row = rows.get(chosen)
+    if row is None or len(row["per_corpus_percent"]) < len(corpora):
+        verdict = "incomplete"
+    else:
+        pooled = row["pooled_percent"]
+        if pooled["low"] is None:
+            verdict = "incomplete"
+        elif pooled["high"] < 0 and all(p["mean"] < 0 for p in row["per_corpus_percent"].values()):
+            verdict = "confirmed"
+        else:
+            verdict = "loses" if pooled["low"] > 0 else "tie"
+    return {"chosen": chosen, "verdict": verdict, "rows": rows}
+
+
 def across_packings(packed: list[dict[str, Any]], stitched: list[dict[str, Any]], corpus: str) -> dict[str, Any]:
     """Packed runs against the stitched runs of the same row and seed on ``corpus`` (records with method, seed,
     val_ppl; each validated in its own packing): per row the change of val ppl, packed vs stitched (%, paired by

@@ -173,6 +173,7 @@ def summary(results: dict[str, Any]) -> str:
             + (f", tied with {', '.join(ch['tied_with'])}" if ch["tied_with"] else ""),
             "",
         ]
+    lines += _confirmation_lines(results.get("confirmation"), not results["pending"])
     for corpus, c in results["corpora"].items():
         methods = c["methods"]
         lengths = list(next(iter(methods.values()))["ppl_by_length"])
@@ -231,6 +232,37 @@ def summary(results: dict[str, Any]) -> str:
     lines += _contrast_lines(results.get("contrasts"))
     lines += _across_packing_lines(results.get("across_packings"))
     return "\n".join(lines)
+
+
+def _confirmation_lines(conf: dict[str, Any] | None, complete: bool) -> list[str]:
+    """The confirmation's pre-registered reading (``stats.confirmation``): pooled and per-corpus paired intervals."""
+    if not conf or not conf["rows"]:
+        return []
+    chosen = conf["rows"].get(conf["chosen"])
+    verdict = {
+        "confirmed": "**confirmed**",
+        "tie": "**not confirmed: a tie**",
+        "loses": "**not confirmed: it loses**",
+        "incomplete": "no verdict yet (a corpus has no pair)",
+    }[conf["verdict"]]
+    lines = [
+        f"**Confirmation** (pre-registered: the paired difference of val ppl to vanilla pooled over every corpus's "
+        f"seeds; confirmed when its 95 % interval lies below zero and the mean is below zero on each corpus; "
+        f"{'final' if complete else 'provisional: runs pending'}): `{conf['chosen']}` "
+        + (f"{_fmt_interval(chosen['pooled_percent'])} pooled: " if chosen else "")
+        + verdict,
+        "",
+    ]
+    corpora = list(dict.fromkeys(c for row in conf["rows"].values() for c in row["per_corpus_percent"]))
+    lines += [
+        "| row | pooled vs vanilla [95 % CI] | " + " | ".join(corpora) + " |",
+        "|---" * (2 + len(corpora)) + "|",
+    ]
+    for m, row in conf["rows"].items():
+        per = row["per_corpus_percent"]
+        cells = [m, _fmt_interval(row["pooled_percent"])] + [_fmt_interval(per.get(c)) for c in corpora]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _contrast_lines(contrasts: list[dict[str, Any]] | None) -> list[str]:
