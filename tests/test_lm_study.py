@@ -605,7 +605,6 @@ def test_the_temperature_table_says_how_little_a_row_moved():
     assert temperature_lines({"vanilla": {}}) == []
 
 
-
 def test_the_temperature_row_counts_heads_whose_position_term_turns_the_querys_sign_within_the_window():
     """1 + c log T < 0 exactly when c < -1 / log T (T = 512: c < -0.1603); counted over seeds, layers and heads,
     and tabulated as a column only where the training length is known."""
@@ -622,6 +621,7 @@ def test_the_temperature_row_counts_heads_whose_position_term_turns_the_querys_s
     lines = temperature_lines({"ssa": {"temperatures": t}})
     assert lines[-1].endswith("| yes | 2 of 6 |") and "1 + c log 512 < 0 |" in lines[-3]
     assert "1 + c log" not in "".join(temperature_lines({"ssa": {"temperatures": lm.temperature_row(runs)}}))
+
 
 def test_the_temperatures_figure_reads_c_per_layer_and_skips_rows_without_temperatures(tmp_path):
     def module(layer: int, target: str, c: list[float] | None) -> dict:
