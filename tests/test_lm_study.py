@@ -209,8 +209,8 @@ def test_toy_study_runs_resumes_and_rebuilds_from_disk(corpora, tmp_path):
         for s in (0, 1)
     ]
     assert methods["ssa"]["paired_percent"]["mean"] == pytest.approx(sum(diffs) / 2)
-    # the perplexity table, the temperature table and the mechanism table
-    assert (out / "summary.md").read_text().count("| ssa |") == 3
+    # the perplexity table, the along-training table, the temperature table and the mechanism table
+    assert (out / "summary.md").read_text().count("| ssa |") == 4
     t = methods["ssa"]["temperatures"]  # where SSA's temperatures ended, over both seeds
     assert t["c_start"] == 0.5 and t["c_reach"] == pytest.approx(10 * t["lr_sum"]) and t["moved"]
     assert methods["vanilla"]["temperatures"] is None and methods["gated"]["temperatures"] is None
@@ -742,3 +742,21 @@ def test_the_confirmation_is_read_by_its_pre_registered_rule():
     text = summary(results)
     assert "**Confirmation** (pre-registered" in text and "final): `ssa-x` -2.00 % [" in text
     assert "pooled: **confirmed**" in text and "| row | pooled vs vanilla [95 % CI] | wiki | sotu |" in text
+
+
+def test_the_gap_along_training_compares_both_curves_at_the_same_token_count():
+    """At a fraction f of vanilla's last validated tokens, both curves are log-linearly interpolated at f x tokens
+    (clamped before the first validation) and paired by seed; the summary tabulates it beside the end."""
+    from selective_attention.experiments.lm.tables import _along_lines
+
+    row = {"tokens": [100.0, 200.0], "ppl": [50.0, 40.0]}
+    vanilla = {"tokens": [100.0, 200.0], "ppl": [60.0, 40.0]}
+    along = lm.gap_along_training([(row, vanilla), (vanilla, vanilla)])
+    assert list(along) == ["0.1", "0.25", "0.5", "0.75"]
+    assert along["0.5"]["mean"] == pytest.approx(100 * (50 / 60 - 1) / 2)  # seed 2 has no gap
+    assert along["0.1"]["mean"] == pytest.approx(along["0.5"]["mean"])  # before the first validation: clamped
+    at_150 = 100 * (math.sqrt(50 * 40) / math.sqrt(60 * 40) - 1)  # halfway in log ppl
+    assert along["0.75"] == pytest.approx(paired([at_150, 0.0]))
+    lines = _along_lines({"vanilla": {}, "ssa": {"paired_percent_along": along, "paired_percent": paired([1, 2])}})
+    assert lines[-1].startswith("| ssa | -8.33 % [") and lines[-1].endswith("| +1.50 % [-4.85, +7.85] |")
+    assert "| row | at 10% | at 25% | at 50% | at 75% | at the end |" in lines

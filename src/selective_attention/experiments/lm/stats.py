@@ -144,6 +144,7 @@ def _paired_to_vanilla(pairs: list[tuple[dict[str, Any], dict[str, Any]]], lengt
             for L in pairs[0][0]["passkey_gain"]
         }
     d["paired_percent"] = paired([100 * (r["val_ppl"] - v["val_ppl"]) / v["val_ppl"] for r, v in pairs])
+    d["paired_percent_along"] = gap_along_training([(r["curve"], v["curve"]) for r, v in pairs])
     d["paired_percent_by_length"] = {
         L: paired([100 * (r["ppl_by_length"][L] - v["ppl_by_length"][L]) / v["ppl_by_length"][L] for r, v in pairs])
         for L in lengths
@@ -160,6 +161,22 @@ def _paired_to_vanilla(pairs: list[tuple[dict[str, Any], dict[str, Any]]], lengt
 
 
 Curve = dict[str, list[float]]  # {"tokens": [...], "ppl": [...]}: the validations of one run
+ALONG = (0.1, 0.25, 0.5, 0.75)  # fractions of the training tokens at which the curves are compared
+
+
+def gap_along_training(pairs: list[tuple[Curve, Curve]]) -> dict[str, Any]:
+    """The paired difference of validation perplexity to vanilla part-way through training, from (row curve,
+    vanilla curve) pairs: {fraction: paired(%)} at each of ``ALONG`` x vanilla's last validated token count (both
+    curves log-linearly interpolated there); the end of training is the row's main paired difference."""
+    out = {}
+    for f in ALONG:
+        diffs = []
+        for row, vanilla in pairs:
+            at = f * vanilla["tokens"][-1]
+            ref = ppl_at_tokens(vanilla["tokens"], vanilla["ppl"], at)
+            diffs.append(100 * (ppl_at_tokens(row["tokens"], row["ppl"], at) - ref) / ref)
+        out[f"{f:g}"] = paired(diffs)
+    return out
 
 
 def tokens_to_target(pairs: list[tuple[Curve, Curve, float, float]]) -> dict[str, Any]:

@@ -97,6 +97,27 @@ def _length_basis(results: dict[str, Any], corpus: str) -> str:
     )
 
 
+def _along_lines(methods: dict[str, Any]) -> list[str]:
+    """The paired difference to vanilla part-way through training (``stats.gap_along_training``) and at the end."""
+    rows = [(m, d) for m, d in methods.items() if d.get("paired_percent_along")]
+    if not rows:
+        return []
+    fractions = list(rows[0][1]["paired_percent_along"])
+    lines = [
+        "",
+        "Paired change of validation perplexity vs vanilla along training (at a fraction of the training tokens, "
+        "both curves interpolated there; mean over seeds [95 % CI]):",
+        "",
+        "| row | " + " | ".join(f"at {float(f):.0%}" for f in fractions) + " | at the end |",
+        "|---" * (2 + len(fractions)) + "|",
+    ]
+    for m, d in rows:
+        along = d["paired_percent_along"]
+        cells = [_fmt_interval(along.get(f)) for f in fractions] + [_fmt_interval(d.get("paired_percent"))]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _flip_cell(flip: dict[str, Any] | None) -> str:
     return f" {flip['heads']} of {flip['of']} |" if flip else " - |"
 
@@ -219,6 +240,7 @@ def summary(results: dict[str, Any]) -> str:
                         f"@{L}: {_fmt_interval(p)} ({p['verdict']})" for L, p in d["paired_percent_by_length"].items()
                     )
                 )
+        lines += _along_lines(methods)
         lines += temperature_lines(methods)
         late = methods.get("vanilla", {}).get("late_improvement_percent")
         if late is not None:
