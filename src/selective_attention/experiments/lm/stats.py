@@ -214,16 +214,22 @@ def choose(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+def val_ppl_by_seed(records: list[dict[str, Any]], corpus: str) -> dict[str, dict[int, float]]:
+    """{method: {seed: val_ppl}} of the records on ``corpus``."""
+    out: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r["corpus"] == corpus:
+            out.setdefault(r["method"], {})[r["seed"]] = r["val_ppl"]
+    return out
+
+
 def contrasts(
     records: list[dict[str, Any]], corpus: str, pairs: tuple[tuple[str, str, str], ...] = SEARCH_CONTRASTS
 ) -> list[dict[str, Any]]:
     """What one part does: for each (row with it, row without it, the part) of ``pairs`` whose two rows share a
     seed on ``corpus``, the change of val ppl from the row without to the row with (%, paired by seed; the two
     start from the same weights and data order)."""
-    ppl: dict[str, dict[int, float]] = {}
-    for r in records:
-        if r["corpus"] == corpus:
-            ppl.setdefault(r["method"], {})[r["seed"]] = r["val_ppl"]
+    ppl = val_ppl_by_seed(records, corpus)
     out = []
     for with_, without, part in pairs:
         seeds = sorted(set(ppl.get(with_, {})) & set(ppl.get(without, {})))
@@ -238,29 +244,26 @@ def confirmation(records: list[dict[str, Any]], chosen: str, corpora: tuple[str,
     (% of vanilla's val ppl, same corpus and seed) pooled over every corpus's pairs and per corpus, and the verdict
     on ``chosen``: "confirmed" (pooled interval below zero and a negative mean on every corpus), "loses" (pooled
     interval above zero), "tie" (otherwise), or "incomplete" while one of ``corpora`` has no pair."""
-    vanilla = {(r["corpus"], r["seed"]): r["val_ppl"] for r in records if r["method"] == "vanilla"}
+    ppl = {c: val_ppl_by_seed(records, c) for c in corpora}
     rows: dict[str, Any] = {}
     for method in dict.fromkeys(r["method"] for r in records if r["method"] != "vanilla"):
-        diffs: dict[str, list[float]] = {c: [] for c in corpora}
-        for r in sorted(records, key=lambda r: (r["corpus"], r["seed"])):
-            v = vanilla.get((r["corpus"], r["seed"]))
-            if r["method"] == method and v is not None and r["corpus"] in diffs:
-                diffs[r["corpus"]].append(100 * (r["val_ppl"] - v) / v)
+        diffs: dict[str, list[float]] = {}
+        for c, by_method in ppl.items():
+            own, vanilla = by_method.get(method, {}), by_method.get("vanilla", {})
+            if seeds := sorted(set(own) & set(vanilla)):
+                diffs[c] = [100 * (own[k] - vanilla[k]) / vanilla[k] for k in seeds]
         rows[method] = {
-            "pooled_percent": paired([d for c in corpora for d in diffs[c]]),
-            "per_corpus_percent": {c: paired(d) for c, d in diffs.items() if d},
+            "pooled_percent": paired([d for c in corpora for d in diffs.get(c, [])]),
+            "per_corpus_percent": {c: paired(d) for c, d in diffs.items()},
         }
     row = rows.get(chosen)
-    if row is None or len(row["per_corpus_percent"]) < len(corpora):
+    pooled = row["pooled_percent"] if row else None
+    if row is None or pooled is None or len(row["per_corpus_percent"]) < len(corpora) or pooled["low"] is None:
         verdict = "incomplete"
+    elif pooled["high"] < 0 and all(p["mean"] < 0 for p in row["per_corpus_percent"].values()):
+        verdict = "confirmed"
     else:
-        pooled = row["pooled_percent"]
-        if pooled["low"] is None:
-            verdict = "incomplete"
-        elif pooled["high"] < 0 and all(p["mean"] < 0 for p in row["per_corpus_percent"].values()):
-            verdict = "confirmed"
-        else:
-            verdict = "loses" if pooled["low"] > 0 else "tie"
+        verdict = "loses" if pooled["low"] > 0 else "tie"
     return {"chosen": chosen, "verdict": verdict, "rows": rows}
 
 
@@ -270,15 +273,7 @@ def across_packings(packed: list[dict[str, Any]], stitched: list[dict[str, Any]]
     seed), and per non-vanilla row the change of its paired difference to vanilla (percentage points, paired by
     seed) - what the two validations share cancels in the latter, so it says whether the row gains more from
     documents apart than vanilla does."""
-
-    def by_seed(records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
-        out: dict[str, dict[int, float]] = {}
-        for r in records:
-            if r["corpus"] == corpus:
-                out.setdefault(r["method"], {})[r["seed"]] = r["val_ppl"]
-        return out
-
-    p, s = by_seed(packed), by_seed(stitched)
+    p, s = val_ppl_by_seed(packed, corpus), val_ppl_by_seed(stitched, corpus)
     rows: dict[str, Any] = {}
     for m in (m for m in p if m in s):
         seeds = sorted(set(p[m]) & set(s[m]))
