@@ -93,8 +93,11 @@ def test_demo_small_run_writes_results_a_verdict_and_a_complete_report(long_corp
         length_windows=2,
     )
     saved = json.loads((out / "results.json").read_text())
-    assert saved["seeds"] == [0, 1] and list(saved["methods"]) == ["vanilla", "ssa"]
-    v, s = saved["methods"]["vanilla"], saved["methods"]["ssa"]
+    # SSA in the form the configuration search chose (the official form, temperatures at 10x the base rate)
+    assert saved["seeds"] == [0, 1] and list(saved["methods"]) == ["vanilla", "ssa-official"]
+    v, s = saved["methods"]["vanilla"], saved["methods"]["ssa-official"]
+    ssa_run = next(r for r in saved["runs"] if r["method"] == "ssa-official")
+    assert json.loads((Path(ssa_run["dir"]) / "run.json").read_text())["config"]["temperature_lr"] == 10 * 2e-3
     assert v["new_parameters"] == 0 and 0 < s["new_parameters"] < 0.01 * s["parameters"]
     assert s["parameters"] - s["new_parameters"] == v["parameters"]
     assert set(s["ppl_by_length"]) == {"32", "64", "128"}
@@ -111,7 +114,7 @@ def test_demo_small_run_writes_results_a_verdict_and_a_complete_report(long_corp
     # the bar counts the steps of all runs and moves at every step the trainer logs (step 1, each validation,
     # the last), not once per run
     [w] = recorded_progress.watchers
-    names = [f"speeches/{m} seed {s}" for s in (0, 1) for m in ("vanilla", "ssa")]  # the study's order
+    names = [f"speeches/{m} seed {s}" for s in (0, 1) for m in ("vanilla", "ssa-official")]  # the study's order
     assert [(r.name, r.steps) for r in w.runs] == [(n, 8) for n in names]
     assert w.bar.total == 32 and w.bar.n == 32
     seen = recorded_progress.seen
@@ -193,7 +196,7 @@ def test_demo_quick_cli_and_screenshot(tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "vanilla" in r.stdout and "ssa" in r.stdout and "one seed" in r.stdout
+    assert "vanilla" in r.stdout and "ssa-official" in r.stdout and "one seed" in r.stdout
     check_report_images(out / "report.html")
     if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
         pytest.skip("no chromium for the screenshot")

@@ -496,6 +496,36 @@ def test_the_studys_ssa_row_is_the_searchs_c05_t1_configuration():
     assert b["temperature_lr"] == 2e-3 and "temperature_lr" not in a  # None: the base lr
 
 
+def test_the_demos_ssa_row_is_the_committed_searchs_choice():
+    """``ssa demo`` trains the configuration search's choice (results/lm-search/results.json): ``DEMO_SSA`` with
+    TrainConfig's defaults from scratch builds the same initial weights and the same optimizer groups at the same
+    rates as the search's row. Fails when the demo's row, the from-scratch temperature rate or the choice part."""
+    from selective_attention.train import TrainConfig
+    from selective_attention.train.optim import OptimConfig, build_optimizer
+    from selective_attention.train.trainer import _build
+
+    search = Path(__file__).resolve().parents[1] / "results" / "lm-search" / "results.json"
+    choice = json.loads(search.read_text())["choice"]["method"]
+    assert lm.BUDGETS["demo"]["methods"] == lm.BUDGETS["demo-quick"]["methods"] == ("vanilla", lm.DEMO_SSA)
+    demo, chosen = (
+        TrainConfig(**{"lr": 2e-3, "size": "tiny", "seq_len": 64, **lm.method_settings(m, 2e-3)})
+        for m in (lm.DEMO_SSA, choice)
+    )
+    built = [_build(c, 512, None) for c in (demo, chosen)]
+    sa, sb = (m.state_dict() for m, _ in built)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    optimizers = [
+        build_optimizer(
+            m, OptimConfig(lr=2e-3, temperature_lr=c.effective_temperature_lr()), "cpu", a.temperature_parameters
+        )
+        for (m, a), c in zip(built, (demo, chosen))
+    ]
+    assert [(g["name"], g["lr"], len(g["params"])) for g in optimizers[0].param_groups] == [
+        (g["name"], g["lr"], len(g["params"])) for g in optimizers[1].param_groups
+    ]
+    assert demo.effective_temperature_lr() == 10 * 2e-3
+
+
 def test_packed_budget_trains_every_row_with_documents_apart(tmp_path):
     """--budget packed: the search's settings on wiki with packing "documents" for every run, the confirmation's
     rows; the stitched budgets keep TrainConfig's default packing (their saved runs stay valid)."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from selective_attention.cli import main
+from selective_attention.config import SSAConfig
 from selective_attention.errors import UserError
 from selective_attention.hf import parameter_report
 from selective_attention.train import TrainConfig, train
@@ -35,8 +36,14 @@ def test_lr_schedule():
 
 
 def test_temperature_lr_defaults():
-    # from scratch: the base rate; fine-tuning: the official 1e-2; an explicit value always wins
+    # from scratch: the base rate, the official form's 10x it (the search's choice); fine-tuning: the official
+    # 1e-2; an explicit value always wins
     assert TrainConfig(lr=3e-4).effective_temperature_lr() == 3e-4
+    for attention in ("ssa", "ssa-pos-head", "ssmax"):
+        assert TrainConfig(lr=3e-4, attention=attention).effective_temperature_lr() == 3e-4
+    assert TrainConfig(lr=3e-4, attention="ssa-official").effective_temperature_lr() == 10 * 3e-4
+    assert TrainConfig(lr=3e-4, attention="ssa-official", temperature_lr=1e-3).effective_temperature_lr() == 1e-3
+    assert TrainConfig(lr=1e-5, attention="ssa-official", init_from="m").effective_temperature_lr() == 1e-2
     assert TrainConfig(lr=1e-5, init_from="model.gguf").effective_temperature_lr() == 1e-2
     assert TrainConfig(lr=1e-5, init_from="m", temperature_lr=5e-3).effective_temperature_lr() == 5e-3
 
@@ -209,6 +216,9 @@ def test_cli_vanilla_vs_ssa_and_fine_tune(cli_args, cfg, tmp_path, capsys):
     ssa = runs["ssa"]
     assert 0 < ssa["parameters"]["new"] and ssa["parameters"]["percent"] < 1.0
     assert ssa["config"]["ssa"]["init"] == "scratch" and ssa["config"]["seed"] == 1
+    # the record holds the temperature lr resolved (the base rate from scratch), so a later default cannot
+    # change how this run resumes or reads
+    assert ssa["config"]["temperature_lr"] == cfg.lr == runs["vanilla"]["config"]["temperature_lr"]
     assert "tokens/s" in capsys.readouterr().out
     # ... and evaluated: test-split perplexity of both through `ssa eval`
     for att in ("vanilla", "ssa"):
@@ -339,7 +349,7 @@ def test_cli_refuses_a_different_run_in_the_same_out(cli_args, cfg, capsys):
     assert main(cli_args(cfg)) == 0
     before = (Path(cfg.out) / "run.json").read_text()
     assert main(cli_args(cfg, "--lr", "0.01")) == 2
-    assert "other settings (lr: 0.001 there, 0.01 now)" in capsys.readouterr().err
+    assert "other settings (lr: 0.001 there, 0.01 now; temperature_lr" in capsys.readouterr().err
     assert (Path(cfg.out) / "run.json").read_text() == before
     assert main(cli_args(cfg, "--lr", "0.01", "--overwrite")) == 0
     assert json.loads((Path(cfg.out) / "run.json").read_text())["config"]["lr"] == 0.01
@@ -439,6 +449,24 @@ def test_train_config_nested_and_flat_ssa_keys():
         TrainConfig.from_dict({"ssa": {"sharing": "cube"}})
     with pytest.raises(UserError, match="unknown training option"):
         TrainConfig.from_dict({"ssa_sharing": "mlp"})
+
+
+def test_saved_configs_keep_the_temperature_lr_they_were_trained_with():
+    """A run records its temperature lr resolved; one saved before that (temperature_lr null) reads with the
+    default of then (the base rate from scratch, for every method), so an interrupted official-form run neither
+    resumes nor reads at today's 10x. Fails if from_saved resolved a null with today's defaults."""
+    old = {"attention": "ssa-official", "lr": 2e-3, "temperature_lr": None}
+    then = TrainConfig(attention="ssa-official", lr=2e-3, temperature_lr=2e-3)
+    now = TrainConfig(attention="ssa-official", lr=2e-3)
+    assert TrainConfig.from_saved(old).comparable() == then.comparable() != now.comparable()
+    assert TrainConfig.from_saved(old).effective_temperature_lr() == 2e-3 and now.effective_temperature_lr() == 2e-2
+    # a config saved today round-trips (a run resumes with its own settings), SSA's config resolved in it
+    for cfg in (now, TrainConfig(attention="ssa", lr=2e-3), TrainConfig(attention="vanilla", lr=2e-3)):
+        assert TrainConfig.from_saved(cfg.resolved().to_dict()).comparable() == cfg.comparable()
+    assert TrainConfig(attention="ssa").resolved().ssa == SSAConfig(init="scratch")
+    assert TrainConfig(attention="vanilla").resolved().ssa is None
+    # a fine-tune's defaults did not change: a null still reads as the official 1e-2
+    assert TrainConfig.from_saved({"attention": "ssa", "init_from": "m"}).effective_temperature_lr() == 1e-2
 
 
 def test_cli_ssa_flags_override_the_yaml(tmp_path):

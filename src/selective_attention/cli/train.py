@@ -58,7 +58,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
         "--temperature-lr",
         "temperature_lr",
         float,
-        "learning rate of the SSA temperature parameters (default: lr from scratch, 1e-2 with --init-from)",
+        "learning rate of the temperature parameters (default: 1e-2 with --init-from; from scratch lr, "
+        "10x lr for ssa-official)",
     ),
     ("--min-lr-ratio", "min_lr_ratio", float, "final learning rate / peak (cosine; default 0.1)"),
     ("--warmup", "warmup", int, "warmup optimizer steps (default 5%% of the steps)"),

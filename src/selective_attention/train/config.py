@@ -19,6 +19,11 @@ from selective_attention.train.data import PACKINGS
 from selective_attention.utils.packages import resolve_model
 
 FINETUNE_TEMPERATURE_LR = 1e-2  # the official SSA fine-tuning recipe (weights at 1e-5)
+# From scratch the official form's temperatures train at this many times the base rate unless temperature_lr says
+# otherwise: its c = exp(-exp(beta)) cannot leave ~0 at 1x, and at 10x it was the configuration search's choice
+# (ssa-official-t10, docs/results.md). Every other method's train at the base rate (what the search found best or
+# no worse for SSA's own c = 0.5 start).
+SCRATCH_TEMPERATURE_LR_FACTOR = {"ssa-official": 10}
 # Fine-tuning: the temperatures already train at 1e-2, so c = 1 x theta moves ~1e-2 per step, as from scratch
 # (10 x a base rate of ~1e-3); 10 x 1e-2 would move c by 0.1 per step.
 FINETUNE_POSITION_SCALE = 1.0
@@ -58,7 +63,8 @@ class TrainConfig:
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
-    temperature_lr: float | None = None  # None: lr from scratch; FINETUNE_TEMPERATURE_LR with init_from
+    # None: FINETUNE_TEMPERATURE_LR with init_from; from scratch lr (x SCRATCH_TEMPERATURE_LR_FACTOR's factor)
+    temperature_lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup: int | None = None  # optimizer steps; None: 5% of the steps
     weight_decay: float = 0.1
@@ -123,19 +129,31 @@ class TrainConfig:
         dropped). Older layouts load: flat SSA keys, a resolved ``ssa`` dict with the retired temperature_lr."""
         names = {f.name for f in dataclasses.fields(cls)} | set(LEGACY_SSA_KEYS)
         d = {k: v for k, v in d.items() if k in names}
+        if d.get("temperature_lr") is None and not d.get("init_from"):  # saved before runs recorded it resolved:
+            d["temperature_lr"] = d.get("lr", cls.lr)  # from scratch it was the base rate for every method then
         if isinstance(d.get("ssa"), dict):  # run.json holds the resolved SSAConfig: it wins over flat keys
             d = {k: v for k, v in d.items() if k not in LEGACY_SSA_KEYS}
         return cls.from_dict(d)
+
+    def resolved(self) -> TrainConfig:
+        """This config with the defaults that depend on the kind of run filled in (the SSA config of a method that
+        uses one, the temperature lr): what a run records, so that a later change of a default changes neither
+        how its saved runs resume nor how they read."""
+        ssa = self.ssa_config() if _uses_ssa(self.attention) else self.ssa
+        return dataclasses.replace(self, ssa=ssa, temperature_lr=self.effective_temperature_lr())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def effective_temperature_lr(self) -> float:
-        """From scratch the temperatures train at the base rate (10x lost 5 % val ppl in the ablation harness);
+        """From scratch the temperatures train at the base rate (10x lost 5 % val ppl in the ablation harness, and
+        was worse for SSA's c = 0.5 start in the search), the official form's at 10x (SCRATCH_TEMPERATURE_LR_FACTOR);
         a fine-tune follows the official recipe's 1e-2, since at a fine-tuning lr (~1e-5) they would not move."""
         if self.temperature_lr is not None:
             return self.temperature_lr
-        return FINETUNE_TEMPERATURE_LR if self.init_from else self.lr
+        if self.init_from:
+            return FINETUNE_TEMPERATURE_LR
+        return self.lr * SCRATCH_TEMPERATURE_LR_FACTOR.get(self.attention, 1)
 
     def ssa_config(self) -> SSAConfig:
         """``ssa`` resolved: the default init follows init_from (identity fine-tuning, scratch from scratch)."""
@@ -166,14 +184,12 @@ class TrainConfig:
     def comparable(self, paths: dict[str, Any] | None = None) -> dict[str, Any]:
         """What must match for a run directory to be resumed (SSA settings only where the method uses them).
         Paths compare resolved: ``paths`` (a run manifest's) or this config's own, resolved from the cwd."""
-        from selective_attention.methods import get_method
-
-        d = {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE}
+        d = {k: v for k, v in self.resolved().to_dict().items() if k not in RESUME_FREE}
         resolved = self.resolved_paths()
         for k in PATH_FIELDS:
             d[k] = paths[k] if paths and k in paths else resolved[k]
-        method = get_method(self.attention) if self.attention in _method_names() else None
-        d["ssa"] = self.ssa_config().to_dict() if method is not None and method.uses_ssa else None
+        if not _uses_ssa(self.attention):
+            d["ssa"] = None
         return d
 
     def validate(self) -> None:
@@ -275,6 +291,13 @@ def _resolve(path: str | None) -> str | None:
         return path
     p = Path(path).expanduser()
     return str(p.resolve()) if p.exists() else path
+
+
+def _uses_ssa(attention: str) -> bool:
+    """Whether the method ``attention`` is configured by TrainConfig.ssa (False for an unknown name)."""
+    from selective_attention.methods import get_method
+
+    return attention in _method_names() and get_method(attention).uses_ssa
 
 
 def _ssa_from_dict(d: dict[str, Any], init_from: str | None) -> SSAConfig:

@@ -299,7 +299,7 @@ def setup(cfg: TrainConfig, info: distributed.DistInfo, plan: rundir.Plan) -> Tr
     rd = RunDir.begin(plan, cfg, step) if info.is_main else None
     distributed.barrier(info)
     run_config = {
-        **cfg.to_dict(),
+        **cfg.resolved().to_dict(),
         "world_size": world,
         "total_steps": total_steps,
         "warmup_steps": warmup,
@@ -381,7 +381,7 @@ def save_checkpoint(run: TrainingRun) -> Path | None:
             "val_step": run.val_step,
             "model": model_sd,
             "optimizer": opt_sd,
-            "config": run.cfg.to_dict(),
+            "config": run.cfg.resolved().to_dict(),
         },
         run.cfg.keep_checkpoints,
     )

@@ -51,7 +51,9 @@ class RunDir:
             if plan.kind == "resume":  # an older run directory: adopt its files (checked by their own format)
                 for _, p in checkpoint_files(out):
                     manifest["files"][str(p.relative_to(out))] = {"size": p.stat().st_size}
-        manifest.update({"config": cfg.to_dict(), "paths": cfg.resolved_paths(), "state": "running", "updated": _now()})
+        manifest.update(
+            {"config": cfg.resolved().to_dict(), "paths": cfg.resolved_paths(), "state": "running", "updated": _now()}
+        )
         manifest["paths"]["out"] = str(out)
         manifest["files"]["metrics.jsonl"] = {}
         rd = cls(out, manifest)

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from selective_attention.experiments import common
-from selective_attention.experiments.lm.config import PRIMARY, Config, corpus_offset, corpus_rows, method_settings
+from selective_attention.experiments.lm.config import (
+    DEMO_SSA,
+    PRIMARY,
+    Config,
+    corpus_offset,
+    corpus_rows,
+    method_settings,
+)
 
 if TYPE_CHECKING:
     from selective_attention.train import TrainConfig
@@ -42,7 +49,7 @@ def plan(out: Path, config: Config, seeds: list[int]) -> list[Run]:
             if keep(method)
         ]
 
-    first = (*PRIMARY, config.chosen)  # the headline pair (a confirmation's: vanilla and the chosen row)
+    first = (*PRIMARY, DEMO_SSA, config.chosen)  # the headline pair (a demo's, a confirmation's: vanilla and its SSA)
     ordered = runs_where(lambda m: m in first) + runs_where(lambda m: m not in first)
     return [Run(c, m, s, out / "runs" / label(c) / f"{m}-seed{s}") for c, m, s in ordered]
 
