@@ -164,7 +164,7 @@ def run_demo(
     watch = TrainingProgress(planned_runs(out, budget, seed_list, **overrides)) if progress else nullcontext()
     with watch:
         results = run_experiment("lm", out, seeds=seed_list, progress=False, budget=budget, **overrides)
-    ssa_row(results)
+    row = ssa_row(results)
     results["verdict"] = verdict(results)
     results["elapsed_s"] = time.time() - t0
     runs: list[str | os.PathLike[Any]] = [Path(r["dir"]) for r in results["runs"]]
@@ -181,7 +181,7 @@ def run_demo(
         runs,
         out,
         labels=[f"{r['method']}" for r in results["runs"]],
-        title=f"ssa demo: SSA ({ssa_row(results)}) vs vanilla ({results['config']['size']}, {corpus}, "
+        title=f"ssa demo: SSA ({row}) vs vanilla ({results['config']['size']}, {corpus}, "
         f"{results['config']['max_tokens']:,} tokens per run, seeds {results['seeds']})",
         extra_html=extra_html,
         extra_md="## Result\n\n" + results["verdict"],

@@ -136,10 +136,11 @@ class TrainConfig:
         return cls.from_dict(d)
 
     def resolved(self) -> TrainConfig:
-        """This config with the defaults that depend on the kind of run filled in (the SSA config of a method that
-        uses one, the temperature lr): what a run records, so that a later change of a default changes neither
-        how its saved runs resume nor how they read."""
-        ssa = self.ssa_config() if _uses_ssa(self.attention) else self.ssa
+        """This config with the defaults that depend on the kind of run filled in (the temperature lr; from scratch
+        the SSA config of a method that uses one): what a run records, so that a later change of a default changes
+        neither how its saved runs resume nor how they read. A fine-tune's ``ssa`` stays as given: with an SSA
+        model as its start, None means that model's own config, which the config alone does not know."""
+        ssa = self.ssa_config() if _uses_ssa(self.attention) and not self.init_from else self.ssa
         return dataclasses.replace(self, ssa=ssa, temperature_lr=self.effective_temperature_lr())
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,8 +189,7 @@ class TrainConfig:
         resolved = self.resolved_paths()
         for k in PATH_FIELDS:
             d[k] = paths[k] if paths and k in paths else resolved[k]
-        if not _uses_ssa(self.attention):
-            d["ssa"] = None
+        d["ssa"] = self.ssa_config().to_dict() if _uses_ssa(self.attention) else None
         return d
 
     def validate(self) -> None:
