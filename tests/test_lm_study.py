@@ -677,7 +677,16 @@ def test_the_temperatures_figure_reads_c_per_layer_and_skips_rows_without_temper
     lm.temperatures_figure(records[::2], ["vanilla", "ssa", "ssmax"], "wiki", path)
     assert not path.exists()  # no row with temperature parameters: no figure
     lm.temperatures_figure(records, ["vanilla", "ssa", "ssmax"], "wiki", path)
-    assert path.stat().st_size > 0
+    both_panels = plt_width(path)
+    official = {"modules": [module(0, "query", [0.1]), module(1, "query", [0.0])], "token_spread": None}
+    lm.temperatures_figure([{"method": "ssa-official", "temperatures": official}], ["ssa-official"], "wiki", path)
+    assert plt_width(path) < 0.7 * both_panels  # position term only: c's panel alone, no empty token panel
+
+
+def plt_width(path) -> int:
+    import matplotlib.image
+
+    return matplotlib.image.imread(path).shape[1]
 
 
 def test_the_paired_figure_draws_a_row_far_off_the_others_at_its_edge():

@@ -202,42 +202,49 @@ def layer_coefficients(temperatures: dict[str, Any]) -> list[list[float]]:
 
 def temperatures_figure(records: list[dict[str, Any]], methods: list[str], corpus: str, path: Path) -> None:
     """Where every row's temperatures ended, per layer: the position coefficient c (the mean over heads and seeds,
-    the band from the lowest to the highest head of any seed) and the token term's spread over tokens (query and
-    value, mean over seeds). Nothing when no row has temperatures."""
+    the band from the lowest to the highest head of any seed) and, where some row has a token term, its spread over
+    tokens (query and value, mean over seeds) in a second panel. Nothing when no row has either."""
     kept = [r for r in records if (r.get("temperatures") or {}).get("modules")]  # runs with temperature parameters
     rows = [m for m in methods if any(r["method"] == m for r in kept)]
-    if not rows:
-        return
-    plt = common.pyplot()
-    fig, (ax_c, ax_s) = plt.subplots(1, 2, figsize=(13, 4.5))
-    drawn: list[str] = []  # rows with a c or a token term (a constant per head has neither)
+    c_series: dict[str, tuple[list[float], list[float], list[float]]] = {}  # row -> per layer mean, min, max
+    spread_series: list[tuple[str, str, np.ndarray]] = []  # (row, line style, per layer mean)
     for m in rows:
-        colour = f"C{methods.index(m)}"
         recs = [r["temperatures"] for r in kept if r["method"] == m]
         per_seed = [layer_coefficients(t) for t in recs]
         if per_seed and all(per_seed) and len({len(c) for c in per_seed}) == 1:
-            layers = range(len(per_seed[0]))
-            heads = [[v for c in per_seed for v in c[layer]] for layer in layers]  # every head of every seed
-            ax_c.plot(layers, [np.mean(h) for h in heads], marker="o", color=colour)
-            drawn.append(m)
-            ax_c.fill_between(layers, [min(h) for h in heads], [max(h) for h in heads], color=colour, alpha=0.15)
+            heads = [[v for c in per_seed for v in c[layer]] for layer in range(len(per_seed[0]))]  # every seed's
+            c_series[m] = ([float(np.mean(h)) for h in heads], [min(h) for h in heads], [max(h) for h in heads])
         spreads = [t["token_spread"] for t in recs if t.get("token_spread")]
         for target, style in (("query", "-"), ("value", "--")):
             per_layer = [sp[target] for sp in spreads if any(sp.get(target, []))]
             if per_layer:
-                mean = np.mean(per_layer, axis=0)
-                ax_s.plot(range(len(mean)), mean, ls=style, marker="o", color=colour)
-                drawn.append(m)
-    ax_c.axhline(0, color="k", lw=1)
-    ax_c.set(xlabel="layer", ylabel="position coefficient c", title="c (mean over heads and seeds; band: every head)")
-    ax_s.set(
-        xlabel="layer", ylabel="std over tokens of the token term", title="token term's spread (solid: q, dashed: v)"
-    )
+                spread_series.append((m, style, np.mean(per_layer, axis=0)))
+    if not c_series and not spread_series:  # a constant per head has neither
+        return
+    plt = common.pyplot()
+    panels = [p for p, series in (("c", c_series), ("spread", spread_series)) if series]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    ax = dict(zip(panels, axes[0], strict=True))
+    for m, (mean, low, high) in c_series.items():
+        colour = f"C{methods.index(m)}"
+        layers = range(len(mean))
+        ax["c"].plot(layers, mean, marker="o", color=colour)
+        ax["c"].fill_between(layers, low, high, color=colour, alpha=0.15)
+    if c_series:
+        ax["c"].axhline(0, color="k", lw=1)
+        title = "c (mean over heads and seeds; band: every head)"
+        ax["c"].set(xlabel="layer", ylabel="position coefficient c", title=title)
+    for m, style, spread in spread_series:
+        ax["spread"].plot(range(len(spread)), spread, ls=style, marker="o", color=f"C{methods.index(m)}")
+    if spread_series:
+        title = "token term's spread (solid: q, dashed: v)"
+        ax["spread"].set(xlabel="layer", ylabel="std over tokens of the token term", title=title)
     fig.suptitle(f"{corpus}: where the temperatures ended")
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (ax_c, ax_s):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles = [plt.Line2D([], [], color=f"C{methods.index(m)}", marker="o", label=m) for m in dict.fromkeys(drawn)]
+    for a in ax.values():
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    drawn = dict.fromkeys([*c_series, *(m for m, _, _ in spread_series)])
+    handles = [plt.Line2D([], [], color=f"C{methods.index(m)}", marker="o", label=m) for m in drawn]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     common.save_figure(fig, path)
