@@ -327,7 +327,12 @@ def test_run_records_where_the_temperatures_ended(method, ssa, corpus, tmp_path)
         assert set(rec["token_spread"]) == {"query", "value"} and len(rec["token_spread"]["query"]) == 2
         assert max(rec["token_spread"]["query"]) > 0  # the token term varies over tokens after training
     else:
-        assert len(mods) == 2 and all(len(m["c"]) == 1 and "c_reach" not in m for m in mods)
+        # the official form: beta moves at most lr_sum from 2.0, so c can reach exp(-exp(2 - lr_sum)) from e^-e^2
+        assert len(mods) == 2 and all(len(m["c"]) == 1 for m in mods)
+        c0 = math.exp(-math.exp(2.0))
+        assert all(m["c_start"] == pytest.approx(c0, rel=1e-6) for m in mods)
+        assert all(m["c_reach"] == pytest.approx(math.exp(-math.exp(2.0 - rec["lr_sum"])) - c0) for m in mods)
+        assert all(abs(m["c"][0] - c0) <= m["c_reach"] for m in mods)  # the bound holds
     assert rec["moved"] and all(p["moved"] for m in mods for p in m["params"].values())
     # the record matches the saved model
     model = load_model(tmp_path / method / "final")

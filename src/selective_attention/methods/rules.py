@@ -110,6 +110,13 @@ class OfficialPositionTemperature(nn.Module):
     def position_coefficient(self) -> Tensor:
         return torch.exp(-torch.exp(self.beta.float()))  # (1,)
 
+    @staticmethod
+    def coefficient_reach(start_beta: float, step_bound: float) -> tuple[float, float]:
+        """(c at the start, how far c could move) when beta moves at most ``step_bound`` either way (AdamW's bound:
+        the sum of its learning rates). c is monotone in beta, so the farthest c lies at an end of that interval."""
+        c = [math.exp(-math.exp(b)) for b in (start_beta, start_beta - step_bound, start_beta + step_bound)]
+        return c[0], max(c[1] - c[0], c[0] - c[2])
+
     def forward(self, *, projection=None, hidden=None, positions=None) -> Tensor:
         logp = log_positions(positions)
         logp = logp[None] if logp.dim() == 1 else logp  # (B, T)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from selective_attention.methods.rules import OfficialPositionTemperature
 from selective_attention.temperature import TemperatureFunction
 from selective_attention.train.optim import lr_factor
 
@@ -74,6 +75,8 @@ def summary(
             if isinstance(m, TemperatureFunction):
                 rec["c_start"] = m.start_coefficient
                 rec["c_reach"] = m.position_scale * bound  # c moves position_scale x theta's step
+            elif isinstance(m, OfficialPositionTemperature) and f"{n}.beta" in start:
+                rec["c_start"], rec["c_reach"] = m.coefficient_reach(float(start[f"{n}.beta"]), bound)
         params = {}
         for pn, p in m.named_parameters(recurse=False):
             p0 = start.get(f"{n}.{pn}")

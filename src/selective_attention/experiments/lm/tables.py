@@ -131,7 +131,8 @@ def temperature_lines(methods: dict[str, Any]) -> list[str]:
     lines = [
         "",
         "Where the temperatures ended (c over seeds, layers and heads; reach = how far c could move under "
-        "the schedule, position_scale x the sum of the temperature learning rates; token spread = std over "
+        "the schedule, position_scale x the sum of the temperature learning rates (the official form: the farthest "
+        "exp(-exp(beta)) with beta moved by that sum); token spread = std over "
         "tokens of the token term at a position, mean over layers; moved = some temperature parameter changed by at "
         f"least {NOT_MOVED_FRACTION:.0%} of the sum of its learning rates, about the most AdamW lets it move"
         + (
@@ -151,7 +152,7 @@ def temperature_lines(methods: dict[str, Any]) -> list[str]:
         sp = t["token_spread"]
         lines.append(
             f"| {m} | {t['lr']:.3g} | "
-            + ("-" if t["c_start"] is None else f"{t['c_start']:g}")
+            + ("-" if t["c_start"] is None else f"{t['c_start']:.3g}")
             + " | "
             + ("-" if t["c_reach"] is None else f"{t['c_reach']:.3g}")
             + " | "
