@@ -179,7 +179,7 @@ def test_sigkill_of_a_study_with_two_workers(corpus, tmp_path):
         "seq_len": 32,
         "vocab_size": 300,
         "batch_size": 4,
-        "max_tokens": 128 * 40,
+        "max_tokens": 128 * 100,  # long enough that neither run can finish before the other checkpoints
         "eval_every": 20,
         "eval_tokens": 256,
         "checkpoint_every": 2,
