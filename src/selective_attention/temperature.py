@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import cast
 
 import torch
@@ -185,6 +186,12 @@ class TemperatureFunction(_FloatParameters):
     def position_coefficient(self) -> Tensor:
         """c per head, shape (n_heads,), in float32 (float64 if the parameters are float64)."""
         return self.coefficient.to(compute_dtype(self.coefficient)) * self.position_scale
+
+    def coefficient_reach(self, start: Mapping[str, Tensor], step_bound: float) -> tuple[float, float]:
+        """(c at the start, how far c could move) when theta moves at most ``step_bound`` (AdamW's bound: the sum of
+        its learning rates): c = position_scale x theta. ``start`` (the parameters at the start, by local name) is
+        not needed: the start c is the configuration's."""
+        return self.start_coefficient, self.position_scale * step_bound
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         legacy_alpha_to_coefficient(state_dict, self.legacy_identity, self.position_scale, prefix)

@@ -5,6 +5,7 @@ positions (and, for ``freq``, the input ids)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -110,10 +111,13 @@ class OfficialPositionTemperature(nn.Module):
     def position_coefficient(self) -> Tensor:
         return torch.exp(-torch.exp(self.beta.float()))  # (1,)
 
-    @staticmethod
-    def coefficient_reach(start_beta: float, step_bound: float) -> tuple[float, float]:
-        """(c at the start, how far c could move) when beta moves at most ``step_bound`` either way (AdamW's bound:
-        the sum of its learning rates). c is monotone in beta, so the farthest c lies at an end of that interval."""
+    def coefficient_reach(self, start: Mapping[str, Tensor], step_bound: float) -> tuple[float, float] | None:
+        """(c at the start, how far c could move) when beta moves at most ``step_bound`` either way from its start
+        value ``start["beta"]`` (AdamW's bound: the sum of its learning rates); None without a start beta. c is
+        monotone in beta, so the farthest c lies at an end of that interval."""
+        if "beta" not in start:
+            return None
+        start_beta = float(start["beta"])
         c = [math.exp(-math.exp(b)) for b in (start_beta, start_beta - step_bound, start_beta + step_bound)]
         return c[0], max(c[1] - c[0], c[0] - c[2])
 

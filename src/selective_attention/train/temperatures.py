@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selective_attention.methods.rules import OfficialPositionTemperature
 from selective_attention.temperature import TemperatureFunction
 from selective_attention.train.optim import lr_factor
 
@@ -72,11 +71,11 @@ def summary(
         c = _coefficient(m)
         if c is not None:
             rec["c"] = [round(float(v), 6) for v in c]
-            if isinstance(m, TemperatureFunction):
-                rec["c_start"] = m.start_coefficient
-                rec["c_reach"] = m.position_scale * bound  # c moves position_scale x theta's step
-            elif isinstance(m, OfficialPositionTemperature) and f"{n}.beta" in start:
-                rec["c_start"], rec["c_reach"] = m.coefficient_reach(float(start[f"{n}.beta"]), bound)
+            own_start = {pn: start[f"{n}.{pn}"] for pn, _ in m.named_parameters(recurse=False) if f"{n}.{pn}" in start}
+            reach_of = getattr(m, "coefficient_reach", None)  # every module with a position coefficient has one
+            reach = reach_of(own_start, bound) if callable(reach_of) else None
+            if reach is not None:
+                rec["c_start"], rec["c_reach"] = reach
         params = {}
         for pn, p in m.named_parameters(recurse=False):
             p0 = start.get(f"{n}.{pn}")
