@@ -68,17 +68,17 @@ def summary(
     modules, any_moved = [], False
     for n, m in temperature_modules(model):
         rec: dict[str, Any] = {"name": n, "target": n.split(".")[-1], "kind": type(m).__name__}
+        own_start = {pn: start[f"{n}.{pn}"] for pn, _ in m.named_parameters(recurse=False) if f"{n}.{pn}" in start}
         c = _coefficient(m)
         if c is not None:
             rec["c"] = [round(float(v), 6) for v in c]
-            own_start = {pn: start[f"{n}.{pn}"] for pn, _ in m.named_parameters(recurse=False) if f"{n}.{pn}" in start}
             reach_of = getattr(m, "coefficient_reach", None)  # every module with a position coefficient has one
             reach = reach_of(own_start, bound) if callable(reach_of) else None
             if reach is not None:
                 rec["c_start"], rec["c_reach"] = reach
         params = {}
         for pn, p in m.named_parameters(recurse=False):
-            p0 = start.get(f"{n}.{pn}")
+            p0 = own_start.get(pn)
             end = p.detach().float().cpu()
             change = float((end - p0).abs().max()) if p0 is not None and p0.shape == end.shape else float("nan")
             moved = change >= NOT_MOVED_FRACTION * bound
